@@ -1,0 +1,3 @@
+"""fedkd: federated and privacy-preserving knowledge distillation on Flower."""
+
+__version__ = "0.1.0"
