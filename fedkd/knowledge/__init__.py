@@ -1,0 +1,39 @@
+"""Knowledge layer: distillation losses and teacher builders, pure tensor functions."""
+
+from fedkd.knowledge.losses import (
+    DISTILL_LOSSES,
+    distillation_loss,
+    kl_distillation_loss,
+    mae_logit_loss,
+    mse_logit_loss,
+    soft_targets,
+)
+from fedkd.knowledge.teachers import (
+    TEACHER_KINDS,
+    aggregate_per_class,
+    build_teacher,
+    era,
+    mean_logits,
+    mean_probs,
+    median_logits,
+    per_class_mean_logits,
+    trimmed_mean_logits,
+)
+
+__all__ = [
+    "DISTILL_LOSSES",
+    "TEACHER_KINDS",
+    "aggregate_per_class",
+    "build_teacher",
+    "distillation_loss",
+    "era",
+    "kl_distillation_loss",
+    "mae_logit_loss",
+    "mean_logits",
+    "mean_probs",
+    "median_logits",
+    "mse_logit_loss",
+    "per_class_mean_logits",
+    "soft_targets",
+    "trimmed_mean_logits",
+]

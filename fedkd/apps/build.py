@@ -1,0 +1,112 @@
+"""Turn a spec into the objects of the layers below (data, learner config, strategy)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedkd.data.splits import FederatedData, load_federated_data
+from fedkd.learner.cohort import CohortConfig
+from fedkd.learner.loop import PHASE_EVAL, OptimConfig, StepConfig, derive_seed
+from fedkd.learner.server_student import ServerStudent
+from fedkd.spec import Spec, resolve_path
+from strategies import STRATEGIES, Strategy
+
+
+def federated_data(spec: Spec) -> FederatedData:
+    """The run's data; cached per process, so every actor builds it once."""
+    d = spec.data
+    return load_federated_data(
+        source=d.source,
+        path=str(resolve_path(spec, d.path)) if d.path else None,
+        hf_name=d.hf_name or None,
+        image_key=d.image_key or None,
+        label_key=d.label_key or None,
+        num_clients=spec.clients.num_clients,
+        partition=d.partition,
+        alpha=d.alpha,
+        classes_per_client=d.classes_per_client,
+        proxy_size=d.proxy_size,
+        local_test_fraction=d.local_test_fraction,
+        seed=spec.seed,
+    )
+
+
+def step_config(section) -> StepConfig:
+    return StepConfig(
+        epochs=section.epochs,
+        batch_size=section.batch_size,
+        optim=OptimConfig(
+            optimizer=section.optimizer,
+            lr=section.lr,
+            momentum=section.momentum,
+            weight_decay=getattr(section, "weight_decay", 0.0),
+        ),
+    )
+
+
+def distill_loss(spec: Spec) -> str:
+    """The clients' distillation loss: the spec's, else the algorithm's own default."""
+    if spec.distill.loss:
+        return spec.distill.loss
+    return getattr(STRATEGIES[spec.algorithm.name], "default_distill_loss", "kl")
+
+
+def cohort_config(spec: Spec) -> CohortConfig:
+    return CohortConfig(
+        seed=spec.seed,
+        arch_of=spec.student_for,
+        private=step_config(spec.train),
+        distill=step_config(spec.distill),
+        distill_loss=distill_loss(spec),
+        distill_temperature=spec.distill.temperature,
+    )
+
+
+def hosted_clients(spec: Spec, partition_id: int, num_partitions: int) -> list[int]:
+    """Clients node `partition_id` of `num_partitions` hosts: ids congruent to it."""
+    return [c for c in range(spec.clients.num_clients) if c % num_partitions == partition_id]
+
+
+def eval_test_indices(spec: Spec, num_test: int) -> np.ndarray:
+    """The fixed global-test subset clients are evaluated on (the same every round)."""
+    k = spec.eval.client_test_samples
+    if k == 0 or k >= num_test:
+        return np.arange(num_test, dtype=np.int64)
+    rng = np.random.default_rng(derive_seed(spec.seed, PHASE_EVAL))
+    return np.sort(rng.choice(num_test, k, replace=False)).astype(np.int64)
+
+
+def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
+    name = spec.algorithm.name
+    cls = STRATEGIES[name]
+    server_arch = spec.server.student or spec.student_for(0)
+    server_student = None
+    if name == "centralized":
+        # The upper bound trains like a client would, on the pooled private data.
+        server_student = ServerStudent(
+            server_arch, data.input_shape, data.num_classes, spec.seed, step_config(spec.train)
+        )
+    elif spec.server.student:
+        server_student = ServerStudent(
+            spec.server.student,
+            data.input_shape,
+            data.num_classes,
+            spec.seed,
+            step_config(spec.server),
+            temperature=spec.server.temperature,
+            distill_on=spec.server.distill_on,
+            proxy_size=len(data.proxy_x),
+        )
+    kwargs = {
+        "proxy_per_round": spec.distill.proxy_per_round,
+        "era_temperature": spec.algorithm.era_temperature,
+        "trim_fraction": spec.algorithm.trim_fraction,
+        "server_student": server_student,
+    }
+    if spec.algorithm.teacher:
+        kwargs["teacher"] = spec.algorithm.teacher
+    if name == "feddf":
+        kwargs["client_teacher"] = spec.algorithm.client_teacher
+    if name == "fedavg":
+        kwargs["arch"] = spec.student_for(0)
+    return cls(data, spec.seed, **kwargs)

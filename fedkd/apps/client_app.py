@@ -1,0 +1,158 @@
+"""The fedkd ClientApp: one node, hosting a cohort of one or more clients.
+
+Thin by design: it reads the spec, finds the node's clients, translates messages into calls of
+`CohortLearner` and results back into messages. Client students and optimizer states persist
+in the node's `context.state` (kept by the SuperNode / simulation engine between rounds, so a
+different Ray actor may serve the node next round).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedkd.apps import wire
+from fedkd.apps.build import cohort_config, eval_test_indices, federated_data, hosted_clients
+from fedkd.apps.run_config import spec_from_run_config
+from fedkd.learner.cohort import CohortLearner
+from fedkd.learner.loop import ClassTeacher
+from fedkd.spec import Spec
+
+
+class NodeStateStore(MutableMapping[int, bytes]):
+    """Client states as bytes in the node's `context.state` (one ConfigRecord per client)."""
+
+    def __init__(self, context: Context) -> None:
+        self.state = context.state
+
+    @staticmethod
+    def _key(client_id: int) -> str:
+        return f"client.{client_id}"
+
+    def __getitem__(self, client_id: int) -> bytes:
+        key = self._key(client_id)
+        if key not in self.state:
+            raise KeyError(client_id)
+        return self.state[key]["blob"]
+
+    def __setitem__(self, client_id: int, blob: bytes) -> None:
+        self.state[self._key(client_id)] = ConfigRecord({"blob": blob})
+
+    def __delitem__(self, client_id: int) -> None:
+        del self.state[self._key(client_id)]
+
+    def __iter__(self) -> Iterator[int]:
+        return (int(k.split(".", 1)[1]) for k in self.state if k.startswith("client."))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _node_clients(spec: Spec, context: Context) -> list[int]:
+    partition_id = int(context.node_config.get("partition-id", 0))
+    num_partitions = int(context.node_config.get("num-partitions", spec.num_nodes))
+    return hosted_clients(spec, partition_id, num_partitions)
+
+
+def _learner(spec: Spec, context: Context) -> CohortLearner:
+    torch.set_num_threads(max(1, int(spec.resources.num_cpus)))
+    return CohortLearner(federated_data(spec), cohort_config(spec), NodeStateStore(context))
+
+
+def _check_hosted(spec: Spec, context: Context, client_ids: list[int]) -> None:
+    foreign = set(client_ids) - set(_node_clients(spec, context))
+    if foreign:
+        raise ValueError(f"asked to run clients {sorted(foreign)} that this node does not host")
+
+
+def handle_hello(spec: Spec, msg: Message, context: Context) -> Message:
+    clients = _node_clients(spec, context)
+    return Message(
+        content=RecordDict({"config": ConfigRecord({"client_ids": clients})}), reply_to=msg
+    )
+
+
+def handle_local(spec: Spec, msg: Message, context: Context) -> Message:
+    config, arrays = wire.parse_request(msg.content)
+    client_ids = [int(c) for c in config["client_ids"]]
+    _check_hosted(spec, context, client_ids)
+    class_teacher = None
+    if "class_logits" in arrays:
+        class_teacher = ClassTeacher(
+            logits=torch.from_numpy(arrays["class_logits"]),
+            present=torch.from_numpy(arrays["class_present"].astype(bool)),
+            weight=spec.algorithm.fd_weight,
+            temperature=spec.distill.temperature,
+        )
+    results = _learner(spec, context).local_round(
+        int(config["round"]),
+        client_ids,
+        str(config["upload"]),
+        arrays.get("proxy_idx", np.empty(0, dtype=np.int64)).astype(np.int64),
+        class_teacher,
+    )
+    return Message(content=wire.results_to_record(results), reply_to=msg)
+
+
+def handle_digest(spec: Spec, msg: Message, context: Context) -> Message:
+    config, arrays = wire.parse_request(msg.content)
+    client_ids = [int(c) for c in config["client_ids"]]
+    _check_hosted(spec, context, client_ids)
+    learner = _learner(spec, context)
+    weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")}
+    results = learner.digest(
+        int(config["round"]),
+        client_ids,
+        proxy_idx=arrays["proxy_idx"].astype(np.int64) if "proxy_idx" in arrays else None,
+        teacher_logits=arrays.get("teacher_logits"),
+        global_weights=weights or None,
+    )
+    if config.get("evaluate", False):
+        test_idx = eval_test_indices(spec, len(learner.data.test_y))
+        for cid, res in learner.evaluate(client_ids, test_idx).items():
+            results[cid].arrays.update(res.arrays)
+            results[cid].metrics.update(res.metrics)
+    return Message(content=wire.results_to_record(results), reply_to=msg)
+
+
+def handle_evaluate(spec: Spec, msg: Message, context: Context) -> Message:
+    config, _ = wire.parse_request(msg.content)
+    client_ids = [int(c) for c in config["client_ids"]]
+    _check_hosted(spec, context, client_ids)
+    learner = _learner(spec, context)
+    results = learner.evaluate(client_ids, eval_test_indices(spec, len(learner.data.test_y)))
+    return Message(content=wire.results_to_record(results), reply_to=msg)
+
+
+def make_client_app(spec: Spec | None = None) -> ClientApp:
+    """A ClientApp bound to `spec`, or (None) reading the spec from the run config."""
+    app = ClientApp()
+
+    def _spec(context: Context) -> Spec:
+        return spec if spec is not None else spec_from_run_config(context.run_config)
+
+    @app.query("hello")
+    def hello(msg: Message, context: Context) -> Message:
+        return handle_hello(_spec(context), msg, context)
+
+    @app.train("local")
+    def local(msg: Message, context: Context) -> Message:
+        return handle_local(_spec(context), msg, context)
+
+    @app.train("digest")
+    def digest(msg: Message, context: Context) -> Message:
+        return handle_digest(_spec(context), msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(_spec(context), msg, context)
+
+    return app
+
+
+# `flwr run .` loads this (pyproject: [tool.flwr.app.components]).
+app = make_client_app()

@@ -1,0 +1,330 @@
+"""The fedkd ServerApp: drives a strategy from `strategies/` through the rounds.
+
+Each round: sample clients, send ``train.local`` to the nodes hosting them, hand the valid
+uploads to the strategy, send ``train.digest`` (the teacher or global weights, plus evaluation
+on evaluation rounds), and write one metrics row. A node that fails or times out, or a client
+whose upload is not finite, counts in ``clients_failed`` and the round goes on with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from fedkd.apps import wire
+from fedkd.apps.build import build_strategy, eval_test_indices, federated_data
+from fedkd.apps.run_config import spec_from_run_config
+from fedkd.learner.cohort import ClientResult
+from fedkd.learner.loop import PHASE_SAMPLE, accuracy, derive_seed
+from fedkd.results import RunRecorder, default_run_dir
+from fedkd.spec import Spec
+from strategies import Strategy
+
+log = logging.getLogger("fedkd")
+
+RoundCallback = Callable[[int, dict[str, Any]], None]
+
+
+class FederationError(RuntimeError):
+    """The federation cannot run the spec (e.g. clients no node hosts)."""
+
+
+def sample_clients(spec: Spec, round_num: int) -> list[int]:
+    """This round's clients: a seeded draw of max(min_clients, fraction * N), sorted."""
+    n = spec.clients.num_clients
+    k = min(n, max(spec.clients.min_clients, math.ceil(spec.clients.fraction * n)))
+    if k == n:
+        return list(range(n))
+    rng = np.random.default_rng(derive_seed(spec.seed, round_num, PHASE_SAMPLE, 0))
+    return sorted(int(c) for c in rng.choice(n, k, replace=False))
+
+
+def discover_clients(grid: Grid, spec: Spec, timeout: float) -> dict[int, int]:
+    """Ask every node which clients it hosts; wait until all clients are hosted."""
+    node_of: dict[int, int] = {}
+    asked: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(node_of) < spec.clients.num_clients:
+        new = [n for n in grid.get_node_ids() if n not in asked]
+        if new:
+            msgs = [
+                Message(content=wire.request({}), dst_node_id=n, message_type=wire.MSG_HELLO)
+                for n in new
+            ]
+            for reply in grid.send_and_receive(msgs, timeout=timeout):
+                if reply.has_error():
+                    continue
+                for cid in reply.content["config"]["client_ids"]:
+                    node_of[int(cid)] = reply.metadata.src_node_id
+            asked.update(new)
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(spec.clients.num_clients)) - set(node_of))
+            raise FederationError(
+                f"no node hosts clients {missing[:10]}{'...' if len(missing) > 10 else ''}: the "
+                f"spec needs {spec.num_nodes} nodes (clients.num_clients / "
+                "clients.clients_per_node); start that many SuperNodes or set num-supernodes"
+            )
+        if len(node_of) < spec.clients.num_clients:
+            time.sleep(0.5)
+    return node_of
+
+
+def _finite(result: ClientResult) -> bool:
+    return all(np.isfinite(a).all() for a in result.arrays.values() if a.dtype.kind == "f")
+
+
+@dataclass
+class PhaseOutcome:
+    results: dict[int, ClientResult] = field(default_factory=dict)
+    failed: set[int] = field(default_factory=set)
+
+
+def run_phase(
+    grid: Grid,
+    node_of: dict[int, int],
+    client_ids: list[int],
+    message_type: str,
+    config: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    timeout: float,
+) -> PhaseOutcome:
+    """One message per node hosting some of `client_ids`; collect per-client results."""
+    by_node: dict[int, list[int]] = defaultdict(list)
+    for cid in client_ids:
+        by_node[node_of[cid]].append(cid)
+    msgs = [
+        Message(
+            content=wire.request({**config, "client_ids": cids}, arrays),
+            dst_node_id=node,
+            message_type=message_type,
+            group_id=str(config.get("round", 0)),
+        )
+        for node, cids in by_node.items()
+    ]
+    outcome = PhaseOutcome()
+    replied: set[int] = set()
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        node = reply.metadata.src_node_id
+        replied.add(node)
+        if reply.has_error():
+            log.warning("node %s failed in %s: %s", node, message_type, reply.error.reason)
+            outcome.failed.update(by_node[node])
+            continue
+        for cid, res in wire.record_to_results(reply.content).items():
+            if _finite(res):
+                outcome.results[cid] = res
+            else:
+                log.warning("client %s sent non-finite values in %s; ignored", cid, message_type)
+                outcome.failed.add(cid)
+    for node in set(by_node) - replied:
+        log.warning("node %s sent no reply in %s within %.0f s", node, message_type, timeout)
+        outcome.failed.update(by_node[node])
+    return outcome
+
+
+def _client_metrics(results: dict[int, ClientResult]) -> dict[str, float | None]:
+    test = [r.metrics["test_acc"] for r in results.values() if "test_acc" in r.metrics]
+    local = [r.metrics["local_acc"] for r in results.values() if "local_acc" in r.metrics]
+    local = [a for a in local if math.isfinite(a)]
+    return {
+        "client_test_acc_mean": float(np.mean(test)) if test else None,
+        "client_test_acc_min": float(np.min(test)) if test else None,
+        "client_test_acc_max": float(np.max(test)) if test else None,
+        "client_local_acc_mean": float(np.mean(local)) if local else None,
+    }
+
+
+def _teacher_acc(
+    strategy: Strategy, results: dict[int, ClientResult], test_y: np.ndarray, num_examples: dict
+) -> float | None:
+    ids = sorted(c for c in results if "test_logits" in results[c].arrays)
+    if not ids:
+        return None
+    logits = torch.from_numpy(np.stack([results[c].arrays["test_logits"] for c in ids]))
+    weights = torch.tensor([num_examples.get(c, 1.0) for c in ids], dtype=torch.float32)
+    teacher = strategy.teacher_test_logits(logits, weights)
+    return None if teacher is None else accuracy(teacher, test_y)
+
+
+def run_rounds(
+    grid: Grid, spec: Spec, recorder: RunRecorder, on_round: RoundCallback | None = None
+) -> dict[str, Any]:
+    """The whole run; returns the summary. Finished rounds are on disk whatever happens."""
+    try:
+        summary = _run_rounds(grid, spec, recorder, on_round)
+    except Exception as err:
+        recorder.finish(status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    return summary
+
+
+def _run_rounds(
+    grid: Grid, spec: Spec, recorder: RunRecorder, on_round: RoundCallback | None
+) -> dict[str, Any]:
+    data = federated_data(spec)
+    strategy = build_strategy(spec, data)
+    timeout = spec.resources.round_timeout
+    node_of = discover_clients(grid, spec, timeout) if strategy.uses_clients else {}
+    test_idx = eval_test_indices(spec, len(data.test_y))
+    test_y = data.test_y[test_idx]
+
+    for rnd in range(1, spec.rounds + 1):
+        started = time.perf_counter()
+        evaluate = rnd % spec.eval.every == 0 or rnd == spec.rounds
+        row: dict[str, Any] = {"round": rnd, "teacher_test_acc": None, "epsilon_max": None}
+        row["epsilon"] = None
+        bytes_up = bytes_down = eval_bytes_up = 0
+        ok: dict[int, ClientResult] = {}
+        failed: set[int] = set()
+        evaluated: dict[int, ClientResult] = {}
+
+        if strategy.uses_clients:
+            sampled = sample_clients(spec, rnd)
+            plan = strategy.plan_local(rnd)
+            plan_arrays: dict[str, np.ndarray] = {}
+            if len(plan.proxy_idx):
+                plan_arrays["proxy_idx"] = plan.proxy_idx.astype(np.int32)
+            if plan.class_logits is not None:
+                plan_arrays["class_logits"] = plan.class_logits.astype(np.float32)
+                plan_arrays["class_present"] = plan.class_present.astype(np.uint8)
+            local = run_phase(
+                grid,
+                node_of,
+                sampled,
+                wire.MSG_LOCAL,
+                {"round": rnd, "upload": plan.upload},
+                plan_arrays,
+                timeout,
+            )
+            ok, failed = local.results, set(local.failed)
+            bytes_down += wire.payload_bytes(plan_arrays) * len(sampled)
+            bytes_up += sum(wire.payload_bytes(r.arrays) for r in ok.values())
+
+            enough = len(ok) >= spec.clients.min_clients
+            if enough:
+                strategy.aggregate(rnd, ok)
+            else:
+                log.warning(
+                    "round %d: %d clients replied, fewer than clients.min_clients=%d; "
+                    "nothing aggregated this round",
+                    rnd,
+                    len(ok),
+                    spec.clients.min_clients,
+                )
+            payload = strategy.digest_payload(rnd) if enough else None
+            targets = sorted(ok)
+            if payload is not None and targets:
+                arrays = payload.arrays()
+                if "proxy_idx" in arrays:
+                    arrays["proxy_idx"] = arrays["proxy_idx"].astype(np.int32)
+                digest = run_phase(
+                    grid,
+                    node_of,
+                    targets,
+                    wire.MSG_DIGEST,
+                    {"round": rnd, "evaluate": evaluate},
+                    arrays,
+                    timeout,
+                )
+                bytes_down += wire.payload_bytes(arrays) * len(targets)
+                failed |= digest.failed
+                evaluated = digest.results if evaluate else {}
+            elif evaluate and targets:
+                ev = run_phase(
+                    grid, node_of, targets, wire.MSG_EVALUATE, {"round": rnd}, {}, timeout
+                )
+                failed |= ev.failed
+                evaluated = ev.results
+            eval_bytes_up = sum(
+                r.arrays["test_logits"].nbytes
+                for r in evaluated.values()
+                if "test_logits" in r.arrays
+            )
+        else:
+            strategy.aggregate(rnd, {})
+
+        if evaluate:
+            row["server_test_acc"] = strategy.server_test_acc()
+            num_examples = {c: r.metrics.get("num_examples", 1.0) for c, r in ok.items()}
+            row["teacher_test_acc"] = _teacher_acc(strategy, evaluated, test_y, num_examples)
+        else:
+            row["server_test_acc"] = None
+        row.update(_client_metrics(evaluated))
+        clients_ok = len(set(ok) - failed)
+        train_losses = [r.metrics["train_loss"] for r in ok.values() if "train_loss" in r.metrics]
+        row.update(
+            {
+                "bytes_up": bytes_up,
+                "bytes_down": bytes_down,
+                "bytes_up_per_client": bytes_up / len(ok) if ok else 0.0,
+                "clients_ok": clients_ok,
+                "clients_failed": len(failed),
+                "train_loss_mean": float(np.mean(train_losses)) if train_losses else None,
+                "eval_bytes_up": eval_bytes_up,
+                "wall_s": time.perf_counter() - started,
+            }
+        )
+        recorder.record_round(row)
+        if on_round is not None:
+            on_round(rnd, row)
+    return recorder.finish()
+
+
+def make_server_app(
+    spec: Spec,
+    recorder: RunRecorder,
+    on_round: RoundCallback | None = None,
+    outcome: dict[str, Any] | None = None,
+) -> ServerApp:
+    """A ServerApp bound to a spec and a results folder (the `fedkd run` path).
+
+    The simulation engine only logs an exception raised by the ServerApp; `outcome` receives
+    ``ok`` or ``error`` so that the caller can exit with the right status.
+    """
+    app = ServerApp()
+    outcome = {} if outcome is None else outcome
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            run_rounds(grid, spec, recorder, on_round)
+            outcome["ok"] = True
+        except Exception as err:
+            outcome["error"] = f"{type(err).__name__}: {err}"
+            raise
+
+    return app
+
+
+# `flwr run .` loads this (pyproject: [tool.flwr.app.components]); the spec comes from the
+# run config (`spec`, `overrides`, `out-dir`).
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    spec = spec_from_run_config(context.run_config)
+    recorder = RunRecorder(spec.output.dir or default_run_dir(spec), spec)
+    summary = run_rounds(grid, spec, recorder, _log_round)
+    log.warning("fedkd run finished: results in %s (%s)", recorder.dir, summary["status"])
+
+
+def _log_round(rnd: int, row: dict[str, Any]) -> None:
+    acc = row["server_test_acc"]
+    log.warning(
+        "round %d: server_test_acc=%s clients_ok=%d wall_s=%.1f",
+        rnd,
+        "n/a" if acc is None else f"{acc:.4f}",
+        row["clients_ok"],
+        row["wall_s"],
+    )

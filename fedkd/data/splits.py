@@ -1,0 +1,313 @@
+"""Federated splits: public proxy set, per-client private data and local held-out slices.
+
+The training split of a source is divided, reproducibly from one seed, into
+
+- the proxy set: ``proxy_size`` examples drawn at random and removed from the pool, so that the
+  public proxy inputs and the clients' private data are disjoint;
+- one partition of the remaining pool per client (see :func:`fedkd.data.partition_indices`),
+  each divided into a private training part and a local held-out slice.
+
+The source's test split is the global test set.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedkd.data.partition import partition_indices
+from fedkd.data.sources import ArrayDataset, DataError, load_source
+
+# Distinct streams of one seed, so that changing e.g. proxy_size leaves client shuffles alone.
+_PROXY_STREAM = 0
+_CLIENT_STREAM = 1
+
+
+def _empty_index() -> np.ndarray:
+    return np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class ClientData:
+    """One client's private data.
+
+    Attributes
+    ----------
+    client_id : int
+        Partition id, ``0 .. num_clients - 1``.
+    x_train, y_train : np.ndarray
+        Private training inputs and labels.
+    x_local_test, y_local_test : np.ndarray
+        The client's own held-out inputs and labels.
+    train_indices, local_test_indices : np.ndarray
+        Positions of these examples in the source's ``x_train`` (bookkeeping).
+    """
+
+    client_id: int
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_local_test: np.ndarray
+    y_local_test: np.ndarray
+    train_indices: np.ndarray = field(default_factory=_empty_index)
+    local_test_indices: np.ndarray = field(default_factory=_empty_index)
+
+    @property
+    def num_examples(self) -> int:
+        """Number of private training examples."""
+        return len(self.y_train)
+
+
+@dataclass
+class FederatedData:
+    """A data set split for a federated run.
+
+    Attributes
+    ----------
+    dataset_name : str
+        Name of the source data set.
+    num_classes : int
+        Number of classes.
+    input_shape : tuple of int
+        Shape of one input, channels first.
+    proxy_x : np.ndarray
+        Unlabeled public proxy inputs, shape ``(proxy_size, *input_shape)``.
+    proxy_y : np.ndarray
+        Labels of the proxy inputs: for diagnostics and the PATE oracle baseline only; never
+        sent to clients.
+    test_x, test_y : np.ndarray
+        Global test set (the source's test split).
+    clients : list of ClientData
+        Per-client data, indexed by client id.
+    proxy_indices : np.ndarray
+        Positions of the proxy examples in the source's ``x_train`` (bookkeeping).
+    """
+
+    dataset_name: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    proxy_x: np.ndarray
+    proxy_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    clients: list[ClientData]
+    proxy_indices: np.ndarray = field(default_factory=_empty_index)
+
+    def pooled_train(self) -> tuple[np.ndarray, np.ndarray]:
+        """All clients' private training data together (the centralised baseline).
+
+        Returns
+        -------
+        tuple of np.ndarray
+            Inputs and labels, concatenated in client order.
+        """
+        return (
+            np.concatenate([c.x_train for c in self.clients]),
+            np.concatenate([c.y_train for c in self.clients]),
+        )
+
+
+def build_federated_data(
+    dataset: ArrayDataset,
+    *,
+    num_clients: int,
+    partition: str = "dirichlet",
+    alpha: float = 0.5,
+    classes_per_client: int = 2,
+    proxy_size: int = 500,
+    local_test_fraction: float = 0.1,
+    seed: int = 0,
+) -> FederatedData:
+    """Split a data set into a proxy set and per-client private data.
+
+    Parameters
+    ----------
+    dataset : ArrayDataset
+        The source data set.
+    num_clients : int
+        Number of clients.
+    partition : str, optional
+        Partition scheme, one of :data:`fedkd.data.PARTITION_SCHEMES`.
+    alpha : float, optional
+        Dirichlet concentration (``partition="dirichlet"``).
+    classes_per_client : int, optional
+        Classes per client (``partition="shards"``).
+    proxy_size : int, optional
+        Number of training examples set aside as the public proxy set; 0 for none.
+    local_test_fraction : float, optional
+        Fraction of each client's partition held out as its local test slice, in ``[0, 1)``;
+        a client with at least 2 examples keeps at least one for testing and one for training.
+    seed : int, optional
+        Seed of the proxy draw, the partition and the local splits.
+
+    Returns
+    -------
+    FederatedData
+        The split data; the same arguments give identical arrays.
+
+    Raises
+    ------
+    DataError
+        If a parameter is out of range for this data set.
+    """
+    if not _is_int(seed) or seed < 0:
+        raise DataError(f"seed: expected a non-negative integer, got {seed!r}")
+    pool_size = len(dataset.y_train)
+    if not _is_int(proxy_size) or proxy_size < 0:
+        raise DataError(f"data.proxy_size: expected a non-negative integer, got {proxy_size!r}")
+    if proxy_size >= pool_size:
+        raise DataError(
+            f"data.proxy_size: {proxy_size} proxy examples would use up the training pool of "
+            f"'{dataset.name}' ({pool_size} examples); use fewer than {pool_size}, leaving "
+            "enough for the clients"
+        )
+    if (
+        isinstance(local_test_fraction, bool)
+        or not isinstance(local_test_fraction, int | float | np.floating)
+        or not 0 <= local_test_fraction < 1
+    ):
+        raise DataError(
+            f"data.local_test_fraction: expected a number in [0, 1), got {local_test_fraction!r}"
+        )
+
+    proxy_rng = np.random.default_rng((seed, _PROXY_STREAM))
+    proxy_idx = np.sort(proxy_rng.choice(pool_size, size=proxy_size, replace=False))
+    pool_idx = np.setdiff1d(np.arange(pool_size), proxy_idx)
+    parts = partition_indices(
+        dataset.y_train[pool_idx],
+        num_clients,
+        partition,
+        alpha=alpha,
+        classes_per_client=classes_per_client,
+        seed=seed,
+    )
+
+    clients = []
+    for cid, part in enumerate(parts):
+        idx = pool_idx[part]
+        idx = idx[np.random.default_rng((seed, _CLIENT_STREAM, cid)).permutation(len(idx))]
+        n_test = _local_test_count(len(idx), local_test_fraction)
+        train_idx, test_idx = idx[: len(idx) - n_test], idx[len(idx) - n_test :]
+        clients.append(
+            ClientData(
+                client_id=cid,
+                x_train=dataset.x_train[train_idx],
+                y_train=dataset.y_train[train_idx],
+                x_local_test=dataset.x_train[test_idx],
+                y_local_test=dataset.y_train[test_idx],
+                train_indices=train_idx,
+                local_test_indices=test_idx,
+            )
+        )
+    return FederatedData(
+        dataset_name=dataset.name,
+        num_classes=dataset.num_classes,
+        input_shape=dataset.input_shape,
+        proxy_x=dataset.x_train[proxy_idx],
+        proxy_y=dataset.y_train[proxy_idx],
+        test_x=dataset.x_test,
+        test_y=dataset.y_test,
+        clients=clients,
+        proxy_indices=proxy_idx,
+    )
+
+
+def load_federated_data(
+    *,
+    source: str,
+    path: str | None = None,
+    hf_name: str | None = None,
+    image_key: str | None = None,
+    label_key: str | None = None,
+    num_clients: int,
+    partition: str = "dirichlet",
+    alpha: float = 0.5,
+    classes_per_client: int = 2,
+    proxy_size: int = 500,
+    local_test_fraction: float = 0.1,
+    seed: int = 0,
+) -> FederatedData:
+    """Load a source and split it, cached per process.
+
+    Client processes (Ray actors) call this every round; the first call computes, later calls
+    with the same arguments return the same object. Treat the result as read-only: it is
+    shared by every caller in the process.
+
+    Parameters
+    ----------
+    source, path, hf_name, image_key, label_key
+        As in :func:`fedkd.data.load_source`.
+    num_clients, partition, alpha, classes_per_client, proxy_size, local_test_fraction, seed
+        As in :func:`build_federated_data`; ``seed`` also seeds the source.
+
+    Returns
+    -------
+    FederatedData
+        The split data.
+
+    Raises
+    ------
+    DataError
+        If the configuration is invalid.
+    """
+    # Positional call: lru_cache keys on argument order, and keyword order varies by caller.
+    return _load_federated_data_cached(
+        source,
+        path,
+        hf_name,
+        image_key,
+        label_key,
+        num_clients,
+        partition,
+        alpha,
+        classes_per_client,
+        proxy_size,
+        local_test_fraction,
+        seed,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _load_federated_data_cached(
+    source: str,
+    path: str | None,
+    hf_name: str | None,
+    image_key: str | None,
+    label_key: str | None,
+    num_clients: int,
+    partition: str,
+    alpha: float,
+    classes_per_client: int,
+    proxy_size: int,
+    local_test_fraction: float,
+    seed: int,
+) -> FederatedData:
+    dataset = load_source(
+        source,
+        path=path,
+        hf_name=hf_name,
+        image_key=image_key,
+        label_key=label_key,
+        seed=seed,
+    )
+    return build_federated_data(
+        dataset,
+        num_clients=num_clients,
+        partition=partition,
+        alpha=alpha,
+        classes_per_client=classes_per_client,
+        proxy_size=proxy_size,
+        local_test_fraction=local_test_fraction,
+        seed=seed,
+    )
+
+
+def _local_test_count(n: int, fraction: float) -> int:
+    if fraction <= 0 or n < 2:
+        return 0
+    return min(max(1, round(fraction * n)), n - 1)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)

@@ -1,0 +1,328 @@
+"""Teacher builders: combine the clients' logits on the proxy set into one ensemble teacher.
+
+Conventions
+-----------
+- Client outputs come stacked as ``logits`` of shape ``(K, N, C)``: K clients, N proxy examples,
+  C classes. Optional ``weights`` of shape ``(K,)`` (e.g. example counts) are non-negative and
+  normalised inside.
+- Every builder returns **teacher logits** of shape ``(N, C)``. Builders that work in probability
+  space return the log of the probabilities, which are valid logits:
+  ``softmax(log p) == p``.
+- Non-finite client logits are rejected with a ``ValueError`` naming the clients, so that a NaN
+  from one client never silently poisons the teacher.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+TEACHER_KINDS: tuple[str, ...] = (
+    "mean_logits",
+    "mean_probs",
+    "weighted",
+    "era",
+    "median",
+    "trimmed_mean",
+)
+
+
+def _check_logits(logits: Tensor) -> None:
+    if logits.dim() != 3:
+        raise ValueError(
+            f"client logits must be stacked as (K clients, N examples, C classes), "
+            f"got shape {tuple(logits.shape)}"
+        )
+    if logits.shape[0] < 1:
+        raise ValueError("client logits must hold at least one client (K >= 1)")
+    finite = torch.isfinite(logits).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        raise ValueError(f"client logits contain NaN or inf for client index(es) {bad}")
+
+
+def _normalised_weights(weights: Tensor | None, logits: Tensor) -> Tensor | None:
+    """``weights`` as a probability vector of shape ``(K,)`` on ``logits``' device and dtype."""
+    if weights is None:
+        return None
+    k = logits.shape[0]
+    w = torch.as_tensor(weights).to(device=logits.device, dtype=logits.dtype)
+    if w.shape != (k,):
+        raise ValueError(f"weights must have shape ({k},) for {k} clients, got {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"weights must be finite and non-negative, got {w.tolist()}")
+    total = w.sum()
+    if not bool(total > 0):
+        raise ValueError("weights must not all be zero")
+    return w / total
+
+
+def mean_logits(logits: Tensor, weights: Tensor | None = None) -> Tensor:
+    """(Weighted) mean of the clients' logits.
+
+    Parameters
+    ----------
+    logits : Tensor
+        Shape ``(K, N, C)``.
+    weights : Tensor, optional
+        Shape ``(K,)``, non-negative; uniform when omitted.
+
+    Returns
+    -------
+    Tensor
+        Teacher logits, shape ``(N, C)``.
+    """
+    _check_logits(logits)
+    w = _normalised_weights(weights, logits)
+    if w is None:
+        return logits.mean(dim=0)
+    return torch.einsum("k,knc->nc", w, logits)
+
+
+def mean_probs(logits: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Log of the (weighted) mean of the clients' softmax probabilities.
+
+    Parameters
+    ----------
+    logits : Tensor
+        Shape ``(K, N, C)``.
+    weights : Tensor, optional
+        Shape ``(K,)``, non-negative; uniform when omitted.
+
+    Returns
+    -------
+    Tensor
+        Teacher logits ``log(sum_k w_k softmax(logits_k))``, shape ``(N, C)``.
+    """
+    _check_logits(logits)
+    k = logits.shape[0]
+    w = _normalised_weights(weights, logits)
+    if w is None:
+        w = torch.full((k,), 1.0 / k, device=logits.device, dtype=logits.dtype)
+    # Mixing in log space keeps tiny probabilities representable; zero weights give log 0 =
+    # -inf terms that logsumexp drops exactly.
+    log_p = torch.log_softmax(logits, dim=-1) + torch.log(w)[:, None, None]
+    return torch.logsumexp(log_p, dim=0)
+
+
+def era(logits: Tensor, temperature: float = 0.1, weights: Tensor | None = None) -> Tensor:
+    """DS-FL Entropy Reduction Aggregation: ``softmax(p_mean / temperature)``, as logits.
+
+    ``p_mean`` is the (weighted) mean of the clients' probabilities. The temperature divides
+    probabilities, not logits, so ``temperature < 1`` sharpens an averaged, hence flattened,
+    ensemble; the argmax never changes.
+
+    Parameters
+    ----------
+    logits : Tensor
+        Shape ``(K, N, C)``.
+    temperature : float, default 0.1
+        Positive; DS-FL uses 0.1.
+    weights : Tensor, optional
+        Shape ``(K,)``, non-negative; uniform when omitted.
+
+    Returns
+    -------
+    Tensor
+        Teacher logits ``log_softmax(p_mean / temperature)``, shape ``(N, C)``.
+
+    Notes
+    -----
+    ERA sharpens on average, not row by row: ``softmax(p / T)`` floors every class at
+    ``exp(0)``, so near-zero tail classes are lifted. A confident, agreeing ensemble comes out
+    much sharper, but a row whose mass sits on a few tied classes over an empty tail comes out
+    softer, and the largest probability ERA can give is ``e^(1/T) / (e^(1/T) + C - 1)`` (about
+    0.9996 for ``T = 0.1`` and ten classes). On random logits from disagreeing clients only
+    about 55-70% of rows get sharper at ``T = 0.1``.
+    """
+    t = float(temperature)
+    if not t > 0.0:
+        raise ValueError(f"era temperature must be positive, got {temperature}")
+    p_mean = torch.exp(mean_probs(logits, weights))
+    return torch.log_softmax(p_mean / t, dim=-1)
+
+
+def median_logits(logits: Tensor) -> Tensor:
+    """Coordinate-wise median of the clients' logits.
+
+    For an even number of clients the two middle values are averaged (``torch.median`` would
+    return the lower one, biasing the teacher downwards).
+
+    Parameters
+    ----------
+    logits : Tensor
+        Shape ``(K, N, C)``.
+
+    Returns
+    -------
+    Tensor
+        Teacher logits, shape ``(N, C)``.
+    """
+    _check_logits(logits)
+    k = logits.shape[0]
+    ordered = logits.sort(dim=0).values
+    if k % 2 == 1:
+        return ordered[k // 2]
+    return 0.5 * (ordered[k // 2 - 1] + ordered[k // 2])
+
+
+def trimmed_mean_logits(logits: Tensor, trim_fraction: float = 0.2) -> Tensor:
+    """Coordinate-wise trimmed mean of the clients' logits.
+
+    Per coordinate, the ``floor(trim_fraction * K)`` largest and as many smallest values are
+    dropped and the rest averaged. With too few clients to trim anything this is the plain mean.
+
+    Parameters
+    ----------
+    logits : Tensor
+        Shape ``(K, N, C)``.
+    trim_fraction : float, default 0.2
+        Fraction trimmed at *each* end, in ``[0, 0.5)``.
+
+    Returns
+    -------
+    Tensor
+        Teacher logits, shape ``(N, C)``.
+    """
+    f = float(trim_fraction)
+    if not 0.0 <= f < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    _check_logits(logits)
+    k = logits.shape[0]
+    # The epsilon stops float error (0.29 * 100 = 28.999...) from trimming one client too few.
+    n_trim = math.floor(f * k + 1e-9)
+    if n_trim == 0:
+        return logits.mean(dim=0)
+    ordered = logits.sort(dim=0).values
+    return ordered[n_trim : k - n_trim].mean(dim=0)
+
+
+def build_teacher(
+    kind: str,
+    logits: Tensor,
+    weights: Tensor | None = None,
+    *,
+    era_temperature: float = 0.1,
+    trim_fraction: float = 0.2,
+) -> Tensor:
+    """Build a teacher of the given kind from stacked client logits.
+
+    Parameters
+    ----------
+    kind : str
+        One of :data:`TEACHER_KINDS`: ``"mean_logits"``, ``"mean_probs"``, ``"weighted"``
+        (``mean_probs`` with ``weights``, which are then required), ``"era"``, ``"median"``,
+        ``"trimmed_mean"``. The robust kinds (``"median"``, ``"trimmed_mean"``) are unweighted
+        and ignore ``weights``.
+    logits : Tensor
+        Shape ``(K, N, C)``.
+    weights : Tensor, optional
+        Shape ``(K,)``, e.g. the clients' example counts.
+    era_temperature : float, default 0.1
+        Temperature of ``"era"``.
+    trim_fraction : float, default 0.2
+        Fraction trimmed at each end by ``"trimmed_mean"``.
+
+    Returns
+    -------
+    Tensor
+        Teacher logits, shape ``(N, C)``.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``kind``, ``"weighted"`` without weights, or invalid inputs.
+    """
+    if kind == "mean_logits":
+        return mean_logits(logits, weights)
+    if kind == "mean_probs":
+        return mean_probs(logits, weights)
+    if kind == "weighted":
+        if weights is None:
+            raise ValueError("teacher 'weighted' needs per-client weights (e.g. example counts)")
+        return mean_probs(logits, weights)
+    if kind == "era":
+        return era(logits, era_temperature, weights)
+    if kind == "median":
+        return median_logits(logits)
+    if kind == "trimmed_mean":
+        return trimmed_mean_logits(logits, trim_fraction)
+    raise ValueError(f"unknown teacher kind {kind!r}; choose one of {', '.join(TEACHER_KINDS)}")
+
+
+def per_class_mean_logits(
+    logits: Tensor, labels: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor]:
+    """Federated Distillation (FD) client step: average logit vector per true class.
+
+    Parameters
+    ----------
+    logits : Tensor
+        Shape ``(N, C)``, one client's logits on its own labelled data.
+    labels : Tensor
+        Shape ``(N,)``, integer labels in ``[0, num_classes)``.
+    num_classes : int
+        Number of classes (rows of the result).
+
+    Returns
+    -------
+    class_logits : Tensor
+        Shape ``(num_classes, C)``; row ``c`` is the mean logit vector of the examples labelled
+        ``c``, zeros for a class the client does not have.
+    class_counts : Tensor
+        Shape ``(num_classes,)``, int64 number of examples per class.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (N, C), got {tuple(logits.shape)}")
+    labels = torch.as_tensor(labels, device=logits.device)
+    if labels.shape != (logits.shape[0],):
+        raise ValueError(
+            f"labels must have shape ({logits.shape[0]},) to match logits, "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    labels = labels.long()
+    if labels.numel() and (bool((labels < 0).any()) or bool((labels >= num_classes).any())):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.unique().tolist()}")
+    one_hot = torch.nn.functional.one_hot(labels, num_classes).to(logits.dtype)
+    sums = one_hot.T @ logits
+    counts = torch.bincount(labels, minlength=num_classes)
+    class_logits = sums / counts.clamp(min=1).to(logits.dtype)[:, None]
+    return class_logits, counts
+
+
+def aggregate_per_class(class_logits: Tensor, class_counts: Tensor) -> Tensor:
+    """FD server step: count-weighted average of the clients' per-class logit vectors.
+
+    Parameters
+    ----------
+    class_logits : Tensor
+        Shape ``(K, num_classes, C)`` from :func:`per_class_mean_logits` of K clients.
+    class_counts : Tensor
+        Shape ``(K, num_classes)``, non-negative counts.
+
+    Returns
+    -------
+    Tensor
+        Shape ``(num_classes, C)``; row ``c`` averages the clients' rows for class ``c`` weighted
+        by their counts, zeros for a class no client has.
+    """
+    if class_logits.dim() != 3:
+        raise ValueError(
+            f"class_logits must have shape (K, num_classes, C), got {tuple(class_logits.shape)}"
+        )
+    counts = torch.as_tensor(class_counts, device=class_logits.device).to(class_logits.dtype)
+    if counts.shape != class_logits.shape[:2]:
+        raise ValueError(
+            f"class_counts must have shape {tuple(class_logits.shape[:2])}, "
+            f"got {tuple(counts.shape)}"
+        )
+    if bool((counts < 0).any()):
+        raise ValueError("class_counts must be non-negative")
+    totals = counts.sum(dim=0)
+    sums = torch.einsum("kc,kcd->cd", counts, class_logits)
+    safe_totals = torch.where(totals > 0, totals, torch.ones_like(totals))
+    return sums / safe_totals[:, None]

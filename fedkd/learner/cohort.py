@@ -1,0 +1,198 @@
+"""A node's cohort of clients: what each hosted client does in each phase of a round.
+
+This is the learner that the ClientApp calls; it knows nothing of Flower. Client state comes in
+and goes out as bytes (the app keeps them in the node's context between rounds), results are
+numpy arrays and float metrics, and every client's computation depends only on its own id,
+the round and the run seed, so one client per node and cohorts give the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedkd.data.splits import FederatedData
+from fedkd.knowledge.teachers import per_class_mean_logits
+from fedkd.learner.loop import (
+    PHASE_DISTILL,
+    PHASE_TRAIN,
+    ClassTeacher,
+    ClientState,
+    StepConfig,
+    accuracy,
+    distill,
+    make_optimizer,
+    predict_logits,
+    seeded_generator,
+    train_supervised,
+)
+
+UPLOADS = ("logits", "class_logits", "weights", "none")
+
+
+@dataclass(frozen=True)
+class CohortConfig:
+    """Everything a node needs to know about how its clients learn (built from the spec)."""
+
+    seed: int
+    arch_of: Callable[[int], str]
+    private: StepConfig
+    distill: StepConfig
+    distill_loss: str = "kl"
+    distill_temperature: float = 1.0
+
+
+@dataclass
+class ClientResult:
+    """One client's reply in one phase."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class CohortLearner:
+    """Runs the phases of a round for the clients one node hosts, one client after another.
+
+    Parameters
+    ----------
+    data : FederatedData
+        The run's data; each client only touches its own slice and the public proxy/test sets.
+    config : CohortConfig
+        Learning configuration shared by all clients of the run.
+    states : MutableMapping[int, bytes]
+        Where client states persist between phases and rounds (node state in Flower).
+    """
+
+    def __init__(
+        self, data: FederatedData, config: CohortConfig, states: MutableMapping[int, bytes]
+    ) -> None:
+        self.data = data
+        self.config = config
+        self.states = states
+
+    # -- state ---------------------------------------------------------------------------------
+    def _load(self, client_id: int) -> ClientState:
+        cfg = self.config
+        state = ClientState.create(
+            client_id,
+            cfg.arch_of(client_id),
+            self.data.input_shape,
+            self.data.num_classes,
+            cfg.seed,
+            cfg.private.optim,
+            cfg.distill.optim,
+        )
+        blob = self.states.get(client_id)
+        if blob is not None:
+            state.load_bytes(blob)
+        return state
+
+    def _save(self, state: ClientState) -> None:
+        self.states[state.client_id] = state.to_bytes()
+
+    # -- phases --------------------------------------------------------------------------------
+    def local_round(
+        self,
+        round_num: int,
+        client_ids: list[int],
+        upload: str,
+        proxy_idx: np.ndarray,
+        class_teacher: ClassTeacher | None = None,
+    ) -> dict[int, ClientResult]:
+        """Train each client on its private data, then compute what it uploads."""
+        if upload not in UPLOADS:
+            raise ValueError(f"unknown upload '{upload}'; one of {', '.join(UPLOADS)}")
+        results = {}
+        for cid in client_ids:
+            state = self._load(cid)
+            client = self.data.clients[cid]
+            gen = seeded_generator(self.config.seed, round_num, cid, PHASE_TRAIN)
+            stats = train_supervised(
+                state.model,
+                state.private_opt,
+                client.x_train,
+                client.y_train,
+                self.config.private,
+                gen,
+                class_teacher,
+            )
+            state.rounds_trained += 1
+            result = ClientResult(
+                metrics={"num_examples": float(client.num_examples), "train_loss": stats["loss"]}
+            )
+            if upload == "logits":
+                logits = predict_logits(state.model, self.data.proxy_x[proxy_idx])
+                result.arrays["logits"] = logits.numpy().astype(np.float32)
+            elif upload == "class_logits":
+                logits = predict_logits(state.model, client.x_train)
+                class_logits, counts = per_class_mean_logits(
+                    logits, torch.from_numpy(client.y_train), self.data.num_classes
+                )
+                result.arrays["class_logits"] = class_logits.numpy().astype(np.float32)
+                result.arrays["class_counts"] = counts.numpy().astype(np.float32)
+            elif upload == "weights":
+                result.arrays.update(
+                    {k: v.detach().numpy().copy() for k, v in state.model.state_dict().items()}
+                )
+            self._save(state)
+            results[cid] = result
+        return results
+
+    def digest(
+        self,
+        round_num: int,
+        client_ids: list[int],
+        proxy_idx: np.ndarray | None = None,
+        teacher_logits: np.ndarray | None = None,
+        global_weights: dict[str, np.ndarray] | None = None,
+    ) -> dict[int, ClientResult]:
+        """Distill from the teacher on the proxy subset, or take the global weights (FedAvg)."""
+        results = {}
+        for cid in client_ids:
+            state = self._load(cid)
+            metrics: dict[str, float] = {}
+            if global_weights is not None:
+                state.model.load_state_dict(
+                    {k: torch.from_numpy(np.array(v)) for k, v in global_weights.items()}
+                )
+                # A fresh local optimizer per round, as in FedAvg: momentum from the old local
+                # weights does not carry over to the new global ones.
+                state.private_opt = make_optimizer(
+                    state.model.parameters(), self.config.private.optim
+                )
+            elif teacher_logits is not None and proxy_idx is not None:
+                gen = seeded_generator(self.config.seed, round_num, cid, PHASE_DISTILL)
+                stats = distill(
+                    state.model,
+                    state.distill_opt,
+                    self.data.proxy_x[proxy_idx],
+                    teacher_logits,
+                    self.config.distill,
+                    gen,
+                    self.config.distill_loss,
+                    self.config.distill_temperature,
+                )
+                metrics["distill_loss"] = stats["loss"]
+            self._save(state)
+            results[cid] = ClientResult(metrics=metrics)
+        return results
+
+    def evaluate(self, client_ids: list[int], test_idx: np.ndarray) -> dict[int, ClientResult]:
+        """Accuracy on the global test subset and the local held-out slice, plus test logits."""
+        results = {}
+        for cid in client_ids:
+            state = self._load(cid)
+            client = self.data.clients[cid]
+            test_logits = predict_logits(state.model, self.data.test_x[test_idx])
+            local_logits = predict_logits(state.model, client.x_local_test)
+            results[cid] = ClientResult(
+                arrays={"test_logits": test_logits.numpy().astype(np.float32)},
+                metrics={
+                    "test_acc": accuracy(test_logits, self.data.test_y[test_idx]),
+                    "local_acc": accuracy(local_logits, client.y_local_test),
+                },
+            )
+        return results

@@ -1,0 +1,227 @@
+"""The per-client reference learner: plain PyTorch loops, one model at a time.
+
+Every randomness (init, shuffling) comes from generators seeded by (run seed, round, client id,
+phase), never from global state, so a client computes the same thing whichever process, node
+or cohort runs it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fedkd.knowledge.losses import distillation_loss, kl_distillation_loss, soft_targets
+from fedkd.models.zoo import build_model
+
+# Phase codes mixed into seeds so that each phase draws its own stream.
+PHASE_INIT, PHASE_TRAIN, PHASE_DISTILL, PHASE_SERVER, PHASE_SAMPLE, PHASE_EVAL = range(6)
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (stable across processes and platforms).
+
+    Negative keys (the server's models use ids -1, -2) map to values no client id reaches.
+    """
+    entropy = [int(k) if k >= 0 else (1 << 40) - int(k) for k in keys]
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> 1)
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(derive_seed(*keys))
+    return gen
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """How one phase trains: epochs and batch size over its data, with which optimizer."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    optim: OptimConfig = OptimConfig()
+
+
+def make_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def init_student(
+    arch: str, input_shape: tuple[int, ...], num_classes: int, *seed_keys: int
+) -> nn.Module:
+    """Build `arch` with weights drawn from a generator seeded by `seed_keys`."""
+    # build_model draws from the global RNG; fork it so callers' RNG state is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(*seed_keys))
+        return build_model(arch, input_shape, num_classes)
+
+
+@dataclass
+class ClientState:
+    """A client's student and both optimizers; lives across rounds as bytes in node state."""
+
+    client_id: int
+    arch: str
+    model: nn.Module
+    private_opt: torch.optim.Optimizer
+    distill_opt: torch.optim.Optimizer
+    rounds_trained: int = 0
+
+    @classmethod
+    def create(
+        cls,
+        client_id: int,
+        arch: str,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        seed: int,
+        private: OptimConfig,
+        distill: OptimConfig,
+    ) -> ClientState:
+        model = init_student(arch, input_shape, num_classes, seed, client_id, PHASE_INIT)
+        return cls(
+            client_id,
+            arch,
+            model,
+            make_optimizer(model.parameters(), private),
+            make_optimizer(model.parameters(), distill),
+        )
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save(
+            {
+                "client_id": self.client_id,
+                "arch": self.arch,
+                "model": self.model.state_dict(),
+                "private_opt": self.private_opt.state_dict(),
+                "distill_opt": self.distill_opt.state_dict(),
+                "rounds_trained": self.rounds_trained,
+            },
+            buf,
+        )
+        return buf.getvalue()
+
+    def load_bytes(self, blob: bytes) -> None:
+        saved = torch.load(io.BytesIO(blob), weights_only=True)
+        if saved["arch"] != self.arch:
+            raise ValueError(
+                f"client {self.client_id}: saved student is '{saved['arch']}', spec says "
+                f"'{self.arch}'"
+            )
+        self.model.load_state_dict(saved["model"])
+        self.private_opt.load_state_dict(saved["private_opt"])
+        self.distill_opt.load_state_dict(saved["distill_opt"])
+        self.rounds_trained = saved["rounds_trained"]
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[Tensor]:
+    return list(torch.randperm(n, generator=gen).split(batch_size))
+
+
+def as_tensor(array: np.ndarray | Tensor) -> Tensor:
+    return array if isinstance(array, Tensor) else torch.from_numpy(np.ascontiguousarray(array))
+
+
+@dataclass(frozen=True)
+class ClassTeacher:
+    """FD's digest: per-class teacher logits used as a regulariser during local training."""
+
+    logits: Tensor  # (C, C): row c = global average logits of class c
+    present: Tensor  # (C,) bool: classes some client reported
+    weight: float = 1.0
+    temperature: float = 1.0
+
+
+def train_supervised(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: np.ndarray | Tensor,
+    y: np.ndarray | Tensor,
+    step: StepConfig,
+    gen: torch.Generator,
+    class_teacher: ClassTeacher | None = None,
+) -> dict[str, float]:
+    """Cross-entropy training on (x, y); optional FD regulariser. Returns mean loss and steps."""
+    x, y = as_tensor(x), as_tensor(y)
+    model.train()
+    total, steps, seen = 0.0, 0, 0
+    for _ in range(step.epochs):
+        for idx in _batches(len(y), step.batch_size, gen):
+            xb, yb = x[idx], y[idx]
+            out = model(xb)
+            loss = nn.functional.cross_entropy(out, yb)
+            if class_teacher is not None:
+                keep = class_teacher.present[yb]
+                if keep.any():
+                    # Bounded digest: KL to the tempered class-average distribution, never
+                    # cross-entropy on raw averaged logits (which diverges).
+                    temperature = class_teacher.temperature
+                    targets = soft_targets(class_teacher.logits[yb[keep]], temperature)
+                    loss = loss + class_teacher.weight * kl_distillation_loss(
+                        out[keep], targets, temperature
+                    )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            steps += 1
+    return {"loss": total / max(seen, 1), "steps": float(steps)}
+
+
+def distill(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: np.ndarray | Tensor,
+    teacher_logits: np.ndarray | Tensor,
+    step: StepConfig,
+    gen: torch.Generator,
+    loss_kind: str = "kl",
+    temperature: float = 1.0,
+) -> dict[str, float]:
+    """Fit the model's outputs on x to the teacher's (N, C) logits."""
+    x, teacher = as_tensor(x), as_tensor(teacher_logits).float()
+    model.train()
+    total, steps, seen = 0.0, 0, 0
+    for _ in range(step.epochs):
+        for idx in _batches(len(x), step.batch_size, gen):
+            loss = distillation_loss(loss_kind, model(x[idx]), teacher[idx], temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            steps += 1
+    return {"loss": total / max(seen, 1), "steps": float(steps)}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: np.ndarray | Tensor, batch_size: int = 1024) -> Tensor:
+    """Logits in eval mode, without gradients."""
+    x = as_tensor(x)
+    model.eval()
+    if len(x) == 0:
+        return torch.empty(0)
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def accuracy(logits: Tensor, y: np.ndarray | Tensor) -> float:
+    y = as_tensor(y)
+    if len(y) == 0:
+        return float("nan")
+    return float((logits.argmax(dim=1) == y).float().mean())

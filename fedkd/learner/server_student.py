@@ -1,0 +1,88 @@
+"""The server student: a global model distilled from the teacher on the proxy set."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedkd.learner.loop import (
+    PHASE_SERVER,
+    StepConfig,
+    accuracy,
+    distill,
+    init_student,
+    make_optimizer,
+    predict_logits,
+    seeded_generator,
+    train_supervised,
+)
+
+
+class ServerStudent:
+    """A model the server trains from teacher logits (or, for the centralized bound, labels).
+
+    Parameters
+    ----------
+    arch : str
+        Architecture from the model zoo.
+    input_shape, num_classes
+        Shape of one input and number of classes.
+    seed : int
+        Run seed; the student's init and shuffling derive from it.
+    step : StepConfig
+        Epochs, batch size and optimizer for one round of distillation.
+    temperature : float, default 1.0
+        Distillation temperature (KL with the T^2 factor).
+    distill_on : {"round", "seen"}, default "round"
+        Distill on this round's proxy subset only, or on every proxy input labelled so far
+        (each with its most recent teacher output).
+    proxy_size : int, default 0
+        Size of the proxy set (needed for ``distill_on="seen"``).
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        seed: int,
+        step: StepConfig,
+        temperature: float = 1.0,
+        distill_on: str = "round",
+        proxy_size: int = 0,
+    ) -> None:
+        self.arch = arch
+        self.seed = seed
+        self.step = step
+        self.temperature = temperature
+        self.distill_on = distill_on
+        self.model = init_student(arch, input_shape, num_classes, seed, -1, PHASE_SERVER)
+        self.opt = make_optimizer(self.model.parameters(), step.optim)
+        self._labels = torch.zeros(proxy_size, num_classes)
+        self._seen = torch.zeros(proxy_size, dtype=torch.bool)
+
+    def fit(
+        self, round_num: int, proxy_x: np.ndarray, proxy_idx: np.ndarray, teacher_logits: np.ndarray
+    ) -> dict[str, float]:
+        """One round of distillation from the teacher's logits on `proxy_x[proxy_idx]`."""
+        gen = seeded_generator(self.seed, round_num, -1, PHASE_SERVER)
+        idx = torch.as_tensor(proxy_idx, dtype=torch.long)
+        teacher = torch.as_tensor(teacher_logits, dtype=torch.float32)
+        if self.distill_on == "seen":
+            self._labels[idx] = teacher
+            self._seen[idx] = True
+            idx = self._seen.nonzero().squeeze(1)
+            teacher = self._labels[idx]
+        x = torch.from_numpy(np.ascontiguousarray(proxy_x))[idx]
+        return distill(self.model, self.opt, x, teacher, self.step, gen, "kl", self.temperature)
+
+    def fit_labels(self, round_num: int, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        """One round of supervised training (the centralized reference)."""
+        gen = seeded_generator(self.seed, round_num, -1, PHASE_SERVER)
+        return train_supervised(self.model, self.opt, x, y, self.step, gen)
+
+    def logits(self, x: np.ndarray) -> torch.Tensor:
+        return predict_logits(self.model, x)
+
+    def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
+        return accuracy(self.logits(x), y)

@@ -1,0 +1,277 @@
+"""The student zoo: small, DP-compatible classifiers for images and 1-D signals.
+
+Every model takes channels-first inputs without the batch dimension in ``input_shape``:
+``(C, H, W)`` for images (scikit-learn digits ``(1, 8, 8)``, MNIST ``(1, 28, 28)``) or
+``(C, L)`` for 1-D signals (mnist1d ``(1, 40)``). Convolutions and pooling are picked by the
+rank of ``input_shape``.
+
+All models are usable with Opacus and ``torch.func``: no BatchNorm (GroupNorm instead), no
+in-place activations or in-place tensor updates in ``forward``, no buffers, and no
+data-dependent control flow.
+
+Parameter counts, 10 classes:
+
+===========  ===============  ==============  ==============
+model        MNIST (1,28,28)  digits (1,8,8)  mnist1d (1,40)
+===========  ===============  ==============  ==============
+mlp                  199,210          55,210          50,410
+cnn_small             52,138           6,058          11,386
+cnn_large            611,146          58,186         128,746
+resnet_gn             77,754          77,754          28,506
+===========  ===============  ==============  ==============
+
+``cnn_large`` is the FedAvg baseline model: its 611,146 float32 parameters (about 2.4 MB) are
+what a weight-exchanging client uploads, against 1000 x 10 float32 logits (40 kB) for a
+logit-exchanging one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn_small", "cnn_large", "resnet_gn")
+
+
+class ModelError(ValueError):
+    """An unknown model name or an input shape a model cannot handle."""
+
+
+def _conv(ndim: int) -> type[nn.Module]:
+    return nn.Conv1d if ndim == 1 else nn.Conv2d
+
+
+def _maxpool(ndim: int) -> type[nn.Module]:
+    return nn.MaxPool1d if ndim == 1 else nn.MaxPool2d
+
+
+def _avgpool(ndim: int) -> nn.Module:
+    return nn.AdaptiveAvgPool1d(1) if ndim == 1 else nn.AdaptiveAvgPool2d(1)
+
+
+def _check_shape(input_shape: tuple[int, ...], num_classes: int) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) not in (2, 3):
+        raise ModelError(
+            f"input_shape must be (C, L) or (C, H, W) without the batch dimension, got {shape}"
+        )
+    if any(s < 1 for s in shape):
+        raise ModelError(f"input_shape must have positive sizes, got {shape}")
+    if int(num_classes) < 2:
+        raise ModelError(f"num_classes must be at least 2, got {num_classes}")
+    return shape
+
+
+def _flat_features(features: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Size of ``features(x)`` flattened, for one example of ``input_shape``."""
+    try:
+        with torch.no_grad():
+            out = features(torch.zeros(1, *input_shape))
+    except RuntimeError as exc:
+        raise ModelError(f"input_shape {input_shape} is too small for this model: {exc}") from exc
+    return int(out[0].numel())
+
+
+class MLP(nn.Module):
+    """Flatten, then two hidden layers of ``hidden`` units with ReLU.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        ``(C, L)`` or ``(C, H, W)``.
+    num_classes : int
+        Number of output logits.
+    hidden : int, default 200
+        Width of both hidden layers.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: int = 200) -> None:
+        super().__init__()
+        in_features = 1
+        for s in input_shape:
+            in_features *= s
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SimpleCNN(nn.Module):
+    """Two conv3x3 + ReLU + max-pool stages, then a hidden linear layer.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        ``(C, L)`` (1-D convolutions) or ``(C, H, W)`` (2-D convolutions).
+    num_classes : int
+        Number of output logits.
+    widths : tuple of int
+        Channels of the two convolutions.
+    hidden : int
+        Width of the hidden linear layer.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        widths: tuple[int, int],
+        hidden: int,
+    ) -> None:
+        super().__init__()
+        ndim = len(input_shape) - 1
+        conv, pool = _conv(ndim), _maxpool(ndim)
+        w1, w2 = widths
+        self.features = nn.Sequential(
+            conv(input_shape[0], w1, kernel_size=3, padding=1),
+            nn.ReLU(),
+            pool(2),
+            conv(w1, w2, kernel_size=3, padding=1),
+            nn.ReLU(),
+            pool(2),
+        )
+        flat = _flat_features(self.features, input_shape)
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(flat, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, channels), channels)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with GroupNorm: two conv3x3, projection shortcut on shape change.
+
+    Parameters
+    ----------
+    ndim : int
+        1 for signals, 2 for images.
+    in_channels, out_channels : int
+        Channels in and out.
+    stride : int, default 1
+        Stride of the first convolution and of the shortcut.
+    """
+
+    def __init__(self, ndim: int, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        conv = _conv(ndim)
+        self.conv1 = conv(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = _group_norm(out_channels)
+        self.conv2 = conv(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = _group_norm(out_channels)
+        self.act = nn.ReLU()
+        self.shortcut: nn.Module
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                conv(in_channels, out_channels, 1, stride=stride, bias=False),
+                _group_norm(out_channels),
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        # Out-of-place add: Opacus hooks and torch.func need the activations left untouched.
+        return self.act(out + self.shortcut(x))
+
+
+class ResNetGN(nn.Module):
+    """Small ResNet with GroupNorm: stem, blocks of 16, 32 (stride 2) and 64 (stride 2) channels.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        ``(C, L)`` or ``(C, H, W)``.
+    num_classes : int
+        Number of output logits.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        ndim = len(input_shape) - 1
+        conv = _conv(ndim)
+        self.stem = nn.Sequential(
+            conv(input_shape[0], 16, 3, padding=1, bias=False),
+            _group_norm(16),
+            nn.ReLU(),
+        )
+        self.blocks = nn.Sequential(
+            BasicBlock(ndim, 16, 16),
+            BasicBlock(ndim, 16, 32, stride=2),
+            BasicBlock(ndim, 32, 64, stride=2),
+        )
+        self.pool = _avgpool(ndim)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(self.blocks(self.stem(x)))))
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build a student model from the zoo.
+
+    Weights come from the global torch RNG, so the same ``torch.manual_seed`` gives the same
+    weights.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`MODEL_NAMES`.
+    input_shape : tuple of int
+        One example's shape without the batch dimension: ``(C, L)`` or ``(C, H, W)``.
+    num_classes : int
+        Number of output logits.
+
+    Returns
+    -------
+    torch.nn.Module
+        Maps ``(N, *input_shape)`` float inputs to ``(N, num_classes)`` logits.
+
+    Raises
+    ------
+    ModelError
+        Unknown ``name`` or an ``input_shape`` the model cannot handle.
+    """
+    if name not in MODEL_NAMES:
+        raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    shape = _check_shape(input_shape, num_classes)
+    num_classes = int(num_classes)
+    if name == "mlp":
+        return MLP(shape, num_classes)
+    if name == "cnn_small":
+        return SimpleCNN(shape, num_classes, widths=(8, 16), hidden=64)
+    if name == "cnn_large":
+        return SimpleCNN(shape, num_classes, widths=(16, 32), hidden=384)
+    return ResNetGN(shape, num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (elements of parameters with ``requires_grad``).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any module.
+
+    Returns
+    -------
+    int
+        Total number of trainable scalars.
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

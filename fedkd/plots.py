@@ -1,0 +1,83 @@
+"""PNG plots of a run and of several runs side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _series(rounds: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_run(rounds: list[dict[str, Any]], out_dir: Path, title: str = "") -> list[Path]:
+    """accuracy.png, bytes.png and (with DP) epsilon.png for one run."""
+    out: list[Path] = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (
+        ("server_test_acc", "server model"),
+        ("teacher_test_acc", "teacher (ensemble)"),
+        ("client_test_acc_mean", "clients (mean)"),
+    ):
+        x, y = _series(rounds, key)
+        if x:
+            ax.plot(x, y, marker="o", ms=3, label=label)
+    x, lo = _series(rounds, "client_test_acc_min")
+    _, hi = _series(rounds, "client_test_acc_max")
+    if x and len(lo) == len(hi):
+        ax.fill_between(x, lo, hi, alpha=0.15, label="clients (min-max)")
+    ax.set(xlabel="round", ylabel="global test accuracy", title=f"{title}: accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    out.append(_save(fig, out_dir / "accuracy.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("bytes_up", "bytes_down"):
+        x, y = _series(rounds, key)
+        ax.plot(x, y, marker="o", ms=3, label=key.replace("_", " "))
+    ax.set(xlabel="round", ylabel="bytes per round (all clients)", title=f"{title}: traffic")
+    ax.set_yscale("symlog")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out.append(_save(fig, out_dir / "bytes.png"))
+
+    x, y = _series(rounds, "epsilon_max")
+    if x:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(x, y, marker="o", ms=3, label="max over clients")
+        ax.set(xlabel="round", ylabel="cumulative epsilon", title=f"{title}: privacy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        out.append(_save(fig, out_dir / "epsilon.png"))
+    return out
+
+
+def plot_comparison(
+    runs: dict[str, list[dict[str, Any]]], path: Path, key: str = "server_test_acc"
+) -> Path:
+    """One curve per run (falls back to the clients' mean where a run has no server model)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, rounds in runs.items():
+        x, y = _series(rounds, key)
+        style = "-"
+        if not x:
+            x, y = _series(rounds, "client_test_acc_mean")
+            style, label = "--", f"{label} (clients' mean)"
+        ax.plot(x, y, style, marker="o", ms=3, label=label)
+    ax.set(xlabel="round", ylabel="global test accuracy", title="comparison")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

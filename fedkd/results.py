@@ -1,0 +1,130 @@
+"""The results folder of a run (DESIGN.md's results contract; keep these names stable).
+
+- ``spec.toml``: the spec exactly as run, defaults filled in.
+- ``metrics.jsonl``: one JSON object per round, appended and flushed as each round ends, so a
+  crash never loses a finished round.
+- ``summary.json``: the last round's metrics and run totals.
+- ``*.png``: accuracy, bytes and (with DP) epsilon per round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import fedkd
+from fedkd.spec import Spec
+
+# Per-round keys every metrics.jsonl line carries (null where not applicable).
+ROUND_KEYS = (
+    "round",
+    "server_test_acc",
+    "teacher_test_acc",
+    "client_test_acc_mean",
+    "client_test_acc_min",
+    "client_test_acc_max",
+    "client_local_acc_mean",
+    "bytes_up",
+    "bytes_down",
+    "bytes_up_per_client",
+    "epsilon_max",
+    "epsilon",
+    "clients_ok",
+    "clients_failed",
+    "wall_s",
+)
+SUMMARY_KEYS = (
+    "spec_name",
+    "algorithm",
+    "rounds",
+    "final",
+    "best_server_test_acc",
+    "total_bytes_up",
+    "total_bytes_down",
+    "wall_s",
+    "fedkd_version",
+)
+
+
+def default_run_dir(spec: Spec, root: str | Path = "runs") -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{spec.name}-{stamp}"
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: write null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+class RunRecorder:
+    """Writes one run's results folder as the run goes."""
+
+    def __init__(self, out_dir: str | Path, spec: Spec) -> None:
+        self.dir = Path(out_dir)
+        if (self.dir / "metrics.jsonl").exists():
+            raise FileExistsError(
+                f"{self.dir} already holds a run; choose another output.dir (or remove it)"
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.spec = spec
+        self.rounds: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+        (self.dir / "spec.toml").write_text(spec.to_toml())
+
+    def record_round(self, metrics: dict[str, Any]) -> None:
+        missing = [k for k in ROUND_KEYS if k not in metrics]
+        if missing:
+            raise KeyError(f"round metrics lack {missing}")
+        row = _clean(metrics)
+        self.rounds.append(row)
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def write_extra(self, name: str, payload: Any) -> None:
+        (self.dir / name).write_text(json.dumps(_clean(payload), indent=2))
+
+    def finish(self, status: str = "completed", error: str | None = None) -> dict[str, Any]:
+        server_accs = [r["server_test_acc"] for r in self.rounds]
+        server_accs = [a for a in server_accs if a is not None]
+        summary = {
+            "spec_name": self.spec.name,
+            "algorithm": self.spec.algorithm.name,
+            "rounds": len(self.rounds),
+            "rounds_planned": self.spec.rounds,
+            "status": status,
+            "error": error,
+            "final": self.rounds[-1] if self.rounds else None,
+            "best_server_test_acc": max(server_accs) if server_accs else None,
+            "total_bytes_up": sum(r["bytes_up"] for r in self.rounds),
+            "total_bytes_down": sum(r["bytes_down"] for r in self.rounds),
+            "wall_s": time.perf_counter() - self.started,
+            "fedkd_version": fedkd.__version__,
+        }
+        self.write_extra("summary.json", summary)
+        if self.spec.output.plots and self.rounds:
+            from fedkd.plots import plot_run
+
+            plot_run(self.rounds, self.dir, title=self.spec.name)
+        return summary
+
+
+def read_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A run's summary and per-round metrics, for reports and scripts."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is this a fedkd run folder?)")
+    rounds = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return summary, rounds

@@ -1,0 +1,224 @@
+"""The `fedkd` command: run a spec on Flower's simulation engine, compare runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedkd.spec import Spec, SpecError, load_spec
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Federated and privacy-preserving knowledge distillation on Flower.",
+)
+console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One clear line on stderr, no traceback."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(spec_path: str | None, overrides: list[str]) -> Spec:
+    try:
+        return load_spec(spec_path, overrides)
+    except SpecError as err:
+        fail(str(err))
+    raise AssertionError  # unreachable: fail() exits
+
+
+def _quiet_engine_logs() -> None:
+    """Flower and Ray log every message; the progress bar says what matters."""
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def simulate(spec: Spec, out_dir: Path, show_progress: bool = True) -> dict[str, Any]:
+    """Run `spec` on Flower's simulation engine (Ray backend); return the summary."""
+    from flwr.simulation import run_simulation
+
+    from fedkd.apps.client_app import make_client_app
+    from fedkd.apps.server_app import make_server_app
+    from fedkd.results import RunRecorder
+
+    recorder = RunRecorder(out_dir, spec)
+    outcome: dict[str, Any] = {}
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("round {task.completed}/{task.total}"),
+        TextColumn("{task.fields[acc]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not show_progress,
+    )
+    task = progress.add_task(spec.name, total=spec.rounds, acc="")
+
+    def on_round(rnd: int, row: dict[str, Any]) -> None:
+        acc = row["server_test_acc"]
+        label = "server acc" if acc is not None else "clients' mean acc"
+        if acc is None:
+            acc = row["client_test_acc_mean"]
+        text = f"{label} {acc:.4f}" if acc is not None else ""
+        progress.update(task, completed=rnd, acc=text)
+
+    server_app = make_server_app(spec, recorder, on_round, outcome)
+    backend_config = {
+        "client_resources": {
+            "num_cpus": spec.resources.num_cpus,
+            "num_gpus": spec.resources.num_gpus,
+        },
+        "init_args": {"logging_level": logging.ERROR, "log_to_driver": False},
+    }
+    _quiet_engine_logs()
+    with progress:
+        run_simulation(
+            server_app=server_app,
+            client_app=make_client_app(spec),
+            num_supernodes=spec.num_nodes,
+            backend_name="ray",
+            backend_config=backend_config,
+        )
+    if "error" in outcome:
+        fail(f"run failed: {outcome['error']} (finished rounds are kept in {out_dir})", code=1)
+    if not outcome.get("ok"):
+        fail(f"the simulation engine stopped before the run ended; see {out_dir}", code=1)
+    from fedkd.results import read_run
+
+    return read_run(out_dir)[0]
+
+
+@app.command()
+def run(
+    spec: Annotated[
+        str | None, typer.Argument(help="Spec TOML (default: the built-in quickstart)")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a spec key, e.g. --set rounds=5 (repeatable)"),
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Results folder (default runs/<name>-<time>)")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
+) -> None:
+    """Run one experiment spec on Flower's simulation engine and write its results folder."""
+    from fedkd.results import default_run_dir
+
+    parsed = _load(spec, list(set_ or []))
+    out_dir = Path(out or parsed.output.dir or default_run_dir(parsed))
+    if (out_dir / "metrics.jsonl").exists():
+        fail(f"{out_dir} already holds a run; pass another --out")
+    console.print(
+        f"fedkd: [bold]{parsed.name}[/] - {parsed.algorithm.name}, "
+        f"{parsed.clients.num_clients} clients on {parsed.num_nodes} nodes, "
+        f"{parsed.rounds} rounds, data {parsed.data.source} -> {out_dir}",
+        highlight=False,
+    )
+    summary = simulate(parsed, out_dir, show_progress=not quiet)
+    final = summary["final"] or {}
+    acc = final.get("server_test_acc")
+    acc_text = "n/a" if acc is None else f"{acc:.4f}"
+    console.print(
+        f"done in {summary['wall_s']:.1f} s: server_test_acc {acc_text}, "
+        f"best {summary['best_server_test_acc']}, results in {out_dir}",
+        highlight=False,
+    )
+
+
+def _fmt(value: Any, kind: str = "acc") -> str:
+    if value is None:
+        return "-"
+    if kind == "acc":
+        return f"{value:.4f}"
+    if kind == "bytes":
+        for unit in ("B", "kB", "MB", "GB"):
+            if abs(value) < 1000 or unit == "GB":
+                return f"{value:.1f} {unit}" if unit != "B" else f"{value:.0f} B"
+            value /= 1000
+    if kind == "eps":
+        return f"{value:.3f}"
+    return f"{value:.1f}"
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders to compare")],
+    plot: Annotated[Path | None, typer.Option(help="Comparison plot (PNG) path")] = None,
+) -> None:
+    """Print a comparison table of runs and draw their accuracy curves on one plot."""
+    from fedkd.plots import plot_comparison
+    from fedkd.results import read_run
+
+    table = Table(title="fedkd runs")
+    for col in (
+        "run",
+        "algorithm",
+        "rounds",
+        "server acc",
+        "best server",
+        "teacher acc",
+        "clients mean",
+        "clients local",
+        "up/client/round",
+        "total up",
+        "eps max",
+        "wall s",
+    ):
+        table.add_column(col, justify="left" if col in ("run", "algorithm") else "right")
+    curves = {}
+    for run_dir in run_dirs:
+        try:
+            summary, rounds = read_run(run_dir)
+        except FileNotFoundError as err:
+            fail(str(err))
+        final = rounds[-1] if rounds else {}
+        per_client = [r["bytes_up_per_client"] for r in rounds if r["clients_ok"]]
+        name = summary.get("spec_name", run_dir.name)
+        label = name if name not in curves else run_dir.name
+        curves[label] = rounds
+        table.add_row(
+            label,
+            summary.get("algorithm", "?"),
+            str(len(rounds)),
+            _fmt(final.get("server_test_acc")),
+            _fmt(summary.get("best_server_test_acc")),
+            _fmt(final.get("teacher_test_acc")),
+            _fmt(final.get("client_test_acc_mean")),
+            _fmt(final.get("client_local_acc_mean")),
+            _fmt(sum(per_client) / len(per_client) if per_client else 0, "bytes"),
+            _fmt(summary.get("total_bytes_up", 0), "bytes"),
+            _fmt(final.get("epsilon_max"), "eps"),
+            _fmt(summary.get("wall_s"), "s"),
+        )
+    Console().print(table)
+    path = plot or Path(run_dirs[0]).parent / "report.png"
+    plot_comparison(curves, path)
+    console.print(f"plot: {path}", highlight=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted; finished rounds are kept in the results folder")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

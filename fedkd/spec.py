@@ -1,0 +1,396 @@
+"""Experiment specs: typed sections with defaults, loaded from TOML and validated.
+
+A spec is the unit a user edits, runs, sweeps and shares. Every key has a default, so a spec
+file only states what differs. Validation happens before anything starts and fails with one
+line naming the key and what is allowed (`SpecError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+from fedkd.data import PARTITION_SCHEMES as PARTITIONS
+from fedkd.data import SOURCES
+from fedkd.knowledge import DISTILL_LOSSES as LOSSES
+from fedkd.knowledge import TEACHER_KINDS as TEACHERS
+from fedkd.models import MODEL_NAMES as MODELS
+
+# The registry in strategies/__init__.py maps these names to classes (tests check they agree).
+ALGORITHMS = ("dsfl", "fedmd", "feddf", "fd", "fedavg", "local_only", "centralized")
+OPTIMIZERS = ("sgd", "adam")
+
+# The default spec ships inside the package so `fedkd run` works from any directory.
+DEFAULT_SPEC_NAME = "quickstart"
+
+
+class SpecError(ValueError):
+    """A spec problem, phrased as one line that names the key and what is allowed."""
+
+
+@dataclass
+class DataSpec:
+    source: str = "digits"
+    path: str = ""
+    hf_name: str = ""
+    image_key: str = ""
+    label_key: str = ""
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    proxy_size: int = 500
+    local_test_fraction: float = 0.1
+
+
+@dataclass
+class ClientsSpec:
+    num_clients: int = 10
+    clients_per_node: int = 1
+    fraction: float = 1.0
+    min_clients: int = 2
+    # One name for all, a list cycled over client ids, or a table {"default" = ..., "3" = ...}.
+    students: Any = "cnn_small"
+
+
+@dataclass
+class TrainSpec:
+    """Local training on private data (FedMD's revisit)."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass
+class DistillSpec:
+    """Client-side distillation from the teacher on the round's proxy subset."""
+
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    temperature: float = 1.0
+    loss: str = ""  # "" = the algorithm's own (FedMD: mae, others: kl)
+    # Proxy inputs per round (indices into the proxy set); 0 = the whole proxy set.
+    proxy_per_round: int = 0
+
+
+@dataclass
+class AlgorithmSpec:
+    name: str = "dsfl"
+    teacher: str = ""  # "" = the algorithm's own default
+    era_temperature: float = 0.1
+    trim_fraction: float = 0.2
+    # FedDF-logit: clients distill from "ensemble" or "server_student".
+    client_teacher: str = "ensemble"
+    # FD: weight of the distillation regulariser in local training.
+    fd_weight: float = 1.0
+
+
+@dataclass
+class ServerSpec:
+    """The optional server student, distilled from the teacher on the proxy set."""
+
+    student: str = "cnn_small"  # "" = no server student
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    temperature: float = 1.0
+    # "round": distill on this round's proxy subset; "seen": on every proxy input labelled so far,
+    # each with its latest teacher output.
+    distill_on: str = "round"
+
+
+@dataclass
+class EvalSpec:
+    every: int = 1
+    # Global-test examples each client is evaluated on (0 = the whole test set).
+    client_test_samples: int = 0
+
+
+@dataclass
+class ResourcesSpec:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    device: str = "auto"  # auto | cpu | cuda
+    # Seconds the server waits for replies in one phase; late nodes count as failed.
+    round_timeout: float = 600.0
+
+
+@dataclass
+class OutputSpec:
+    dir: str = ""  # "" = runs/<name>-<timestamp>
+    plots: bool = True
+
+
+@dataclass
+class Spec:
+    name: str = DEFAULT_SPEC_NAME
+    seed: int = 0
+    rounds: int = 10
+    data: DataSpec = field(default_factory=DataSpec)
+    clients: ClientsSpec = field(default_factory=ClientsSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    distill: DistillSpec = field(default_factory=DistillSpec)
+    algorithm: AlgorithmSpec = field(default_factory=AlgorithmSpec)
+    server: ServerSpec = field(default_factory=ServerSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+
+    # Where relative data paths are resolved from (the spec file's folder); not part of the spec.
+    base_dir: str = field(default="", metadata={"internal": True})
+
+    @property
+    def num_nodes(self) -> int:
+        return math.ceil(self.clients.num_clients / self.clients.clients_per_node)
+
+    def student_for(self, client_id: int) -> str:
+        """The architecture of one client's student."""
+        return student_assignment(self.clients.students, client_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("base_dir")
+        return out
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+def student_assignment(students: Any, client_id: int) -> str:
+    if isinstance(students, str):
+        return students
+    if isinstance(students, list):
+        return students[client_id % len(students)]
+    return students.get(str(client_id), students["default"])
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check one value against its declared type; ints are accepted where floats are."""
+    if typ is Any:
+        return value
+    if typ is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ is bool and isinstance(value, bool):
+        return value
+    if typ is str and isinstance(value, str):
+        return value
+    if get_origin(typ) is list and isinstance(value, list):
+        (inner,) = get_args(typ)
+        return [_coerce(v, inner, key) for v in value]
+    name = getattr(typ, "__name__", str(typ))
+    raise SpecError(f"{key}: expected {name}, got {value!r}")
+
+
+def _build_section(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = _section_types(cls)
+    allowed = [f.name for f in fields(cls) if not f.metadata.get("internal")]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in allowed:
+            where = f"[{prefix[:-1]}]" if prefix else "the top level"
+            raise SpecError(
+                f"unknown key '{full}' in spec; allowed in {where}: {', '.join(allowed)}"
+            )
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise SpecError(f"{full}: expected a table [{full}], got {value!r}")
+            kwargs[key] = _build_section(typ, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, typ, full)
+    return cls(**kwargs)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SpecError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
+    if math.isnan(value) or value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise SpecError(f"{key}: must be {bound}, got {value}")
+
+
+def validate(spec: Spec) -> Spec:
+    """Check values and cross-field rules; return the spec or raise `SpecError`."""
+    _positive("rounds", spec.rounds)
+    d = spec.data
+    _one_of("data.source", d.source, SOURCES)
+    _one_of("data.partition", d.partition, PARTITIONS)
+    _positive("data.alpha", d.alpha)
+    _positive("data.classes_per_client", d.classes_per_client)
+    _positive("data.proxy_size", d.proxy_size, zero_ok=True)
+    if not 0 <= d.local_test_fraction < 1:
+        raise SpecError(f"data.local_test_fraction: must be in [0, 1), got {d.local_test_fraction}")
+    if d.source == "npz":
+        if not d.path:
+            raise SpecError("data.path: required when data.source = 'npz' (path to an .npz file)")
+        path = resolve_path(spec, d.path)
+        if not path.is_file():
+            raise SpecError(
+                f"data.path: file '{path}' not found; point it at an .npz holding "
+                "x_train, y_train, x_test, y_test (e.g. ../shared/data/mnist.npz)"
+            )
+    if d.source == "hf" and not d.hf_name:
+        raise SpecError("data.hf_name: required when data.source = 'hf' (a Hugging Face data set)")
+
+    c = spec.clients
+    _positive("clients.num_clients", c.num_clients)
+    _positive("clients.clients_per_node", c.clients_per_node)
+    if not 0 < c.fraction <= 1:
+        raise SpecError(f"clients.fraction: must be in (0, 1], got {c.fraction}")
+    _positive("clients.min_clients", c.min_clients)
+    if c.min_clients > c.num_clients:
+        raise SpecError(
+            f"clients.min_clients: {c.min_clients} exceeds clients.num_clients ({c.num_clients})"
+        )
+    _validate_students(c.students, c.num_clients)
+
+    for section, cfg in (("train", spec.train), ("distill", spec.distill), ("server", spec.server)):
+        _positive(f"{section}.epochs", cfg.epochs, zero_ok=True)
+        _positive(f"{section}.batch_size", cfg.batch_size)
+        _positive(f"{section}.lr", cfg.lr)
+        _one_of(f"{section}.optimizer", cfg.optimizer, OPTIMIZERS)
+    _positive("distill.temperature", spec.distill.temperature)
+    _positive("server.temperature", spec.server.temperature)
+    if spec.distill.loss:
+        _one_of("distill.loss", spec.distill.loss, LOSSES)
+    _positive("distill.proxy_per_round", spec.distill.proxy_per_round, zero_ok=True)
+    if spec.distill.proxy_per_round > d.proxy_size:
+        raise SpecError(
+            f"distill.proxy_per_round: {spec.distill.proxy_per_round} exceeds data.proxy_size "
+            f"({d.proxy_size})"
+        )
+    if spec.server.student:
+        _one_of("server.student", spec.server.student, MODELS)
+    _one_of("server.distill_on", spec.server.distill_on, ("round", "seen"))
+
+    a = spec.algorithm
+    _one_of("algorithm.name", a.name, ALGORITHMS)
+    if a.teacher:
+        _one_of("algorithm.teacher", a.teacher, TEACHERS)
+    _positive("algorithm.era_temperature", a.era_temperature)
+    if not 0 <= a.trim_fraction < 0.5:
+        raise SpecError(f"algorithm.trim_fraction: must be in [0, 0.5), got {a.trim_fraction}")
+    _one_of("algorithm.client_teacher", a.client_teacher, ("ensemble", "server_student"))
+    _positive("algorithm.fd_weight", a.fd_weight, zero_ok=True)
+    if a.client_teacher == "server_student" and not spec.server.student:
+        raise SpecError("algorithm.client_teacher = 'server_student' needs server.student set")
+    if a.name in ("dsfl", "fedmd", "feddf") and d.proxy_size == 0:
+        raise SpecError(f"data.proxy_size: algorithm '{a.name}' needs a proxy set (size > 0)")
+    if a.name == "fedavg":
+        archs = {spec.student_for(i) for i in range(c.num_clients)}
+        if len(archs) > 1:
+            raise SpecError(
+                "clients.students: fedavg averages weights and needs one architecture for all "
+                f"clients, got {', '.join(sorted(archs))}"
+            )
+
+    _positive("eval.every", spec.eval.every)
+    _positive("eval.client_test_samples", spec.eval.client_test_samples, zero_ok=True)
+    r = spec.resources
+    _positive("resources.num_cpus", r.num_cpus)
+    _positive("resources.num_gpus", r.num_gpus, zero_ok=True)
+    _one_of("resources.device", r.device, ("auto", "cpu", "cuda"))
+    _positive("resources.round_timeout", r.round_timeout)
+    return spec
+
+
+def _validate_students(students: Any, num_clients: int) -> None:
+    key = "clients.students"
+    if isinstance(students, str):
+        _one_of(key, students, MODELS)
+    elif isinstance(students, list):
+        if not students:
+            raise SpecError(f"{key}: the list is empty; give at least one of {', '.join(MODELS)}")
+        for name in students:
+            _one_of(key, str(name), MODELS)
+    elif isinstance(students, dict):
+        if "default" not in students:
+            raise SpecError(f"{key}: a table needs a 'default' entry, e.g. default = 'cnn_small'")
+        for cid, name in students.items():
+            if cid != "default" and not (cid.isdigit() and int(cid) < num_clients):
+                raise SpecError(f"{key}.{cid}: not a client id in 0..{num_clients - 1}")
+            _one_of(f"{key}.{cid}", str(name), MODELS)
+    else:
+        raise SpecError(f"{key}: expected a model name, a list or a table, got {students!r}")
+
+
+def resolve_path(spec: Spec, path: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_absolute() and spec.base_dir:
+        p = Path(spec.base_dir) / p
+    return p
+
+
+def spec_from_dict(raw: dict[str, Any], base_dir: str = "") -> Spec:
+    spec = _build_section(Spec, raw, "")
+    spec.base_dir = base_dir
+    return validate(spec)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one `key.path=value`; the value is read as TOML, else as a plain string."""
+    if "=" not in item:
+        raise SpecError(f"--set {item!r}: expected key=value, e.g. --set rounds=5")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"--set {item!r}: '{part}' is not a table")
+        node[path[-1]] = value
+    return raw
+
+
+def builtin_spec_path(name: str = DEFAULT_SPEC_NAME) -> Path:
+    """A spec shipped with fedkd: the repo's simulations/ folder, or its copy in the wheel."""
+    repo = Path(__file__).resolve().parents[1] / "simulations" / f"{name}.toml"
+    return repo if repo.is_file() else Path(__file__).parent / "specs" / f"{name}.toml"
+
+
+def load_spec(path: str | Path | None = None, overrides: list[str] | None = None) -> Spec:
+    """Read a spec file (None: the built-in default), apply `key=value` overrides, validate."""
+    spec_path = Path(path) if path else builtin_spec_path()
+    if not spec_path.is_file():
+        raise SpecError(f"spec file '{spec_path}' not found")
+    try:
+        raw = tomllib.loads(spec_path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError(f"{spec_path}: not valid TOML ({err})") from None
+    raw.setdefault("name", spec_path.stem)
+    apply_overrides(raw, overrides or [])
+    return spec_from_dict(raw, base_dir=str(spec_path.resolve().parent))

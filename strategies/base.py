@@ -1,0 +1,159 @@
+"""What every fedkd strategy provides to the ServerApp's round loop.
+
+A round (DESIGN.md): the server plans the clients' local phase (`plan_local`), collects their
+uploads and builds its knowledge (`aggregate`), sends clients something to digest
+(`digest_payload`), and reports the global model's accuracy (`server_test_acc`). Strategies work
+on numpy arrays and call the knowledge layer and the server student; they run no training loop
+of their own and never see Flower messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from fedkd.data.splits import FederatedData
+
+from fedkd.knowledge.teachers import build_teacher
+from fedkd.learner.cohort import ClientResult
+from fedkd.learner.loop import PHASE_SAMPLE, derive_seed
+from fedkd.learner.server_student import ServerStudent
+
+
+@dataclass
+class LocalPlan:
+    """What the server asks of the sampled clients in the local phase of one round."""
+
+    upload: str  # one of fedkd.learner.cohort.UPLOADS
+    proxy_idx: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    # FD only: the global per-class logits (C, C) and which classes are present (C,).
+    class_logits: np.ndarray | None = None
+    class_present: np.ndarray | None = None
+
+
+@dataclass
+class DigestPayload:
+    """What the server sends clients to learn from after aggregation."""
+
+    proxy_idx: np.ndarray | None = None
+    teacher_logits: np.ndarray | None = None
+    global_weights: dict[str, np.ndarray] | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if self.proxy_idx is not None:
+            out["proxy_idx"] = self.proxy_idx
+        if self.teacher_logits is not None:
+            out["teacher_logits"] = self.teacher_logits
+        out.update({f"w.{k}": v for k, v in (self.global_weights or {}).items()})
+        return out
+
+
+def stack_uploads(updates: dict[int, ClientResult], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack one array from every client (in client-id order) with example-count weights."""
+    ids = sorted(updates)
+    stacked = torch.from_numpy(np.stack([updates[c].arrays[key] for c in ids]))
+    weights = torch.tensor([updates[c].metrics["num_examples"] for c in ids], dtype=torch.float32)
+    return stacked, weights
+
+
+class Strategy:
+    """Base class: proxy subsets, teacher building and the optional server student.
+
+    Parameters
+    ----------
+    data : FederatedData
+        The run's data (the server uses the proxy and global test sets only).
+    seed : int
+        Run seed; per-round proxy subsets derive from it.
+    proxy_per_round : int, default 0
+        Proxy inputs sent per round; 0 = the whole proxy set.
+    teacher : str, default "mean_logits"
+        Teacher builder from `fedkd.knowledge.teachers.TEACHER_KINDS`.
+    era_temperature : float, default 0.1
+        ERA sharpening temperature (teacher "era").
+    trim_fraction : float, default 0.2
+        Fraction trimmed at each end (teacher "trimmed_mean").
+    server_student : ServerStudent or None, default None
+        Global model distilled from the teacher each round.
+    """
+
+    name = "base"
+    upload = "logits"
+    uses_clients = True
+    # False for strategies whose knowledge is not a teacher over inputs (FD, FedAvg, baselines).
+    has_teacher = True
+
+    def __init__(
+        self,
+        data: FederatedData,
+        seed: int,
+        proxy_per_round: int = 0,
+        teacher: str = "mean_logits",
+        era_temperature: float = 0.1,
+        trim_fraction: float = 0.2,
+        server_student: ServerStudent | None = None,
+    ) -> None:
+        self.data = data
+        self.seed = seed
+        self.proxy_per_round = proxy_per_round
+        self.teacher = teacher
+        self.era_temperature = era_temperature
+        self.trim_fraction = trim_fraction
+        self.server_student = server_student
+        self._proxy_idx = np.empty(0, dtype=np.int64)
+        self._teacher_logits: np.ndarray | None = None
+
+    # -- helpers shared by the logit-exchanging strategies --------------------------------------
+    def _sample_proxy(self, round_num: int) -> np.ndarray:
+        n = len(self.data.proxy_x)
+        if self.proxy_per_round == 0 or self.proxy_per_round >= n:
+            return np.arange(n, dtype=np.int64)
+        rng = np.random.default_rng(derive_seed(self.seed, round_num, PHASE_SAMPLE, 1))
+        return np.sort(rng.choice(n, self.proxy_per_round, replace=False)).astype(np.int64)
+
+    def build_teacher(self, logits: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        return build_teacher(
+            self.teacher,
+            logits,
+            weights,
+            era_temperature=self.era_temperature,
+            trim_fraction=self.trim_fraction,
+        )
+
+    def _ensemble(self, round_num: int, updates: dict[int, ClientResult]) -> None:
+        """Teacher on this round's proxy subset from the clients' logits; fit the server student."""
+        logits, weights = stack_uploads(updates, "logits")
+        self._teacher_logits = self.build_teacher(logits, weights).numpy().astype(np.float32)
+        if self.server_student is not None:
+            self.server_student.fit(
+                round_num, self.data.proxy_x, self._proxy_idx, self._teacher_logits
+            )
+
+    # -- the interface the round loop calls -----------------------------------------------------
+    def plan_local(self, round_num: int) -> LocalPlan:
+        if self.upload != "logits":
+            return LocalPlan(upload=self.upload)
+        self._proxy_idx = self._sample_proxy(round_num)
+        return LocalPlan(upload=self.upload, proxy_idx=self._proxy_idx)
+
+    def aggregate(self, round_num: int, updates: dict[int, ClientResult]) -> None:
+        if self.upload == "logits":
+            self._ensemble(round_num, updates)
+
+    def digest_payload(self, round_num: int) -> DigestPayload | None:
+        if self._teacher_logits is None:
+            return None
+        return DigestPayload(proxy_idx=self._proxy_idx, teacher_logits=self._teacher_logits)
+
+    def server_test_acc(self) -> float | None:
+        if self.server_student is None:
+            return None
+        return self.server_student.accuracy(self.data.test_x, self.data.test_y)
+
+    def teacher_test_logits(
+        self, test_logits: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The teacher built from clients' logits on the test set; None if it has no teacher."""
+        return self.build_teacher(test_logits, weights) if self.has_teacher else None

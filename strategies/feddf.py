@@ -1,0 +1,44 @@
+"""FedDF-logit: ensemble distillation into a server student, fed by logits only.
+
+FedDF (Lin et al., 2020) distills the ensemble of client models into a server model on unlabeled
+data. Here clients never send weights: the ensemble is the average of their logits on the proxy
+subset, the server student is distilled from it (KL at temperature T), and clients distill either
+from the ensemble or from the server student's logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from strategies.base import DigestPayload, Strategy
+
+
+class FedDFLogit(Strategy):
+    """FedDF with a logit ensemble.
+
+    Parameters
+    ----------
+    client_teacher : {"ensemble", "server_student"}, default "ensemble"
+        What clients distill from.
+    **kwargs
+        See `strategies.base.Strategy`; a ``server_student`` is required.
+    """
+
+    name = "feddf"
+    upload = "logits"
+
+    def __init__(
+        self, *args, client_teacher: str = "ensemble", teacher: str = "mean_logits", **kwargs
+    ) -> None:
+        super().__init__(*args, teacher=teacher, **kwargs)
+        if self.server_student is None:
+            raise ValueError("feddf needs a server student (spec: server.student)")
+        self.client_teacher = client_teacher
+
+    def digest_payload(self, round_num: int) -> DigestPayload | None:
+        payload = super().digest_payload(round_num)
+        if payload is None or self.client_teacher == "ensemble":
+            return payload
+        student_logits = self.server_student.logits(self.data.proxy_x[self._proxy_idx])
+        payload.teacher_logits = student_logits.numpy().astype(np.float32)
+        return payload

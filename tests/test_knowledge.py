@@ -1,0 +1,337 @@
+"""Tests for the knowledge layer: distillation losses and teacher builders."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from fedkd.knowledge import (
+    DISTILL_LOSSES,
+    TEACHER_KINDS,
+    aggregate_per_class,
+    build_teacher,
+    distillation_loss,
+    era,
+    kl_distillation_loss,
+    mae_logit_loss,
+    mean_logits,
+    mean_probs,
+    median_logits,
+    mse_logit_loss,
+    per_class_mean_logits,
+    soft_targets,
+    trimmed_mean_logits,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    # Tiny tensors: on a shared, busy CPU, intra-op threads only spin-wait on each other.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _entropy(log_p: torch.Tensor) -> torch.Tensor:
+    return -(log_p.exp() * log_p).sum(dim=-1)
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def test_soft_targets() -> None:
+    t = torch.tensor([[2.0, 0.0, -2.0]])
+    torch.testing.assert_close(soft_targets(t, 2.0), torch.softmax(t / 2.0, dim=-1))
+    assert soft_targets(t, 4.0).max() < soft_targets(t, 1.0).max()
+    with pytest.raises(ValueError, match="temperature"):
+        soft_targets(t, 0.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_kl_zero_iff_student_equals_teacher(temperature: float) -> None:
+    logits = torch.randn(8, 10, generator=_gen())
+    target = soft_targets(logits, temperature)
+    same = kl_distillation_loss(logits, target, temperature)
+    assert abs(same.item()) < 1e-6
+    other = kl_distillation_loss(logits.flip(-1), target, temperature)
+    assert other.item() > 1e-3
+
+
+def test_kl_matches_closed_form_and_torch() -> None:
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    p = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])
+    temperature = 2.0
+    q = torch.softmax(s / temperature, dim=-1)
+    by_hand = temperature**2 * (p * (p / q).log()).sum() / 2
+    torch.testing.assert_close(kl_distillation_loss(s, p, temperature), by_hand)
+    reference = torch.nn.functional.kl_div(
+        torch.log_softmax(s / temperature, dim=-1), p, reduction="batchmean"
+    )
+    torch.testing.assert_close(kl_distillation_loss(s, p, temperature), temperature**2 * reference)
+
+
+def test_kl_t_squared_keeps_gradient_scale() -> None:
+    # d/ds [T^2 KL(p || softmax(s/T))] = T (softmax(s/T) - p) / N: with T^2 the gradient grows
+    # like T; without it, it would shrink like 1/T.
+    s = torch.tensor([[1.0, -1.0, 0.5, 0.0]])
+    t_logits = torch.tensor([[0.0, 2.0, -1.0, 1.0]])
+    grads = {}
+    for temperature in (1.0, 4.0):
+        student = s.clone().requires_grad_(True)
+        target = soft_targets(t_logits, temperature)
+        kl_distillation_loss(student, target, temperature).backward()
+        closed = temperature * (torch.softmax(s / temperature, dim=-1) - target)
+        torch.testing.assert_close(student.grad, closed)
+        grads[temperature] = student.grad.norm().item()
+    # For small logits softmax(s/T) - softmax(t/T) ~ (s - t) / (C T), so T * that is ~ T-free.
+    ratio = grads[4.0] / grads[1.0]
+    assert 0.5 < ratio < 2.0, ratio
+    unscaled_ratio = ratio / 16.0
+    assert unscaled_ratio < 0.1
+
+
+def test_kl_finite_with_zero_probability_targets() -> None:
+    s = torch.tensor([[3.0, -2.0, 0.0], [0.0, 0.0, 50.0]], requires_grad=True)
+    p = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
+    loss = kl_distillation_loss(s, p, 1.0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
+    # Zero-probability classes contribute nothing: row 0 reduces to -log q_0.
+    q0 = torch.softmax(s.detach()[0], dim=-1)[0]
+    q1 = torch.softmax(s.detach()[1], dim=-1)
+    row1 = 0.5 * math.log(0.5 / q1[1].item()) + 0.5 * math.log(0.5 / q1[2].item())
+    assert loss.item() == pytest.approx((-math.log(q0.item()) + row1) / 2, rel=1e-5)
+
+
+def test_kl_from_one_hot_teacher_logits() -> None:
+    # A teacher in log-probability space with exact zeros is log 0 = -inf; still finite loss.
+    teacher = torch.log(torch.tensor([[1.0, 0.0, 0.0]]))
+    loss = distillation_loss("kl", torch.zeros(1, 3), teacher, 2.0)
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(4.0 * math.log(3.0), rel=1e-5)
+
+
+def test_mae_mse_by_hand() -> None:
+    s = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    t = torch.tensor([[0.0, 4.0], [3.0, 1.0]])
+    # differences: 1, -2, 0, -2
+    assert mae_logit_loss(s, t).item() == pytest.approx(5.0 / 4.0)
+    assert mse_logit_loss(s, t).item() == pytest.approx(9.0 / 4.0)
+
+
+def test_distillation_loss_dispatch() -> None:
+    s = torch.randn(4, 5, generator=_gen(1))
+    t = torch.randn(4, 5, generator=_gen(2))
+    assert DISTILL_LOSSES == ("kl", "mae", "mse")
+    torch.testing.assert_close(
+        distillation_loss("kl", s, t, 3.0), kl_distillation_loss(s, soft_targets(t, 3.0), 3.0)
+    )
+    torch.testing.assert_close(distillation_loss("mae", s, t, 3.0), mae_logit_loss(s, t))
+    torch.testing.assert_close(distillation_loss("mse", s, t), mse_logit_loss(s, t))
+    with pytest.raises(ValueError, match="unknown distillation loss 'l1'.*kl, mae, mse"):
+        distillation_loss("l1", s, t)
+    with pytest.raises(ValueError, match="same shape"):
+        distillation_loss("kl", s, t[:, :3])
+
+
+# ---------------------------------------------------------------------------- teachers
+
+
+def _client_logits(k: int = 5, n: int = 20, c: int = 10, seed: int = 0) -> torch.Tensor:
+    return 3.0 * torch.randn(k, n, c, generator=_gen(seed))
+
+
+def test_mean_logits_weighted_by_hand() -> None:
+    logits = _client_logits(k=3)
+    w = torch.tensor([1.0, 3.0, 0.0])
+    expected = (1.0 * logits[0] + 3.0 * logits[1]) / 4.0
+    torch.testing.assert_close(mean_logits(logits, w), expected)
+    torch.testing.assert_close(mean_logits(logits), logits.mean(dim=0))
+
+
+def test_mean_probs_weighted_by_hand() -> None:
+    logits = _client_logits(k=3)
+    w = torch.tensor([2.0, 1.0, 1.0])
+    probs = torch.softmax(logits, dim=-1)
+    expected = 0.5 * probs[0] + 0.25 * probs[1] + 0.25 * probs[2]
+    out = mean_probs(logits, w)
+    assert out.shape == (20, 10)
+    torch.testing.assert_close(out.exp(), expected)
+    torch.testing.assert_close(torch.softmax(out, dim=-1), expected)
+    torch.testing.assert_close(mean_probs(logits).exp(), probs.mean(dim=0))
+    torch.testing.assert_close(build_teacher("weighted", logits, w), out)
+
+
+def test_mean_probs_zero_weight_ignores_client() -> None:
+    logits = _client_logits(k=2)
+    out = mean_probs(logits, torch.tensor([0.0, 5.0]))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, torch.log_softmax(logits[1], dim=-1))
+
+
+def test_era_sharpens_and_keeps_argmax() -> None:
+    # Clients that mostly agree, as trained clients do on in-domain proxy data.
+    gen = _gen(7)
+    labels = torch.randint(0, 10, (20,), generator=gen)
+    logits = torch.randn(5, 20, 10, generator=gen) + 4.0 * torch.nn.functional.one_hot(labels, 10)
+    averaged = mean_probs(logits)
+    sharpened = era(logits, temperature=0.1)
+    assert sharpened.shape == averaged.shape
+    torch.testing.assert_close(sharpened.exp().sum(-1), torch.ones(20))
+    assert (_entropy(sharpened) < _entropy(averaged)).all()
+    assert _entropy(sharpened).mean() < 0.5 * _entropy(averaged).mean()
+    assert torch.equal(sharpened.argmax(-1), averaged.argmax(-1))
+    # Closed form on the probabilities themselves.
+    torch.testing.assert_close(
+        sharpened, torch.log_softmax(averaged.exp() / 0.1, dim=-1), atol=1e-6, rtol=1e-6
+    )
+    # A higher temperature sharpens less.
+    assert (_entropy(era(logits, 0.5)) > _entropy(sharpened)).all()
+
+
+def test_era_is_not_sharpening_row_by_row() -> None:
+    # softmax(p / T) floors every class at exp(0): near-zero tail classes are lifted. A two-way
+    # tie with an empty tail therefore comes out *softer* (documented in era's Notes).
+    p = torch.tensor([0.5, 0.5] + [1e-7] * 8)
+    logits = p.log().reshape(1, 1, 10)
+    out = era(logits, temperature=0.1)
+    assert _entropy(out).item() > _entropy(p.log()).item()
+    # Largest probability ERA can give: e^(1/T) / (e^(1/T) + C - 1).
+    one_hot = torch.tensor([0.0] + [-30.0] * 9).reshape(1, 1, 10)
+    bound = math.exp(10) / (math.exp(10) + 9)
+    assert era(one_hot, 0.1).exp().max().item() == pytest.approx(bound, rel=1e-5)
+
+
+def test_median_and_trimmed_mean_resist_outlier() -> None:
+    honest = _client_logits(k=4, seed=3)
+    outlier = 1000.0 * _client_logits(k=1, seed=4)
+    logits = torch.cat([honest, outlier])
+    honest_mean = honest.mean(dim=0)
+    spread = honest.abs().max().item()
+
+    plain = mean_logits(logits)
+    assert (plain - honest_mean).abs().max() > 100.0
+    for robust in (median_logits(logits), trimmed_mean_logits(logits, 0.2)):
+        # Bounded by the honest clients' range, whatever the outlier sends.
+        assert (robust - honest_mean).abs().max() < spread
+        assert (robust - honest_mean).abs().mean() < 2.0
+
+
+def test_median_by_hand_odd_and_even() -> None:
+    odd = torch.tensor([1.0, 9.0, 3.0, -4.0, 2.0]).reshape(5, 1, 1)
+    assert median_logits(odd).item() == 2.0
+    even = torch.tensor([1.0, 9.0, 3.0, -4.0]).reshape(4, 1, 1)
+    assert median_logits(even).item() == 2.0  # (1 + 3) / 2, not the lower median 1
+
+
+def test_trimmed_mean_by_hand() -> None:
+    values = torch.tensor([10.0, -7.0, 1.0, 2.0, 3.0]).reshape(5, 1, 1)
+    # floor(0.2 * 5) = 1 dropped at each end: mean(1, 2, 3).
+    assert trimmed_mean_logits(values, 0.2).item() == pytest.approx(2.0)
+    # floor(0.2 * 4) = 0: too few clients to trim, plain mean.
+    four = values[:4]
+    assert trimmed_mean_logits(four, 0.2).item() == pytest.approx(1.5)
+    # floor(0.4 * 5) = 2 at each end: the median.
+    assert trimmed_mean_logits(values, 0.4).item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="trim_fraction"):
+        trimmed_mean_logits(values, 0.5)
+
+
+def test_build_teacher_dispatch() -> None:
+    logits = _client_logits()
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert TEACHER_KINDS == (
+        "mean_logits",
+        "mean_probs",
+        "weighted",
+        "era",
+        "median",
+        "trimmed_mean",
+    )
+    cases = {
+        "mean_logits": mean_logits(logits, w),
+        "mean_probs": mean_probs(logits, w),
+        "weighted": mean_probs(logits, w),
+        "era": era(logits, 0.3, w),
+        "median": median_logits(logits),
+        "trimmed_mean": trimmed_mean_logits(logits, 0.4),
+    }
+    for kind, expected in cases.items():
+        out = build_teacher(kind, logits, w, era_temperature=0.3, trim_fraction=0.4)
+        assert out.shape == (20, 10)
+        torch.testing.assert_close(out, expected)
+    assert not torch.allclose(build_teacher("era", logits), build_teacher("mean_probs", logits))
+
+
+def test_build_teacher_errors() -> None:
+    logits = _client_logits()
+    with pytest.raises(ValueError, match="weighted.*weights"):
+        build_teacher("weighted", logits)
+    with pytest.raises(ValueError, match="unknown teacher kind 'vote'.*mean_logits.*trimmed_mean"):
+        build_teacher("vote", logits)
+    with pytest.raises(ValueError, match=r"shape \(5,\)"):
+        build_teacher("mean_probs", logits, torch.ones(4))
+    with pytest.raises(ValueError, match="non-negative"):
+        build_teacher("mean_logits", logits, torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="all be zero"):
+        build_teacher("mean_logits", logits, torch.zeros(5))
+    with pytest.raises(ValueError, match=r"\(K clients, N examples, C classes\)"):
+        build_teacher("median", logits[0])
+
+
+def test_non_finite_client_logits_rejected() -> None:
+    logits = _client_logits()
+    logits[3, 0, 0] = float("nan")
+    for kind in TEACHER_KINDS:
+        with pytest.raises(ValueError, match=r"NaN or inf.*\[3\]"):
+            build_teacher(kind, logits, torch.ones(5))
+
+
+def test_per_class_mean_logits_by_hand() -> None:
+    logits = torch.tensor([[1.0, 0.0, 0.0], [3.0, 2.0, 0.0], [0.0, 5.0, 1.0], [0.0, 0.0, 4.0]])
+    labels = torch.tensor([0, 0, 1, 0])
+    class_logits, counts = per_class_mean_logits(logits, labels, num_classes=3)
+    expected = torch.tensor([[4.0 / 3, 2.0 / 3, 4.0 / 3], [0.0, 5.0, 1.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(class_logits, expected)
+    assert counts.tolist() == [3, 1, 0]
+    assert counts.dtype == torch.int64
+    with pytest.raises(ValueError, match="labels must lie in"):
+        per_class_mean_logits(logits, torch.tensor([0, 1, 2, 3]), num_classes=3)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        per_class_mean_logits(logits, labels[:3], num_classes=3)
+
+
+def test_aggregate_per_class_by_hand() -> None:
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    b = torch.tensor([[4.0, 3.0], [0.0, 0.0], [0.0, 0.0]])
+    counts = torch.tensor([[1, 2, 0], [2, 0, 0]])
+    out = aggregate_per_class(torch.stack([a, b]), counts)
+    expected = torch.tensor([[(1.0 + 2 * 4.0) / 3, (0.0 + 2 * 3.0) / 3], [0.0, 2.0], [0.0, 0.0]])
+    torch.testing.assert_close(out, expected)
+    assert torch.isfinite(out).all()
+
+
+def test_per_class_roundtrip_equals_pooled_class_means() -> None:
+    # Count-weighted aggregation of per-client class means is the class mean of the pooled data.
+    gen = _gen(5)
+    parts = [
+        (torch.randn(n, 4, generator=gen), torch.randint(0, 4, (n,), generator=gen))
+        for n in (7, 12, 3)
+    ]
+    stacked = [per_class_mean_logits(x, y, 4) for x, y in parts]
+    out = aggregate_per_class(
+        torch.stack([s[0] for s in stacked]), torch.stack([s[1] for s in stacked])
+    )
+    pooled, _ = per_class_mean_logits(
+        torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]), 4
+    )
+    torch.testing.assert_close(out, pooled)
