@@ -382,15 +382,62 @@ def builtin_spec_path(name: str = DEFAULT_SPEC_NAME) -> Path:
     return repo if repo.is_file() else Path(__file__).parent / "specs" / f"{name}.toml"
 
 
-def load_spec(path: str | Path | None = None, overrides: list[str] | None = None) -> Spec:
-    """Read a spec file (None: the built-in default), apply `key=value` overrides, validate."""
-    spec_path = Path(path) if path else builtin_spec_path()
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_raw(spec_path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A spec file as a dict, with `extends = "other.toml"` merged in (relative to the file)."""
     if not spec_path.is_file():
         raise SpecError(f"spec file '{spec_path}' not found")
+    if spec_path.resolve() in chain:
+        raise SpecError(f"{spec_path}: 'extends' loops back to itself")
     try:
         raw = tomllib.loads(spec_path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"{spec_path}: not valid TOML ({err})") from None
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise SpecError(f"{spec_path}: extends must be a path to another spec file")
+    base = _read_raw(spec_path.parent / parent, (*chain, spec_path.resolve()))
+    return _merge(base, raw)
+
+
+def load_spec(path: str | Path | None = None, overrides: list[str] | None = None) -> Spec:
+    """Read a spec file (None: the built-in default), apply `key=value` overrides, validate.
+
+    Relative paths inside a spec (``data.path``) resolve from the folder of the file that was
+    loaded. A spec may start from another with ``extends = "base.toml"``.
+    """
+    spec_path = Path(path) if path else builtin_spec_path()
+    raw = _read_raw(spec_path)
     raw.setdefault("name", spec_path.stem)
     apply_overrides(raw, overrides or [])
-    return spec_from_dict(raw, base_dir=str(spec_path.resolve().parent))
+    base_dir = spec_path.resolve().parent
+    # data.path written in a base spec resolves from the base spec's folder.
+    data_path = raw.get("data", {}).get("path")
+    if data_path and not Path(data_path).is_absolute():
+        raw["data"]["path"] = str(
+            (_origin_of_data_path(spec_path, overrides or []) / data_path).resolve()
+        )
+    return spec_from_dict(raw, base_dir=str(base_dir))
+
+
+def _origin_of_data_path(spec_path: Path, overrides: list[str]) -> Path:
+    """The folder a relative data.path is relative to: the cwd for --set, else its spec file."""
+    if any(o.split("=", 1)[0].strip() == "data.path" for o in overrides):
+        return Path.cwd()
+    current = spec_path
+    while True:
+        raw = tomllib.loads(current.read_text())
+        if "path" in raw.get("data", {}) or "extends" not in raw:
+            return current.resolve().parent
+        current = current.parent / raw["extends"]

@@ -1,0 +1,161 @@
+"""The ServerApp round loop, wire format and ClientApp handlers, without Ray.
+
+Uses the in-process Grid so that these tests are fast and deterministic; the same apps run on
+the Ray-backed simulation engine in test_e2e.py.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedkd.apps.client_app import make_client_app
+from fedkd.apps.server_app import run_rounds, sample_clients
+from fedkd.apps.wire import MSG_LOCAL
+from fedkd.results import ROUND_KEYS, SUMMARY_KEYS, RunRecorder
+from fedkd.spec import ALGORITHMS, load_spec
+from tests.inprocess import InProcessGrid
+
+SMALL = [
+    "clients.num_clients=4",
+    "clients.min_clients=2",
+    "rounds=2",
+    "data.proxy_size=200",
+    "train.epochs=2",
+    "distill.epochs=1",
+    "server.epochs=1",
+]
+
+
+def run_inprocess(tmp_path, overrides, crash=None, name="run"):
+    spec = load_spec(None, SMALL + overrides)
+    grid = InProcessGrid(make_client_app(spec), spec.num_nodes, crash=crash)
+    recorder = RunRecorder(tmp_path / name, spec)
+    summary = run_rounds(grid, spec, recorder)
+    rows = [
+        json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    ]
+    return spec, summary, rows, grid
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_runs_and_writes_the_contract(tmp_path, algorithm):
+    extra = ["clients.students=cnn_small"] if algorithm == "fedavg" else []
+    spec, summary, rows, _ = run_inprocess(tmp_path, [f"algorithm.name={algorithm}", *extra])
+    assert len(rows) == 2
+    for row in rows:
+        assert set(ROUND_KEYS) <= set(row)
+        assert row["clients_failed"] == 0
+    assert set(SUMMARY_KEYS) <= set(summary)
+    assert summary["status"] == "completed" and summary["rounds"] == 2
+    assert (tmp_path / "run" / "spec.toml").is_file()
+    assert (tmp_path / "run" / "accuracy.png").stat().st_size > 0
+    final = rows[-1]
+    if algorithm in ("dsfl", "fedmd", "feddf", "fedavg", "centralized"):
+        assert 0.0 <= final["server_test_acc"] <= 1.0
+    else:
+        assert final["server_test_acc"] is None
+    if algorithm == "centralized":
+        assert final["clients_ok"] == 0 and final["bytes_up"] == 0
+    else:
+        assert final["clients_ok"] == 4 and 0 <= final["client_test_acc_mean"] <= 1
+    if algorithm in ("dsfl", "fedmd", "feddf"):
+        # Proxy logits: 200 x 10 float32 per client; the proxy travels as int32 indices.
+        assert final["bytes_up_per_client"] == 200 * 10 * 4
+        assert final["teacher_test_acc"] is not None
+    if algorithm == "fd":
+        assert final["bytes_up_per_client"] == (10 * 10 + 10) * 4
+    if algorithm == "local_only":
+        assert final["bytes_up"] == 0 and final["bytes_down"] == 0
+
+
+def _comparable(rows):
+    return [{k: v for k, v in row.items() if k != "wall_s"} for row in rows]
+
+
+def test_cohorts_give_the_same_metrics_as_one_client_per_node(tmp_path):
+    _, _, single, g1 = run_inprocess(tmp_path, ["clients.clients_per_node=1"], name="single")
+    _, _, cohort, g2 = run_inprocess(tmp_path, ["clients.clients_per_node=3"], name="cohort")
+    assert len(g1.contexts) == 4 and len(g2.contexts) == 2
+    assert _comparable(single) == _comparable(cohort)
+
+
+def test_proxy_travels_as_indices_never_inputs(tmp_path):
+    *_, grid = run_inprocess(tmp_path, [])
+    local = [m for m in grid.sent if m.metadata.message_type == MSG_LOCAL]
+    payload = local[0].content["payload"]
+    assert list(payload.keys()) == ["proxy_idx"]
+    idx = payload["proxy_idx"].numpy()
+    assert idx.dtype == np.int32 and idx.ndim == 1
+
+
+def test_crashed_node_is_counted_and_round_goes_on(tmp_path):
+    def crash(node_index, msg):
+        return node_index == 1 and msg.metadata.message_type == MSG_LOCAL
+
+    _, summary, rows, _ = run_inprocess(tmp_path, [], crash=crash)
+    assert summary["status"] == "completed"
+    assert [r["clients_failed"] for r in rows] == [1, 1]
+    assert [r["clients_ok"] for r in rows] == [3, 3]
+    assert rows[-1]["server_test_acc"] is not None
+
+
+def test_nan_logits_are_rejected_not_averaged(tmp_path, monkeypatch):
+    from fedkd.learner import cohort
+
+    original = cohort.CohortLearner.local_round
+
+    def poisoned(self, round_num, client_ids, upload, proxy_idx, class_teacher=None):
+        results = original(self, round_num, client_ids, upload, proxy_idx, class_teacher)
+        if 2 in results:
+            results[2].arrays["logits"][:] = np.nan
+        return results
+
+    monkeypatch.setattr(cohort.CohortLearner, "local_round", poisoned)
+    _, summary, rows, _ = run_inprocess(tmp_path, [])
+    assert [r["clients_failed"] for r in rows] == [1, 1]
+    assert all(np.isfinite(r["server_test_acc"]) for r in rows)
+
+
+def test_too_few_clients_skip_aggregation_but_keep_running(tmp_path):
+    def crash(node_index, msg):
+        return node_index > 0 and msg.metadata.message_type == MSG_LOCAL
+
+    _, summary, rows, _ = run_inprocess(tmp_path, [], crash=crash)
+    assert summary["status"] == "completed" and len(rows) == 2
+    assert [r["clients_ok"] for r in rows] == [1, 1]
+    assert [r["clients_failed"] for r in rows] == [3, 3]
+
+
+def test_a_failing_run_keeps_finished_rounds(tmp_path, monkeypatch):
+    from strategies.dsfl import DSFL
+
+    calls = {"n": 0}
+    original = DSFL.aggregate
+
+    def fails_in_round_2(self, round_num, updates):
+        calls["n"] += 1
+        if round_num == 2:
+            raise RuntimeError("server student diverged")
+        return original(self, round_num, updates)
+
+    monkeypatch.setattr(DSFL, "aggregate", fails_in_round_2)
+    with pytest.raises(RuntimeError, match="diverged"):
+        run_inprocess(tmp_path, [])
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "diverged" in summary["error"]
+
+
+def test_client_sampling_is_seeded_and_respects_minimum():
+    spec = load_spec(None, ["clients.fraction=0.3", "clients.min_clients=4"])
+    first = sample_clients(spec, 1)
+    assert len(first) == 4 and first == sample_clients(spec, 1)
+    assert any(sample_clients(spec, r) != first for r in range(2, 6))
+
+
+def test_recorder_refuses_to_overwrite_a_run(tmp_path):
+    run_inprocess(tmp_path, [])
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        RunRecorder(tmp_path / "run", load_spec())
