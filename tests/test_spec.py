@@ -100,7 +100,7 @@ def test_spec_toml_round_trips(tmp_path):
     ("args", "needle"),
     [
         (["--set", "rounds=-1"], "rounds: must be > 0"),
-        (["--set", "nonsense=1"], "unknown key 'nonsense'"),
+        (["--set", "train.lrr=0.1"], "unknown key 'train.lrr' in spec; allowed in [train]: epochs"),
         (["--set", "data.source=npz", "--set", "data.path=/nonexistent/x.npz"], "data.path"),
         (["/nonexistent/spec.toml"], "spec file '/nonexistent/spec.toml' not found"),
     ],

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -27,7 +28,7 @@ console = Console(stderr=True, soft_wrap=True)
 
 def fail(message: str, code: int = 2) -> None:
     """One clear line on stderr, no traceback."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -125,18 +126,20 @@ def run(
     if (out_dir / "metrics.jsonl").exists():
         fail(f"{out_dir} already holds a run; pass another --out")
     console.print(
-        f"fedkd: [bold]{parsed.name}[/] - {parsed.algorithm.name}, "
+        f"fedkd: [bold]{escape(parsed.name)}[/] - {parsed.algorithm.name}, "
         f"{parsed.clients.num_clients} clients on {parsed.num_nodes} nodes, "
-        f"{parsed.rounds} rounds, data {parsed.data.source} -> {out_dir}",
+        f"{parsed.rounds} rounds, data {parsed.data.source} -> {escape(str(out_dir))}",
         highlight=False,
     )
     summary = simulate(parsed, out_dir, show_progress=not quiet)
     final = summary["final"] or {}
     acc = final.get("server_test_acc")
     acc_text = "n/a" if acc is None else f"{acc:.4f}"
+    best = summary["best_server_test_acc"]
+    best_text = "n/a" if best is None else f"{best:.4f}"
     console.print(
-        f"done in {summary['wall_s']:.1f} s: server_test_acc {acc_text}, "
-        f"best {summary['best_server_test_acc']}, results in {out_dir}",
+        f"done in {summary['wall_s']:.1f} s: server_test_acc {acc_text} (best {best_text}), "
+        f"results in {escape(str(out_dir))}",
         highlight=False,
     )
 
