@@ -114,6 +114,36 @@ class ServerSpec:
 
 
 @dataclass
+class PrivacySpec:
+    """Differential privacy for the clients' private data, accounted per client over the run."""
+
+    # DP-SGD in local training (Opacus): noise from target_epsilon (calibrated once for the
+    # whole planned run: all rounds, all local steps) or a fixed noise_multiplier.
+    dpsgd: bool = False
+    target_epsilon: float = 0.0
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    # Per-client budget; a client whose next round would exceed it stops contributing.
+    # 0 = target_epsilon when calibrating, else no budget.
+    budget_epsilon: float = 0.0
+    # Client-level Gaussian mechanism on the teacher: each client's probability matrix on the
+    # proxy subset is clipped to L2 norm release_clip, the sum gets noise once. 0 = off.
+    release_noise: float = 0.0
+    release_clip: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.dpsgd or self.release_noise > 0
+
+    @property
+    def budget(self) -> float | None:
+        if self.budget_epsilon > 0:
+            return self.budget_epsilon
+        return self.target_epsilon if self.dpsgd and self.target_epsilon > 0 else None
+
+
+@dataclass
 class EvalSpec:
     every: int = 1
     # Global-test examples each client is evaluated on (0 = the whole test set).
@@ -146,6 +176,7 @@ class Spec:
     distill: DistillSpec = field(default_factory=DistillSpec)
     algorithm: AlgorithmSpec = field(default_factory=AlgorithmSpec)
     server: ServerSpec = field(default_factory=ServerSpec)
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
@@ -308,6 +339,7 @@ def validate(spec: Spec) -> Spec:
                 f"clients, got {', '.join(sorted(archs))}"
             )
 
+    _validate_privacy(spec)
     _positive("eval.every", spec.eval.every)
     _positive("eval.client_test_samples", spec.eval.client_test_samples, zero_ok=True)
     r = spec.resources
@@ -316,6 +348,37 @@ def validate(spec: Spec) -> Spec:
     _one_of("resources.device", r.device, ("auto", "cpu", "cuda"))
     _positive("resources.round_timeout", r.round_timeout)
     return spec
+
+
+def _validate_privacy(spec: Spec) -> None:
+    p = spec.privacy
+    if not 0 < p.delta < 1:
+        raise SpecError(f"privacy.delta: must be in (0, 1), got {p.delta}")
+    _positive("privacy.max_grad_norm", p.max_grad_norm)
+    for key in ("target_epsilon", "noise_multiplier", "budget_epsilon", "release_noise"):
+        _positive(f"privacy.{key}", getattr(p, key), zero_ok=True)
+    _positive("privacy.release_clip", p.release_clip)
+    if p.dpsgd and p.target_epsilon == 0 and p.noise_multiplier == 0:
+        raise SpecError(
+            "privacy.dpsgd: set privacy.target_epsilon (noise calibrated for the whole run) "
+            "or privacy.noise_multiplier"
+        )
+    if p.dpsgd and spec.algorithm.name in ("fd", "centralized"):
+        raise SpecError(
+            f"privacy.dpsgd: not supported with algorithm '{spec.algorithm.name}' "
+            "(fd's regulariser and the centralized bound train outside the client's DP-SGD)"
+        )
+    if p.release_noise > 0:
+        if spec.algorithm.name not in ("dsfl", "fedmd", "feddf"):
+            raise SpecError(
+                "privacy.release_noise: the Gaussian release needs a logit teacher "
+                f"(dsfl, fedmd, feddf), not '{spec.algorithm.name}'"
+            )
+        if spec.algorithm.teacher in ("median", "trimmed_mean"):
+            raise SpecError(
+                "privacy.release_noise: the release is a noisy mean; "
+                f"algorithm.teacher '{spec.algorithm.teacher}' cannot be released this way"
+            )
 
 
 def _validate_students(students: Any, num_clients: int) -> None:

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from fedkd.data.splits import FederatedData
 
-from fedkd.knowledge.teachers import build_teacher
+from fedkd.data.splits import FederatedData
+from fedkd.knowledge.teachers import build_teacher, era
 from fedkd.learner.cohort import ClientResult
-from fedkd.learner.loop import PHASE_SAMPLE, derive_seed
+from fedkd.learner.loop import PHASE_SAMPLE, derive_seed, seeded_generator
 from fedkd.learner.server_student import ServerStudent
+from fedkd.privacy.gaussian_release import gaussian_release_event, private_mean_teacher
+from fedkd.privacy.ledger import PrivacyEvent
 
 
 @dataclass
@@ -30,6 +32,14 @@ class LocalPlan:
     # FD only: the global per-class logits (C, C) and which classes are present (C,).
     class_logits: np.ndarray | None = None
     class_present: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class GaussianRelease:
+    """Client-level Gaussian mechanism on the teacher (the spec's privacy.release_*)."""
+
+    clip_norm: float
+    noise_multiplier: float
 
 
 @dataclass
@@ -77,6 +87,10 @@ class Strategy:
         Fraction trimmed at each end (teacher "trimmed_mean").
     server_student : ServerStudent or None, default None
         Global model distilled from the teacher each round.
+    release : GaussianRelease or None, default None
+        Release the teacher through the Gaussian mechanism: clip each client's probability
+        matrix, sum, add noise once, then the teacher builder's post-processing (ERA's
+        sharpening). Every contributing client is charged one release event.
     """
 
     name = "base"
@@ -94,8 +108,11 @@ class Strategy:
         era_temperature: float = 0.1,
         trim_fraction: float = 0.2,
         server_student: ServerStudent | None = None,
+        release: GaussianRelease | None = None,
     ) -> None:
         self.data = data
+        self.release = release
+        self._release_events: dict[int, list[PrivacyEvent]] = {}
         self.seed = seed
         self.proxy_per_round = proxy_per_round
         self.teacher = teacher
@@ -125,11 +142,36 @@ class Strategy:
     def _ensemble(self, round_num: int, updates: dict[int, ClientResult]) -> None:
         """Teacher on this round's proxy subset from the clients' logits; fit the server student."""
         logits, weights = stack_uploads(updates, "logits")
-        self._teacher_logits = self.build_teacher(logits, weights).numpy().astype(np.float32)
+        if self.release is None:
+            teacher = self.build_teacher(logits, weights)
+        else:
+            teacher = self._released_teacher(round_num, logits, sorted(updates))
+        self._teacher_logits = teacher.numpy().astype(np.float32)
         if self.server_student is not None:
             self.server_student.fit(
                 round_num, self.data.proxy_x, self._proxy_idx, self._teacher_logits
             )
+
+    def _released_teacher(
+        self, round_num: int, logits: torch.Tensor, client_ids: list[int]
+    ) -> torch.Tensor:
+        gen = seeded_generator(self.seed, round_num, PHASE_SAMPLE, 2)
+        released = private_mean_teacher(
+            torch.softmax(logits, dim=-1),
+            self.release.clip_norm,
+            self.release.noise_multiplier,
+            gen,
+        )
+        event = gaussian_release_event(self.release.noise_multiplier, round_num)
+        self._release_events = {cid: [event] for cid in client_ids}
+        if self.teacher == "era":  # post-processing of the released mean
+            return era(released.logits.unsqueeze(0), self.era_temperature)
+        return released.logits
+
+    def release_events(self, round_num: int) -> dict[int, list[PrivacyEvent]]:
+        """Privacy events this round's aggregation charged, per client (then cleared)."""
+        events, self._release_events = self._release_events, {}
+        return events
 
     # -- the interface the round loop calls -----------------------------------------------------
     def plan_local(self, round_num: int) -> LocalPlan:

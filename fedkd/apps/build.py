@@ -8,8 +8,11 @@ from fedkd.data.splits import FederatedData, load_federated_data
 from fedkd.learner.cohort import CohortConfig
 from fedkd.learner.loop import PHASE_EVAL, OptimConfig, StepConfig, derive_seed
 from fedkd.learner.server_student import ServerStudent
+from fedkd.privacy.book import LedgerBook
+from fedkd.privacy.dpsgd import DpSgdSettings
 from fedkd.spec import Spec, resolve_path
 from strategies import STRATEGIES, Strategy
+from strategies.base import GaussianRelease
 
 
 def federated_data(spec: Spec) -> FederatedData:
@@ -59,7 +62,28 @@ def cohort_config(spec: Spec) -> CohortConfig:
         distill=step_config(spec.distill),
         distill_loss=distill_loss(spec),
         distill_temperature=spec.distill.temperature,
+        dp=dpsgd_settings(spec),
     )
+
+
+def dpsgd_settings(spec: Spec) -> DpSgdSettings | None:
+    p = spec.privacy
+    if not p.dpsgd:
+        return None
+    return DpSgdSettings(
+        max_grad_norm=p.max_grad_norm,
+        delta=p.delta,
+        noise_multiplier=p.noise_multiplier,
+        target_epsilon=p.target_epsilon,
+        planned_rounds=spec.rounds,
+    )
+
+
+def ledger_book(spec: Spec) -> LedgerBook | None:
+    """The run's privacy ledgers, or None when no mechanism is on."""
+    if not spec.privacy.enabled:
+        return None
+    return LedgerBook(delta=spec.privacy.delta, budget_epsilon=spec.privacy.budget)
 
 
 def hosted_clients(spec: Spec, partition_id: int, num_partitions: int) -> list[int]:
@@ -103,6 +127,10 @@ def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
         "trim_fraction": spec.algorithm.trim_fraction,
         "server_student": server_student,
     }
+    if spec.privacy.release_noise > 0:
+        kwargs["release"] = GaussianRelease(
+            clip_norm=spec.privacy.release_clip, noise_multiplier=spec.privacy.release_noise
+        )
     if spec.algorithm.teacher:
         kwargs["teacher"] = spec.algorithm.teacher
     if name == "feddf":

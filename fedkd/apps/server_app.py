@@ -22,10 +22,13 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedkd.apps import wire
-from fedkd.apps.build import build_strategy, eval_test_indices, federated_data
+from fedkd.apps.build import build_strategy, eval_test_indices, federated_data, ledger_book
 from fedkd.apps.run_config import spec_from_run_config
 from fedkd.learner.cohort import ClientResult
 from fedkd.learner.loop import PHASE_SAMPLE, accuracy, derive_seed
+from fedkd.privacy.book import LedgerBook
+from fedkd.privacy.gaussian_release import gaussian_release_event
+from fedkd.privacy.ledger import DpSgdEvent
 from fedkd.results import RunRecorder, default_run_dir
 from fedkd.spec import Spec
 from strategies import Strategy
@@ -156,6 +159,47 @@ def _teacher_acc(
     return None if teacher is None else accuracy(teacher, test_y)
 
 
+def _admit_within_budget(
+    book: LedgerBook | None, spec: Spec, sampled: list[int], rnd: int
+) -> list[int]:
+    """Drop sampled clients whose next round would exceed their privacy budget."""
+    if book is None or book.budget_epsilon is None:
+        return sampled
+    extra = []
+    if spec.privacy.release_noise > 0:
+        extra.append(gaussian_release_event(spec.privacy.release_noise, rnd))
+    admitted = []
+    for cid in sampled:
+        was_stopped = cid in book.stopped
+        if book.can_contribute(cid, book.planned_events(cid, rnd, extra)):
+            admitted.append(cid)
+        elif not was_stopped:
+            log.warning(
+                "round %d: client %d stops contributing: one more round would exceed its "
+                "budget of epsilon %.3g",
+                rnd,
+                cid,
+                book.budget_epsilon,
+            )
+    return admitted
+
+
+def _record_dpsgd(book: LedgerBook | None, results: dict[int, ClientResult], rnd: int) -> None:
+    if book is None:
+        return
+    for cid, res in sorted(results.items()):
+        if "dp_steps" in res.metrics:
+            book.record(
+                cid,
+                DpSgdEvent(
+                    sample_rate=res.metrics["dp_sample_rate"],
+                    noise_multiplier=res.metrics["dp_noise_multiplier"],
+                    steps=int(res.metrics["dp_steps"]),
+                    round=rnd,
+                ),
+            )
+
+
 def run_rounds(
     grid: Grid, spec: Spec, recorder: RunRecorder, on_round: RoundCallback | None = None
 ) -> dict[str, Any]:
@@ -177,6 +221,7 @@ def _run_rounds(
     node_of = discover_clients(grid, spec, timeout) if strategy.uses_clients else {}
     test_idx = eval_test_indices(spec, len(data.test_y))
     test_y = data.test_y[test_idx]
+    book = ledger_book(spec)
 
     for rnd in range(1, spec.rounds + 1):
         started = time.perf_counter()
@@ -189,7 +234,7 @@ def _run_rounds(
         evaluated: dict[int, ClientResult] = {}
 
         if strategy.uses_clients:
-            sampled = sample_clients(spec, rnd)
+            sampled = _admit_within_budget(book, spec, sample_clients(spec, rnd), rnd)
             plan = strategy.plan_local(rnd)
             plan_arrays: dict[str, np.ndarray] = {}
             if len(plan.proxy_idx):
@@ -207,12 +252,16 @@ def _run_rounds(
                 timeout,
             )
             ok, failed = local.results, set(local.failed)
+            _record_dpsgd(book, ok, rnd)
             bytes_down += wire.payload_bytes(plan_arrays) * len(sampled)
             bytes_up += sum(wire.payload_bytes(r.arrays) for r in ok.values())
 
             enough = len(ok) >= spec.clients.min_clients
             if enough:
                 strategy.aggregate(rnd, ok)
+                for cid, events in strategy.release_events(rnd).items():
+                    for event in events:
+                        book.record(cid, event)
             else:
                 log.warning(
                     "round %d: %d clients replied, fewer than clients.min_clients=%d; "
@@ -260,6 +309,12 @@ def _run_rounds(
         else:
             row["server_test_acc"] = None
         row.update(_client_metrics(evaluated))
+        if book is not None:
+            epsilons = book.epsilons()
+            row["epsilon"] = {str(c): e for c, e in epsilons.items()}
+            row["epsilon_max"] = max(epsilons.values()) if epsilons else 0.0
+            row["clients_stopped"] = len(book.stopped)
+            recorder.write_extra("ledgers.json", book.to_dict())
         clients_ok = len(set(ok) - failed)
         train_losses = [r.metrics["train_loss"] for r in ok.values() if "train_loss" in r.metrics]
         row.update(

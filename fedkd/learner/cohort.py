@@ -29,6 +29,7 @@ from fedkd.learner.loop import (
     seeded_generator,
     train_supervised,
 )
+from fedkd.privacy.dpsgd import DpSgdSettings, train_dpsgd
 
 UPLOADS = ("logits", "class_logits", "weights", "none")
 
@@ -43,6 +44,8 @@ class CohortConfig:
     distill: StepConfig
     distill_loss: str = "kl"
     distill_temperature: float = 1.0
+    # DP-SGD for private training (None: plain SGD); distillation is never charged.
+    dp: DpSgdSettings | None = None
 
 
 @dataclass
@@ -110,19 +113,38 @@ class CohortLearner:
             state = self._load(cid)
             client = self.data.clients[cid]
             gen = seeded_generator(self.config.seed, round_num, cid, PHASE_TRAIN)
-            stats = train_supervised(
-                state.model,
-                state.private_opt,
-                client.x_train,
-                client.y_train,
-                self.config.private,
-                gen,
-                class_teacher,
-            )
+            result = ClientResult(metrics={"num_examples": float(client.num_examples)})
+            if self.config.dp is None:
+                stats = train_supervised(
+                    state.model,
+                    state.private_opt,
+                    client.x_train,
+                    client.y_train,
+                    self.config.private,
+                    gen,
+                    class_teacher,
+                )
+            else:
+                stats, event = train_dpsgd(
+                    state.model,
+                    state.private_opt,
+                    client.x_train,
+                    client.y_train,
+                    epochs=self.config.private.epochs,
+                    batch_size=self.config.private.batch_size,
+                    settings=self.config.dp,
+                    generator=gen,
+                    round_num=round_num,
+                )
+                result.metrics.update(
+                    {
+                        "dp_sample_rate": event.sample_rate,
+                        "dp_noise_multiplier": event.noise_multiplier,
+                        "dp_steps": float(event.steps),
+                    }
+                )
             state.rounds_trained += 1
-            result = ClientResult(
-                metrics={"num_examples": float(client.num_examples), "train_loss": stats["loss"]}
-            )
+            result.metrics["train_loss"] = stats["loss"]
             if upload == "logits":
                 logits = predict_logits(state.model, self.data.proxy_x[proxy_idx])
                 result.arrays["logits"] = logits.numpy().astype(np.float32)

@@ -1,0 +1,81 @@
+"""Every client's privacy ledger over a whole run, and the budget rule.
+
+The server keeps the book: clients report the DP-SGD events of their local training, the server
+adds the events of its own releases, and epsilon is always the composition of a client's whole
+ledger (cumulative over the run, never per round). A client whose next round would take it over
+its budget stops contributing.
+"""
+
+from __future__ import annotations
+
+from fedkd.privacy.accountant import compute_epsilon, would_exceed_budget
+from fedkd.privacy.ledger import DpSgdEvent, PrivacyEvent, PrivacyLedger
+
+
+class LedgerBook:
+    """Per-client ledgers with a shared delta and an optional epsilon budget.
+
+    Parameters
+    ----------
+    delta : float
+        The delta every epsilon is reported at.
+    budget_epsilon : float or None
+        Per-client budget; None = no enforcement.
+    """
+
+    def __init__(self, delta: float, budget_epsilon: float | None = None) -> None:
+        self.delta = delta
+        self.budget_epsilon = budget_epsilon
+        self.ledgers: dict[int, PrivacyLedger] = {}
+        self._last_dpsgd: dict[int, DpSgdEvent] = {}
+        self.stopped: set[int] = set()
+
+    def _ledger(self, client_id: int) -> PrivacyLedger:
+        if client_id not in self.ledgers:
+            self.ledgers[client_id] = PrivacyLedger(
+                client_id, [], budget_epsilon=self.budget_epsilon, delta=self.delta
+            )
+        return self.ledgers[client_id]
+
+    def record(self, client_id: int, event: PrivacyEvent) -> None:
+        self._ledger(client_id).add(event)
+        if isinstance(event, DpSgdEvent):
+            self._last_dpsgd[client_id] = event
+
+    def planned_events(
+        self, client_id: int, round_num: int, extra: list[PrivacyEvent] | None = None
+    ) -> list[PrivacyEvent]:
+        """What one more round would cost: the client's last DP-SGD round again, plus `extra`."""
+        planned: list[PrivacyEvent] = []
+        last = self._last_dpsgd.get(client_id)
+        if last is not None:
+            planned.append(
+                DpSgdEvent(last.sample_rate, last.noise_multiplier, last.steps, round_num)
+            )
+        return planned + list(extra or [])
+
+    def can_contribute(self, client_id: int, planned: list[PrivacyEvent]) -> bool:
+        """False (and remembered) once the planned events would exceed the budget."""
+        if client_id in self.stopped:
+            return False
+        if self.budget_epsilon is None or not planned:
+            return True
+        if would_exceed_budget(self._ledger(client_id), planned):
+            self.stopped.add(client_id)
+            return False
+        return True
+
+    def epsilons(self) -> dict[int, float]:
+        """Cumulative epsilon of every client with a ledger."""
+        return {
+            cid: compute_epsilon(ledger, self.delta).epsilon
+            for cid, ledger in sorted(self.ledgers.items())
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "delta": self.delta,
+            "budget_epsilon": self.budget_epsilon,
+            "stopped": sorted(self.stopped),
+            "ledgers": {str(cid): led.to_dict() for cid, led in sorted(self.ledgers.items())},
+        }
