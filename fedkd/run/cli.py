@@ -209,7 +209,8 @@ def report(
             _fmt(final.get("epsilon_max"), "eps"),
             _fmt(summary.get("wall_s"), "s"),
         )
-    Console().print(table)
+    # In a terminal Rich fits the table to it; piped to a file or another program, nothing is cut.
+    Console(width=None if sys.stdout.isatty() else 220).print(table)
     path = plot or Path(run_dirs[0]).parent / "report.png"
     plot_comparison(curves, path)
     console.print(f"plot: {path}", highlight=False)

@@ -1,0 +1,837 @@
+"""The vectorised cohort learner: clients of one architecture train together with ``torch.func``.
+
+`VectorisedCohortLearner` has the public methods and results of `CohortLearner` (the per-client
+reference loop) and computes the same numbers up to float rounding, many clients per kernel:
+
+- Clients of a node are grouped by architecture (``config.arch_of``); a group's weights are
+  stacked along a leading client dimension and every step is one ``vmap(grad(...))`` over
+  ``functional_call``, followed by a functional SGD or Adam update that reproduces
+  ``torch.optim.SGD`` / ``torch.optim.Adam`` exactly (see `FunctionalSGD`, `FunctionalAdam`).
+- Each client sees exactly the minibatches the loop would show it: the same
+  ``torch.randperm(n, generator=seeded_generator(seed, round, cid, phase))`` per epoch, split
+  into ``batch_size`` chunks, the last one shorter. Clients of different sizes are aligned step
+  by step: a short batch is padded with weight-0 rows and averaged over its true size, and a
+  client that has run out of steps is masked out of the update (its weights and optimizer state
+  are left untouched).
+- Client states are read and written through the same bytes as `ClientState` (the model's
+  ``state_dict`` and both optimizers' ``state_dict`` in torch's format), so the loop and the
+  vectorised learner can take turns on the same clients between rounds.
+- Data lives on the learner's device, cached once per process.
+
+DP-SGD is not vectorised here yet (see `fedkd.privacy.vectorised_dpsgd` for the kernel): a
+config with ``dp`` set falls back to the reference loop for private training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from fedkd.data.splits import FederatedData
+from fedkd.knowledge.losses import distillation_loss, soft_targets
+from fedkd.knowledge.teachers import per_class_mean_logits
+from fedkd.learner.cohort import UPLOADS, ClientResult, CohortConfig, CohortLearner
+from fedkd.learner.loop import (
+    PHASE_DISTILL,
+    PHASE_INIT,
+    PHASE_TRAIN,
+    ClassTeacher,
+    OptimConfig,
+    StepConfig,
+    init_student,
+    make_optimizer,
+    seeded_generator,
+)
+from fedkd.models.zoo import build_model
+
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
+
+Params = dict[str, Tensor]  # parameter name -> (K, *shape), K clients stacked
+
+
+# -- device and precision ----------------------------------------------------------------------
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when available (the GPU Ray assigned to this actor), else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("resources.device = 'cuda' but no CUDA device is visible here")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device) -> Iterator[None]:
+    """Numerics for one phase: strict fp32, TF32 matmuls/convolutions, or bf16 autocast.
+
+    The global backend flags are restored afterwards, so the setting never leaks into other
+    code of the process (the server student, the loop learner).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    try:
+        with autocast:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# -- functional optimizers ---------------------------------------------------------------------
+def _per_client(mask: Tensor, like: Tensor) -> Tensor:
+    """A (K,) tensor reshaped to broadcast against a (K, *shape) tensor."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+class FunctionalOptimizer(Protocol):
+    """An optimizer over stacked parameters whose state converts to/from torch's format."""
+
+    def init(self, params: Params) -> dict[str, Any]: ...
+
+    def step(
+        self, params: Params, grads: Params, state: dict[str, Any], active: Tensor
+    ) -> tuple[Params, dict[str, Any]]: ...
+
+    def from_torch(
+        self, client_states: Sequence[dict[int, dict[str, Tensor]]], params: Params
+    ) -> dict[str, Any]: ...
+
+    def to_torch(self, state: dict[str, Any], k: int) -> dict[int, dict[str, Tensor]]: ...
+
+
+@dataclass(frozen=True)
+class FunctionalSGD:
+    """``torch.optim.SGD(lr, momentum, weight_decay)`` (dampening 0, no Nesterov), stacked.
+
+    torch's update, per parameter: ``g = grad + wd * p``; the momentum buffer is ``g.clone()``
+    on the parameter's first step and ``buf * momentum + g`` afterwards; ``p -= lr * buf``. The
+    buffer exists per parameter only after a step, so a per-client flag says whether it has
+    been created (torch's state dict then holds ``{"momentum_buffer": buf}`` for that index).
+    """
+
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def init(self, params: Params) -> dict[str, Any]:
+        return self.from_torch([{} for _ in range(_num_clients(params))], params)
+
+    def step(
+        self, params: Params, grads: Params, state: dict[str, Any], active: Tensor
+    ) -> tuple[Params, dict[str, Any]]:
+        new_params, bufs, has = {}, {}, {}
+        for i, (name, p) in enumerate(params.items()):
+            act = _per_client(active, p)
+            g = grads[name]
+            if self.weight_decay != 0:
+                g = torch.add(g, p, alpha=self.weight_decay)
+            if self.momentum != 0:
+                started = state["has_buffer"][i]
+                buf = state["momentum_buffer"][i]
+                # First step: buf = g (torch clones the gradient); later: buf * m + g.
+                upd = torch.where(_per_client(started, p), buf.mul(self.momentum).add(g), g)
+                bufs[i] = torch.where(act, upd, buf)
+                has[i] = started | active
+                g = upd
+            new_params[name] = torch.where(act, torch.add(p, g, alpha=-self.lr), p)
+        if self.momentum != 0:
+            state = {"momentum_buffer": bufs, "has_buffer": has}
+        return new_params, state
+
+    def from_torch(
+        self, client_states: Sequence[dict[int, dict[str, Tensor]]], params: Params
+    ) -> dict[str, Any]:
+        if self.momentum == 0:
+            return {}  # torch keeps no state for plain SGD
+        bufs, has = {}, {}
+        for i, p in enumerate(params.values()):
+            flags = [
+                s.get(i, {}).get("momentum_buffer") is not None for s in client_states
+            ]
+            rows = [
+                s[i]["momentum_buffer"] if flag else torch.zeros(p.shape[1:])
+                for s, flag in zip(client_states, flags, strict=True)
+            ]
+            bufs[i] = torch.stack(rows).to(device=p.device, dtype=p.dtype)
+            has[i] = torch.tensor(flags, dtype=torch.bool, device=p.device)
+        return {"momentum_buffer": bufs, "has_buffer": has}
+
+    def to_torch(self, state: dict[str, Any], k: int) -> dict[int, dict[str, Tensor]]:
+        if self.momentum == 0:
+            return {}
+        return {
+            i: {"momentum_buffer": buf[k].detach().clone()}
+            for i, buf in state["momentum_buffer"].items()
+            if bool(state["has_buffer"][i][k])
+        }
+
+
+@dataclass(frozen=True)
+class FunctionalAdam:
+    """``torch.optim.Adam(lr, weight_decay)`` with default betas and eps, no AMSGrad, stacked.
+
+    torch's update (single-tensor path), per parameter: ``step += 1``; ``g = grad + wd * p``;
+    ``m = lerp(m, g, 1 - b1)``; ``v = v * b2 + (1 - b2) * g * g``;
+    ``p += -(lr / (1 - b1^step)) * m / (sqrt(v) / sqrt(1 - b2^step) + eps)``. The bias
+    corrections use each client's own step count (in float64, as torch does in Python), so
+    clients with different numbers of steps stay exact. State per parameter index in torch's
+    format: ``{"step": float32 scalar, "exp_avg", "exp_avg_sq"}``, absent before the first step.
+    """
+
+    lr: float
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def init(self, params: Params) -> dict[str, Any]:
+        return self.from_torch([{} for _ in range(_num_clients(params))], params)
+
+    def step(
+        self, params: Params, grads: Params, state: dict[str, Any], active: Tensor
+    ) -> tuple[Params, dict[str, Any]]:
+        new_params: Params = {}
+        new_state: dict[str, dict[int, Tensor]] = {"step": {}, "exp_avg": {}, "exp_avg_sq": {}}
+        for i, (name, p) in enumerate(params.items()):
+            act = _per_client(active, p)
+            steps = state["step"][i] + active.to(torch.float64)
+            g = grads[name]
+            if self.weight_decay != 0:
+                g = torch.add(g, p, alpha=self.weight_decay)
+            m = torch.lerp(state["exp_avg"][i], g, 1 - self.beta1)
+            v = state["exp_avg_sq"][i].mul(self.beta2).addcmul(g, g, value=1 - self.beta2)
+            # Inactive clients may still be at step 0; clamp so their (discarded) update is finite.
+            safe = steps.clamp(min=1)
+            step_size = self.lr / (1 - self.beta1**safe)
+            bc2_sqrt = (1 - self.beta2**safe).sqrt()
+            denom = (v.sqrt() / _per_client(bc2_sqrt.to(p.dtype), p)).add(self.eps)
+            # addcdiv computes p + (m * value) / denom, the order torch's kernel uses.
+            upd = torch.addcdiv(p, m * _per_client((-step_size).to(p.dtype), p), denom)
+            new_params[name] = torch.where(act, upd, p)
+            new_state["step"][i] = steps
+            new_state["exp_avg"][i] = torch.where(act, m, state["exp_avg"][i])
+            new_state["exp_avg_sq"][i] = torch.where(act, v, state["exp_avg_sq"][i])
+        return new_params, new_state
+
+    def from_torch(
+        self, client_states: Sequence[dict[int, dict[str, Tensor]]], params: Params
+    ) -> dict[str, Any]:
+        state: dict[str, dict[int, Tensor]] = {"step": {}, "exp_avg": {}, "exp_avg_sq": {}}
+        for i, p in enumerate(params.values()):
+            zeros = torch.zeros(p.shape[1:])
+            entries = [s.get(i) for s in client_states]
+            state["step"][i] = torch.tensor(
+                [float(e["step"]) if e else 0.0 for e in entries],
+                dtype=torch.float64,
+                device=p.device,
+            )
+            for key in ("exp_avg", "exp_avg_sq"):
+                rows = [e[key] if e else zeros for e in entries]
+                state[key][i] = torch.stack(rows).to(device=p.device, dtype=p.dtype)
+        return state
+
+    def to_torch(self, state: dict[str, Any], k: int) -> dict[int, dict[str, Tensor]]:
+        out = {}
+        for i, steps in state["step"].items():
+            step = float(steps[k])
+            if step == 0:
+                continue  # torch creates the state lazily at the first step
+            out[i] = {
+                "step": torch.tensor(step, dtype=torch.float32),
+                "exp_avg": state["exp_avg"][i][k].detach().clone(),
+                "exp_avg_sq": state["exp_avg_sq"][i][k].detach().clone(),
+            }
+        return out
+
+
+def functional_optimizer(cfg: OptimConfig) -> FunctionalSGD | FunctionalAdam:
+    """The functional twin of `fedkd.learner.loop.make_optimizer`."""
+    if cfg.optimizer == "adam":
+        return FunctionalAdam(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return FunctionalSGD(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _num_clients(params: Params) -> int:
+    return next(iter(params.values())).shape[0]
+
+
+# -- data on the device, cached per process ----------------------------------------------------
+class DeviceData:
+    """A `FederatedData` as device tensors: every client's rows concatenated, plus offsets.
+
+    Built lazily, one attribute at a time, and cached per (data, device) by `device_data`, so
+    every round after the first gathers batches straight from device memory.
+    """
+
+    def __init__(self, data: FederatedData, device: torch.device) -> None:
+        self.data = data
+        self.device = device
+
+    def _put(self, array: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def _concat(self, xs: list[np.ndarray], shape: tuple[int, ...]) -> Tensor:
+        # np.concatenate of zero-length parts keeps their trailing shape and dtype.
+        return self._put(np.concatenate(xs) if xs else np.zeros((0, *shape), np.float32))
+
+    @staticmethod
+    def _offsets(lengths: list[int]) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+    @cached_property
+    def train(self) -> tuple[Tensor, Tensor, np.ndarray]:
+        cs = self.data.clients
+        x = self._concat([c.x_train for c in cs], self.data.input_shape)
+        y = self._concat([c.y_train for c in cs], ())
+        return x, y, self._offsets([len(c.y_train) for c in cs])
+
+    @cached_property
+    def local_test(self) -> tuple[Tensor, Tensor, np.ndarray]:
+        cs = self.data.clients
+        x = self._concat([c.x_local_test for c in cs], self.data.input_shape)
+        y = self._concat([c.y_local_test for c in cs], ())
+        return x, y, self._offsets([len(c.y_local_test) for c in cs])
+
+    @cached_property
+    def proxy_x(self) -> Tensor:
+        return self._put(self.data.proxy_x)
+
+    @cached_property
+    def test_x(self) -> Tensor:
+        return self._put(self.data.test_x)
+
+
+_DEVICE_DATA: dict[tuple[int, str], DeviceData] = {}
+
+
+def device_data(data: FederatedData, device: torch.device) -> DeviceData:
+    """The process-wide `DeviceData` of `data` on `device` (the data objects are cached too)."""
+    key = (id(data), str(device))
+    cached = _DEVICE_DATA.get(key)
+    if cached is None or cached.data is not data:
+        if len(_DEVICE_DATA) >= 4:  # a process rarely sees more than one data set
+            _DEVICE_DATA.pop(next(iter(_DEVICE_DATA)))
+        cached = _DEVICE_DATA[key] = DeviceData(data, device)
+    return cached
+
+
+# -- model templates ---------------------------------------------------------------------------
+_TEMPLATES: dict[tuple[str, tuple[int, ...], int, str], nn.Module] = {}
+
+
+def model_template(
+    arch: str, input_shape: tuple[int, ...], num_classes: int, device: torch.device
+) -> nn.Module:
+    """A module whose structure `functional_call` uses; its own weights are never read."""
+    key = (arch, tuple(input_shape), int(num_classes), str(device))
+    if key not in _TEMPLATES:
+        with torch.random.fork_rng(devices=[]):
+            _TEMPLATES[key] = build_model(arch, input_shape, num_classes).to(device).eval()
+    return _TEMPLATES[key]
+
+
+# -- batch plans -------------------------------------------------------------------------------
+@dataclass
+class BatchPlan:
+    """Aligned minibatches of K clients: step t of client k uses rows ``index[t, k, :size]``.
+
+    ``index`` is padded (with a valid row) to the longest batch of each step; ``weight`` is
+    ``1 / size`` on a client's real rows and 0 on padding, so a weighted sum of per-example
+    losses is the mean over the true batch; ``size`` 0 means the client takes no step.
+    """
+
+    index: Tensor  # (T, K, B) int64, rows of the concatenated data
+    weight: Tensor  # (T, K, B) float32
+    size: Tensor  # (T, K) int64
+    width: list[int] = field(default_factory=list)  # longest batch of each step
+
+    @property
+    def steps(self) -> int:
+        return len(self.width)
+
+
+def plan_batches(
+    lengths: Sequence[int],
+    offsets: Sequence[int],
+    epochs: int,
+    batch_size: int,
+    generators: Sequence[torch.Generator],
+    device: torch.device,
+) -> BatchPlan:
+    """The loop's minibatches of every client (see `fedkd.learner.loop.train_supervised`).
+
+    One ``randperm(n, generator)`` per client per epoch, in epoch order, split into
+    ``batch_size`` chunks: the same draws the loop makes, so the same examples in the same
+    batches. Client k's steps are laid end to end over its epochs; steps are aligned by index.
+    """
+    per_client: list[list[Tensor]] = []
+    for n, off, gen in zip(lengths, offsets, generators, strict=True):
+        chunks: list[Tensor] = []
+        for _ in range(epochs):
+            chunks.extend(c + int(off) for c in torch.randperm(int(n), generator=gen).split(batch_size))
+        per_client.append(chunks)
+    steps = max((len(c) for c in per_client), default=0)
+    k = len(per_client)
+    width = max(1, min(batch_size, max(lengths, default=1)))
+    index = torch.zeros((steps, k, width), dtype=torch.int64)
+    weight = torch.zeros((steps, k, width), dtype=torch.float32)
+    size = torch.zeros((steps, k), dtype=torch.int64)
+    for j, chunks in enumerate(per_client):
+        # Padding points at the client's first row, so it is always a real, finite example.
+        index[:, j, :] = int(offsets[j]) if lengths[j] else 0
+        for t, c in enumerate(chunks):
+            index[t, j, : len(c)] = c
+            weight[t, j, : len(c)] = 1.0 / len(c)
+            size[t, j] = len(c)
+    widths = [max(1, int(size[t].max())) for t in range(steps)]
+    return BatchPlan(index.to(device), weight.to(device), size.to(device), widths)
+
+
+# -- stacked client states ---------------------------------------------------------------------
+@dataclass
+class StackedStates:
+    """K clients of one architecture: weights and both optimizers, stacked on the device."""
+
+    client_ids: list[int]
+    arch: str
+    params: Params
+    private_state: dict[str, Any]
+    distill_state: dict[str, Any]
+    rounds_trained: list[int]
+    # The optimizers' param_groups as saved (or a fresh optimizer's), written back unchanged.
+    private_groups: list[list[dict[str, Any]]]
+    distill_groups: list[list[dict[str, Any]]]
+
+
+# -- the learner -------------------------------------------------------------------------------
+class VectorisedCohortLearner(CohortLearner):
+    """`CohortLearner` with clients of one architecture trained together by ``torch.func``.
+
+    Parameters
+    ----------
+    data : FederatedData
+        The run's data; each client only touches its own slice and the public proxy/test sets.
+    config : CohortConfig
+        Learning configuration shared by all clients of the run.
+    states : MutableMapping[int, bytes]
+        Where client states persist between phases and rounds (node state in Flower); the same
+        bytes as the loop learner's `ClientState.to_bytes`.
+    device : str, default "auto"
+        ``auto``, ``cpu`` or ``cuda`` (the device Ray assigned to this actor).
+    precision : str, default "fp32"
+        ``fp32``, ``tf32`` (TF32 matmuls and convolutions on CUDA) or ``bf16`` (autocast).
+    max_chunk : int, default 512
+        At most this many clients are stacked at once (bounds memory; numbers do not depend
+        on it, each client's computation is independent).
+    predict_batch : int, default 1024
+        Rows per forward pass when computing logits.
+    """
+
+    def __init__(
+        self,
+        data: FederatedData,
+        config: CohortConfig,
+        states: MutableMapping[int, bytes],
+        *,
+        device: str = "auto",
+        precision: str = "fp32",
+        max_chunk: int = 512,
+        predict_batch: int = 1024,
+    ) -> None:
+        super().__init__(data, config, states)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+        if max_chunk < 1:
+            raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.max_chunk = max_chunk
+        self.predict_batch = predict_batch
+        self.private_opt = functional_optimizer(config.private.optim)
+        self.distill_opt = functional_optimizer(config.distill.optim)
+
+    # -- grouping and state --------------------------------------------------------------------
+    @property
+    def dev(self) -> DeviceData:
+        return device_data(self.data, self.device)
+
+    def _groups(self, client_ids: list[int]) -> Iterator[tuple[str, list[int]]]:
+        """Clients by architecture (first-seen order), in chunks of at most `max_chunk`."""
+        by_arch: dict[str, list[int]] = {}
+        for cid in client_ids:
+            by_arch.setdefault(self.config.arch_of(cid), []).append(cid)
+        for arch, cids in by_arch.items():
+            for start in range(0, len(cids), self.max_chunk):
+                yield arch, cids[start : start + self.max_chunk]
+
+    def _template(self, arch: str) -> nn.Module:
+        return model_template(arch, self.data.input_shape, self.data.num_classes, self.device)
+
+    def _fresh_groups(self, arch: str, cfg: OptimConfig) -> list[dict[str, Any]]:
+        model = self._template(arch)
+        return make_optimizer(model.parameters(), cfg).state_dict()["param_groups"]
+
+    def _load_stack(self, arch: str, client_ids: list[int]) -> StackedStates:
+        """Read the clients' bytes (or initialise them as `ClientState.create` does)."""
+        cfg = self.config
+        models, private, distill, rounds, pgroups, dgroups = [], [], [], [], [], []
+        for cid in client_ids:
+            blob = self.states.get(cid)
+            if blob is None:
+                model = init_student(
+                    arch, self.data.input_shape, self.data.num_classes, cfg.seed, cid, PHASE_INIT
+                )
+                models.append({k: v.detach() for k, v in model.state_dict().items()})
+                private.append({})
+                distill.append({})
+                rounds.append(0)
+                pgroups.append(self._fresh_groups(arch, cfg.private.optim))
+                dgroups.append(self._fresh_groups(arch, cfg.distill.optim))
+                continue
+            saved = torch.load(io.BytesIO(blob), weights_only=True)
+            if saved["arch"] != arch:
+                raise ValueError(
+                    f"client {cid}: saved student is '{saved['arch']}', spec says '{arch}'"
+                )
+            models.append(saved["model"])
+            private.append(saved["private_opt"]["state"])
+            distill.append(saved["distill_opt"]["state"])
+            rounds.append(int(saved["rounds_trained"]))
+            pgroups.append(saved["private_opt"]["param_groups"])
+            dgroups.append(saved["distill_opt"]["param_groups"])
+        names = [n for n, _ in self._template(arch).named_parameters()]
+        params = {n: torch.stack([m[n] for m in models]).to(self.device) for n in names}
+        return StackedStates(
+            client_ids=list(client_ids),
+            arch=arch,
+            params=params,
+            private_state=self.private_opt.from_torch(private, params),
+            distill_state=self.distill_opt.from_torch(distill, params),
+            rounds_trained=rounds,
+            private_groups=pgroups,
+            distill_groups=dgroups,
+        )
+
+    def _save_stack(self, stack: StackedStates) -> None:
+        """Write each client back in `ClientState.to_bytes`'s format."""
+        cpu = {n: p.detach().cpu() for n, p in stack.params.items()}
+        private = {k: _to_cpu(v) for k, v in stack.private_state.items()}
+        distill = {k: _to_cpu(v) for k, v in stack.distill_state.items()}
+        for k, cid in enumerate(stack.client_ids):
+            buf = io.BytesIO()
+            torch.save(
+                {
+                    "client_id": cid,
+                    "arch": stack.arch,
+                    # clone: a view would serialise the whole stacked storage
+                    "model": {n: p[k].clone() for n, p in cpu.items()},
+                    "private_opt": {
+                        "state": self.private_opt.to_torch(private, k),
+                        "param_groups": stack.private_groups[k],
+                    },
+                    "distill_opt": {
+                        "state": self.distill_opt.to_torch(distill, k),
+                        "param_groups": stack.distill_groups[k],
+                    },
+                    "rounds_trained": stack.rounds_trained[k],
+                },
+                buf,
+            )
+            self.states[cid] = buf.getvalue()
+
+    # -- kernels -------------------------------------------------------------------------------
+    def _forward(self, model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
+        def forward(params: Params, x: Tensor) -> Tensor:
+            return functional_call(model, params, (x,)).float()
+
+        return forward
+
+    @torch.no_grad()
+    def _predict_shared(self, model: nn.Module, params: Params, x: Tensor) -> Tensor:
+        """(K, N, C) logits of every client on the same inputs."""
+        fwd = vmap(self._forward(model), in_dims=(0, None))
+        k = _num_clients(params)
+        if len(x) == 0:
+            return torch.zeros((k, 0, self.data.num_classes), device=self.device)
+        return torch.cat(
+            [fwd(params, x[i : i + self.predict_batch]) for i in range(0, len(x), self.predict_batch)],
+            dim=1,
+        )
+
+    @torch.no_grad()
+    def _predict_own(
+        self, model: nn.Module, params: Params, x: Tensor, offsets: np.ndarray, cids: list[int]
+    ) -> list[Tensor]:
+        """Each client's logits on its own rows of `x` (rows ``offsets[c]:offsets[c+1]``)."""
+        lengths = [int(offsets[c + 1] - offsets[c]) for c in cids]
+        longest = max(lengths, default=0)
+        k = len(cids)
+        out = torch.zeros((k, longest, self.data.num_classes), device=self.device)
+        fwd = vmap(self._forward(model))
+        starts = torch.tensor([int(offsets[c]) for c in cids], device=self.device)
+        lens = torch.tensor(lengths, device=self.device)
+        for i in range(0, longest, self.predict_batch):
+            cols = torch.arange(i, min(i + self.predict_batch, longest), device=self.device)
+            # Rows past a client's end re-read its first row; they are cut off below.
+            rows = starts[:, None] + torch.where(cols[None] < lens[:, None], cols[None], 0)
+            out[:, i : i + len(cols)] = fwd(params, x[rows])
+        return [out[j, :n] for j, n in enumerate(lengths)]
+
+    def _train_private(
+        self,
+        stack: StackedStates,
+        round_num: int,
+        class_teacher: ClassTeacher | None,
+    ) -> Tensor:
+        """Cross-entropy training (and FD's regulariser) on each client's data; mean losses."""
+        step: StepConfig = self.config.private
+        x_all, y_all, offsets = self.dev.train
+        cids = stack.client_ids
+        plan = plan_batches(
+            [int(offsets[c + 1] - offsets[c]) for c in cids],
+            [int(offsets[c]) for c in cids],
+            step.epochs,
+            step.batch_size,
+            [seeded_generator(self.config.seed, round_num, c, PHASE_TRAIN) for c in cids],
+            self.device,
+        )
+        model = self._template(stack.arch)
+        forward = self._forward(model)
+        teacher = None
+        if class_teacher is not None:
+            temperature = class_teacher.temperature
+            teacher = (
+                soft_targets(class_teacher.logits.float(), temperature).to(self.device),
+                class_teacher.present.to(self.device),
+                float(class_teacher.weight),
+                float(temperature),
+            )
+
+        def loss_fn(params: Params, xb: Tensor, yb: Tensor, wb: Tensor) -> Tensor:
+            out = forward(params, xb)
+            loss = (F.cross_entropy(out, yb, reduction="none") * wb).sum()
+            if teacher is not None:
+                targets, present, weight, temperature = teacher
+                # FD's regulariser (loop: KL to the class-average targets of the batch's
+                # examples whose class some client reported, batch mean), on real rows only.
+                keep = (present[yb] & (wb > 0)).to(out.dtype)
+                probs = targets[yb]
+                log_q = torch.log_softmax(out / temperature, dim=-1)
+                kl = (torch.special.xlogy(probs, probs) - probs * log_q).sum(-1)
+                kl = kl * (temperature * temperature)
+                loss = loss + weight * (kl * keep).sum() / keep.sum().clamp(min=1)
+            return loss
+
+        step_fn = vmap(grad_and_value(loss_fn))
+        return self._run_steps(stack, plan, x_all, y_all, step_fn, "private")
+
+    def _run_steps(
+        self,
+        stack: StackedStates,
+        plan: BatchPlan,
+        x_all: Tensor,
+        targets: Tensor,
+        step_fn: Callable[..., tuple[Params, Tensor]],
+        which: str,
+    ) -> Tensor:
+        """Apply `plan`'s steps; a client whose batch is empty keeps weights and state."""
+        opt = self.private_opt if which == "private" else self.distill_opt
+        state = stack.private_state if which == "private" else stack.distill_state
+        params = stack.params
+        k = len(stack.client_ids)
+        total = torch.zeros(k, dtype=torch.float64, device=self.device)
+        with precision_context(self.precision, self.device):
+            for t in range(plan.steps):
+                width = plan.width[t]
+                idx = plan.index[t, :, :width]
+                w = plan.weight[t, :, :width]
+                size = plan.size[t]
+                grads, loss = step_fn(params, x_all[idx], targets[idx], w)
+                params, state = opt.step(params, grads, state, size > 0)
+                total += loss.double() * size
+        stack.params = params
+        if which == "private":
+            stack.private_state = state
+        else:
+            stack.distill_state = state
+        seen = plan.size.sum(0).clamp(min=1)
+        return total / seen
+
+    def _distill(
+        self, stack: StackedStates, round_num: int, proxy: Tensor, teacher: Tensor
+    ) -> Tensor:
+        """Fit every client's outputs on the proxy subset to the teacher's logits."""
+        step = self.config.distill
+        cids = stack.client_ids
+        n = len(proxy)
+        plan = plan_batches(
+            [n] * len(cids),
+            [0] * len(cids),
+            step.epochs,
+            step.batch_size,
+            [seeded_generator(self.config.seed, round_num, c, PHASE_DISTILL) for c in cids],
+            self.device,
+        )
+        forward = self._forward(self._template(stack.arch))
+        kind, temperature = self.config.distill_loss, self.config.distill_temperature
+
+        def loss_fn(params: Params, xb: Tensor, tb: Tensor, wb: Tensor) -> Tensor:
+            # All clients distill on the same n rows, so batches are never padded here and the
+            # loss is exactly the loop's batch mean.
+            del wb
+            return distillation_loss(kind, forward(params, xb), tb, temperature)
+
+        step_fn = vmap(grad_and_value(loss_fn))
+        return self._run_steps(stack, plan, proxy, teacher, step_fn, "distill")
+
+    # -- phases --------------------------------------------------------------------------------
+    def local_round(
+        self,
+        round_num: int,
+        client_ids: list[int],
+        upload: str,
+        proxy_idx: np.ndarray,
+        class_teacher: ClassTeacher | None = None,
+    ) -> dict[int, ClientResult]:
+        """Train each client on its private data, then compute what it uploads."""
+        if upload not in UPLOADS:
+            raise ValueError(f"unknown upload '{upload}'; one of {', '.join(UPLOADS)}")
+        if getattr(self.config, "dp", None) is not None:
+            # DP-SGD goes through the reference path (Opacus) until the vectorised kernel is
+            # wired to the ledger.
+            return super().local_round(round_num, client_ids, upload, proxy_idx, class_teacher)
+        results: dict[int, ClientResult] = {}
+        dev = self.dev
+        for arch, cids in self._groups(client_ids):
+            stack = self._load_stack(arch, cids)
+            losses = self._train_private(stack, round_num, class_teacher).cpu()
+            stack.rounds_trained = [r + 1 for r in stack.rounds_trained]
+            model = self._template(arch)
+            uploads: list[dict[str, np.ndarray]] = [{} for _ in cids]
+            if upload == "logits":
+                idx = torch.from_numpy(np.asarray(proxy_idx, dtype=np.int64)).to(self.device)
+                with precision_context(self.precision, self.device):
+                    logits = self._predict_shared(model, stack.params, dev.proxy_x[idx]).cpu()
+                for j in range(len(cids)):
+                    uploads[j]["logits"] = logits[j].numpy().astype(np.float32)
+            elif upload == "class_logits":
+                x_all, _, offsets = dev.train
+                with precision_context(self.precision, self.device):
+                    own = self._predict_own(model, stack.params, x_all, offsets, cids)
+                for j, cid in enumerate(cids):
+                    class_logits, counts = per_class_mean_logits(
+                        own[j].cpu(),
+                        torch.from_numpy(self.data.clients[cid].y_train),
+                        self.data.num_classes,
+                    )
+                    uploads[j]["class_logits"] = class_logits.numpy().astype(np.float32)
+                    uploads[j]["class_counts"] = counts.numpy().astype(np.float32)
+            elif upload == "weights":
+                cpu = {n: p.detach().cpu() for n, p in stack.params.items()}
+                for j in range(len(cids)):
+                    uploads[j] = {n: p[j].numpy().copy() for n, p in cpu.items()}
+            self._save_stack(stack)
+            for j, cid in enumerate(cids):
+                results[cid] = ClientResult(
+                    arrays=uploads[j],
+                    metrics={
+                        "num_examples": float(self.data.clients[cid].num_examples),
+                        "train_loss": float(losses[j]),
+                    },
+                )
+        return {cid: results[cid] for cid in client_ids}
+
+    def digest(
+        self,
+        round_num: int,
+        client_ids: list[int],
+        proxy_idx: np.ndarray | None = None,
+        teacher_logits: np.ndarray | None = None,
+        global_weights: dict[str, np.ndarray] | None = None,
+    ) -> dict[int, ClientResult]:
+        """Distill from the teacher on the proxy subset, or take the global weights (FedAvg)."""
+        if global_weights is not None or teacher_logits is None or proxy_idx is None:
+            # No training: loading weights (or nothing) costs the same either way.
+            return super().digest(round_num, client_ids, proxy_idx, teacher_logits, global_weights)
+        idx = torch.from_numpy(np.asarray(proxy_idx, dtype=np.int64)).to(self.device)
+        proxy = self.dev.proxy_x[idx]
+        teacher = torch.as_tensor(np.asarray(teacher_logits)).float().to(self.device)
+        results: dict[int, ClientResult] = {}
+        for arch, cids in self._groups(client_ids):
+            stack = self._load_stack(arch, cids)
+            losses = self._distill(stack, round_num, proxy, teacher).cpu()
+            self._save_stack(stack)
+            for j, cid in enumerate(cids):
+                results[cid] = ClientResult(metrics={"distill_loss": float(losses[j])})
+        return {cid: results[cid] for cid in client_ids}
+
+    def evaluate(self, client_ids: list[int], test_idx: np.ndarray) -> dict[int, ClientResult]:
+        """Accuracy on the global test subset and the local held-out slice, plus test logits."""
+        dev = self.dev
+        idx = torch.from_numpy(np.asarray(test_idx, dtype=np.int64)).to(self.device)
+        test_x = dev.test_x[idx]
+        test_y = torch.from_numpy(np.asarray(self.data.test_y)[np.asarray(test_idx)])
+        local_x, local_y, offsets = dev.local_test
+        results: dict[int, ClientResult] = {}
+        for arch, cids in self._groups(client_ids):
+            stack = self._load_stack(arch, cids)
+            model = self._template(arch)
+            with precision_context(self.precision, self.device):
+                test_logits = self._predict_shared(model, stack.params, test_x).cpu()
+                local = self._predict_own(model, stack.params, local_x, offsets, cids)
+            for j, cid in enumerate(cids):
+                y_local = torch.from_numpy(self.data.clients[cid].y_local_test)
+                results[cid] = ClientResult(
+                    arrays={"test_logits": test_logits[j].numpy().astype(np.float32)},
+                    metrics={
+                        "test_acc": _accuracy(test_logits[j], test_y),
+                        "local_acc": _accuracy(local[j].cpu(), y_local),
+                    },
+                )
+        return {cid: results[cid] for cid in client_ids}
+
+
+def _accuracy(logits: Tensor, y: Tensor) -> float:
+    if len(y) == 0:
+        return float("nan")
+    return float((logits.argmax(dim=1) == y).float().mean())
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+__all__ = [
+    "PRECISIONS",
+    "BatchPlan",
+    "DeviceData",
+    "FunctionalAdam",
+    "FunctionalSGD",
+    "VectorisedCohortLearner",
+    "device_data",
+    "functional_optimizer",
+    "plan_batches",
+    "precision_context",
+    "resolve_device",
+]
