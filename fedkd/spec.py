@@ -23,8 +23,12 @@ from fedkd.knowledge import TEACHER_KINDS as TEACHERS
 from fedkd.models import MODEL_NAMES as MODELS
 
 # The registry in strategies/__init__.py maps these names to classes (tests check they agree).
-ALGORITHMS = ("dsfl", "fedmd", "feddf", "fd", "fedavg", "local_only", "centralized")
+ALGORITHMS = ("dsfl", "fedmd", "feddf", "fd", "fedavg", "local_only", "centralized", "pate")
 OPTIMIZERS = ("sgd", "adam")
+# Cohort learners (fedkd.learner: the per-client loop, or torch.func over stacked clients) and
+# the vectorised learner's numerics (fedkd.learner.vectorised.PRECISIONS; tests check they agree).
+LEARNERS = ("loop", "vectorised")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 # The default spec ships inside the package so `fedkd run` works from any directory.
 DEFAULT_SPEC_NAME = "quickstart"
@@ -95,6 +99,14 @@ class AlgorithmSpec:
     client_teacher: str = "ensemble"
     # FD: weight of the distillation regulariser in local training.
     fd_weight: float = 1.0
+    # PATE: teachers per client (disjoint shards), Confident-GNMax threshold (0 = plain
+    # GNMax), noise of the threshold check and of the argmax, and the server student's
+    # self-training confidence on unanswered inputs (0 = off).
+    teachers_per_client: int = 1
+    pate_threshold: float = 0.0
+    pate_sigma_threshold: float = 150.0
+    pate_sigma: float = 40.0
+    self_training_confidence: float = 0.0
 
 
 @dataclass
@@ -132,9 +144,9 @@ class PrivacySpec:
     release_noise: float = 0.0
     release_clip: float = 1.0
 
-    @property
-    def enabled(self) -> bool:
-        return self.dpsgd or self.release_noise > 0
+    def enabled(self, algorithm: str) -> bool:
+        """Whether any mechanism is on (PATE's noisy votes always are)."""
+        return self.dpsgd or self.release_noise > 0 or algorithm == "pate"
 
     @property
     def budget(self) -> float | None:
@@ -157,12 +169,63 @@ class ResourcesSpec:
     device: str = "auto"  # auto | cpu | cuda
     # Seconds the server waits for replies in one phase; late nodes count as failed.
     round_timeout: float = 600.0
+    # How a node trains its cohort: "loop" (one client after another, the reference) or
+    # "vectorised" (clients of one architecture together with torch.func).
+    learner: str = "loop"
+    # Vectorised learner only: "fp32", "tf32" (TF32 matmuls/convolutions on CUDA) or "bf16".
+    precision: str = "fp32"
 
 
 @dataclass
 class OutputSpec:
     dir: str = ""  # "" = runs/<name>-<timestamp>
     plots: bool = True
+
+
+@dataclass
+class AuditSpec:
+    """A privacy audit of one client's student when the run ends (also: ``fedkd audit RUN``)."""
+
+    # Keep the audited client's final student (its node sends it after the last round) and
+    # audit it: membership inference and, with canaries, the one-run epsilon lower bound.
+    enabled: bool = False
+    client: int = 0
+    # One-run audit (Steinke et al. 2023): canaries drawn before training, each inserted with
+    # probability 1/2 into the audited client's private data. 0 = no canaries.
+    canaries: int = 0
+    shadows: int = 8  # offline LiRA shadow models
+    max_targets: int = 1000  # members attacked (and as many class-matched non-members)
+    confidence: float = 0.95
+
+
+# "none" in a sweep grid turns a mechanism off at that point; these are the keys it is allowed
+# on and what it sets (a point without DP-SGD, without the Gaussian release, without a budget).
+SWEEP_NONE = "none"
+SWEEP_NONE_MEANS: dict[str, dict[str, Any]] = {
+    "privacy.target_epsilon": {
+        "privacy.dpsgd": False,
+        "privacy.target_epsilon": 0.0,
+        "privacy.noise_multiplier": 0.0,
+    },
+    "privacy.noise_multiplier": {
+        "privacy.dpsgd": False,
+        "privacy.target_epsilon": 0.0,
+        "privacy.noise_multiplier": 0.0,
+    },
+    "privacy.release_noise": {"privacy.release_noise": 0.0},
+    "privacy.budget_epsilon": {"privacy.budget_epsilon": 0.0},
+}
+
+
+@dataclass
+class SweepSpec:
+    """`fedkd sweep`: dotted spec keys, each with a list of values; every combination is a run.
+
+    ``grid = { "privacy.target_epsilon" = [1, 4, "none"], seed = [0, 1] }``; "none" is the point
+    without that mechanism (see ``SWEEP_NONE_MEANS``).
+    """
+
+    grid: Any = field(default_factory=dict)
 
 
 @dataclass
@@ -180,6 +243,8 @@ class Spec:
     eval: EvalSpec = field(default_factory=EvalSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
+    audit: AuditSpec = field(default_factory=AuditSpec)
+    sweep: SweepSpec = field(default_factory=SweepSpec)
 
     # Where relative data paths are resolved from (the spec file's folder); not part of the spec.
     base_dir: str = field(default="", metadata={"internal": True})
@@ -329,7 +394,16 @@ def validate(spec: Spec) -> Spec:
     _positive("algorithm.fd_weight", a.fd_weight, zero_ok=True)
     if a.client_teacher == "server_student" and not spec.server.student:
         raise SpecError("algorithm.client_teacher = 'server_student' needs server.student set")
-    if a.name in ("dsfl", "fedmd", "feddf") and d.proxy_size == 0:
+    _positive("algorithm.teachers_per_client", a.teachers_per_client)
+    _positive("algorithm.pate_threshold", a.pate_threshold, zero_ok=True)
+    _positive("algorithm.pate_sigma_threshold", a.pate_sigma_threshold)
+    _positive("algorithm.pate_sigma", a.pate_sigma)
+    confidence = a.self_training_confidence
+    if not 0 <= confidence <= 1:
+        raise SpecError(f"algorithm.self_training_confidence: must be in [0, 1], got {confidence}")
+    if a.name == "pate" and not spec.server.student:
+        raise SpecError("algorithm.name = 'pate' needs server.student (it learns the labels)")
+    if a.name in ("dsfl", "fedmd", "feddf", "pate") and d.proxy_size == 0:
         raise SpecError(f"data.proxy_size: algorithm '{a.name}' needs a proxy set (size > 0)")
     if a.name == "fedavg":
         archs = {spec.student_for(i) for i in range(c.num_clients)}
@@ -340,6 +414,8 @@ def validate(spec: Spec) -> Spec:
             )
 
     _validate_privacy(spec)
+    _validate_audit(spec)
+    _validate_sweep(spec)
     _positive("eval.every", spec.eval.every)
     _positive("eval.client_test_samples", spec.eval.client_test_samples, zero_ok=True)
     r = spec.resources
@@ -347,6 +423,13 @@ def validate(spec: Spec) -> Spec:
     _positive("resources.num_gpus", r.num_gpus, zero_ok=True)
     _one_of("resources.device", r.device, ("auto", "cpu", "cuda"))
     _positive("resources.round_timeout", r.round_timeout)
+    _one_of("resources.learner", r.learner, LEARNERS)
+    _one_of("resources.precision", r.precision, PRECISIONS)
+    if r.precision != "fp32" and r.learner != "vectorised":
+        raise SpecError(
+            f"resources.precision: '{r.precision}' needs resources.learner = 'vectorised' "
+            "(the loop learner trains in fp32)"
+        )
     return spec
 
 
@@ -363,10 +446,10 @@ def _validate_privacy(spec: Spec) -> None:
             "privacy.dpsgd: set privacy.target_epsilon (noise calibrated for the whole run) "
             "or privacy.noise_multiplier"
         )
-    if p.dpsgd and spec.algorithm.name in ("fd", "centralized"):
+    if p.dpsgd and spec.algorithm.name in ("fd", "centralized", "pate"):
         raise SpecError(
-            f"privacy.dpsgd: not supported with algorithm '{spec.algorithm.name}' "
-            "(fd's regulariser and the centralized bound train outside the client's DP-SGD)"
+            f"privacy.dpsgd: not supported with algorithm '{spec.algorithm.name}' (fd's "
+            "regulariser, PATE's teachers and the centralized bound train outside DP-SGD)"
         )
     if p.release_noise > 0:
         if spec.algorithm.name not in ("dsfl", "fedmd", "feddf"):
@@ -379,6 +462,94 @@ def _validate_privacy(spec: Spec) -> None:
                 "privacy.release_noise: the release is a noisy mean; "
                 f"algorithm.teacher '{spec.algorithm.teacher}' cannot be released this way"
             )
+
+
+def _validate_audit(spec: Spec) -> None:
+    a = spec.audit
+    if not 0 <= a.client < spec.clients.num_clients:
+        raise SpecError(
+            f"audit.client: {a.client} is not a client id in 0..{spec.clients.num_clients - 1}"
+        )
+    _positive("audit.canaries", a.canaries, zero_ok=True)
+    _positive("audit.max_targets", a.max_targets, zero_ok=True)
+    if a.shadows < 2:
+        raise SpecError(f"audit.shadows: offline LiRA needs at least 2, got {a.shadows}")
+    if not 0 < a.confidence < 1:
+        raise SpecError(f"audit.confidence: must be in (0, 1), got {a.confidence}")
+    if a.canaries > 0 and not a.enabled:
+        raise SpecError("audit.canaries: canaries are only inserted with audit.enabled = true")
+    if a.enabled and spec.algorithm.name in ("centralized", "pate"):
+        raise SpecError(
+            f"audit.enabled: algorithm '{spec.algorithm.name}' has no client student to audit"
+        )
+
+
+def _spec_key_type(key: str) -> Any:
+    """The declared type of a dotted spec key, or SpecError naming what is allowed."""
+    cls: Any = Spec
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        allowed = [f.name for f in fields(cls) if not f.metadata.get("internal")]
+        if cls is Spec:
+            allowed = [k for k in allowed if k not in ("sweep", "name", "output")]
+        if part not in allowed:
+            where = f"[{'.'.join(parts[:depth])}]" if depth else "the top level"
+            raise SpecError(
+                f"sweep.grid: unknown key '{key}'; allowed in {where}: {', '.join(allowed)}"
+            )
+        typ = _section_types(cls)[part]
+        if dataclasses.is_dataclass(typ):
+            if depth == len(parts) - 1:
+                raise SpecError(f"sweep.grid: '{key}' is a table; sweep one of its keys")
+            cls = typ
+        elif depth < len(parts) - 1:
+            raise SpecError(f"sweep.grid: '{'.'.join(parts[: depth + 1])}' is not a table")
+        else:
+            return typ
+    raise AssertionError  # unreachable
+
+
+def _flat_grid(grid: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"privacy.x": [..]}` and `privacy = {x = [..]}` (TOML's dotted keys) alike, flattened."""
+    out: dict[str, Any] = {}
+    for key, value in grid.items():
+        if isinstance(value, dict):
+            out.update(_flat_grid(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _validate_sweep(spec: Spec) -> None:
+    grid = spec.sweep.grid
+    if not isinstance(grid, dict):
+        raise SpecError(f"sweep.grid: expected a table of key = [values], got {grid!r}")
+    grid = _flat_grid(grid)
+    for key, values in grid.items():
+        typ = _spec_key_type(key)
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"sweep.grid.'{key}': expected a non-empty list of values")
+        for value in values:
+            if value == SWEEP_NONE:
+                if key not in SWEEP_NONE_MEANS:
+                    raise SpecError(
+                        f"sweep.grid.'{key}': \"none\" is only allowed for "
+                        f"{', '.join(SWEEP_NONE_MEANS)} (the point without that mechanism)"
+                    )
+                clash = set(SWEEP_NONE_MEANS[key]) & (set(grid) - {key})
+                if clash:
+                    raise SpecError(
+                        f"sweep.grid.'{key}': \"none\" sets {', '.join(sorted(clash))}, which "
+                        "the grid also sweeps"
+                    )
+                continue
+            if key == "privacy.target_epsilon" and value == 0:
+                raise SpecError(
+                    "sweep.grid.'privacy.target_epsilon': 0 is not 'no DP'; write \"none\" for "
+                    "the point without DP-SGD"
+                )
+            _coerce(value, typ, f"sweep.grid.'{key}'")
+    spec.sweep.grid = grid
 
 
 def _validate_students(students: Any, num_clients: int) -> None:

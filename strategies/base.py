@@ -98,6 +98,8 @@ class Strategy:
     uses_clients = True
     # False for strategies whose knowledge is not a teacher over inputs (FD, FedAvg, baselines).
     has_teacher = True
+    # False where clients hold no single student to evaluate (PATE's teacher ensembles).
+    evaluates_clients = True
 
     def __init__(
         self,
@@ -188,6 +190,10 @@ class Strategy:
         if self._teacher_logits is None:
             return None
         return DigestPayload(proxy_idx=self._proxy_idx, teacher_logits=self._teacher_logits)
+
+    def round_metrics(self) -> dict[str, float]:
+        """Strategy-specific extras for this round's metrics row."""
+        return {}
 
     def server_test_acc(self) -> float | None:
         if self.server_student is None:

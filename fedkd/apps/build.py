@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedkd.audit.canary import with_canaries
 from fedkd.data.splits import FederatedData, load_federated_data
 from fedkd.learner.cohort import CohortConfig
 from fedkd.learner.loop import PHASE_EVAL, OptimConfig, StepConfig, derive_seed
@@ -16,9 +17,13 @@ from strategies.base import GaussianRelease
 
 
 def federated_data(spec: Spec) -> FederatedData:
-    """The run's data; cached per process, so every actor builds it once."""
+    """The run's data; cached per process, so every actor builds it once.
+
+    With ``audit.canaries``, the audited client's private data carries the one-run audit's
+    canaries (each inserted with probability 1/2, reproducibly from the seed).
+    """
     d = spec.data
-    return load_federated_data(
+    data = load_federated_data(
         source=d.source,
         path=str(resolve_path(spec, d.path)) if d.path else None,
         hf_name=d.hf_name or None,
@@ -32,6 +37,10 @@ def federated_data(spec: Spec) -> FederatedData:
         local_test_fraction=d.local_test_fraction,
         seed=spec.seed,
     )
+    a = spec.audit
+    if a.enabled and a.canaries > 0:
+        data = with_canaries(data, a.client, a.canaries, spec.seed)
+    return data
 
 
 def step_config(section) -> StepConfig:
@@ -63,6 +72,7 @@ def cohort_config(spec: Spec) -> CohortConfig:
         distill_loss=distill_loss(spec),
         distill_temperature=spec.distill.temperature,
         dp=dpsgd_settings(spec),
+        teachers_per_client=spec.algorithm.teachers_per_client,
     )
 
 
@@ -81,7 +91,7 @@ def dpsgd_settings(spec: Spec) -> DpSgdSettings | None:
 
 def ledger_book(spec: Spec) -> LedgerBook | None:
     """The run's privacy ledgers, or None when no mechanism is on."""
-    if not spec.privacy.enabled:
+    if not spec.privacy.enabled(spec.algorithm.name):
         return None
     return LedgerBook(delta=spec.privacy.delta, budget_epsilon=spec.privacy.budget)
 
@@ -137,4 +147,12 @@ def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
         kwargs["client_teacher"] = spec.algorithm.client_teacher
     if name == "fedavg":
         kwargs["arch"] = spec.student_for(0)
+    if name == "pate":
+        a = spec.algorithm
+        kwargs.update(
+            threshold=a.pate_threshold,
+            sigma_threshold=a.pate_sigma_threshold,
+            sigma=a.pate_sigma,
+            self_training_confidence=a.self_training_confidence,
+        )
     return cls(data, spec.seed, **kwargs)

@@ -8,6 +8,7 @@ different Ray actor may serve the node next round).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, MutableMapping
 
 import numpy as np
@@ -18,8 +19,9 @@ from flwr.clientapp import ClientApp
 from fedkd.apps import wire
 from fedkd.apps.build import cohort_config, eval_test_indices, federated_data, hosted_clients
 from fedkd.apps.run_config import spec_from_run_config
-from fedkd.learner.cohort import CohortLearner
+from fedkd.learner.cohort import ClientResult, CohortLearner
 from fedkd.learner.loop import ClassTeacher
+from fedkd.learner.vectorised import VectorisedCohortLearner
 from fedkd.spec import Spec
 
 
@@ -59,8 +61,25 @@ def _node_clients(spec: Spec, context: Context) -> list[int]:
 
 
 def _learner(spec: Spec, context: Context) -> CohortLearner:
+    """The node's cohort learner: the per-client loop, or torch.func over stacked clients."""
     torch.set_num_threads(max(1, int(spec.resources.num_cpus)))
-    return CohortLearner(federated_data(spec), cohort_config(spec), NodeStateStore(context))
+    data, config, store = federated_data(spec), cohort_config(spec), NodeStateStore(context)
+    r = spec.resources
+    if r.learner == "vectorised":
+        return VectorisedCohortLearner(data, config, store, device=r.device, precision=r.precision)
+    return CohortLearner(data, config, store)
+
+
+def _reply(results: dict[int, ClientResult], started: float, msg: Message) -> Message:
+    """The reply, with this node's learner seconds for the phase split evenly over its clients.
+
+    The server sums ``learner_s`` per node to split a round's wall time into learner time and
+    engine overhead (messaging, Ray, serialisation), which the benchmark reports.
+    """
+    share = (time.perf_counter() - started) / max(len(results), 1)
+    for res in results.values():
+        res.metrics["learner_s"] = share
+    return Message(content=wire.results_to_record(results), reply_to=msg)
 
 
 def _check_hosted(spec: Spec, context: Context, client_ids: list[int]) -> None:
@@ -77,6 +96,7 @@ def handle_hello(spec: Spec, msg: Message, context: Context) -> Message:
 
 
 def handle_local(spec: Spec, msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     config, arrays = wire.parse_request(msg.content)
     client_ids = [int(c) for c in config["client_ids"]]
     _check_hosted(spec, context, client_ids)
@@ -95,10 +115,11 @@ def handle_local(spec: Spec, msg: Message, context: Context) -> Message:
         arrays.get("proxy_idx", np.empty(0, dtype=np.int64)).astype(np.int64),
         class_teacher,
     )
-    return Message(content=wire.results_to_record(results), reply_to=msg)
+    return _reply(results, started, msg)
 
 
 def handle_digest(spec: Spec, msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     config, arrays = wire.parse_request(msg.content)
     client_ids = [int(c) for c in config["client_ids"]]
     _check_hosted(spec, context, client_ids)
@@ -116,16 +137,17 @@ def handle_digest(spec: Spec, msg: Message, context: Context) -> Message:
         for cid, res in learner.evaluate(client_ids, test_idx).items():
             results[cid].arrays.update(res.arrays)
             results[cid].metrics.update(res.metrics)
-    return Message(content=wire.results_to_record(results), reply_to=msg)
+    return _reply(results, started, msg)
 
 
 def handle_evaluate(spec: Spec, msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     config, _ = wire.parse_request(msg.content)
     client_ids = [int(c) for c in config["client_ids"]]
     _check_hosted(spec, context, client_ids)
     learner = _learner(spec, context)
     results = learner.evaluate(client_ids, eval_test_indices(spec, len(learner.data.test_y)))
-    return Message(content=wire.results_to_record(results), reply_to=msg)
+    return _reply(results, started, msg)
 
 
 def make_client_app(spec: Spec | None = None) -> ClientApp:

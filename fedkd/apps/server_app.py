@@ -90,6 +90,8 @@ def _finite(result: ClientResult) -> bool:
 class PhaseOutcome:
     results: dict[int, ClientResult] = field(default_factory=dict)
     failed: set[int] = field(default_factory=set)
+    # Learner seconds per replying node (the sum of its clients' `learner_s` metrics).
+    node_learner_s: dict[int, float] = field(default_factory=dict)
 
 
 def run_phase(
@@ -123,7 +125,11 @@ def run_phase(
             log.warning("node %s failed in %s: %s", node, message_type, reply.error.reason)
             outcome.failed.update(by_node[node])
             continue
-        for cid, res in wire.record_to_results(reply.content).items():
+        node_results = wire.record_to_results(reply.content)
+        outcome.node_learner_s[node] = sum(
+            r.metrics.get("learner_s", 0.0) for r in node_results.values()
+        )
+        for cid, res in node_results.items():
             if _finite(res):
                 outcome.results[cid] = res
             else:
@@ -232,6 +238,7 @@ def _run_rounds(
         ok: dict[int, ClientResult] = {}
         failed: set[int] = set()
         evaluated: dict[int, ClientResult] = {}
+        phases: list[PhaseOutcome] = []  # for the learner-time split of wall_s
 
         if strategy.uses_clients:
             sampled = _admit_within_budget(book, spec, sample_clients(spec, rnd), rnd)
@@ -252,6 +259,7 @@ def _run_rounds(
                 timeout,
             )
             ok, failed = local.results, set(local.failed)
+            phases.append(local)
             _record_dpsgd(book, ok, rnd)
             bytes_down += wire.payload_bytes(plan_arrays) * len(sampled)
             bytes_up += sum(wire.payload_bytes(r.arrays) for r in ok.values())
@@ -272,6 +280,10 @@ def _run_rounds(
                 )
             payload = strategy.digest_payload(rnd) if enough else None
             targets = sorted(ok)
+            if not strategy.evaluates_clients:
+                evaluate_clients = False
+            else:
+                evaluate_clients = evaluate
             if payload is not None and targets:
                 arrays = payload.arrays()
                 if "proxy_idx" in arrays:
@@ -281,18 +293,20 @@ def _run_rounds(
                     node_of,
                     targets,
                     wire.MSG_DIGEST,
-                    {"round": rnd, "evaluate": evaluate},
+                    {"round": rnd, "evaluate": evaluate_clients},
                     arrays,
                     timeout,
                 )
                 bytes_down += wire.payload_bytes(arrays) * len(targets)
                 failed |= digest.failed
-                evaluated = digest.results if evaluate else {}
-            elif evaluate and targets:
+                phases.append(digest)
+                evaluated = digest.results if evaluate_clients else {}
+            elif evaluate_clients and targets:
                 ev = run_phase(
                     grid, node_of, targets, wire.MSG_EVALUATE, {"round": rnd}, {}, timeout
                 )
                 failed |= ev.failed
+                phases.append(ev)
                 evaluated = ev.results
             eval_bytes_up = sum(
                 r.arrays["test_logits"].nbytes
@@ -309,10 +323,18 @@ def _run_rounds(
         else:
             row["server_test_acc"] = None
         row.update(_client_metrics(evaluated))
+        row.update(strategy.round_metrics())
         if book is not None:
-            epsilons = book.epsilons()
-            row["epsilon"] = {str(c): e for c, e in epsilons.items()}
-            row["epsilon_max"] = max(epsilons.values()) if epsilons else 0.0
+            reports = book.reports()
+            row["epsilon"] = {str(c): r.epsilon for c, r in reports.items()}
+            row["epsilon_max"] = max(row["epsilon"].values()) if reports else 0.0
+            independent = [
+                r.epsilon_rdp_data_independent
+                for r in reports.values()
+                if r.epsilon_rdp_data_independent is not None
+            ]
+            if independent:  # PATE: the data-independent bound beside the data-dependent one
+                row["epsilon_data_independent_max"] = max(independent)
             row["clients_stopped"] = len(book.stopped)
             recorder.write_extra("ledgers.json", book.to_dict())
         clients_ok = len(set(ok) - failed)
@@ -327,6 +349,11 @@ def _run_rounds(
                 "train_loss_mean": float(np.mean(train_losses)) if train_losses else None,
                 "eval_bytes_up": eval_bytes_up,
                 "wall_s": time.perf_counter() - started,
+                # Learner seconds summed over nodes and phases, and the slowest node's per
+                # phase (the critical path when nodes run in parallel): wall_s minus it is the
+                # engine's overhead.
+                "learner_s": sum(sum(p.node_learner_s.values()) for p in phases),
+                "learner_max_s": sum(max(p.node_learner_s.values(), default=0.0) for p in phases),
             }
         )
         recorder.record_round(row)

@@ -8,6 +8,7 @@ the round and the run seed, so one client per node and cohorts give the same num
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 
@@ -18,12 +19,14 @@ from fedkd.data.splits import FederatedData
 from fedkd.knowledge.teachers import per_class_mean_logits
 from fedkd.learner.loop import (
     PHASE_DISTILL,
+    PHASE_INIT,
     PHASE_TRAIN,
     ClassTeacher,
     ClientState,
     StepConfig,
     accuracy,
     distill,
+    init_student,
     make_optimizer,
     predict_logits,
     seeded_generator,
@@ -31,7 +34,7 @@ from fedkd.learner.loop import (
 )
 from fedkd.privacy.dpsgd import DpSgdSettings, train_dpsgd
 
-UPLOADS = ("logits", "class_logits", "weights", "none")
+UPLOADS = ("logits", "class_logits", "weights", "votes", "none")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class CohortConfig:
     distill_temperature: float = 1.0
     # DP-SGD for private training (None: plain SGD); distillation is never charged.
     dp: DpSgdSettings | None = None
+    # PATE: teachers each client hosts, on disjoint shards of its private data.
+    teachers_per_client: int = 1
 
 
 @dataclass
@@ -110,6 +115,9 @@ class CohortLearner:
             raise ValueError(f"unknown upload '{upload}'; one of {', '.join(UPLOADS)}")
         results = {}
         for cid in client_ids:
+            if upload == "votes":
+                results[cid] = self._teacher_votes(round_num, cid, proxy_idx)
+                continue
             state = self._load(cid)
             client = self.data.clients[cid]
             gen = seeded_generator(self.config.seed, round_num, cid, PHASE_TRAIN)
@@ -162,6 +170,62 @@ class CohortLearner:
             self._save(state)
             results[cid] = result
         return results
+
+    def _teacher_votes(self, round_num: int, cid: int, proxy_idx: np.ndarray) -> ClientResult:
+        """PATE: train the client's teachers on disjoint shards, return their vote counts."""
+        cfg, client = self.config, self.data.clients[cid]
+        teachers = [
+            init_student(
+                cfg.arch_of(cid),
+                self.data.input_shape,
+                self.data.num_classes,
+                cfg.seed,
+                cid,
+                PHASE_INIT,
+                t,
+            )
+            for t in range(cfg.teachers_per_client)
+        ]
+        opts = [make_optimizer(m.parameters(), cfg.private.optim) for m in teachers]
+        blob = self.states.get(cid)
+        if blob is not None:
+            saved = torch.load(io.BytesIO(blob), weights_only=True)
+            for model, opt, sd in zip(teachers, opts, saved["teachers"], strict=True):
+                model.load_state_dict(sd["model"])
+                opt.load_state_dict(sd["opt"])
+        order = torch.randperm(
+            client.num_examples, generator=seeded_generator(cfg.seed, cid, PHASE_INIT, -1)
+        )
+        x_proxy = self.data.proxy_x[proxy_idx]
+        votes = np.zeros((len(proxy_idx), self.data.num_classes), dtype=np.float32)
+        losses = []
+        for t, (model, opt) in enumerate(zip(teachers, opts, strict=True)):
+            shard = order[t :: cfg.teachers_per_client].numpy()
+            gen = seeded_generator(cfg.seed, round_num, cid, PHASE_TRAIN, t)
+            stats = train_supervised(
+                model, opt, client.x_train[shard], client.y_train[shard], cfg.private, gen
+            )
+            losses.append(stats["loss"])
+            preds = predict_logits(model, x_proxy).argmax(dim=1).numpy()
+            votes[np.arange(len(preds)), preds] += 1
+        buf = io.BytesIO()
+        torch.save(
+            {
+                "teachers": [
+                    {"model": m.state_dict(), "opt": o.state_dict()}
+                    for m, o in zip(teachers, opts, strict=True)
+                ]
+            },
+            buf,
+        )
+        self.states[cid] = buf.getvalue()
+        return ClientResult(
+            arrays={"votes": votes},
+            metrics={
+                "num_examples": float(client.num_examples),
+                "train_loss": float(np.mean(losses)),
+            },
+        )
 
     def digest(
         self,

@@ -8,8 +8,10 @@ its budget stops contributing.
 
 from __future__ import annotations
 
-from fedkd.privacy.accountant import compute_epsilon, would_exceed_budget
-from fedkd.privacy.ledger import DpSgdEvent, PrivacyEvent, PrivacyLedger
+import dataclasses
+
+from fedkd.privacy.accountant import EpsilonReport, compute_epsilon, would_exceed_budget
+from fedkd.privacy.ledger import PrivacyEvent, PrivacyLedger
 
 
 class LedgerBook:
@@ -27,7 +29,8 @@ class LedgerBook:
         self.delta = delta
         self.budget_epsilon = budget_epsilon
         self.ledgers: dict[int, PrivacyLedger] = {}
-        self._last_dpsgd: dict[int, DpSgdEvent] = {}
+        # Each client's events of the last round it took part in: the cost of one more round.
+        self._last_round: dict[int, list[PrivacyEvent]] = {}
         self.stopped: set[int] = set()
 
     def _ledger(self, client_id: int) -> PrivacyLedger:
@@ -39,20 +42,20 @@ class LedgerBook:
 
     def record(self, client_id: int, event: PrivacyEvent) -> None:
         self._ledger(client_id).add(event)
-        if isinstance(event, DpSgdEvent):
-            self._last_dpsgd[client_id] = event
+        last = self._last_round.setdefault(client_id, [])
+        if last and last[0].round != event.round:
+            last.clear()
+        last.append(event)
 
     def planned_events(
-        self, client_id: int, round_num: int, extra: list[PrivacyEvent] | None = None
+        self, client_id: int, round_num: int, first_round: list[PrivacyEvent] | None = None
     ) -> list[PrivacyEvent]:
-        """What one more round would cost: the client's last DP-SGD round again, plus `extra`."""
-        planned: list[PrivacyEvent] = []
-        last = self._last_dpsgd.get(client_id)
-        if last is not None:
-            planned.append(
-                DpSgdEvent(last.sample_rate, last.noise_multiplier, last.steps, round_num)
-            )
-        return planned + list(extra or [])
+        """What one more round would cost: the client's last round's events again, or (before
+        its first round) `first_round`, the cost the server can foresee."""
+        last = self._last_round.get(client_id)
+        if not last:
+            return list(first_round or [])
+        return [dataclasses.replace(e, round=round_num) for e in last]
 
     def can_contribute(self, client_id: int, planned: list[PrivacyEvent]) -> bool:
         """False (and remembered) once the planned events would exceed the budget."""
@@ -65,11 +68,10 @@ class LedgerBook:
             return False
         return True
 
-    def epsilons(self) -> dict[int, float]:
-        """Cumulative epsilon of every client with a ledger."""
+    def reports(self) -> dict[int, EpsilonReport]:
+        """Cumulative epsilon (with the accountant's details) of every client with a ledger."""
         return {
-            cid: compute_epsilon(ledger, self.delta).epsilon
-            for cid, ledger in sorted(self.ledgers.items())
+            cid: compute_epsilon(ledger, self.delta) for cid, ledger in sorted(self.ledgers.items())
         }
 
     def to_dict(self) -> dict:

@@ -1,0 +1,114 @@
+"""PATE: Private Aggregation of Teacher Ensembles (Papernot et al., 2017 and 2018).
+
+Each client hosts teachers trained on disjoint shards of its private data and returns their
+vote counts on the round's proxy queries. The server sums the votes and answers a query only
+through (Confident-)GNMax: the noisy maximum vote must clear a threshold (noise sigma1), then
+the label is the noisy argmax (noise sigma2). Only answered labels are released; the server
+student learns from them, and optionally from its own confident predictions on the unanswered
+inputs (self-training; post-processing, so free of privacy cost).
+
+Privacy: one example of any client changes one teacher's vote, so every contributing client
+is charged the same Renyi-DP curve per batch of queries: the data-dependent bound of
+Papernot et al. 2018 (Theorem 6 with Proposition 7), with the data-independent bound beside it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedkd.learner.cohort import ClientResult
+from fedkd.learner.loop import PHASE_SAMPLE, seeded_generator
+from fedkd.privacy.pate import confident_gnmax, gnmax_aggregate, pate_query_event
+from strategies.base import LocalPlan, Strategy
+
+
+class PATE(Strategy):
+    """Confident-GNMax over the clients' teachers; a server student on the answered labels.
+
+    Parameters
+    ----------
+    threshold : float, default 0.0
+        Confident-GNMax threshold T on the noisy maximum vote; 0 = plain GNMax (every query
+        answered).
+    sigma_threshold : float, default 150.0
+        Noise std sigma1 of the threshold check.
+    sigma : float, default 40.0
+        Noise std sigma2 of the noisy argmax.
+    self_training_confidence : float, default 0.0
+        If > 0, unanswered proxy inputs on which the server student's softmax confidence
+        reaches this value are added with the student's own labels.
+    **kwargs
+        See `strategies.base.Strategy`; a ``server_student`` is required.
+    """
+
+    name = "pate"
+    upload = "votes"
+    has_teacher = False
+    evaluates_clients = False  # clients hold teacher ensembles, not one student
+
+    def __init__(
+        self,
+        *args,
+        threshold: float = 0.0,
+        sigma_threshold: float = 150.0,
+        sigma: float = 40.0,
+        self_training_confidence: float = 0.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if self.server_student is None:
+            raise ValueError("pate needs a server student (spec: server.student)")
+        self.threshold = threshold
+        self.sigma_threshold = sigma_threshold
+        self.sigma = sigma
+        self.self_training_confidence = self_training_confidence
+        # Released label per proxy input (-1: never answered).
+        self.labels = np.full(len(self.data.proxy_x), -1, dtype=np.int64)
+        self.queries = 0
+
+    def plan_local(self, round_num: int) -> LocalPlan:
+        self._proxy_idx = self._sample_proxy(round_num)
+        return LocalPlan(upload=self.upload, proxy_idx=self._proxy_idx)
+
+    def aggregate(self, round_num: int, updates: dict[int, ClientResult]) -> None:
+        votes = torch.from_numpy(sum(updates[c].arrays["votes"] for c in sorted(updates)))
+        gen = seeded_generator(self.seed, round_num, PHASE_SAMPLE, 3)
+        if self.threshold > 0:
+            labels, answered = confident_gnmax(
+                votes, self.threshold, self.sigma_threshold, self.sigma, gen
+            )
+            event = pate_query_event(
+                votes, answered, self.sigma_threshold, self.sigma, round=round_num
+            )
+        else:
+            labels = gnmax_aggregate(votes, self.sigma, gen)
+            answered = torch.ones(len(labels), dtype=torch.bool)
+            event = pate_query_event(votes, None, None, self.sigma, round=round_num)
+        self._release_events = {cid: [event] for cid in updates}
+        answered_np = answered.numpy().astype(bool)
+        self.labels[self._proxy_idx[answered_np]] = labels.numpy()[answered_np]
+        self.queries += len(self._proxy_idx)
+        self._fit_student(round_num)
+
+    def _fit_student(self, round_num: int) -> None:
+        known = np.flatnonzero(self.labels >= 0)
+        if len(known) == 0:
+            return
+        x, y = self.data.proxy_x[known], self.labels[known]
+        if self.self_training_confidence > 0:
+            rest = np.flatnonzero(self.labels < 0)
+            if len(rest):
+                probs = torch.softmax(self.server_student.logits(self.data.proxy_x[rest]), dim=1)
+                conf, pseudo = probs.max(dim=1)
+                keep = (conf >= self.self_training_confidence).numpy()
+                x = np.concatenate([x, self.data.proxy_x[rest[keep]]])
+                y = np.concatenate([y, pseudo.numpy()[keep]])
+        self.server_student.fit_labels(round_num, x, y)
+
+    @property
+    def answered(self) -> int:
+        return int((self.labels >= 0).sum())
+
+    def round_metrics(self) -> dict[str, float]:
+        return {"pate_answered": float(self.answered), "pate_queries": float(self.queries)}

@@ -1,0 +1,71 @@
+"""PATE end to end through the round loop: teachers vote, Confident-GNMax answers, ledgers."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedkd.privacy.accountant import compute_epsilon
+from fedkd.privacy.ledger import PrivacyLedger
+from tests.test_engine import run_inprocess
+
+PATE = [
+    "algorithm.name=pate",
+    "algorithm.teachers_per_client=5",
+    "train.epochs=10",
+    "data.partition=iid",
+    "distill.proxy_per_round=100",
+    "server.student=mlp",
+    "server.epochs=20",
+]
+
+
+def test_confident_gnmax_answers_some_queries_and_charges_every_client(tmp_path):
+    # 20 teachers; a threshold strong consensus clears, little noise: answered labels are good.
+    _, summary, rows, _ = run_inprocess(
+        tmp_path,
+        [
+            *PATE,
+            "algorithm.pate_threshold=12",
+            "algorithm.pate_sigma_threshold=4",
+            "algorithm.pate_sigma=2",
+        ],
+    )
+    final = rows[-1]
+    assert final["pate_queries"] == 200
+    assert 0 < final["pate_answered"] < 200
+    assert final["server_test_acc"] > 0.6  # chance is 0.1
+    book = json.loads((tmp_path / "run" / "ledgers.json").read_text())
+    assert sorted(book["ledgers"]) == ["0", "1", "2", "3"]
+    for cid, saved in book["ledgers"].items():
+        ledger = PrivacyLedger.from_dict(saved)
+        assert [e.kind for e in ledger.events] == ["pate_query", "pate_query"]
+        report = compute_epsilon(ledger)
+        assert final["epsilon"][cid] == pytest.approx(report.epsilon, rel=1e-6)
+        assert report.epsilon_rdp_data_independent >= report.epsilon
+    assert final["epsilon_data_independent_max"] >= final["epsilon_max"] > 0
+
+
+def test_more_noise_answers_fewer_queries_at_lower_epsilon(tmp_path):
+    _, _, quiet, _ = run_inprocess(
+        tmp_path,
+        [
+            *PATE,
+            "algorithm.pate_threshold=12",
+            "algorithm.pate_sigma_threshold=4",
+            "algorithm.pate_sigma=2",
+        ],
+        name="quiet",
+    )
+    _, _, noisy, _ = run_inprocess(
+        tmp_path,
+        [
+            *PATE,
+            "algorithm.pate_threshold=12",
+            "algorithm.pate_sigma_threshold=40",
+            "algorithm.pate_sigma=20",
+        ],
+        name="noisy",
+    )
+    assert noisy[-1]["epsilon_max"] < quiet[-1]["epsilon_max"]
+    assert np.isfinite(noisy[-1]["server_test_acc"])
