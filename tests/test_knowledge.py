@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,15 +24,6 @@ from fedkd.knowledge import (
     soft_targets,
     trimmed_mean_logits,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    # Tiny tensors: on a shared, busy CPU, intra-op threads only spin-wait on each other.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -27,16 +26,6 @@ EXPECTED_COUNTS = {
     "cnn_large": {MNIST: 611_146, DIGITS: 58_186, MNIST1D: 128_746},
     "resnet_gn": {MNIST: 77_754, DIGITS: 77_754, MNIST1D: 28_506},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    # These models are tiny: on a shared, busy CPU, intra-op threads spin-wait on each other
-    # and make the module about 5x slower than one thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _model(name: str, shape: tuple[int, ...], seed: int = 0) -> nn.Module:

@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedkd.apps import wire
-from fedkd.apps.build import cohort_config, eval_test_indices, federated_data, hosted_clients
+from fedkd.apps.build import cohort_config, eval_test_indices, hosted_clients, node_data
 from fedkd.apps.run_config import spec_from_run_config
 from fedkd.learner.cohort import ClientResult, CohortLearner
 from fedkd.learner.loop import ClassTeacher
@@ -63,7 +63,9 @@ def _node_clients(spec: Spec, context: Context) -> list[int]:
 def _learner(spec: Spec, context: Context) -> CohortLearner:
     """The node's cohort learner: the per-client loop, or torch.func over stacked clients."""
     torch.set_num_threads(max(1, int(spec.resources.num_cpus)))
-    data, config, store = federated_data(spec), cohort_config(spec), NodeStateStore(context)
+    # The run's data, or (deployment, node config data-path) with the site's own private data.
+    data = node_data(spec, context.node_config)
+    config, store = cohort_config(spec), NodeStateStore(context)
     r = spec.resources
     if r.learner == "vectorised":
         return VectorisedCohortLearner(data, config, store, device=r.device, precision=r.precision)
@@ -82,14 +84,21 @@ def _reply(results: dict[int, ClientResult], started: float, msg: Message) -> Me
     return Message(content=wire.results_to_record(results), reply_to=msg)
 
 
-def _check_hosted(spec: Spec, context: Context, client_ids: list[int]) -> None:
+def _parse(
+    spec: Spec, msg: Message, context: Context
+) -> tuple[dict, dict[str, np.ndarray], list[int]]:
+    """A request's config, arrays and client ids, checked against the clients this node hosts."""
+    config, arrays = wire.parse_request(msg.content)
+    client_ids = [int(c) for c in config["client_ids"]]
     foreign = set(client_ids) - set(_node_clients(spec, context))
     if foreign:
         raise ValueError(f"asked to run clients {sorted(foreign)} that this node does not host")
+    return config, arrays, client_ids
 
 
 def handle_hello(spec: Spec, msg: Message, context: Context) -> Message:
     clients = _node_clients(spec, context)
+    node_data(spec, context.node_config)  # a site file that does not fit fails here, not later
     return Message(
         content=RecordDict({"config": ConfigRecord({"client_ids": clients})}), reply_to=msg
     )
@@ -97,9 +106,7 @@ def handle_hello(spec: Spec, msg: Message, context: Context) -> Message:
 
 def handle_local(spec: Spec, msg: Message, context: Context) -> Message:
     started = time.perf_counter()
-    config, arrays = wire.parse_request(msg.content)
-    client_ids = [int(c) for c in config["client_ids"]]
-    _check_hosted(spec, context, client_ids)
+    config, arrays, client_ids = _parse(spec, msg, context)
     class_teacher = None
     if "class_logits" in arrays:
         class_teacher = ClassTeacher(
@@ -120,9 +127,7 @@ def handle_local(spec: Spec, msg: Message, context: Context) -> Message:
 
 def handle_digest(spec: Spec, msg: Message, context: Context) -> Message:
     started = time.perf_counter()
-    config, arrays = wire.parse_request(msg.content)
-    client_ids = [int(c) for c in config["client_ids"]]
-    _check_hosted(spec, context, client_ids)
+    config, arrays, client_ids = _parse(spec, msg, context)
     learner = _learner(spec, context)
     weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")}
     results = learner.digest(
@@ -142,12 +147,17 @@ def handle_digest(spec: Spec, msg: Message, context: Context) -> Message:
 
 def handle_evaluate(spec: Spec, msg: Message, context: Context) -> Message:
     started = time.perf_counter()
-    config, _ = wire.parse_request(msg.content)
-    client_ids = [int(c) for c in config["client_ids"]]
-    _check_hosted(spec, context, client_ids)
+    config, _, client_ids = _parse(spec, msg, context)
     learner = _learner(spec, context)
     results = learner.evaluate(client_ids, eval_test_indices(spec, len(learner.data.test_y)))
     return _reply(results, started, msg)
+
+
+def handle_export(spec: Spec, msg: Message, context: Context) -> Message:
+    """The audited clients' final student weights (``query.export``, end of an audited run)."""
+    config, _, client_ids = _parse(spec, msg, context)
+    results = _learner(spec, context).export(client_ids)
+    return Message(content=wire.results_to_record(results), reply_to=msg)
 
 
 def make_client_app(spec: Spec | None = None) -> ClientApp:
@@ -172,6 +182,10 @@ def make_client_app(spec: Spec | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(_spec(context), msg, context)
+
+    @app.query("export")
+    def export(msg: Message, context: Context) -> Message:
+        return handle_export(_spec(context), msg, context)
 
     return app
 

@@ -8,6 +8,7 @@ or cohort runs it.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,6 +148,30 @@ class ClassTeacher:
     temperature: float = 1.0
 
 
+def fit_batches(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    n: int,
+    step: StepConfig,
+    gen: torch.Generator,
+    batch_loss: Callable[[Tensor], Tensor],
+) -> dict[str, float]:
+    """`step.epochs` passes over n examples in seeded minibatches; `batch_loss(idx)` gives the
+    loss of one batch. Returns the example-weighted mean loss and the number of steps."""
+    model.train()
+    total, steps, seen = 0.0, 0, 0
+    for _ in range(step.epochs):
+        for idx in _batches(n, step.batch_size, gen):
+            loss = batch_loss(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            steps += 1
+    return {"loss": total / max(seen, 1), "steps": float(steps)}
+
+
 def train_supervised(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -158,30 +183,24 @@ def train_supervised(
 ) -> dict[str, float]:
     """Cross-entropy training on (x, y); optional FD regulariser. Returns mean loss and steps."""
     x, y = as_tensor(x), as_tensor(y)
-    model.train()
-    total, steps, seen = 0.0, 0, 0
-    for _ in range(step.epochs):
-        for idx in _batches(len(y), step.batch_size, gen):
-            xb, yb = x[idx], y[idx]
-            out = model(xb)
-            loss = nn.functional.cross_entropy(out, yb)
-            if class_teacher is not None:
-                keep = class_teacher.present[yb]
-                if keep.any():
-                    # Bounded digest: KL to the tempered class-average distribution, never
-                    # cross-entropy on raw averaged logits (which diverges).
-                    temperature = class_teacher.temperature
-                    targets = soft_targets(class_teacher.logits[yb[keep]], temperature)
-                    loss = loss + class_teacher.weight * kl_distillation_loss(
-                        out[keep], targets, temperature
-                    )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-            steps += 1
-    return {"loss": total / max(seen, 1), "steps": float(steps)}
+
+    def batch_loss(idx: Tensor) -> Tensor:
+        xb, yb = x[idx], y[idx]
+        out = model(xb)
+        loss = nn.functional.cross_entropy(out, yb)
+        if class_teacher is not None:
+            keep = class_teacher.present[yb]
+            if keep.any():
+                # Bounded digest: KL to the tempered class-average distribution, never
+                # cross-entropy on raw averaged logits (which diverges).
+                temperature = class_teacher.temperature
+                targets = soft_targets(class_teacher.logits[yb[keep]], temperature)
+                loss = loss + class_teacher.weight * kl_distillation_loss(
+                    out[keep], targets, temperature
+                )
+        return loss
+
+    return fit_batches(model, opt, len(y), step, gen, batch_loss)
 
 
 def distill(
@@ -196,18 +215,11 @@ def distill(
 ) -> dict[str, float]:
     """Fit the model's outputs on x to the teacher's (N, C) logits."""
     x, teacher = as_tensor(x), as_tensor(teacher_logits).float()
-    model.train()
-    total, steps, seen = 0.0, 0, 0
-    for _ in range(step.epochs):
-        for idx in _batches(len(x), step.batch_size, gen):
-            loss = distillation_loss(loss_kind, model(x[idx]), teacher[idx], temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-            steps += 1
-    return {"loss": total / max(seen, 1), "steps": float(steps)}
+
+    def batch_loss(idx: Tensor) -> Tensor:
+        return distillation_loss(loss_kind, model(x[idx]), teacher[idx], temperature)
+
+    return fit_batches(model, opt, len(x), step, gen, batch_loss)
 
 
 @torch.no_grad()
