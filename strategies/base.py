@@ -32,6 +32,8 @@ class LocalPlan:
     # FD only: the global per-class logits (C, C) and which classes are present (C,).
     class_logits: np.ndarray | None = None
     class_present: np.ndarray | None = None
+    # FedAvg only: the global model every client starts the round from.
+    global_weights: dict[str, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,6 @@ class DigestPayload:
 
     proxy_idx: np.ndarray | None = None
     teacher_logits: np.ndarray | None = None
-    global_weights: dict[str, np.ndarray] | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
@@ -56,7 +57,6 @@ class DigestPayload:
             out["proxy_idx"] = self.proxy_idx
         if self.teacher_logits is not None:
             out["teacher_logits"] = self.teacher_logits
-        out.update({f"w.{k}": v for k, v in (self.global_weights or {}).items()})
         return out
 
 

@@ -1,8 +1,9 @@
 """FedAvg (McMahan et al., 2017): the weight-exchanging baseline.
 
 Runs through the same engine, data and metrics as the logit strategies, for one shared
-architecture: clients upload their weights after local training, the server averages them
-weighted by example counts, and clients start the next round from the average.
+architecture: every round the server sends the global model with the training request (in the
+first round its initialisation, so that all clients start from the same weights), clients train
+it locally and upload their weights, and the server averages them weighted by example counts.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from fedkd.learner.cohort import ClientResult
 from fedkd.learner.loop import PHASE_INIT, accuracy, init_student, predict_logits
-from strategies.base import DigestPayload, Strategy
+from strategies.base import LocalPlan, Strategy
 
 
 class FedAvg(Strategy):
@@ -36,24 +37,23 @@ class FedAvg(Strategy):
         self.global_model = init_student(
             arch, self.data.input_shape, self.data.num_classes, self.seed, -2, PHASE_INIT
         )
-        self._global: dict[str, np.ndarray] | None = None
+
+    def plan_local(self, round_num: int) -> LocalPlan:
+        weights = {k: v.detach().numpy().copy() for k, v in self.global_model.state_dict().items()}
+        return LocalPlan(upload=self.upload, global_weights=weights)
 
     def aggregate(self, round_num: int, updates: dict[int, ClientResult]) -> None:
         ids = sorted(updates)
         weights = np.array([updates[c].metrics["num_examples"] for c in ids], dtype=np.float64)
         weights /= weights.sum()
-        keys = updates[ids[0]].arrays.keys()
-        self._global = {
+        averaged = {
             k: sum(
                 w * updates[c].arrays[k].astype(np.float64)
                 for c, w in zip(ids, weights, strict=True)
             ).astype(updates[ids[0]].arrays[k].dtype)
-            for k in keys
+            for k in updates[ids[0]].arrays
         }
-        self.global_model.load_state_dict({k: torch.from_numpy(v) for k, v in self._global.items()})
-
-    def digest_payload(self, round_num: int) -> DigestPayload | None:
-        return None if self._global is None else DigestPayload(global_weights=self._global)
+        self.global_model.load_state_dict({k: torch.from_numpy(v) for k, v in averaged.items()})
 
     def server_test_acc(self) -> float | None:
         return accuracy(predict_logits(self.global_model, self.data.test_x), self.data.test_y)

@@ -167,3 +167,25 @@ def test_recorder_refuses_to_overwrite_a_run(tmp_path):
     run_inprocess(tmp_path, [])
     with pytest.raises(FileExistsError, match="already holds a run"):
         RunRecorder(tmp_path / "run", load_spec())
+
+
+def test_fedavg_clients_start_every_round_from_the_global_model(tmp_path):
+    """Averaging independently initialised networks is meaningless: the server's model
+    travels with every training request, round 1 included."""
+    _, _, rows, grid = run_inprocess(
+        tmp_path,
+        [
+            "algorithm.name=fedavg",
+            "clients.students=cnn_small",
+            "data.partition=iid",
+            "rounds=3",
+            "train.epochs=5",
+        ],
+    )
+    local = [m for m in grid.sent if m.metadata.message_type == MSG_LOCAL]
+    weights = [k for k in local[0].content["payload"].keys() if k.startswith("w.")]
+    assert weights, "round 1 carries the global initialisation"
+    model_bytes = sum(local[0].content["payload"][k].numpy().nbytes for k in weights)
+    assert rows[0]["bytes_down"] == 4 * model_bytes
+    assert rows[0]["bytes_up_per_client"] == model_bytes
+    assert rows[-1]["server_test_acc"] > 0.6  # chance is 0.1

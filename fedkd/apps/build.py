@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from fedkd.audit.canary import with_canaries
+from fedkd.data.site import SITE_KEY, load_site_data
+from fedkd.data.sources import DataError
 from fedkd.data.splits import FederatedData, load_federated_data
 from fedkd.learner.cohort import CohortConfig
 from fedkd.learner.loop import PHASE_EVAL, OptimConfig, StepConfig, derive_seed
@@ -99,6 +106,83 @@ def ledger_book(spec: Spec) -> LedgerBook | None:
 def hosted_clients(spec: Spec, partition_id: int, num_partitions: int) -> list[int]:
     """Clients node `partition_id` of `num_partitions` hosts: ids congruent to it."""
     return [c for c in range(spec.clients.num_clients) if c % num_partitions == partition_id]
+
+
+def node_clients(spec: Spec, node_config: Mapping[str, Any]) -> list[int]:
+    """The clients a SuperNode hosts, from its ``partition-id`` and ``num-partitions``."""
+    partition_id = int(node_config.get("partition-id", 0))
+    num_partitions = int(node_config.get("num-partitions", spec.num_nodes))
+    return hosted_clients(spec, partition_id, num_partitions)
+
+
+# (id of the run's data, site file, its mtime, client) -> (run's data, node's data)
+_NODE_DATA: dict[tuple[int, str, int, int], tuple[FederatedData, FederatedData]] = {}
+
+
+def node_data(spec: Spec, node_config: Mapping[str, Any]) -> FederatedData:
+    """The data a SuperNode's learner works on.
+
+    Without ``data-path`` in the node config: the run's data (the client trains on the spec's
+    partition with its id). With it, the node hosts exactly one client, which trains on the
+    site's own ``.npz`` (see :mod:`fedkd.data.site`); the proxy and global test sets stay the
+    spec's, since every party holds them.
+
+    Parameters
+    ----------
+    spec : Spec
+        The run's spec.
+    node_config : Mapping
+        The SuperNode's node config (``partition-id``, ``num-partitions``, ``data-path``).
+
+    Returns
+    -------
+    FederatedData
+        The run's data, or a copy whose hosted client's private data is the site's.
+
+    Raises
+    ------
+    DataError
+        If the node hosts other than one client with a site file, or the file does not fit.
+    """
+    data = federated_data(spec)
+    path = str(node_config.get(SITE_KEY, "") or "")
+    if not path:
+        return data
+    hosted = node_clients(spec, node_config)
+    if len(hosted) != 1:
+        raise DataError(
+            f"node config {SITE_KEY}: a SuperNode with its own data file hosts exactly one "
+            f"client, but this one hosts {len(hosted)} ({hosted[:5]}); start one SuperNode per "
+            "client (clients.clients_per_node = 1, num-partitions = clients.num_clients)"
+        )
+    cid = hosted[0]
+    try:
+        mtime = Path(path).expanduser().stat().st_mtime_ns
+    except OSError:
+        mtime = -1  # load_site_data reports the missing file
+    key = (id(data), path, mtime, cid)
+    hit = _NODE_DATA.get(key)
+    if hit is not None and hit[0] is data:
+        return hit[1]
+    site = load_site_data(
+        path,
+        client_id=cid,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        input_mean=data.input_mean,
+        input_std=data.input_std,
+        local_test_fraction=spec.data.local_test_fraction,
+        seed=spec.seed,
+    )
+    clients = list(data.clients)
+    clients[cid] = site
+    local = dataclasses.replace(data, clients=clients)
+    a = spec.audit
+    if a.enabled and a.canaries > 0 and a.client == cid:
+        # The canaries go into the data this client really trains on: the site's.
+        local = with_canaries(local, cid, a.canaries, spec.seed)
+    _NODE_DATA[key] = (data, local)
+    return local
 
 
 def eval_test_indices(spec: Spec, num_test: int) -> np.ndarray:

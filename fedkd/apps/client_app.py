@@ -115,7 +115,11 @@ def handle_local(spec: Spec, msg: Message, context: Context) -> Message:
             weight=spec.algorithm.fd_weight,
             temperature=spec.distill.temperature,
         )
-    results = _learner(spec, context).local_round(
+    learner = _learner(spec, context)
+    weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")}
+    if weights:  # FedAvg: every client starts the round from the global model
+        learner.digest(int(config["round"]), client_ids, global_weights=weights)
+    results = learner.local_round(
         int(config["round"]),
         client_ids,
         str(config["upload"]),
@@ -129,13 +133,11 @@ def handle_digest(spec: Spec, msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     config, arrays, client_ids = _parse(spec, msg, context)
     learner = _learner(spec, context)
-    weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")}
     results = learner.digest(
         int(config["round"]),
         client_ids,
         proxy_idx=arrays["proxy_idx"].astype(np.int64) if "proxy_idx" in arrays else None,
         teacher_logits=arrays.get("teacher_logits"),
-        global_weights=weights or None,
     )
     if config.get("evaluate", False):
         test_idx = eval_test_indices(spec, len(learner.data.test_y))

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedkd.apps import wire
 from fedkd.apps.build import build_strategy, eval_test_indices, federated_data, ledger_book
 from fedkd.apps.run_config import spec_from_run_config
+from fedkd.audit.run_audit import audit_run, render_text, save_student
 from fedkd.learner.cohort import ClientResult
 from fedkd.learner.loop import PHASE_SAMPLE, accuracy, derive_seed
 from fedkd.privacy.book import LedgerBook
@@ -66,10 +67,17 @@ def discover_clients(grid: Grid, spec: Spec, timeout: float) -> dict[int, int]:
             ]
             for reply in grid.send_and_receive(msgs, timeout=timeout):
                 if reply.has_error():
+                    # Not marked as asked: a node that went away, or whose ClientApp failed
+                    # (e.g. a site file that does not fit), is asked again until the deadline.
+                    log.warning(
+                        "node %s did not say which clients it hosts: %s",
+                        _reply_node(reply, msgs),
+                        reply.error.reason,
+                    )
                     continue
+                asked.add(reply.metadata.src_node_id)
                 for cid in reply.content["config"]["client_ids"]:
                     node_of[int(cid)] = reply.metadata.src_node_id
-            asked.update(new)
         if time.monotonic() > deadline:
             missing = sorted(set(range(spec.clients.num_clients)) - set(node_of))
             raise FederationError(
@@ -80,6 +88,22 @@ def discover_clients(grid: Grid, spec: Spec, timeout: float) -> dict[int, int]:
         if len(node_of) < spec.clients.num_clients:
             time.sleep(0.5)
     return node_of
+
+
+def _reply_node(reply: Message, sent: list[Message]) -> int:
+    """The node a reply answers for.
+
+    A reply's source is not always the node: when a node stops sending heartbeats, the
+    SuperLink itself answers its messages with a "node unavailable" error, from the SuperLink's
+    id. The message it replies to (its id is set when the grid pushes it) names the node.
+    """
+    for msg in sent:
+        if (
+            msg.metadata.message_id
+            and msg.metadata.message_id == reply.metadata.reply_to_message_id
+        ):
+            return msg.metadata.dst_node_id
+    return reply.metadata.src_node_id
 
 
 def _finite(result: ClientResult) -> bool:
@@ -119,11 +143,11 @@ def run_phase(
     outcome = PhaseOutcome()
     replied: set[int] = set()
     for reply in grid.send_and_receive(msgs, timeout=timeout):
-        node = reply.metadata.src_node_id
+        node = _reply_node(reply, msgs)
         replied.add(node)
         if reply.has_error():
             log.warning("node %s failed in %s: %s", node, message_type, reply.error.reason)
-            outcome.failed.update(by_node[node])
+            outcome.failed.update(by_node.get(node, []))
             continue
         node_results = wire.record_to_results(reply.content)
         outcome.node_learner_s[node] = sum(
@@ -215,7 +239,38 @@ def run_rounds(
     except Exception as err:
         recorder.finish(status="failed", error=f"{type(err).__name__}: {err}")
         raise
+    if spec.audit.enabled:
+        audit_at_end(recorder)
     return summary
+
+
+def export_audited(
+    grid: Grid, node_of: dict[int, int], spec: Spec, recorder: RunRecorder, timeout: float
+) -> None:
+    """Ask the audited client's node for its final student and keep it in the run folder."""
+    cid = spec.audit.client
+    outcome = run_phase(grid, node_of, [cid], wire.MSG_EXPORT, {"round": spec.rounds}, {}, timeout)
+    if cid not in outcome.results:
+        log.warning("audit: client %d did not send its final student; nothing to audit", cid)
+        return
+    res = outcome.results[cid]
+    save_student(
+        recorder.dir,
+        cid,
+        spec.student_for(cid),
+        res.arrays,
+        int(res.metrics.get("rounds_trained", spec.rounds)),
+    )
+
+
+def audit_at_end(recorder: RunRecorder) -> None:
+    """Run `fedkd audit` on the finished run; a failed audit never fails the run."""
+    try:
+        result = audit_run(recorder.dir)
+    except Exception as err:  # the run's results are complete; say why the audit is missing
+        log.warning("audit failed: %s: %s", type(err).__name__, err)
+        return
+    log.warning("%s\n(audit.json in %s)", render_text(result), recorder.dir)
 
 
 def _run_rounds(
@@ -249,6 +304,8 @@ def _run_rounds(
             if plan.class_logits is not None:
                 plan_arrays["class_logits"] = plan.class_logits.astype(np.float32)
                 plan_arrays["class_present"] = plan.class_present.astype(np.uint8)
+            if plan.global_weights is not None:
+                plan_arrays.update({f"w.{k}": v for k, v in plan.global_weights.items()})
             local = run_phase(
                 grid,
                 node_of,
@@ -359,6 +416,8 @@ def _run_rounds(
         recorder.record_round(row)
         if on_round is not None:
             on_round(rnd, row)
+    if spec.audit.enabled and strategy.uses_clients:
+        export_audited(grid, node_of, spec, recorder, timeout)
     return recorder.finish()
 
 

@@ -19,6 +19,8 @@ MSG_HELLO = "query.hello"
 MSG_LOCAL = "train.local"
 MSG_DIGEST = "train.digest"
 MSG_EVALUATE = "evaluate"
+# After the last round, with [audit] enabled: the audited client's final student weights.
+MSG_EXPORT = "query.export"
 
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
