@@ -36,7 +36,8 @@ def test_mnist_specs_share_data_partition_and_seed(mnist_path):
     for path in sorted((REPO / "simulations" / "mnist").glob("*.toml")):
         spec = load_spec(path)
         assert spec.data == base.data and spec.seed == base.seed, path
-        assert spec.clients.num_clients == 20 and spec.rounds == base.rounds
+        assert spec.clients.num_clients == 20
+        assert spec.rounds == base.rounds or spec.algorithm.name == "centralized"
         assert spec.algorithm.name == path.stem
 
 
