@@ -470,7 +470,8 @@ def _validate_audit(spec: Spec) -> None:
         raise SpecError(
             f"audit.client: {a.client} is not a client id in 0..{spec.clients.num_clients - 1}"
         )
-    _positive("audit.canaries", a.canaries, zero_ok=True)
+    if a.canaries < 0 or a.canaries == 1:
+        raise SpecError(f"audit.canaries: 0 (none) or at least 2, got {a.canaries}")
     _positive("audit.max_targets", a.max_targets, zero_ok=True)
     if a.shadows < 2:
         raise SpecError(f"audit.shadows: offline LiRA needs at least 2, got {a.shadows}")

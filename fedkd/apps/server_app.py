@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedkd.apps import wire
 from fedkd.apps.build import build_strategy, eval_test_indices, federated_data, ledger_book
 from fedkd.apps.run_config import spec_from_run_config
-from fedkd.audit.run_audit import audit_run, render_text, save_student
+from fedkd.audit.run_audit import audit_run, render_text, save_student, save_teachers
 from fedkd.learner.cohort import ClientResult
 from fedkd.learner.loop import PHASE_SAMPLE, accuracy, derive_seed
 from fedkd.privacy.book import LedgerBook
@@ -245,9 +245,15 @@ def run_rounds(
 
 
 def export_audited(
-    grid: Grid, node_of: dict[int, int], spec: Spec, recorder: RunRecorder, timeout: float
+    grid: Grid,
+    node_of: dict[int, int],
+    spec: Spec,
+    recorder: RunRecorder,
+    timeout: float,
+    teachers: dict[int, dict[str, np.ndarray]],
 ) -> None:
-    """Ask the audited client's node for its final student and keep it in the run folder."""
+    """Keep the audited client's final student (asked from its node) and the digests it got."""
+    save_teachers(recorder.dir, teachers)
     cid = spec.audit.client
     outcome = run_phase(grid, node_of, [cid], wire.MSG_EXPORT, {"round": spec.rounds}, {}, timeout)
     if cid not in outcome.results:
@@ -283,6 +289,7 @@ def _run_rounds(
     test_idx = eval_test_indices(spec, len(data.test_y))
     test_y = data.test_y[test_idx]
     book = ledger_book(spec)
+    audit_teachers: dict[int, dict[str, np.ndarray]] = {}
 
     for rnd in range(1, spec.rounds + 1):
         started = time.perf_counter()
@@ -345,6 +352,8 @@ def _run_rounds(
                 arrays = payload.arrays()
                 if "proxy_idx" in arrays:
                     arrays["proxy_idx"] = arrays["proxy_idx"].astype(np.int32)
+                if spec.audit.enabled and spec.audit.client in targets:
+                    audit_teachers[rnd] = arrays  # the audit's shadows replay this digest
                 digest = run_phase(
                     grid,
                     node_of,
@@ -417,7 +426,7 @@ def _run_rounds(
         if on_round is not None:
             on_round(rnd, row)
     if spec.audit.enabled and strategy.uses_clients:
-        export_audited(grid, node_of, spec, recorder, timeout)
+        export_audited(grid, node_of, spec, recorder, timeout, audit_teachers)
     return recorder.finish()
 
 

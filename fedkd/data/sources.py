@@ -40,6 +40,9 @@ class ArrayDataset:
         ``int64`` labels of shape ``(N,)`` in ``[0, num_classes)``.
     num_classes : int
         Number of classes.
+    input_mean, input_std : float
+        The scalar statistics the inputs were standardised with, so that data arriving later
+        (a deployment site's own file) can be brought to the same scale.
     """
 
     name: str
@@ -48,6 +51,8 @@ class ArrayDataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    input_mean: float = 0.0
+    input_std: float = 1.0
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -330,4 +335,6 @@ def _finalise(
         x_test=x_test,
         y_test=y_test,
         num_classes=int(num_classes),
+        input_mean=mean,
+        input_std=std,
     )

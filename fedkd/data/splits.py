@@ -82,6 +82,8 @@ class FederatedData:
         Per-client data, indexed by client id.
     proxy_indices : np.ndarray
         Positions of the proxy examples in the source's ``x_train`` (bookkeeping).
+    input_mean, input_std : float
+        The source's standardisation statistics (see :class:`fedkd.data.sources.ArrayDataset`).
     """
 
     dataset_name: str
@@ -93,6 +95,8 @@ class FederatedData:
     test_y: np.ndarray
     clients: list[ClientData]
     proxy_indices: np.ndarray = field(default_factory=_empty_index)
+    input_mean: float = 0.0
+    input_std: float = 1.0
 
     def pooled_train(self) -> tuple[np.ndarray, np.ndarray]:
         """All clients' private training data together (the centralised baseline).
@@ -210,6 +214,8 @@ def build_federated_data(
         test_y=dataset.y_test,
         clients=clients,
         proxy_indices=proxy_idx,
+        input_mean=dataset.input_mean,
+        input_std=dataset.input_std,
     )
 
 

@@ -282,3 +282,16 @@ class CohortLearner:
                 },
             )
         return results
+
+    def export(self, client_ids: list[int]) -> dict[int, ClientResult]:
+        """Each client's current student weights (for the privacy audit at the end of a run)."""
+        results = {}
+        for cid in client_ids:
+            state = self._load(cid)
+            results[cid] = ClientResult(
+                arrays={
+                    k: v.detach().cpu().numpy().copy() for k, v in state.model.state_dict().items()
+                },
+                metrics={"rounds_trained": float(state.rounds_trained)},
+            )
+        return results

@@ -25,7 +25,11 @@ config with ``dp`` set falls back to the reference loop for private training.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import pickle
+import types
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -162,9 +166,7 @@ class FunctionalSGD:
             return {}  # torch keeps no state for plain SGD
         bufs, has = {}, {}
         for i, p in enumerate(params.values()):
-            flags = [
-                s.get(i, {}).get("momentum_buffer") is not None for s in client_states
-            ]
+            flags = [s.get(i, {}).get("momentum_buffer") is not None for s in client_states]
             rows = [
                 s[i]["momentum_buffer"] if flag else torch.zeros(p.shape[1:])
                 for s, flag in zip(client_states, flags, strict=True)
@@ -332,6 +334,88 @@ def device_data(data: FederatedData, device: torch.device) -> DeviceData:
     return cached
 
 
+# -- client state bytes ------------------------------------------------------------------------
+class _StateUnpickler(pickle.Unpickler):
+    """Python's C unpickler, allowed to build only what a `ClientState` blob holds.
+
+    ``torch.load(weights_only=True)`` runs a pure-Python unpickler (about 5 ms per client
+    state); this one is as restrictive for these blobs (tensors, dicts, numbers, strings) and
+    several times faster. torch resolves storage types before calling `find_class`.
+    """
+
+    ALLOWED = frozenset({("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict")})
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"a client state never holds '{module}.{name}'; refusing to load it"
+            )
+        return super().find_class(module, name)
+
+
+_STATE_PICKLE = types.ModuleType("fedkd_state_pickle")  # what torch.load wants of pickle
+_STATE_PICKLE.__dict__.update(
+    {k: getattr(pickle, k) for k in ("load", "loads", "Pickler", "UnpicklingError")}
+)
+_STATE_PICKLE.Unpickler = _StateUnpickler  # type: ignore[attr-defined]
+
+
+class StateCache:
+    """Decoded client states by content hash: this process's own recent writes.
+
+    A node's blobs come back unchanged in the next phase (digest after local training,
+    evaluation after digest) and, when the same Ray actor serves the node, in the next round;
+    a hit skips unpickling. Keyed by a hash of the bytes, so a stale entry can never be used.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[bytes, tuple[dict[str, Any], int]] = OrderedDict()
+        self._size = 0
+
+    @staticmethod
+    def key(blob: bytes) -> bytes:
+        return hashlib.blake2b(blob, digest_size=16).digest()
+
+    def get(self, blob: bytes) -> dict[str, Any] | None:
+        hit = self._entries.get(self.key(blob))
+        return None if hit is None else hit[0]
+
+    def put(self, blob: bytes, saved: dict[str, Any]) -> None:
+        key = self.key(blob)
+        if key in self._entries:
+            return
+        self._entries[key] = (saved, len(blob))
+        self._size += len(blob)
+        while self._size > self.max_bytes and self._entries:
+            _, (_, size) = self._entries.popitem(last=False)
+            self._size -= size
+
+
+_STATE_CACHE = StateCache()
+
+
+def decode_state(blob: bytes) -> dict[str, Any]:
+    """A `ClientState.to_bytes` blob as its dict (model and optimizer state dicts), cached.
+
+    The result is shared: callers copy tensors before changing them (stacking does).
+    """
+    saved = _STATE_CACHE.get(blob)
+    if saved is None:
+        saved = torch.load(io.BytesIO(blob), weights_only=False, pickle_module=_STATE_PICKLE)
+        _STATE_CACHE.put(blob, saved)
+    return saved
+
+
+def encode_state(saved: dict[str, Any]) -> bytes:
+    """`ClientState.to_bytes`'s format; the decoded form is remembered for the next load."""
+    buf = io.BytesIO()
+    torch.save(saved, buf)
+    blob = buf.getvalue()
+    _STATE_CACHE.put(blob, saved)
+    return blob
+
+
 # -- model templates ---------------------------------------------------------------------------
 _TEMPLATES: dict[tuple[str, tuple[int, ...], int, str], nn.Module] = {}
 
@@ -385,7 +469,9 @@ def plan_batches(
     for n, off, gen in zip(lengths, offsets, generators, strict=True):
         chunks: list[Tensor] = []
         for _ in range(epochs):
-            chunks.extend(c + int(off) for c in torch.randperm(int(n), generator=gen).split(batch_size))
+            chunks.extend(
+                c + int(off) for c in torch.randperm(int(n), generator=gen).split(batch_size)
+            )
         per_client.append(chunks)
     steps = max((len(c) for c in per_client), default=0)
     k = len(per_client)
@@ -437,11 +523,13 @@ class VectorisedCohortLearner(CohortLearner):
         ``auto``, ``cpu`` or ``cuda`` (the device Ray assigned to this actor).
     precision : str, default "fp32"
         ``fp32``, ``tf32`` (TF32 matmuls and convolutions on CUDA) or ``bf16`` (autocast).
-    max_chunk : int, default 512
+    max_chunk : int or None, default None
         At most this many clients are stacked at once (bounds memory; numbers do not depend
-        on it, each client's computation is independent).
-    predict_batch : int, default 1024
-        Rows per forward pass when computing logits.
+        on it, each client's computation is independent). None: 64 on CPU, where larger
+        stacks fall out of the caches and get slower, 1024 on a GPU.
+    predict_rows : int, default 32768
+        Client-rows per forward pass when computing logits (rows per pass = this divided by
+        the number of stacked clients), which bounds activation memory for large cohorts.
     """
 
     def __init__(
@@ -452,20 +540,23 @@ class VectorisedCohortLearner(CohortLearner):
         *,
         device: str = "auto",
         precision: str = "fp32",
-        max_chunk: int = 512,
-        predict_batch: int = 1024,
+        max_chunk: int | None = None,
+        predict_rows: int = 32768,
     ) -> None:
         super().__init__(data, config, states)
         if precision not in PRECISIONS:
             raise ValueError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+        self.device = resolve_device(device)
+        if max_chunk is None:
+            max_chunk = 64 if self.device.type == "cpu" else 1024
         if max_chunk < 1:
             raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
-        self.device = resolve_device(device)
         self.precision = precision
         self.max_chunk = max_chunk
-        self.predict_batch = predict_batch
+        self.predict_rows = predict_rows
         self.private_opt = functional_optimizer(config.private.optim)
         self.distill_opt = functional_optimizer(config.distill.optim)
+        self._param_groups: dict[tuple[str, OptimConfig], list[dict[str, Any]]] = {}
 
     # -- grouping and state --------------------------------------------------------------------
     @property
@@ -485,8 +576,13 @@ class VectorisedCohortLearner(CohortLearner):
         return model_template(arch, self.data.input_shape, self.data.num_classes, self.device)
 
     def _fresh_groups(self, arch: str, cfg: OptimConfig) -> list[dict[str, Any]]:
-        model = self._template(arch)
-        return make_optimizer(model.parameters(), cfg).state_dict()["param_groups"]
+        """A new optimizer's param_groups (what a client that never trained saves)."""
+        key = (arch, cfg)
+        if key not in self._param_groups:
+            model = self._template(arch)
+            groups = make_optimizer(model.parameters(), cfg).state_dict()["param_groups"]
+            self._param_groups[key] = groups
+        return self._param_groups[key]
 
     def _load_stack(self, arch: str, client_ids: list[int]) -> StackedStates:
         """Read the clients' bytes (or initialise them as `ClientState.create` does)."""
@@ -505,7 +601,7 @@ class VectorisedCohortLearner(CohortLearner):
                 pgroups.append(self._fresh_groups(arch, cfg.private.optim))
                 dgroups.append(self._fresh_groups(arch, cfg.distill.optim))
                 continue
-            saved = torch.load(io.BytesIO(blob), weights_only=True)
+            saved = decode_state(blob)
             if saved["arch"] != arch:
                 raise ValueError(
                     f"client {cid}: saved student is '{saved['arch']}', spec says '{arch}'"
@@ -535,13 +631,12 @@ class VectorisedCohortLearner(CohortLearner):
         private = {k: _to_cpu(v) for k, v in stack.private_state.items()}
         distill = {k: _to_cpu(v) for k, v in stack.distill_state.items()}
         for k, cid in enumerate(stack.client_ids):
-            buf = io.BytesIO()
-            torch.save(
+            self.states[cid] = encode_state(
                 {
                     "client_id": cid,
                     "arch": stack.arch,
                     # clone: a view would serialise the whole stacked storage
-                    "model": {n: p[k].clone() for n, p in cpu.items()},
+                    "model": OrderedDict((n, p[k].clone()) for n, p in cpu.items()),
                     "private_opt": {
                         "state": self.private_opt.to_torch(private, k),
                         "param_groups": stack.private_groups[k],
@@ -551,10 +646,8 @@ class VectorisedCohortLearner(CohortLearner):
                         "param_groups": stack.distill_groups[k],
                     },
                     "rounds_trained": stack.rounds_trained[k],
-                },
-                buf,
+                }
             )
-            self.states[cid] = buf.getvalue()
 
     # -- kernels -------------------------------------------------------------------------------
     def _forward(self, model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
@@ -562,6 +655,9 @@ class VectorisedCohortLearner(CohortLearner):
             return functional_call(model, params, (x,)).float()
 
         return forward
+
+    def _rows_per_pass(self, num_clients: int) -> int:
+        return max(1, self.predict_rows // max(num_clients, 1))
 
     @torch.no_grad()
     def _predict_shared(self, model: nn.Module, params: Params, x: Tensor) -> Tensor:
@@ -571,7 +667,10 @@ class VectorisedCohortLearner(CohortLearner):
         if len(x) == 0:
             return torch.zeros((k, 0, self.data.num_classes), device=self.device)
         return torch.cat(
-            [fwd(params, x[i : i + self.predict_batch]) for i in range(0, len(x), self.predict_batch)],
+            [
+                fwd(params, x[i : i + self._rows_per_pass(k)])
+                for i in range(0, len(x), self._rows_per_pass(k))
+            ],
             dim=1,
         )
 
@@ -587,10 +686,11 @@ class VectorisedCohortLearner(CohortLearner):
         fwd = vmap(self._forward(model))
         starts = torch.tensor([int(offsets[c]) for c in cids], device=self.device)
         lens = torch.tensor(lengths, device=self.device)
-        for i in range(0, longest, self.predict_batch):
-            cols = torch.arange(i, min(i + self.predict_batch, longest), device=self.device)
-            # Rows past a client's end re-read its first row; they are cut off below.
-            rows = starts[:, None] + torch.where(cols[None] < lens[:, None], cols[None], 0)
+        step = self._rows_per_pass(k)
+        for i in range(0, longest, step):
+            cols = torch.arange(i, min(i + step, longest), device=self.device)
+            # Rows past a client's end re-read row 0 of x (always there); they are cut off below.
+            rows = torch.where(cols[None] < lens[:, None], starts[:, None] + cols[None], 0)
             out[:, i : i + len(cols)] = fwd(params, x[rows])
         return [out[j, :n] for j, n in enumerate(lengths)]
 

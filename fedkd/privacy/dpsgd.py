@@ -114,7 +114,10 @@ def _epochs(
             optimizer.zero_grad(set_to_none=True)
             if len(yb) == 0:
                 # An empty Poisson batch still takes a (noise-only) step: the accounting
-                # assumes every step happens.
+                # assumes every step happens. Opacus needs (empty) per-sample gradients for it.
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                 optimizer.step()
                 continue
             loss = nn.functional.cross_entropy(model(xb), yb)

@@ -216,6 +216,120 @@ def report(
     console.print(f"plot: {path}", highlight=False)
 
 
+@app.command()
+def certs(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the files into")],
+    nodes: Annotated[int, typer.Option(help="Number of SuperNode key pairs")] = 3,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host",
+            help="Host name or IP the SuperLink is dialled at (repeatable; 127.0.0.1 and "
+            "localhost are always included)",
+        ),
+    ] = None,
+    days: Annotated[int, typer.Option(help="Validity of the certificates in days")] = 365,
+    force: Annotated[bool, typer.Option(help="Replace files already in the folder")] = False,
+) -> None:
+    """DEVELOPMENT ONLY: a CA, the SuperLink's TLS certificate and SuperNode key pairs."""
+    from fedkd.deploy.certs import CertificateError, create_dev_certificates
+
+    try:
+        made = create_dev_certificates(out_dir, nodes, host or (), days, force)
+    except CertificateError as err:
+        fail(str(err))
+    console.print(
+        f"wrote a development CA, the SuperLink certificate and {nodes} SuperNode key pairs to "
+        f"{escape(str(made.dir))} (for development only: see {escape(made.readme.name)})",
+        highlight=False,
+    )
+
+
+@app.command()
+def submit(
+    connection: Annotated[str, typer.Option(help="SuperLink connection in $FLWR_HOME/config.toml")],
+    spec: Annotated[
+        str | None,
+        typer.Argument(help="Spec TOML inside the app folder (default: the built-in quickstart)"),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a spec key, e.g. --set rounds=5 (repeatable)"),
+    ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(help="Results folder: an absolute path on the machine running the ServerApp"),
+    ] = None,
+    federation_config: Annotated[
+        str | None, typer.Option(help="flwr run --federation-config (simulation SuperLinks)")
+    ] = None,
+) -> None:
+    """Run a spec on a SuperLink (deployment engine); exit 1 unless it finished completed."""
+    from fedkd.deploy.submit import SubmitError
+    from fedkd.deploy.submit import submit as submit_run
+
+    overrides = list(set_ or [])
+    parsed = _load(spec, overrides)  # the same one-line errors as `fedkd run`, before any upload
+    if out and not Path(out).is_absolute():
+        fail(f"--out: '{out}' is relative; give an absolute path on the ServerApp's machine")
+    try:
+        done = submit_run(
+            connection,
+            spec_path=spec,
+            overrides=overrides,
+            out_dir=out or "",
+            federation_config=federation_config,
+        )
+    except SubmitError as err:
+        fail(str(err), code=err.code)
+    traffic = done.details.get("network-traffic", {}).get("total-bytes")
+    where = done.results_dir or out or f"{parsed.output.dir or 'runs/'} (ServerApp's working dir)"
+    console.print(
+        f"run {done.run_id} {done.status}: results in {escape(where)} on the SuperLink's machine"
+        + (f"; Flower counted {traffic} bytes on the network" if traffic is not None else ""),
+        highlight=False,
+    )
+
+
+@app.command()
+def sweep(
+    spec: Annotated[str, typer.Argument(help="Spec TOML with a sweep.grid table")],
+    parallel: Annotated[int, typer.Option(help="Runs at a time (one process each)")] = 1,
+    out: Annotated[
+        str | None, typer.Option(help="Sweep folder (default runs/<name>-sweep; reruns resume)")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a spec key for every point (repeatable)"),
+    ] = None,
+) -> None:
+    """Run every point of the spec's sweep grid; write sweep.csv and accuracy_vs_epsilon.png."""
+    from fedkd.run.sweep import SweepError, run_sweep, sweep_table
+
+    try:
+        rows = run_sweep(spec, out, overrides=list(set_ or []), parallel=parallel, echo=print)
+    except (SpecError, SweepError) as err:
+        fail(str(err))
+    Console(width=None if sys.stdout.isatty() else 220).print(sweep_table(rows))
+
+
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder made with audit.enabled")],
+    client: Annotated[int | None, typer.Option(help="Client (default: audit.client)")] = None,
+    shadows: Annotated[int | None, typer.Option(help="LiRA shadows (default: spec's)")] = None,
+) -> None:
+    """Membership inference and a one-run canary audit of a client's student; writes audit.json."""
+    from fedkd.audit.run_audit import AuditError, audit_run, render_text
+
+    try:
+        result = audit_run(run_dir, client=client, shadows=shadows)
+    except AuditError as err:
+        fail(str(err))
+    print(render_text(result))
+    console.print(f"audit.json in {escape(str(run_dir))}", highlight=False)
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,5 @@
+"""Empirical privacy audits of a run: membership inference and the one-run canary audit.
+
+`mia` (loss threshold, offline LiRA), `canary` (Steinke et al. 2023's one-run bound and the
+canaries), `run_audit` (loading a run folder, writing ``audit.json``).
+"""

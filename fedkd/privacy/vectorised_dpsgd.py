@@ -1,0 +1,306 @@
+"""DP-SGD for the vectorised learner: per-sample gradients by nested ``vmap``, many clients at once.
+
+The math is Opacus's (``GradSampleModule`` + ``DPOptimizer`` with ``loss_reduction="mean"``), per
+client and step:
+
+1. Poisson sampling: each of the client's ``n`` examples joins the batch with probability
+   ``sample_rate``, independently (`poisson_plan`); an empty batch still takes a noise-only step.
+2. Per-sample gradients of the per-example loss: ``vmap`` over examples inside ``vmap`` over
+   clients, of ``grad`` of ``functional_call``.
+3. Clipping: each example's gradient, flattened over *all* parameters, is scaled by
+   ``min(1, max_grad_norm / (norm + 1e-6))`` (Opacus's factor).
+4. Sum over the batch, plus Gaussian noise ``N(0, (noise_multiplier * max_grad_norm)^2)`` per
+   coordinate, from the client's own seeded generator.
+5. Division by the *expected* batch size ``int(n * sample_rate)`` (Opacus's convention for
+   ``loss_reduction="mean"``), not by the realised one.
+
+`dp_sgd_gradients` is one step's gradient for K clients; `train_dp_sgd` runs a round of local
+training with a functional optimizer and returns, per client, the steps taken and the sample
+rate, which is what a `fedkd.privacy.ledger.DpSgdEvent` records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+Params = dict[str, Tensor]  # parameter name -> (K, *shape)
+
+# Opacus adds this to the per-sample norm before dividing (DPOptimizer.clip_and_accumulate).
+CLIP_EPS = 1e-6
+
+
+def poisson_rate_and_steps(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """Opacus's Poisson data loader: rate ``1 / ceil(n / batch_size)``, that many steps/epoch."""
+    batches = max(1, -(-int(num_examples) // int(batch_size)))
+    return 1.0 / batches, batches * int(epochs)
+
+
+def expected_batch_size(num_examples: int, sample_rate: float) -> int:
+    """The divisor Opacus uses (``PrivacyEngine.make_private``: ``int(n * sample_rate)``)."""
+    return int(num_examples * sample_rate)
+
+
+@dataclass
+class PoissonPlan:
+    """Poisson-sampled batches of K clients over T aligned steps.
+
+    Step t of client k uses rows ``index[t, k][mask[t, k]]``; ``active[t, k]`` is False once
+    the client has taken all its steps (its weights and optimizer state are then left alone).
+    """
+
+    index: list[Tensor]  # per step: (K, L_t) int64 rows of the concatenated data, padded
+    mask: list[Tensor]  # per step: (K, L_t) bool, True on sampled rows
+    active: Tensor  # (T, K) bool
+
+    @property
+    def steps(self) -> int:
+        return len(self.index)
+
+
+def poisson_plan(
+    lengths: Sequence[int],
+    offsets: Sequence[int],
+    sample_rates: Sequence[float],
+    steps: Sequence[int],
+    generators: Sequence[torch.Generator],
+    device: torch.device | str = "cpu",
+) -> PoissonPlan:
+    """Draw every client's Poisson batches: ``rand(n, generator) < sample_rate`` per step."""
+    total = max(steps, default=0)
+    index, mask = [], []
+    active = torch.zeros((total, len(lengths)), dtype=torch.bool)
+    for t in range(total):
+        rows: list[Tensor] = []
+        for k, (n, off, q, s, gen) in enumerate(
+            zip(lengths, offsets, sample_rates, steps, generators, strict=True)
+        ):
+            if t < s:
+                active[t, k] = True
+                picked = torch.nonzero(torch.rand(int(n), generator=gen) < q).flatten()
+                rows.append(picked + int(off))
+            else:
+                rows.append(torch.zeros(0, dtype=torch.int64))
+        width = max(1, max(len(r) for r in rows))
+        idx = torch.zeros((len(rows), width), dtype=torch.int64)
+        msk = torch.zeros((len(rows), width), dtype=torch.bool)
+        for k, r in enumerate(rows):
+            # Padding re-reads the client's first row (always a real example); masked out.
+            idx[k] = int(offsets[k]) if lengths[k] else 0
+            idx[k, : len(r)] = r
+            msk[k, : len(r)] = True
+        index.append(idx.to(device))
+        mask.append(msk.to(device))
+    return PoissonPlan(index=index, mask=mask, active=active.to(device))
+
+
+def per_sample_grads(
+    model: nn.Module,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+) -> tuple[Params, Tensor]:
+    """Per-example gradients and losses of K clients: nested vmap (clients x examples).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The architecture (its own weights are not used).
+    params : dict of str to Tensor
+        Stacked weights, each ``(K, *shape)``.
+    x, y : Tensor
+        ``(K, L, *input_shape)`` inputs and ``(K, L)`` targets.
+    loss_fn : callable, default cross-entropy
+        Mean loss of a batch; called on one example at a time.
+
+    Returns
+    -------
+    grads : dict of str to Tensor
+        ``(K, L, *shape)``: the gradient of each example's own loss.
+    losses : Tensor
+        ``(K, L)`` per-example losses.
+    """
+
+    def one(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
+        return loss_fn(functional_call(model, p, (xi[None],)).float(), yi[None])
+
+    per_example = vmap(grad_and_value(one), in_dims=(None, 0, 0))
+    return vmap(per_example, in_dims=(0, 0, 0))(params, x, y)
+
+
+def clip_and_sum(grads: Params, mask: Tensor, max_grad_norm: float) -> Params:
+    """Clip each example's gradient (L2 over all parameters) to `max_grad_norm`, sum per client.
+
+    Masked-out (padding) examples contribute nothing.
+    """
+    norms = torch.stack([g.flatten(2).norm(2, dim=-1) for g in grads.values()], dim=-1).norm(
+        2, dim=-1
+    )  # (K, L)
+    factor = (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * mask.to(norms.dtype)
+    return {name: torch.einsum("kl,kl...->k...", factor, g) for name, g in grads.items()}
+
+
+def add_noise(summed: Params, std: float, generators: Sequence[torch.Generator]) -> Params:
+    """``summed + N(0, std^2)`` per coordinate, client k's noise from ``generators[k]``."""
+    if std == 0:
+        return summed
+    shapes = [g.shape[1:] for g in summed.values()]
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    first = next(iter(summed.values()))
+    noise = (
+        torch.stack(
+            [
+                torch.randn(sum(sizes), generator=gen, device=first.device, dtype=first.dtype)
+                for gen in generators
+            ]
+        )
+        * std
+    )  # (K, P): one draw per client and step
+    out = {}
+    for (name, g), part, shape in zip(
+        summed.items(), noise.split(sizes, dim=1), shapes, strict=True
+    ):
+        out[name] = g + part.reshape(len(generators), *shape)
+    return out
+
+
+def dp_sgd_gradients(
+    model: nn.Module,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    mask: Tensor,
+    *,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    expected_batch_sizes: Tensor | Sequence[float],
+    noise_generators: Sequence[torch.Generator],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+) -> tuple[Params, Tensor]:
+    """One DP-SGD gradient for each of K clients (what Opacus puts in ``p.grad``).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The architecture shared by the K clients.
+    params : dict of str to Tensor
+        Stacked weights ``(K, *shape)``.
+    x, y, mask : Tensor
+        ``(K, L, ...)`` batch, padded; ``mask`` ``(K, L)`` marks real (sampled) examples.
+    max_grad_norm : float
+        Per-example clipping norm C.
+    noise_multiplier : float
+        Noise std divided by C.
+    expected_batch_sizes : Tensor or sequence of float
+        ``(K,)`` divisors (Opacus: ``int(n * sample_rate)``).
+    noise_generators : sequence of torch.Generator
+        One per client, on the device of `params`.
+    loss_fn : callable, default cross-entropy
+        Batch-mean loss, applied per example.
+
+    Returns
+    -------
+    grads : dict of str to Tensor
+        ``(clipped sum + noise) / expected batch size``, ``(K, *shape)``.
+    loss_sums : Tensor
+        ``(K,)`` sums of the sampled examples' losses (for the reported mean loss).
+    """
+    grads, losses = per_sample_grads(model, params, x, y, loss_fn)
+    summed = clip_and_sum(grads, mask, max_grad_norm)
+    noisy = add_noise(summed, noise_multiplier * max_grad_norm, noise_generators)
+    first = next(iter(params.values()))
+    divisor = torch.as_tensor(expected_batch_sizes, dtype=first.dtype, device=first.device)
+    out = {n: g / divisor.view(-1, *([1] * (g.dim() - 1))) for n, g in noisy.items()}
+    return out, (losses * mask.to(losses.dtype)).sum(dim=1)
+
+
+@dataclass
+class DpSgdRound:
+    """What one round of vectorised DP-SGD did, per client (ledger: `DpSgdEvent`)."""
+
+    params: Params
+    opt_state: dict[str, Any]
+    steps: list[int]
+    sample_rates: list[float]
+    loss: Tensor  # (K,) mean loss over the sampled examples
+
+
+def train_dp_sgd(
+    model: nn.Module,
+    params: Params,
+    optimizer: Any,
+    opt_state: dict[str, Any],
+    x_all: Tensor,
+    y_all: Tensor,
+    lengths: Sequence[int],
+    offsets: Sequence[int],
+    *,
+    epochs: int,
+    batch_size: int,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    sample_generators: Sequence[torch.Generator],
+    noise_generators: Sequence[torch.Generator],
+) -> DpSgdRound:
+    """A round of DP-SGD local training for K clients of one architecture.
+
+    Each client samples at rate ``1 / ceil(n / batch_size)`` for that many steps per epoch
+    (Opacus's Poisson loader); a client that has taken its steps is masked out of the update.
+    `optimizer` is a functional optimizer of `fedkd.learner.vectorised` (``step(params,
+    grads, state, active)``).
+    """
+    rates_steps = [poisson_rate_and_steps(n, batch_size, epochs) for n in lengths]
+    rates = [q for q, _ in rates_steps]
+    steps = [s if n > 0 else 0 for (_, s), n in zip(rates_steps, lengths, strict=True)]
+    device = next(iter(params.values())).device
+    plan = poisson_plan(lengths, offsets, rates, steps, sample_generators, device)
+    divisors = [max(1, expected_batch_size(n, q)) for n, q in zip(lengths, rates, strict=True)]
+    k = len(lengths)
+    total = torch.zeros(k, dtype=torch.float64, device=device)
+    seen = torch.zeros(k, dtype=torch.float64, device=device)
+    for t in range(plan.steps):
+        idx, msk = plan.index[t], plan.mask[t]
+        grads, loss_sums = dp_sgd_gradients(
+            model,
+            params,
+            x_all[idx],
+            y_all[idx],
+            msk,
+            max_grad_norm=max_grad_norm,
+            noise_multiplier=noise_multiplier,
+            expected_batch_sizes=divisors,
+            noise_generators=noise_generators,
+        )
+        active = plan.active[t]
+        params, opt_state = optimizer.step(params, grads, opt_state, active)
+        total += loss_sums.double() * active
+        seen += msk.sum(dim=1).double() * active
+    return DpSgdRound(
+        params=params,
+        opt_state=opt_state,
+        steps=steps,
+        sample_rates=rates,
+        loss=(total / seen.clamp(min=1)).float(),
+    )
+
+
+__all__ = [
+    "CLIP_EPS",
+    "DpSgdRound",
+    "PoissonPlan",
+    "add_noise",
+    "clip_and_sum",
+    "dp_sgd_gradients",
+    "expected_batch_size",
+    "per_sample_grads",
+    "poisson_plan",
+    "poisson_rate_and_steps",
+    "train_dp_sgd",
+]

@@ -1,0 +1,444 @@
+"""`fedkd sweep SPEC`: every point of the spec's ``[sweep] grid`` as a normal run, then a table.
+
+A grid maps dotted spec keys to lists of values; the points are their cartesian product, in
+the order the keys are written (the last key varies fastest). Each point is an ordinary
+`fedkd run` of the same spec file with ``--set`` overrides, into ``OUT/<point>/`` (the usual
+results folder), so any point can be inspected, reported or rerun on its own.
+
+"none" is the point without a mechanism: for ``privacy.target_epsilon`` (or
+``privacy.noise_multiplier``) it turns DP-SGD off (``privacy.dpsgd = false``), for
+``privacy.release_noise`` the Gaussian release, for ``privacy.budget_epsilon`` the budget
+(`fedkd.spec.SWEEP_NONE_MEANS`).
+
+Points run as separate ``fedkd run`` processes, ``--parallel N`` at a time. Why processes and
+not Ray tasks: Flower's ``run_simulation`` starts and stops its own Ray runtime in the calling
+process, so two simulations cannot share a process, and one started inside a Ray task would
+try to start Ray inside a Ray worker. A process per point keeps each run exactly what
+``fedkd run`` does, with its own Ray instance, and one crashing point cannot take the others
+down.
+
+Resumable: a point whose ``summary.json`` says ``completed`` is not rerun (after checking its
+``spec.toml`` is the point's spec); an unfinished point folder is moved to ``OUT/_incomplete/``
+and run again. ``sweep.csv`` (one row per point) and ``accuracy_vs_epsilon.png`` (final
+accuracy against the run's ``epsilon_max``, mean and standard deviation over seeds; points
+without DP as a horizontal band) are rewritten as points finish.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomli_w
+
+from fedkd.spec import SWEEP_NONE, SWEEP_NONE_MEANS, SpecError, load_spec
+
+__all__ = [
+    "CSV_KEYS",
+    "SweepError",
+    "SweepPoint",
+    "expand_grid",
+    "plot_accuracy_vs_epsilon",
+    "run_sweep",
+    "subprocess_runner",
+    "sweep_table",
+]
+
+CSV_KEYS = (
+    "status",
+    "server_test_acc",
+    "best_server_test_acc",
+    "client_test_acc_mean",
+    "epsilon_max",
+    "wall_s",
+    "run_dir",
+)
+
+# (spec file, --set overrides, results folder) -> exit status of the run.
+Runner = Callable[[Path, list[str], Path], int]
+
+
+class SweepError(RuntimeError):
+    """A sweep cannot go on (e.g. a finished point was run with another spec)."""
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One run of the grid.
+
+    Attributes
+    ----------
+    name : str
+        Folder name, e.g. ``target_epsilon=0.5,seed=0``.
+    values : dict
+        Grid key -> value, as written in the grid ("none" included).
+    overrides : list of str
+        The ``--set key=value`` items that make the point's spec from the sweep's spec.
+    """
+
+    name: str
+    values: dict[str, Any]
+    overrides: list[str]
+
+
+def _toml_value(value: Any) -> str:
+    """A value as ``--set`` reads it (TOML)."""
+    if isinstance(value, dict):
+        inner = ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }"
+    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "+".join(_label(v) for v in value)
+    text = str(value)
+    return "".join(ch if ch.isalnum() or ch in "._+-" else "_" for ch in text)
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    """The last part of each key, unless two keys share it (train.lr, distill.lr)."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last, strict=True)}
+
+
+def expand_grid(grid: dict[str, list[Any]], name: str = "") -> list[SweepPoint]:
+    """The cartesian product of a (validated, flat) grid, as points with their overrides.
+
+    Parameters
+    ----------
+    grid : dict
+        Dotted spec key -> list of values (``Spec.sweep.grid`` after validation).
+    name : str, optional
+        The sweep spec's name; each point's run is named ``<name>-<point>``.
+
+    Returns
+    -------
+    list of SweepPoint
+        In grid order, the last key varying fastest.
+    """
+    keys = list(grid)
+    short = _short_names(keys)
+    points = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        values = dict(zip(keys, combo, strict=True))
+        point = ",".join(f"{short[k]}={_label(v)}" for k, v in values.items())
+        overrides = []
+        for key, value in values.items():
+            if value == SWEEP_NONE:
+                overrides += [f"{k}={_toml_value(v)}" for k, v in SWEEP_NONE_MEANS[key].items()]
+            else:
+                overrides.append(f"{key}={_toml_value(value)}")
+        # A point is a plain run: its spec.toml carries no grid of its own.
+        overrides += ["sweep.grid={}", f"name={_toml_value(f'{name}-{point}' if name else point)}"]
+        points.append(SweepPoint(point, values, overrides))
+    return points
+
+
+def subprocess_runner(spec_path: Path, overrides: list[str], out_dir: Path) -> int:
+    """Run one point as ``fedkd run`` in its own process (own Ray runtime); log to run.log."""
+    cmd = [sys.executable, "-m", "fedkd.run.cli", "run", str(spec_path)]
+    for item in overrides:
+        cmd += ["--set", item]
+    cmd += ["--out", str(out_dir), "--quiet"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "run.log", "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _spec_mismatch(saved_toml: Path, expected: dict[str, Any]) -> list[str]:
+    """Keys where a finished point's spec.toml differs from the point's spec now."""
+    saved = _flat(tomllib.loads(saved_toml.read_text()))
+    want = _flat(tomllib.loads(tomli_w.dumps(expected)))
+    keys = (set(saved) | set(want)) - {"output.dir", "output.plots"}
+    return sorted(k for k in keys if saved.get(k) != want.get(k))
+
+
+def _summary(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _row(point: SweepPoint, run_dir: Path, status: str | None = None) -> dict[str, Any]:
+    summary = _summary(run_dir) or {}
+    final = summary.get("final") or {}
+    row: dict[str, Any] = {"point": point.name, **point.values}
+    row.update(
+        {
+            "status": status or summary.get("status", "not run"),
+            "server_test_acc": final.get("server_test_acc"),
+            "best_server_test_acc": summary.get("best_server_test_acc"),
+            "client_test_acc_mean": final.get("client_test_acc_mean"),
+            "epsilon_max": final.get("epsilon_max"),
+            "wall_s": summary.get("wall_s"),
+            "run_dir": str(run_dir),
+        }
+    )
+    return row
+
+
+def _write_csv(path: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
+    columns = ["point", *keys, *CSV_KEYS]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: "" if row.get(c) is None else row[c] for c in columns})
+
+
+def _accuracy_key(rows: list[dict[str, Any]]) -> str:
+    """Final server accuracy; the clients' mean for algorithms without a server model."""
+    if any(r.get("server_test_acc") is not None for r in rows):
+        return "server_test_acc"
+    return "client_test_acc_mean"
+
+
+def plot_accuracy_vs_epsilon(rows: list[dict[str, Any]], keys: list[str], path: Path) -> Path:
+    """Final accuracy against ``epsilon_max``: mean and std over seeds, no-DP points as bands.
+
+    Points are grouped by every grid key but ``seed``; groups that differ in keys outside
+    ``privacy.*`` (e.g. the algorithm) are drawn as separate series.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["status"] == "completed"]
+    acc_key = _accuracy_key(done)
+    group_keys = [k for k in keys if k != "seed"]
+    series_keys = [k for k in group_keys if not k.startswith("privacy.")]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in done:
+        if r.get(acc_key) is not None:
+            groups.setdefault(tuple(_label(r[k]) for k in group_keys), []).append(r)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    series: dict[tuple, list[tuple[float, float, float, float, str]]] = {}
+    flat: dict[tuple, tuple[float, float, int]] = {}
+    for gkey, members in groups.items():
+        values = dict(zip(group_keys, gkey, strict=True))
+        skey = tuple(values[k] for k in series_keys)
+        accs = np.array([m[acc_key] for m in members], dtype=float)
+        eps = [m["epsilon_max"] for m in members if m.get("epsilon_max") is not None]
+        if not eps:  # no DP at this point: a horizontal band at its accuracy
+            flat[skey] = (float(accs.mean()), float(accs.std()), len(accs))
+            continue
+        # Each point is labelled with its privacy setting (e.g. the target epsilon).
+        tag = ",".join(values[k] for k in group_keys if k.startswith("privacy."))
+        series.setdefault(skey, []).append(
+            (float(np.mean(eps)), float(np.std(eps)), float(accs.mean()), float(accs.std()), tag)
+        )
+    for i, skey in enumerate(sorted(set(series) | set(flat))):
+        color = colors[i % len(colors)]
+        label = " ".join(
+            f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(series_keys, skey, strict=True)
+        )
+        if skey in series:
+            pts = sorted(series[skey])
+            x, xerr, y, yerr = (np.array([p[i] for p in pts]) for i in range(4))
+            for px, py, p in zip(x, y, pts, strict=True):
+                ax.annotate(p[4], (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.errorbar(
+                x,
+                y,
+                xerr=xerr,
+                yerr=yerr,
+                marker="o",
+                ms=4,
+                capsize=3,
+                color=color,
+                label=f"DP {label}".strip(),
+            )
+        if skey in flat:
+            mean, std, n = flat[skey]
+            ax.axhline(mean, ls="--", color=color, label=f"no DP {label}".strip() + f" (n={n})")
+            ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
+    if series:
+        ax.set_xscale("log", base=2)
+    ax.margins(x=0.15, y=0.15)
+    n_seeds = max((len(g) for g in groups.values()), default=0)
+    ax.set(
+        xlabel="epsilon_max (cumulative, largest over clients)",
+        ylabel=f"final {acc_key}",
+        title=f"accuracy vs epsilon (mean ± std over {n_seeds} seeds)",
+    )
+    ax.grid(alpha=0.3)
+    if groups:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def sweep_table(rows: list[dict[str, Any]]) -> Any:
+    """The rows of sweep.csv as a Rich table (without the run folders)."""
+    from rich.table import Table
+
+    table = Table(title="fedkd sweep")
+    columns = [c for c in (rows[0] if rows else {}) if c != "run_dir"]
+    for col in columns:
+        table.add_column(col, justify="right" if col in CSV_KEYS[1:] else "left")
+    digits = {"epsilon_max": 3, "wall_s": 1}
+    for row in rows:
+        table.add_row(*(_fmt(row[c], digits.get(c, 4)) for c in columns))
+    return table
+
+
+def run_sweep(
+    spec_path: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    overrides: list[str] | None = None,
+    parallel: int = 1,
+    runner: Runner = subprocess_runner,
+    echo: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run (or resume) every point of a spec's sweep grid; write sweep.csv and the plot.
+
+    Parameters
+    ----------
+    spec_path : str or Path
+        A spec file with a ``[sweep]`` grid.
+    out_dir : str or Path, optional
+        The sweep folder (default ``runs/<name>-sweep``: the same folder on every call, so
+        that calling again resumes).
+    overrides : list of str, optional
+        ``key=value`` overrides applied to every point (before the grid's values).
+    parallel : int, default 1
+        Points run at a time.
+    runner : callable, default :func:`subprocess_runner`
+        Runs one point into its folder and returns its exit status.
+    echo : callable, default print
+        Where progress lines go.
+
+    Returns
+    -------
+    list of dict
+        The rows of ``sweep.csv``, in grid order.
+
+    Raises
+    ------
+    SpecError
+        If the spec, its grid or any point's spec is invalid (nothing has run then).
+    SweepError
+        If a finished point in ``out_dir`` was run with a different spec.
+    """
+    spec_path = Path(spec_path)
+    base = list(overrides or [])
+    spec = load_spec(spec_path, base)
+    grid = spec.sweep.grid
+    if not grid:
+        raise SpecError(
+            f"sweep.grid: {spec_path} has no [sweep] grid; add one, e.g. "
+            'grid = { "privacy.target_epsilon" = [1, 4, "none"], seed = [0, 1] }'
+        )
+    if parallel < 1:
+        raise SpecError(f"--parallel: must be >= 1, got {parallel}")
+    keys = list(grid)
+    points = expand_grid(grid, spec.name)
+    expected = {}
+    for point in points:  # every point is checked before any runs
+        try:
+            expected[point.name] = load_spec(spec_path, base + point.overrides).to_dict()
+        except SpecError as err:
+            raise SpecError(f"sweep point {point.name}: {err}") from None
+
+    out = Path(out_dir) if out_dir else Path("runs") / f"{spec.name}-sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[str, Any]] = {}
+    todo: list[SweepPoint] = []
+    for point in points:
+        run_dir = out / point.name
+        summary = _summary(run_dir)
+        if summary is not None and summary.get("status") == "completed":
+            diff = _spec_mismatch(run_dir / "spec.toml", expected[point.name])
+            if diff:
+                raise SweepError(
+                    f"{run_dir} was completed with a different spec ({', '.join(diff[:5])} "
+                    "differ); use another --out, or remove that folder to rerun it"
+                )
+            rows[point.name] = _row(point, run_dir)
+            continue
+        if run_dir.exists() and any(run_dir.iterdir()):
+            # An interrupted or failed point: keep it aside, never overwrite it.
+            stale = out / "_incomplete" / f"{point.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            stale.parent.mkdir(exist_ok=True)
+            run_dir.rename(stale)
+            echo(f"{point.name}: unfinished earlier run moved to {stale}")
+        todo.append(point)
+
+    (out / "sweep.toml").write_text(spec.to_toml())  # the sweep as run, grid included
+
+    def ordered() -> list[dict[str, Any]]:
+        return [rows[p.name] for p in points if p.name in rows]
+
+    _write_csv(out / "sweep.csv", keys, ordered())
+    echo(
+        f"sweep {spec.name}: {len(points)} points, {len(points) - len(todo)} already done, "
+        f"{len(todo)} to run, {parallel} at a time -> {out}"
+    )
+    finished = 0
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = {
+            pool.submit(runner, spec_path, base + p.overrides, out / p.name): p for p in todo
+        }
+        for future in as_completed(futures):
+            point = futures[future]
+            try:
+                code = future.result()
+                status = None if code == 0 else "failed"
+            except Exception as err:  # a runner that raises fails its point, not the sweep
+                echo(f"{point.name}: runner error {type(err).__name__}: {err}")
+                status = "failed"
+            rows[point.name] = _row(point, out / point.name, status)
+            finished += 1
+            r = rows[point.name]
+            echo(
+                f"[{finished}/{len(todo)}] {point.name}: {r['status']}, "
+                f"server acc {_fmt(r['server_test_acc'])}, epsilon_max "
+                f"{_fmt(r['epsilon_max'], 3)}, {_fmt(r['wall_s'], 1)} s"
+            )
+            _write_csv(out / "sweep.csv", keys, ordered())
+    result = ordered()
+    plot_accuracy_vs_epsilon(result, keys, out / "accuracy_vs_epsilon.png")
+    return result

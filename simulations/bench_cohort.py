@@ -1,0 +1,324 @@
+"""Benchmark: one client per node vs cohort nodes (loop and vectorised learners) on Flower + Ray.
+
+Usage::
+
+    python simulations/bench_cohort.py [--clients 10 100 1000] [--quick] [--out table.md]
+
+Every configuration runs the real engine (`fedkd.run.cli.simulate`: Flower's ServerApp and
+ClientApp on the Ray backend) in a fresh subprocess, for a warm-up round (Ray actors start, data
+load) and then the measured rounds. All numbers come from the same invocation:
+
+- round s: mean ``wall_s`` of the measured rounds (server's view: local training + logits
+  upload, aggregation, distillation + evaluation);
+- samples/s: examples trained on per round (private examples x epochs + proxy examples x
+  distillation epochs, over all clients) divided by round s;
+- learner s: the nodes' learner seconds per round (each node times its phases; the server sums
+  them), divided by the number of nodes that run at once (min(nodes, Ray actors));
+- overhead s: round s minus learner s: Flower, Ray, messages, serialisation and the server's
+  aggregation;
+- ceiling: one model of the same student trained at batch 4,096 on this machine (all cores).
+
+Data: MNIST from ``../shared/data/mnist.npz`` (or ``--mnist``), average-pooled to ``--side``
+pixels, IID over the clients with ``--per-client`` examples each (10% held out locally), so
+that 1,000 clients fit in a few minutes; without MNIST, scikit-learn's digits sampled with
+replacement. Algorithm: DS-FL without a server student (its distillation would count as
+engine overhead), ``cnn_small`` students, SGD with momentum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
+LAYOUTS = {
+    # name: (clients per node as a function of N, learner)
+    "1 client/node (loop)": ("single", "loop"),
+    "cohort nodes, loop": ("cohort", "loop"),
+    "cohort nodes, vectorised": ("cohort", "vectorised"),
+}
+
+
+# -- data ------------------------------------------------------------------------------------
+def build_npz(path: Path, num_clients: int, per_client: int, side: int, mnist: Path) -> str:
+    """An .npz with exactly the examples the run partitions: clients, proxy and test."""
+    rng = np.random.default_rng(0)
+    proxy, test = 500, 500
+    take = num_clients * per_client + proxy
+    if mnist.is_file():
+        with np.load(mnist) as d:
+            x_train, y_train, x_test, y_test = (
+                d[k] for k in ("x_train", "y_train", "x_test", "y_test")
+            )
+        i = rng.choice(len(y_train), take, replace=False)
+        j = rng.choice(len(y_test), test, replace=False)
+        xs = [_pool(x_train[i], side), _pool(x_test[j], side)]
+        source = f"MNIST average-pooled to {side}x{side}"
+        ys = [y_train[i], y_test[j]]
+    else:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = digits.images.astype(np.float32) / 16.0
+        i = rng.choice(len(x), take + test, replace=True)
+        xs = [x[i[:take]], x[i[take:]]]
+        ys = [digits.target[i[:take]], digits.target[i[take:]]]
+        source = "scikit-learn digits (8x8) sampled with replacement (MNIST npz not found)"
+    np.savez(path, x_train=xs[0], y_train=ys[0], x_test=xs[1], y_test=ys[1])
+    return source
+
+
+def _pool(images: np.ndarray, side: int) -> np.ndarray:
+    """uint8 (N, 28, 28) -> float32 (N, side, side) in [0, 1] by block averaging."""
+    x = images.astype(np.float32) / 255.0
+    if side == x.shape[1]:
+        return x
+    f = x.shape[1] // side
+    x = x[:, : side * f, : side * f]
+    return x.reshape(len(x), side, f, side, f).mean(axis=(2, 4))
+
+
+# -- one configuration (runs in a subprocess) ------------------------------------------------
+def spec_overrides(cfg: dict[str, Any]) -> list[str]:
+    n = cfg["clients"]
+    per_node = 1 if cfg["layout"] == "single" else math.ceil(n / cfg["cohort_nodes"])
+    return [
+        "name=bench_cohort",
+        f"seed={cfg['seed']}",
+        f"rounds={cfg['warmup'] + cfg['rounds']}",
+        "algorithm.name=dsfl",
+        'server.student=""',
+        "data.source=npz",
+        f'data.path="{cfg["npz"]}"',
+        "data.partition=iid",
+        "data.proxy_size=500",
+        "data.local_test_fraction=0.1",
+        f"clients.num_clients={n}",
+        f"clients.clients_per_node={per_node}",
+        "clients.min_clients=1",
+        'clients.students="cnn_small"',
+        f"train.epochs={cfg['epochs']}",
+        "train.batch_size=32",
+        "distill.epochs=1",
+        "distill.batch_size=64",
+        f"distill.proxy_per_round={cfg['proxy_per_round']}",
+        f"eval.client_test_samples={cfg['test_per_client']}",
+        "resources.num_cpus=1",
+        f"resources.learner={cfg['learner']}",
+        "resources.device=cpu",
+        "output.plots=false",
+    ]
+
+
+def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run one layout on the real engine; return per-round rows and what the table needs."""
+    from fedkd.apps.build import federated_data
+    from fedkd.run.cli import simulate
+    from fedkd.spec import load_spec
+
+    spec = load_spec(None, spec_overrides(cfg))
+    out = Path(cfg["out_dir"])
+    started = time.perf_counter()
+    simulate(spec, out, show_progress=False)
+    total = time.perf_counter() - started
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    data = federated_data(spec)
+    private = sum(c.num_examples for c in data.clients) * spec.train.epochs
+    distilled = spec.clients.num_clients * spec.distill.proxy_per_round * spec.distill.epochs
+    return {
+        "rows": rows,
+        "nodes": spec.num_nodes,
+        "samples_per_round": private + distilled,
+        "total_s": total,
+    }
+
+
+# -- the one-model ceiling -------------------------------------------------------------------
+def ceiling(npz: str, batch: int = 4096, steps: int = 5) -> float:
+    """Samples/s of one cnn_small trained with SGD at batch `batch` on this machine's cores."""
+    import torch
+
+    from fedkd.learner.loop import OptimConfig, make_optimizer
+    from fedkd.models.zoo import build_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    with np.load(npz) as d:
+        x = torch.from_numpy(d["x_train"][:, None].astype(np.float32))
+        y = torch.from_numpy(d["y_train"].astype(np.int64))
+    reps = math.ceil(batch / len(y))
+    x, y = x.repeat(reps, 1, 1, 1)[:batch], y.repeat(reps)[:batch]
+    torch.manual_seed(0)
+    model = build_model("cnn_small", tuple(x.shape[1:]), 10)
+    opt = make_optimizer(model.parameters(), OptimConfig())
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return batch * steps / (time.perf_counter() - started)
+
+
+# -- driver ----------------------------------------------------------------------------------
+def _ray_actors() -> int:
+    # Flower's Ray backend starts one actor per resources.num_cpus (1) of the machine's CPUs.
+    return os.cpu_count() or 1
+
+
+def summarise(name: str, cfg: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
+    measured = [r for r in res["rows"] if r["round"] > cfg["warmup"]]
+    wall = float(np.mean([r["wall_s"] for r in measured]))
+    parallel = min(res["nodes"], _ray_actors())
+    learner = float(np.mean([r["learner_s"] for r in measured])) / parallel
+    failed = sum(r["clients_failed"] for r in measured)
+    if failed:  # a failed client makes a round shorter: say so rather than report a speed-up
+        name = f"{name} ({failed} client replies FAILED)"
+    return {
+        "clients": cfg["clients"],
+        "layout": name,
+        "nodes": res["nodes"],
+        "rounds": len(measured),
+        "round_s": wall,
+        "samples_s": res["samples_per_round"] / wall,
+        "learner_s": learner,
+        "overhead_s": wall - learner,
+    }
+
+
+def format_table(rows: list[dict[str, Any]], ceiling_sps: float, header: list[str]) -> str:
+    cols = ["clients", "layout", "nodes", "rounds", "round s", "samples/s", "learner s"]
+    cols += ["overhead s", "x vs 1/node"]
+    lines = [*header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    base = {r["clients"]: r["round_s"] for r in rows if r["layout"].startswith("1 client")}
+    for r in rows:
+        speedup = base.get(r["clients"], float("nan")) / r["round_s"]
+        lines.append(
+            f"| {r['clients']} | {r['layout']} | {r['nodes']} | {r['rounds']} | "
+            f"{r['round_s']:.3f} | {r['samples_s']:,.0f} | {r['learner_s']:.3f} | "
+            f"{r['overhead_s']:.3f} | {speedup:.1f}x |"
+        )
+    lines.append(
+        f"| - | ceiling: one cnn_small, batch 4,096 | - | - | - | {ceiling_sps:,.0f} | - | - | - |"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=None)
+    parser.add_argument("--quick", action="store_true", help="10 and 100 clients, 1 round each")
+    parser.add_argument("--rounds", type=int, default=None, help="measured rounds (default 3)")
+    parser.add_argument(
+        "--single-rounds-1000",
+        type=int,
+        default=1,
+        help="measured rounds of one client per node at >= 1,000 clients (slow in Flower)",
+    )
+    parser.add_argument("--cohort-nodes", type=int, default=None, help="default: CPU count")
+    parser.add_argument("--per-client", type=int, default=36, help="examples per client")
+    parser.add_argument("--side", type=int, default=14, choices=(7, 14, 28))
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--proxy-per-round", type=int, default=32)
+    parser.add_argument("--test-per-client", type=int, default=32)
+    parser.add_argument("--mnist", type=Path, default=DEFAULT_MNIST)
+    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config (JSON)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        print("BENCH_RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
+        return
+
+    clients = args.clients or ([10, 100] if args.quick else [10, 100, 1000])
+    rounds = args.rounds or (1 if args.quick else 3)
+    cohort_nodes = args.cohort_nodes or _ray_actors()
+    results: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_cohort_") as tmp:
+        source = ""
+        for n in clients:
+            npz = Path(tmp) / f"data_{n}.npz"
+            source = build_npz(npz, n, args.per_client, args.side, args.mnist)
+            for name, (layout, learner) in LAYOUTS.items():
+                measured = rounds
+                if layout == "single" and n >= 1000:
+                    measured = min(rounds, args.single_rounds_1000)
+                cfg = {
+                    "clients": n,
+                    "layout": layout,
+                    "learner": learner,
+                    "cohort_nodes": cohort_nodes,
+                    "npz": str(npz),
+                    "seed": 0,
+                    "warmup": 1,
+                    "rounds": measured,
+                    "epochs": args.epochs,
+                    "proxy_per_round": args.proxy_per_round,
+                    "test_per_client": args.test_per_client,
+                    "out_dir": str(Path(tmp) / f"run_{n}_{layout}_{learner}"),
+                }
+                res = _subprocess(cfg)
+                row = summarise(name, cfg, res)
+                results.append(row)
+                print(
+                    f"  {n:>5} clients, {name:<26} round {row['round_s']:.3f} s "
+                    f"(run {res['total_s']:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        ceiling_sps = ceiling(str(Path(tmp) / f"data_{clients[-1]}.npz"))
+    load = os.getloadavg()[0]
+    header = [
+        f"bench_cohort: DS-FL, cnn_small, {source}; {args.per_client} examples per client "
+        f"(90% private training, batch 32, {args.epochs} epoch(s)), "
+        f"{args.proxy_per_round} proxy examples distilled per client per round, "
+        f"{args.test_per_client} test examples evaluated per client per round.",
+        f"Flower + Ray simulation, {_ray_actors()} CPUs (one Ray actor each, 1 torch thread), "
+        f"cohort layouts on {cohort_nodes} nodes; 1 warm-up round, then the measured rounds "
+        f"(one client per node at >= 1,000 clients: {args.single_rounds_1000}). "
+        f"Load average at the end: {load:.2f}. Total {time.perf_counter() - started:.0f} s.",
+        "learner s = nodes' learner seconds per round / nodes running at once; overhead s = "
+        "round s - learner s; x vs 1/node = speed-up of the round over one client per node.",
+    ]
+    table = format_table(results, ceiling_sps, header)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+
+
+def _subprocess(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One configuration in a fresh interpreter: a fresh Ray instance, no state carried over."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT ") :])
+    raise RuntimeError(
+        f"benchmark run {cfg['clients']} clients / {cfg['layout']} / {cfg['learner']} failed:\n"
+        + proc.stderr[-3000:]
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""`fedkd sweep`: grid expansion, "none", validation, running, resuming, the table and plot."""
+
+import csv
+import json
+import re
+import sys
+
+import pytest
+
+from fedkd.apps.client_app import make_client_app
+from fedkd.apps.server_app import run_rounds
+from fedkd.results import RunRecorder
+from fedkd.run.sweep import SweepError, expand_grid, run_sweep, subprocess_runner
+from fedkd.spec import SpecError, builtin_spec_path, load_spec
+from tests.inprocess import InProcessGrid
+
+TINY = """
+extends = "{base}"
+name = "tiny"
+rounds = 1
+[clients]
+num_clients = 3
+min_clients = 2
+[data]
+proxy_size = 200
+[train]
+epochs = 1
+[distill]
+epochs = 1
+[server]
+epochs = 1
+[privacy]
+dpsgd = true
+noise_multiplier = 1.0
+[sweep]
+grid = {grid}
+"""
+
+
+# A fixed noise multiplier rather than a target epsilon: calibration takes seconds per client.
+def write_spec(tmp_path, grid='{ "privacy.noise_multiplier" = [1.0, "none"], seed = [0, 1] }'):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY.format(base=builtin_spec_path().as_posix(), grid=grid))
+    return path
+
+
+class InProcessRunner:
+    """Runs a point like `fedkd run` would, without Ray; remembers what it ran."""
+
+    def __init__(self):
+        self.ran = []
+
+    def __call__(self, spec_path, overrides, out_dir):
+        self.ran.append(out_dir.name)
+        spec = load_spec(spec_path, overrides)
+        run_rounds(
+            InProcessGrid(make_client_app(spec), spec.num_nodes), spec, RunRecorder(out_dir, spec)
+        )
+        return 0
+
+
+def test_grid_expands_to_the_cartesian_product_with_none_meaning_no_dp():
+    spec = load_spec(
+        None, ['sweep.grid={ "privacy.target_epsilon" = [0.5, 1, "none"], seed = [0, 1] }']
+    )
+    points = expand_grid(spec.sweep.grid, "q")
+    assert [p.name for p in points] == [
+        "target_epsilon=0.5,seed=0",
+        "target_epsilon=0.5,seed=1",
+        "target_epsilon=1,seed=0",
+        "target_epsilon=1,seed=1",
+        "target_epsilon=none,seed=0",
+        "target_epsilon=none,seed=1",
+    ]
+    with_dp = load_spec(None, ["privacy.dpsgd=true", *points[2].overrides])
+    assert with_dp.privacy.target_epsilon == 1.0 and with_dp.seed == 0
+    assert with_dp.sweep.grid == {} and with_dp.name == "q-target_epsilon=1,seed=0"
+    none = load_spec(None, ["privacy.dpsgd=true", "privacy.target_epsilon=3", *points[5].overrides])
+    assert not none.privacy.dpsgd and none.privacy.target_epsilon == 0 and none.seed == 1
+
+
+def test_grid_in_toml_dotted_form_and_clashing_short_names():
+    spec = load_spec(None, ["sweep.grid={ train = { lr = [0.1] }, distill = { lr = [0.2, 0.3] } }"])
+    assert spec.sweep.grid == {"train.lr": [0.1], "distill.lr": [0.2, 0.3]}
+    names = [p.name for p in expand_grid(spec.sweep.grid)]
+    assert names == ["train.lr=0.1,distill.lr=0.2", "train.lr=0.1,distill.lr=0.3"]
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ('{ "privacy.target_epsilonn" = [1] }', "unknown key 'privacy.target_epsilonn'; allowed"),
+        ('{ "train.lr" = ["none"] }', '"none" is only allowed for privacy.target_epsilon'),
+        ('{ "privacy.target_epsilon" = [0, 1] }', "0 is not 'no DP'; write \"none\""),
+        ("{ seed = [] }", "expected a non-empty list"),
+        ("{ seed = [0.5] }", "expected int, got 0.5"),
+        ('{ "privacy" = [1] }', "'privacy' is a table"),
+        (
+            '{ "privacy.target_epsilon" = ["none"], "privacy.dpsgd" = [true] }',
+            "sets privacy.dpsgd, which the grid also sweeps",
+        ),
+    ],
+)
+def test_bad_grids_fail_with_one_line(grid, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        load_spec(None, [f"sweep.grid={grid}"])
+
+
+def test_a_point_that_cannot_run_stops_the_sweep_before_anything_runs(tmp_path):
+    spec = write_spec(tmp_path, '{ "clients.num_clients" = [3, 1] }')
+    runner = InProcessRunner()
+    with pytest.raises(SpecError, match="sweep point num_clients=1: clients.min_clients"):
+        run_sweep(spec, tmp_path / "out", runner=runner)
+    assert runner.ran == []
+
+
+def test_sweep_runs_every_point_writes_the_table_and_plot_and_resumes(tmp_path):
+    spec = write_spec(tmp_path)
+    out = tmp_path / "out"
+    runner = InProcessRunner()
+    rows = run_sweep(spec, out, runner=runner, echo=lambda _: None)
+    assert len(runner.ran) == 4 and len(rows) == 4
+    with open(out / "sweep.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["point"] for r in table] == [
+        "noise_multiplier=1.0,seed=0",
+        "noise_multiplier=1.0,seed=1",
+        "noise_multiplier=none,seed=0",
+        "noise_multiplier=none,seed=1",
+    ]
+    assert all(r["status"] == "completed" for r in table)
+    for r in table:  # the grid values, the run's final numbers
+        summary = json.loads((out / r["point"] / "summary.json").read_text())
+        assert float(r["server_test_acc"]) == summary["final"]["server_test_acc"]
+        if r["privacy.noise_multiplier"] == "none":
+            assert r["epsilon_max"] == "" and not (out / r["point"] / "ledgers.json").exists()
+        else:
+            assert float(r["epsilon_max"]) == summary["final"]["epsilon_max"] > 0
+    assert (out / "accuracy_vs_epsilon.png").stat().st_size > 0
+
+    # Resume: finished points are not rerun; an interrupted one is moved aside and rerun.
+    interrupted = out / "noise_multiplier=none,seed=1"
+    (interrupted / "summary.json").unlink()
+    again = InProcessRunner()
+    rows = run_sweep(spec, out, runner=again, echo=lambda _: None)
+    assert again.ran == ["noise_multiplier=none,seed=1"]
+    assert [r["status"] for r in rows] == ["completed"] * 4
+    assert len(list((out / "_incomplete").iterdir())) == 1
+
+    # A finished point made with another spec is never mixed into the table.
+    with pytest.raises(SweepError, match="different spec \\(rounds differ\\)"):
+        run_sweep(spec, out, overrides=["rounds=2"], runner=again)
+
+
+def test_parallel_points_and_failures_land_in_grid_order(tmp_path):
+    spec = write_spec(tmp_path, "{ seed = [0, 1, 2, 3] }")
+
+    def fake(spec_path, overrides, out_dir):
+        out_dir.mkdir(parents=True)
+        seed = int(next(o for o in overrides if o.startswith("seed="))[5:])
+        if seed == 2:
+            return 1  # a crashed run leaves no summary
+        final = {"server_test_acc": 0.5 + seed / 10, "epsilon_max": 1.0}
+        (out_dir / "summary.json").write_text(
+            json.dumps({"status": "completed", "final": final, "wall_s": 1.0})
+        )
+        return 0
+
+    rows = run_sweep(spec, tmp_path / "out", runner=fake, parallel=3, echo=lambda _: None)
+    assert [r["seed"] for r in rows] == [0, 1, 2, 3]
+    assert [r["status"] for r in rows] == ["completed", "completed", "failed", "completed"]
+    assert rows[3]["server_test_acc"] == pytest.approx(0.8)
+
+
+def test_the_subprocess_runner_passes_spec_and_overrides_to_fedkd_run(tmp_path):
+    # An invalid override makes `fedkd run` stop before starting Ray: quick, and it shows the
+    # command line reached it intact.
+    spec = write_spec(tmp_path)
+    code = subprocess_runner(spec, ["rounds=0"], tmp_path / "point")
+    log = (tmp_path / "point" / "run.log").read_text()
+    assert code == 2
+    assert log.startswith(f"{sys.executable} -m fedkd.run.cli run {spec} --set rounds=0 --out")
+    assert "rounds: must be > 0, got 0" in log

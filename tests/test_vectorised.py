@@ -1,0 +1,559 @@
+"""The vectorised cohort learner against the per-client loop, and vectorised DP-SGD against Opacus.
+
+The loop (`CohortLearner`) is the reference: the same seed must give the same client weights,
+optimizer states, uploads and metrics from both paths, up to float rounding.
+"""
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from fedkd import spec as spec_module
+from fedkd.data import load_federated_data
+from fedkd.learner import vectorised as vec
+from fedkd.learner.cohort import CohortConfig, CohortLearner
+from fedkd.learner.loop import (
+    PHASE_TRAIN,
+    ClassTeacher,
+    ClientState,
+    OptimConfig,
+    StepConfig,
+    make_optimizer,
+    seeded_generator,
+)
+from fedkd.learner.vectorised import (
+    FunctionalAdam,
+    FunctionalSGD,
+    VectorisedCohortLearner,
+    plan_batches,
+)
+from fedkd.models.zoo import build_model
+from fedkd.privacy import vectorised_dpsgd as vdp
+from fedkd.spec import SpecError, load_spec
+
+CLIENTS = list(range(6))
+PROXY = np.arange(0, 200, 2)  # a proxy subset of 100 indices
+
+
+@pytest.fixture(scope="module")
+def data():
+    # Dirichlet(0.5) over 6 clients: training sets of 116 to 264 examples (different step counts).
+    d = load_federated_data(source="digits", num_clients=6, proxy_size=200, seed=0)
+    assert len({c.num_examples for c in d.clients}) == 6
+    return d
+
+
+def config(arch="cnn_small", optimizer="sgd", lr=0.05, epochs=2, loss="kl", temperature=1.0):
+    arch_of = arch if callable(arch) else (lambda cid: arch)
+    optim = OptimConfig(optimizer=optimizer, lr=lr, momentum=0.9, weight_decay=1e-3)
+    return CohortConfig(
+        seed=0,
+        arch_of=arch_of,
+        private=StepConfig(epochs=epochs, batch_size=32, optim=optim),
+        distill=StepConfig(epochs=1, batch_size=64, optim=optim),
+        distill_loss=loss,
+        distill_temperature=temperature,
+    )
+
+
+def client_state(data, cfg, cid, blob) -> ClientState:
+    state = ClientState.create(
+        cid, cfg.arch_of(cid), data.input_shape, 10, 0, cfg.private.optim, cfg.distill.optim
+    )
+    state.load_bytes(blob)
+    return state
+
+
+def assert_same_states(data, cfg, a, b, atol):
+    """Same weights, same optimizer states (torch format, same keys), same round counter."""
+    assert set(a) == set(b)
+    for cid in a:
+        sa, sb = client_state(data, cfg, cid, a[cid]), client_state(data, cfg, cid, b[cid])
+        assert sa.rounds_trained == sb.rounds_trained
+        for key, value in sa.model.state_dict().items():
+            torch.testing.assert_close(sb.model.state_dict()[key], value, atol=atol, rtol=0)
+        for which in ("private_opt", "distill_opt"):
+            da = getattr(sa, which).state_dict()
+            db = getattr(sb, which).state_dict()
+            assert da["param_groups"] == db["param_groups"]
+            assert da["state"].keys() == db["state"].keys()
+            for i, entry in da["state"].items():
+                assert entry.keys() == db["state"][i].keys()
+                for key, value in entry.items():
+                    torch.testing.assert_close(db["state"][i][key], value, atol=atol, rtol=0)
+
+
+def run_rounds(learner_cls, data, cfg, rounds=2, upload="logits", teacher_seed=None, **kw):
+    """`rounds` rounds; every round a fresh learner that only sees the previous bytes."""
+    states: dict[int, bytes] = {}
+    outputs = []
+    for rnd in range(1, rounds + 1):
+        learner = learner_cls(data, cfg, dict(states), **kw)
+        out = learner.local_round(rnd, CLIENTS, upload, PROXY)
+        if teacher_seed is not None:
+            teacher = np.random.default_rng(teacher_seed + rnd).normal(size=(len(PROXY), 10))
+            digest = learner.digest(rnd, CLIENTS, PROXY, teacher.astype(np.float32))
+            for cid, res in digest.items():
+                out[cid].metrics.update(res.metrics)
+        states = dict(learner.states)
+        outputs.append(out)
+    return states, outputs
+
+
+def assert_same_outputs(a, b, atol):
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for cid in ra:
+            assert ra[cid].metrics.keys() == rb[cid].metrics.keys()
+            for key, value in ra[cid].metrics.items():
+                assert rb[cid].metrics[key] == pytest.approx(value, abs=atol), key
+            assert ra[cid].arrays.keys() == rb[cid].arrays.keys()
+            for key, value in ra[cid].arrays.items():
+                np.testing.assert_allclose(rb[cid].arrays[key], value, atol=atol, rtol=0)
+
+
+# -- the learner against the loop --------------------------------------------------------------
+def test_sgd_training_and_distillation_match_the_loop(data):
+    """SGD + momentum + weight decay, 6 clients of different sizes, 2 epochs, 2 rounds, KL."""
+    cfg = config()
+    sa, oa = run_rounds(CohortLearner, data, cfg, teacher_seed=0)
+    sb, ob = run_rounds(VectorisedCohortLearner, data, cfg, teacher_seed=0)
+    assert_same_states(data, cfg, sa, sb, atol=1e-5)
+    assert_same_outputs(oa, ob, atol=1e-5)  # proxy logits, train_loss, distill_loss
+
+
+def test_adam_training_matches_the_loop(data):
+    """Adam: the update is bitwise torch's (see the optimizer test); end to end, Adam divides
+    by sqrt(v), which turns ~1e-9 gradient rounding on small coordinates into ~1e-5 weight
+    differences, hence the looser tolerance."""
+    cfg = config(optimizer="adam", lr=1e-3)
+    sa, oa = run_rounds(CohortLearner, data, cfg, teacher_seed=1)
+    sb, ob = run_rounds(VectorisedCohortLearner, data, cfg, teacher_seed=1)
+    assert_same_states(data, cfg, sa, sb, atol=2e-4)
+    assert_same_outputs(oa, ob, atol=2e-4)
+
+
+def test_mae_distillation_and_mixed_architectures_match_the_loop(data):
+    cfg = config(arch=lambda cid: ("cnn_small", "mlp")[cid % 2], loss="mae", epochs=1)
+    sa, oa = run_rounds(CohortLearner, data, cfg, teacher_seed=2)
+    sb, ob = run_rounds(VectorisedCohortLearner, data, cfg, teacher_seed=2, max_chunk=2)
+    assert_same_states(data, cfg, sa, sb, atol=1e-5)
+    assert_same_outputs(oa, ob, atol=1e-5)
+
+
+def test_class_logits_upload_and_fd_regulariser_match_the_loop(data):
+    cfg = config(epochs=1)
+    present = torch.ones(10, dtype=torch.bool)
+    present[3] = False  # a class nobody reported: masked out of the regulariser
+    teacher = ClassTeacher(
+        logits=torch.randn(10, 10, generator=torch.Generator().manual_seed(0)) * 3,
+        present=present,
+        weight=0.5,
+        temperature=2.0,
+    )
+    results = []
+    for cls in (CohortLearner, VectorisedCohortLearner):
+        states: dict[int, bytes] = {}
+        learner = cls(data, cfg, states)
+        out = learner.local_round(1, CLIENTS, "class_logits", np.empty(0, np.int64), teacher)
+        results.append((states, out))
+    (sa, oa), (sb, ob) = results
+    assert {"class_logits", "class_counts"} <= set(ob[0].arrays)
+    assert_same_outputs([oa], [ob], atol=1e-5)
+    assert_same_states(data, cfg, sa, sb, atol=1e-5)
+
+
+def test_weights_upload_and_evaluation_match_the_loop(data):
+    cfg = config(epochs=1)
+    test_idx = np.arange(0, 360, 3)
+    results = []
+    # predict_rows=50: 8 rows per forward pass for 6 clients, so logits come in many passes.
+    for cls, kw in ((CohortLearner, {}), (VectorisedCohortLearner, {"predict_rows": 50})):
+        learner = cls(data, cfg, {}, **kw)
+        out = learner.local_round(1, CLIENTS, "weights", PROXY)
+        results.append((out, learner.evaluate(CLIENTS, test_idx)))
+    (oa, ea), (ob, eb) = results
+    assert_same_outputs([oa, ea], [ob, eb], atol=1e-5)
+    assert {"test_acc", "local_acc"} <= set(eb[0].metrics)
+
+
+def test_loop_and_vectorised_take_turns_on_the_same_bytes(data):
+    """Round 1 by one learner, round 2 by the other: the same as the loop twice."""
+    cfg = config(epochs=1)
+    loop_states, _ = run_rounds(CohortLearner, data, cfg, teacher_seed=3)
+    for first, second in (
+        (CohortLearner, VectorisedCohortLearner),
+        (VectorisedCohortLearner, CohortLearner),
+    ):
+        states: dict[int, bytes] = {}
+        for rnd, cls in ((1, first), (2, second)):
+            learner = cls(data, cfg, states)
+            learner.local_round(rnd, CLIENTS, "logits", PROXY)
+            teacher = np.random.default_rng(3 + rnd).normal(size=(len(PROXY), 10))
+            learner.digest(rnd, CLIENTS, PROXY, teacher.astype(np.float32))
+        assert_same_states(data, cfg, loop_states, states, atol=1e-5)
+
+
+def test_precision_options(data):
+    cfg = config(epochs=1)
+    fp32, _ = run_rounds(VectorisedCohortLearner, data, cfg, rounds=1)
+    tf32, _ = run_rounds(VectorisedCohortLearner, data, cfg, rounds=1, precision="tf32")
+    # TF32 only changes CUDA matmuls and convolutions.
+    if vec.resolve_device("auto").type == "cpu":
+        assert_same_states(data, cfg, fp32, tf32, atol=1e-6)
+    bf16, out = run_rounds(VectorisedCohortLearner, data, cfg, rounds=1, precision="bf16")
+    assert all(np.isfinite(r.arrays["logits"]).all() for r in out[0].values())
+    a = client_state(data, cfg, 0, fp32[0]).model.state_dict()
+    b = client_state(data, cfg, 0, bf16[0]).model.state_dict()
+    drift = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert 0 < drift < 0.05, "bf16 autocast changes the numbers, but not by much"
+    with pytest.raises(ValueError, match="precision 'fp16' is not one of"):
+        VectorisedCohortLearner(data, cfg, {}, precision="fp16")
+
+
+# -- building blocks ---------------------------------------------------------------------------
+def test_batch_plan_reproduces_the_loops_minibatches():
+    lengths, offsets, batch = [70, 5, 64], [0, 70, 75], 32
+    plan = plan_batches(
+        lengths,
+        offsets,
+        2,
+        batch,
+        [seeded_generator(0, 1, c, PHASE_TRAIN) for c in range(3)],
+        torch.device("cpu"),
+    )
+    assert plan.steps == 2 * 3  # the longest client: ceil(70 / 32) = 3 steps per epoch
+    for k, (n, off) in enumerate(zip(lengths, offsets, strict=True)):
+        gen = seeded_generator(0, 1, k, PHASE_TRAIN)
+        expected = [
+            c + off for _ in range(2) for c in torch.randperm(n, generator=gen).split(batch)
+        ]
+        for t in range(plan.steps):
+            size = int(plan.size[t, k])
+            if t < len(expected):
+                assert torch.equal(plan.index[t, k, :size], expected[t])
+                assert plan.weight[t, k, :size].sum() == pytest.approx(1.0)
+            else:
+                assert size == 0
+            assert float(plan.weight[t, k, size:].abs().sum()) == 0.0  # padding weighs nothing
+
+
+@pytest.mark.parametrize(
+    ("functional", "torch_opt"),
+    [
+        (
+            FunctionalSGD(lr=0.1, momentum=0.9, weight_decay=0.01),
+            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
+        ),
+        (FunctionalSGD(lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
+        (
+            FunctionalAdam(lr=0.01, weight_decay=0.01),
+            lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.01),
+        ),
+    ],
+)
+def test_functional_optimizers_are_torchs_update(functional, torch_opt):
+    """Same gradients, K clients with different step counts (masked steps), state in torch's
+    format both ways (a torch optimizer resumes from it)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"w": (4, 3), "b": (3,)}
+    k = 3
+    init = {n: torch.randn(k, *s, generator=gen) for n, s in shapes.items()}
+    models = [{n: torch.nn.Parameter(init[n][j].clone()) for n in shapes} for j in range(k)]
+    opts = [torch_opt(list(m.values())) for m in models]
+    params, state = dict(init), functional.init(init)
+    for t in range(7):
+        active = torch.tensor([True, t % 2 == 0, 2 <= t < 4])  # client 2 starts late
+        grads = {n: torch.randn(k, *s, generator=gen) for n, s in shapes.items()}
+        for j in range(k):
+            if active[j]:
+                for n in shapes:
+                    models[j][n].grad = grads[n][j].clone()
+                opts[j].step()
+        params, state = functional.step(params, grads, state, active)
+        if t == 4:  # round trip through torch's format mid-way
+            saved = [functional.to_torch(state, j) for j in range(k)]
+            state = functional.from_torch(saved, params)
+    for j in range(k):
+        for n in shapes:
+            torch.testing.assert_close(params[n][j], models[j][n].detach(), atol=1e-7, rtol=0)
+        ours = functional.to_torch(state, j)
+        theirs = opts[j].state_dict()["state"]
+        assert ours.keys() == theirs.keys()
+        for i, entry in theirs.items():
+            assert entry.keys() == ours[i].keys()
+            for key, value in entry.items():
+                assert ours[i][key].dtype == value.dtype
+                torch.testing.assert_close(ours[i][key], value, atol=1e-7, rtol=0)
+        resumed = torch_opt([torch.nn.Parameter(models[j][n].detach().clone()) for n in shapes])
+        resumed.load_state_dict(
+            {"state": ours, "param_groups": opts[j].state_dict()["param_groups"]}
+        )
+
+
+def test_state_bytes_are_the_loops_format(data):
+    """A client's bytes from the vectorised learner load into `ClientState` (and vice versa)."""
+    cfg = config(optimizer="adam", lr=1e-3, epochs=1)
+    states: dict[int, bytes] = {}
+    VectorisedCohortLearner(data, cfg, states).local_round(1, [2], "none", PROXY)
+    saved = torch.load(io.BytesIO(states[2]), weights_only=True)
+    assert set(saved) == {
+        "client_id",
+        "arch",
+        "model",
+        "private_opt",
+        "distill_opt",
+        "rounds_trained",
+    }
+    state = client_state(data, cfg, 2, states[2])
+    assert state.rounds_trained == 1
+    assert state.private_opt.state_dict()["state"][0]["step"] == 7  # ceil(193 / 32) steps
+    assert state.distill_opt.state_dict()["state"] == {}  # never distilled yet
+    fresh = make_optimizer(state.model.parameters(), cfg.private.optim).state_dict()
+    assert saved["private_opt"]["param_groups"] == fresh["param_groups"]
+    with pytest.raises(ValueError, match="saved student is 'cnn_small', spec says 'mlp'"):
+        VectorisedCohortLearner(data, config(arch="mlp"), dict(states)).local_round(
+            2, [2], "none", PROXY
+        )
+
+
+# -- spec and engine ---------------------------------------------------------------------------
+def test_spec_learner_and_precision_keys():
+    assert spec_module.PRECISIONS == vec.PRECISIONS
+    spec = load_spec(None, ["resources.learner=vectorised", "resources.precision=bf16"])
+    assert (spec.resources.learner, spec.resources.precision) == ("vectorised", "bf16")
+    assert load_spec().resources.learner == "loop"
+    with pytest.raises(SpecError, match="resources.learner: 'vmap' is not one of loop, vect"):
+        load_spec(None, ["resources.learner=vmap"])
+    with pytest.raises(SpecError, match="resources.precision: 'fp16' is not one of"):
+        load_spec(None, ["resources.learner=vectorised", "resources.precision=fp16"])
+    with pytest.raises(SpecError, match="needs resources.learner = 'vectorised'"):
+        load_spec(None, ["resources.precision=tf32"])
+
+
+def test_engine_gives_the_same_metrics_with_the_vectorised_learner(tmp_path):
+    from tests.test_engine import TIMINGS, run_inprocess
+
+    _, _, loop, _ = run_inprocess(tmp_path, ["resources.learner=loop"], name="loop")
+    _, _, fast, grid = run_inprocess(tmp_path, ["resources.learner=vectorised"], name="fast")
+    assert len(loop) == len(fast) == 2
+    for a, b in zip(loop, fast, strict=True):
+        assert a.keys() == b.keys()
+        assert b["learner_s"] > 0 and b["learner_max_s"] <= b["learner_s"]
+        assert b["learner_max_s"] <= b["wall_s"]
+        for key, value in a.items():
+            if key in TIMINGS:
+                continue
+            if isinstance(value, float):
+                assert b[key] == pytest.approx(value, abs=1e-5), key
+            else:
+                assert b[key] == value, key
+
+
+# -- vectorised DP-SGD against Opacus ----------------------------------------------------------
+def _opacus_grad(model, x, y, max_grad_norm, noise_multiplier, expected_batch, seed=0):
+    """What Opacus's DPOptimizer leaves in p.grad for one batch (loss_reduction="mean")."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    gsm = GradSampleModule(model, loss_reduction="mean")
+    opt = DPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=0.0),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch,
+        loss_reduction="mean",
+        generator=torch.Generator().manual_seed(seed),
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook")
+        torch.nn.functional.cross_entropy(gsm(x), y).backward()
+    opt.pre_step()  # clip, accumulate, noise, scale: the gradient step() would apply
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    gsm.remove_hooks()  # the model is reused by other tests: leave it plain
+    for p in model.parameters():
+        p.grad = p.grad_sample = p.summed_grad = None
+    return grads
+
+
+@pytest.fixture(scope="module")
+def dp_batch(data):
+    """Three clients' models and a batch of 40 of their own examples each."""
+    models, xs, ys = [], [], []
+    for k in range(3):
+        torch.manual_seed(k)
+        models.append(build_model("cnn_small", data.input_shape, 10))
+        xs.append(torch.from_numpy(data.clients[k].x_train[:40]))
+        ys.append(torch.from_numpy(data.clients[k].y_train[:40]))
+    params = {
+        n: torch.stack([dict(m.named_parameters())[n].detach() for m in models])
+        for n, _ in models[0].named_parameters()
+    }
+    return models, params, torch.stack(xs), torch.stack(ys)
+
+
+def test_dp_sgd_clipped_sums_agree_with_opacus(dp_batch):
+    models, params, x, y = dp_batch
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    mask[1, 30:] = False  # client 1 sampled only 30 examples this step (padding after)
+    ours, loss_sums = vdp.dp_sgd_gradients(
+        models[0],
+        params,
+        x,
+        y,
+        mask,
+        max_grad_norm=0.5,
+        noise_multiplier=0.0,
+        expected_batch_sizes=[32, 25, 32],
+        noise_generators=[torch.Generator() for _ in range(3)],
+    )
+    for k, (n_rows, expected) in enumerate([(40, 32), (30, 25), (40, 32)]):
+        ref = _opacus_grad(models[k], x[k, :n_rows], y[k, :n_rows], 0.5, 0.0, expected)
+        for name, value in ref.items():
+            torch.testing.assert_close(ours[name][k], value, atol=1e-6, rtol=1e-5)
+        loss = torch.nn.functional.cross_entropy(models[k](x[k, :n_rows]), y[k, :n_rows]).detach()
+        assert float(loss_sums[k]) == pytest.approx(float(loss) * n_rows, rel=1e-5)
+    # Clipping bites: the clipped mean is smaller than the plain mean gradient.
+    plain = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(models[0](x[0]), y[0]), list(models[0].parameters())
+    )
+    assert sum(float(g.norm() ** 2) for g in plain) > sum(
+        float(ours[n][0].norm() ** 2) for n in ours
+    )
+
+
+def test_dp_sgd_noise_has_the_right_scale(dp_batch):
+    models, params, x, y = dp_batch
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    sigma, clip, expected = 1.3, 0.5, 32
+    kwargs = {"max_grad_norm": clip, "expected_batch_sizes": [expected] * 3}
+    clean, _ = vdp.dp_sgd_gradients(
+        models[0], params, x, y, mask, noise_multiplier=0.0,
+        noise_generators=[torch.Generator() for _ in range(3)], **kwargs,
+    )  # fmt: skip
+    gens = [torch.Generator().manual_seed(10 + k) for k in range(3)]
+    noisy, _ = vdp.dp_sgd_gradients(
+        models[0], params, x, y, mask, noise_multiplier=sigma, noise_generators=gens, **kwargs
+    )
+    noise = torch.cat([(noisy[n] - clean[n]).flatten() for n in clean])  # 3 x 6,058 coordinates
+    target = sigma * clip / expected
+    assert float(noise.std()) == pytest.approx(target, rel=0.03)
+    assert abs(float(noise.mean())) < 0.03 * target
+    ref_clean = _opacus_grad(models[0], x[0], y[0], clip, 0.0, expected)
+    ref_noisy = _opacus_grad(models[0], x[0], y[0], clip, sigma, expected, seed=1)
+    ref_noise = torch.cat([(ref_noisy[n] - ref_clean[n]).flatten() for n in ref_clean])
+    assert float(ref_noise.std()) == pytest.approx(target, rel=0.05)  # Opacus: same scale
+    # Seeded: the same generators give the same noise.
+    again, _ = vdp.dp_sgd_gradients(
+        models[0], params, x, y, mask, noise_multiplier=sigma,
+        noise_generators=[torch.Generator().manual_seed(10 + k) for k in range(3)], **kwargs,
+    )  # fmt: skip
+    assert all(torch.equal(again[n], noisy[n]) for n in noisy)
+
+
+def test_poisson_sampling_rate_and_reproducibility():
+    lengths, offsets, rates, steps = [200, 50], [0, 200], [0.1, 0.5], [300, 120]
+
+    def plan(seed):
+        gens = [torch.Generator().manual_seed(seed + k) for k in range(2)]
+        return vdp.poisson_plan(lengths, offsets, rates, steps, gens)
+
+    p = plan(0)
+    assert p.steps == 300 and p.active.sum(0).tolist() == [300, 120]
+    for k, (n, off, q, s) in enumerate(zip(lengths, offsets, rates, steps, strict=True)):
+        counts = torch.tensor([int(p.mask[t][k].sum()) for t in range(s)], dtype=torch.float64)
+        assert float(counts.mean()) == pytest.approx(n * q, rel=0.05)
+        # Binomial(n, q) batch sizes, not fixed ones.
+        assert float(counts.var()) == pytest.approx(n * q * (1 - q), rel=0.25)
+        rows = torch.cat([p.index[t][k][p.mask[t][k]] for t in range(s)])
+        assert int(rows.min()) >= off and int(rows.max()) < off + n
+        assert len(torch.unique(p.index[0][k][p.mask[0][k]])) == int(p.mask[0][k].sum())
+    q = plan(0)
+    assert all(torch.equal(a, b) for a, b in zip(p.index, q.index, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(p.index, plan(1).index, strict=True))
+
+
+def test_train_dp_sgd_steps_and_masking(data):
+    """Opacus's step counts per client; a client that finished its steps is left alone."""
+    x = torch.from_numpy(np.concatenate([data.clients[k].x_train for k in (0, 1)]))
+    y = torch.from_numpy(np.concatenate([data.clients[k].y_train for k in (0, 1)]))
+    lengths = [len(data.clients[0].y_train), 40]  # client 1 uses only 40 of its examples
+    offsets = [0, len(data.clients[0].y_train)]
+    torch.manual_seed(0)
+    model = build_model("mlp", data.input_shape, 10)
+    params = {n: p.detach()[None].repeat(2, *[1] * p.dim()) for n, p in model.named_parameters()}
+    opt = FunctionalSGD(lr=0.1, momentum=0.9)
+    out = vdp.train_dp_sgd(
+        model,
+        params,
+        opt,
+        opt.init(params),
+        x,
+        y,
+        lengths,
+        offsets,
+        epochs=2,
+        batch_size=32,
+        max_grad_norm=1.0,
+        noise_multiplier=0.8,
+        sample_generators=[torch.Generator().manual_seed(k) for k in range(2)],
+        noise_generators=[torch.Generator().manual_seed(9 + k) for k in range(2)],
+    )
+    assert out.steps == [2 * 9, 2 * 2]  # ceil(264 / 32) = 9, ceil(40 / 32) = 2 per epoch
+    assert out.sample_rates == [pytest.approx(1 / 9), pytest.approx(1 / 2)]
+    assert all(np.isfinite(out.loss.numpy()))
+    # Client 1 after its 4 steps equals client 1 trained alone for exactly 4 steps.
+    alone = vdp.train_dp_sgd(
+        model,
+        {n: p[1:].clone() for n, p in params.items()},
+        opt,
+        opt.init({n: p[1:] for n, p in params.items()}),
+        x,
+        y,
+        lengths[1:],
+        offsets[1:],
+        epochs=2,
+        batch_size=32,
+        max_grad_norm=1.0,
+        noise_multiplier=0.8,
+        sample_generators=[torch.Generator().manual_seed(1)],
+        noise_generators=[torch.Generator().manual_seed(10)],
+    )
+    for name, value in alone.params.items():
+        torch.testing.assert_close(out.params[name][1], value[0], atol=1e-6, rtol=0)
+    for i, value in out.opt_state["momentum_buffer"].items():
+        torch.testing.assert_close(value[1], alone.opt_state["momentum_buffer"][i][0])
+
+
+def test_state_decoding_is_restricted_and_cached():
+    import datetime
+    import pickle
+
+    blob = io.BytesIO()
+    torch.save({"model": {"w": torch.ones(2)}, "when": datetime.date(2020, 1, 1)}, blob)
+    with pytest.raises(pickle.UnpicklingError, match="never holds 'datetime.date'"):
+        vec.decode_state(blob.getvalue())
+    state = ClientState.create(5, "mlp", (1, 8, 8), 10, 0, OptimConfig(), OptimConfig())
+    raw = state.to_bytes()
+    first = vec.decode_state(raw)
+    assert torch.equal(first["model"]["net.1.weight"], state.model.net[1].weight.detach())
+    assert vec.decode_state(bytes(raw)) is first  # equal bytes: served from the cache
+
+
+def test_clients_without_local_test_data_evaluate_like_the_loop():
+    bare = load_federated_data(
+        source="digits", num_clients=3, proxy_size=200, local_test_fraction=0.0, seed=0
+    )
+    cfg = config(epochs=1)
+    ids, test_idx = [0, 1, 2], np.arange(50)
+    ea = CohortLearner(bare, cfg, {}).evaluate(ids, test_idx)
+    eb = VectorisedCohortLearner(bare, cfg, {}).evaluate(ids, test_idx)
+    for cid in ids:
+        assert np.isnan(ea[cid].metrics["local_acc"]) and np.isnan(eb[cid].metrics["local_acc"])
+        assert eb[cid].metrics["test_acc"] == pytest.approx(ea[cid].metrics["test_acc"])
+        np.testing.assert_allclose(
+            eb[cid].arrays["test_logits"], ea[cid].arrays["test_logits"], atol=1e-5
+        )
