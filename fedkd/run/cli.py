@@ -87,14 +87,18 @@ def simulate(spec: Spec, out_dir: Path, show_progress: bool = True) -> dict[str,
         "init_args": {"logging_level": logging.ERROR, "log_to_driver": False},
     }
     _quiet_engine_logs()
-    with progress:
-        run_simulation(
-            server_app=server_app,
-            client_app=make_client_app(spec),
-            num_supernodes=spec.num_nodes,
-            backend_name="ray",
-            backend_config=backend_config,
-        )
+    try:
+        with progress:
+            run_simulation(
+                server_app=server_app,
+                client_app=make_client_app(spec),
+                num_supernodes=spec.num_nodes,
+                backend_name="ray",
+                backend_config=backend_config,
+            )
+    except RuntimeError as err:  # the engine itself crashed (e.g. Ray could not start)
+        cause = err.__cause__ or err
+        fail(f"the simulation engine crashed: {cause} (finished rounds are kept in {out_dir})", 1)
     if "error" in outcome:
         fail(f"run failed: {outcome['error']} (finished rounds are kept in {out_dir})", code=1)
     if not outcome.get("ok"):
