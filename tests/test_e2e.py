@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from fedkd.results import ROUND_KEYS, SUMMARY_KEYS
+from tests.test_engine import TIMINGS
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +64,6 @@ def test_cohort_nodes_match_one_client_per_node_on_ray(tmp_path):
     cohort, _ = fedkd_run(tmp_path / "cohort", "--set", "clients.clients_per_node=2")
 
     def strip(rows):
-        return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+        return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
 
     assert strip(single) == strip(cohort)
