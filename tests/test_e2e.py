@@ -1,7 +1,6 @@
 """End to end through the `fedkd` CLI and Flower's Ray-backed simulation engine."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -60,12 +59,6 @@ def test_digits_through_ray_learns_and_writes_results(tmp_path):
         assert (tmp_path / "run" / name).stat().st_size > 0
 
 
-@pytest.mark.skipif(
-    os.environ.get("FEDKD_RAY_COHORT_TEST") != "1",
-    reason="failed once in CI after the vectorised-learner and audit changes, cause not yet "
-    "found (the in-process cohort test in test_engine.py still runs); opt in with "
-    "FEDKD_RAY_COHORT_TEST=1",
-)
 def test_cohort_nodes_match_one_client_per_node_on_ray(tmp_path):
     single, _ = fedkd_run(tmp_path / "single", "--set", "clients.clients_per_node=1")
     cohort, _ = fedkd_run(tmp_path / "cohort", "--set", "clients.clients_per_node=2")

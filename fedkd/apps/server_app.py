@@ -162,6 +162,9 @@ def run_phase(
     for node in set(by_node) - replied:
         log.warning("node %s sent no reply in %s within %.0f s", node, message_type, timeout)
         outcome.failed.update(by_node[node])
+    # Replies arrive in any order; float sums over clients (teachers, means) must not depend on
+    # it, or the same seed gives last-digit differences between node layouts.
+    outcome.results = dict(sorted(outcome.results.items()))
     return outcome
 
 
