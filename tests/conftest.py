@@ -1,12 +1,15 @@
-"""Shared test setup: one torch thread (2-core CI machines), no Flower telemetry."""
+"""Shared test setup: one torch thread (2-core CI machines), no Flower telemetry, and a fresh
+partition cache per session (inherited by the subprocesses and Ray workers tests start)."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ["FEDKD_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedkd-test-cache-")
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -427,3 +430,37 @@ def test_load_federated_data_is_cached() -> None:
     assert not np.array_equal(other.proxy_y, first.proxy_y) or not np.array_equal(
         other.proxy_x, first.proxy_x
     )
+
+
+_LOAD_DIGITS = """
+import sys
+from fedkd.data import load_federated_data
+data = load_federated_data(
+    source="digits", num_clients=6, partition="dirichlet", alpha=0.3, seed=4
+)
+print(int("flwr_datasets" in sys.modules), ",".join(str(c.num_examples) for c in data.clients))
+"""
+
+
+def test_partitions_are_cached_across_processes(tmp_path: Path) -> None:
+    """A second process (a ClientApp per message in deployment) reads the partition back
+    without importing flwr-datasets, and gets the same clients."""
+    env = {**os.environ, "FEDKD_CACHE_DIR": str(tmp_path / "cache")}
+
+    def load() -> tuple[str, str]:
+        proc = subprocess.run(
+            [sys.executable, "-c", _LOAD_DIGITS], env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        imported, sizes = proc.stdout.split()
+        return imported, sizes
+
+    first, second = load(), load()
+    assert first[0] == "1" and second[0] == "0"
+    assert first[1] == second[1]
+    assert len(list((tmp_path / "cache").glob("partition-*.npz"))) == 1
+    # Identical to the partition this process computes (its cache folder is another one).
+    fresh = load_federated_data(
+        source="digits", num_clients=6, partition="dirichlet", alpha=0.3, seed=4
+    )
+    assert ",".join(str(c.num_examples) for c in fresh.clients) == first[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,11 +16,13 @@ from fedkd.data.splits import FederatedData, load_federated_data
 from fedkd.learner.cohort import CohortConfig
 from fedkd.learner.loop import PHASE_EVAL, OptimConfig, StepConfig, derive_seed
 from fedkd.learner.server_student import ServerStudent
-from fedkd.privacy.book import LedgerBook
 from fedkd.privacy.dpsgd import DpSgdSettings
 from fedkd.spec import Spec, resolve_path
 from strategies import STRATEGIES, Strategy
 from strategies.base import GaussianRelease
+
+if TYPE_CHECKING:
+    from fedkd.privacy.book import LedgerBook
 
 
 def federated_data(spec: Spec) -> FederatedData:
@@ -100,6 +102,8 @@ def ledger_book(spec: Spec) -> LedgerBook | None:
     """The run's privacy ledgers, or None when no mechanism is on."""
     if not spec.privacy.enabled(spec.algorithm.name):
         return None
+    from fedkd.privacy.book import LedgerBook  # the accountants: seconds, server side only
+
     return LedgerBook(delta=spec.privacy.delta, budget_epsilon=spec.privacy.budget)
 
 

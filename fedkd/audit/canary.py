@@ -28,7 +28,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 from scipy.special import expit
 
 from fedkd.data.splits import ClientData, FederatedData
@@ -78,6 +77,10 @@ def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> flo
         raise ValueError(f"need 0 <= v <= r <= m, got v={v}, r={r}, m={m}")
     if epsilon < 0 or not 0 <= delta <= 1:
         raise ValueError(f"need epsilon >= 0 and delta in [0, 1], got {epsilon}, {delta}")
+    # Imported here: scipy.stats costs a second, and every ClientApp process imports this
+    # module (for the canaries) while only an audit computes p-values.
+    from scipy import stats
+
     q = float(expit(epsilon))
     tail = float(stats.binom.sf(v - 1, r, q))  # P[Binomial(r, q) >= v]
     alpha = 0.0

@@ -18,9 +18,8 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
+from fedkd.data import PARTITION_SCHEMES
 from fedkd.data.sources import DataError
-
-PARTITION_SCHEMES = ("iid", "dirichlet", "shards")
 
 _LABEL = "label"
 _INDEX = "index"

@@ -1,43 +1,42 @@
 """Privacy accounting core: ledger, accountant, Gaussian release, PATE, noise calibration.
 
 Plain torch/numpy on top of dp-accounting (composition) and Opacus (calibration); no Flower.
+Names are imported on first use: dp-accounting and Opacus take seconds to import, and a
+ClientApp process without a privacy mechanism needs neither.
 """
 
-from fedkd.privacy.accountant import (
-    RDP_ORDERS,
-    EpsilonReport,
-    compute_epsilon,
-    epsilon_after,
-    would_exceed_budget,
-)
-from fedkd.privacy.calibration import calibrate_noise_multiplier
-from fedkd.privacy.gaussian_release import (
-    PrivateTeacher,
-    clip_l2,
-    gaussian_release_event,
-    private_mean_teacher,
-    private_sum_of_probabilities,
-    release_sensitivity,
-)
-from fedkd.privacy.ledger import (
-    DpSgdEvent,
-    GaussianReleaseEvent,
-    PateQueryEvent,
-    PrivacyEvent,
-    PrivacyLedger,
-    event_from_dict,
-)
-from fedkd.privacy.pate import (
-    confident_gnmax,
-    gnmax_aggregate,
-    log_q_gnmax,
-    pate_query_event,
-    rdp_gnmax_data_dependent,
-    rdp_gnmax_data_independent,
-    rdp_threshold_data_dependent,
-    rdp_threshold_data_independent,
-    votes_from_predictions,
-)
+import importlib
+from typing import Any
+
+_WHERE = {
+    "RDP_ORDERS": "accountant",
+    "EpsilonReport": "accountant",
+    "compute_epsilon": "accountant",
+    "epsilon_after": "accountant",
+    "would_exceed_budget": "accountant",
+    "calibrate_noise_multiplier": "calibration",
+    "PrivateTeacher": "gaussian_release",
+    "clip_l2": "gaussian_release",
+    "gaussian_release_event": "gaussian_release",
+    "private_mean_teacher": "gaussian_release",
+    "private_sum_of_probabilities": "gaussian_release",
+    "release_sensitivity": "gaussian_release",
+    "DpSgdEvent": "ledger",
+    "GaussianReleaseEvent": "ledger",
+    "PateQueryEvent": "ledger",
+    "PrivacyEvent": "ledger",
+    "PrivacyLedger": "ledger",
+    "event_from_dict": "ledger",
+    "confident_gnmax": "pate",
+    "gnmax_aggregate": "pate",
+    "log_q_gnmax": "pate",
+    "pate_query_event": "pate",
+    "rdp_gnmax_data_dependent": "pate",
+    "rdp_gnmax_data_independent": "pate",
+    "rdp_threshold_data_dependent": "pate",
+    "rdp_threshold_data_independent": "pate",
+    "votes_from_predictions": "pate",
+}
 
 __all__ = [
     "RDP_ORDERS",
@@ -68,3 +67,9 @@ __all__ = [
     "votes_from_predictions",
     "would_exceed_budget",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"fedkd.privacy.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'fedkd.privacy' has no attribute {name!r}")

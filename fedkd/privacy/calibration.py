@@ -11,8 +11,6 @@ import logging
 import math
 import warnings
 
-from opacus.accountants.utils import get_noise_multiplier
-
 from fedkd.privacy.accountant import compute_epsilon
 from fedkd.privacy.ledger import DpSgdEvent, PrivacyLedger
 
@@ -79,6 +77,9 @@ def calibrate_noise_multiplier(
     if accountant == "prv":
         # PRV's own epsilon error defaults to 0.01 absolute: too loose for small targets.
         kwargs["eps_error"] = min(0.01, 0.005 * target_epsilon)
+    # Imported here: Opacus takes seconds to import, and most processes never calibrate.
+    from opacus.accountants.utils import get_noise_multiplier
+
     try:
         with warnings.catch_warnings():
             # Opacus's RDP helper (used inside PRV for its domain) nags about its order range.

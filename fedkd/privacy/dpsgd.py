@@ -16,11 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedkd.privacy.calibration import calibrate_noise_multiplier
 from fedkd.privacy.ledger import DpSgdEvent
 
 
@@ -48,6 +46,9 @@ class DpSgdSettings:
 
 @functools.lru_cache(maxsize=1024)
 def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    # Imported here with the accountants it needs: only a calibrating client pays for them.
+    from fedkd.privacy.calibration import calibrate_noise_multiplier
+
     return calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps)
 
 
@@ -75,6 +76,9 @@ def train_dpsgd(
     sample_rate, steps = sample_rate_and_steps(len(y), batch_size, epochs)
     sigma = settings.noise_for(sample_rate, steps)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, generator=generator)
+    # Imported here: Opacus takes seconds to import, and a client without DP-SGD never needs it.
+    from opacus import PrivacyEngine
+
     with warnings.catch_warnings():
         # Reproducible runs use seeded generators on purpose, not Opacus's secure RNG.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")

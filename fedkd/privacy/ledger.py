@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import dp_accounting
+if TYPE_CHECKING:
+    import dp_accounting
 
 __all__ = [
     "DpSgdEvent",
@@ -76,6 +77,8 @@ class DpSgdEvent:
 
     def dp_event(self) -> dp_accounting.DpEvent:
         """The dp-accounting event for these steps."""
+        import dp_accounting  # here: seconds to import, and only accounting needs it
+
         return dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(
                 self.sample_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier)
@@ -133,6 +136,8 @@ class GaussianReleaseEvent:
 
     def dp_event(self) -> dp_accounting.DpEvent:
         """The dp-accounting event for these releases."""
+        import dp_accounting
+
         return dp_accounting.SelfComposedDpEvent(
             dp_accounting.GaussianDpEvent(self.noise_multiplier), self.count
         )
@@ -338,6 +343,8 @@ class PrivacyLedger:
             per DP-SGD event and ``SelfComposedDpEvent(GaussianDpEvent(sigma), count)`` per
             Gaussian release. PATE events are left out (no dp-accounting mechanism).
         """
+        import dp_accounting
+
         return dp_accounting.ComposedDpEvent(
             [e.dp_event() for e in self.events if not isinstance(e, PateQueryEvent)]
         )

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from scipy.special import log_ndtr, logsumexp
 
-from fedkd.privacy.accountant import RDP_ORDERS
 from fedkd.privacy.ledger import PateQueryEvent
 
 __all__ = [
@@ -162,6 +161,10 @@ def confident_gnmax(
 
 
 def _orders_array(orders: Sequence[float] | np.ndarray | None) -> np.ndarray:
+    # The accountant (dp-accounting, seconds to import) only when its orders are the default:
+    # the PATE strategy is imported by every ClientApp process.
+    from fedkd.privacy.accountant import RDP_ORDERS
+
     arr = np.asarray(RDP_ORDERS if orders is None else orders, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 1):
         raise ValueError("orders must be a non-empty 1-D list of finite Rényi orders > 1")
