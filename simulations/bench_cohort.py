@@ -16,6 +16,8 @@ load) and then the measured rounds. All numbers come from the same invocation:
   them), divided by the number of nodes that run at once (min(nodes, Ray actors));
 - overhead s: round s minus learner s: Flower, Ray, messages, serialisation and the server's
   aggregation;
+- peak MiB / node: the largest node process's peak memory (CUDA memory allocated when the
+  nodes train on a GPU, else resident set size);
 - ceiling: one model of the same student trained at batch 4,096 on this machine (all cores).
 
 Data: MNIST from ``../shared/data/mnist.npz`` (or ``--mnist``), average-pooled to ``--side``
@@ -198,12 +200,22 @@ def summarise(name: str, cfg: dict[str, Any], res: dict[str, Any]) -> dict[str, 
         "samples_s": res["samples_per_round"] / wall,
         "learner_s": learner,
         "overhead_s": wall - learner,
+        "peak_mb": _peak_mb(measured),
     }
+
+
+def _peak_mb(rows: list[dict[str, Any]]) -> str:
+    """The largest node process's peak memory: CUDA when nodes trained on a GPU, else RSS."""
+    for key, unit in (("peak_gpu_mb", "GPU"), ("peak_rss_mb", "RSS")):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            return f"{max(values):,.0f} {unit}"
+    return "-"
 
 
 def format_table(rows: list[dict[str, Any]], ceiling_sps: float, header: list[str]) -> str:
     cols = ["clients", "layout", "nodes", "rounds", "round s", "samples/s", "learner s"]
-    cols += ["overhead s", "x vs 1/node"]
+    cols += ["overhead s", "x vs 1/node", "peak MiB / node"]
     lines = [*header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     base = {r["clients"]: r["round_s"] for r in rows if r["layout"].startswith("1 client")}
     for r in rows:
@@ -211,10 +223,11 @@ def format_table(rows: list[dict[str, Any]], ceiling_sps: float, header: list[st
         lines.append(
             f"| {r['clients']} | {r['layout']} | {r['nodes']} | {r['rounds']} | "
             f"{r['round_s']:.3f} | {r['samples_s']:,.0f} | {r['learner_s']:.3f} | "
-            f"{r['overhead_s']:.3f} | {speedup:.1f}x |"
+            f"{r['overhead_s']:.3f} | {speedup:.1f}x | {r['peak_mb']} |"
         )
     lines.append(
-        f"| - | ceiling: one cnn_small, batch 4,096 | - | - | - | {ceiling_sps:,.0f} | - | - | - |"
+        f"| - | ceiling: one cnn_small, batch 4,096 | - | - | - | {ceiling_sps:,.0f} | - | - | - "
+        "| - |"
     )
     return "\n".join(lines)
 

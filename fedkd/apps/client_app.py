@@ -8,6 +8,7 @@ different Ray actor may serve the node next round).
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Iterator, MutableMapping
 
@@ -72,6 +73,14 @@ def _learner(spec: Spec, context: Context) -> CohortLearner:
     return CohortLearner(data, config, store)
 
 
+def _peak_memory_mb() -> dict[str, float]:
+    """This process's peak memory so far: resident set size, and CUDA memory when used."""
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
 def _reply(results: dict[int, ClientResult], started: float, msg: Message) -> Message:
     """The reply, with this node's learner seconds for the phase split evenly over its clients.
 
@@ -79,8 +88,10 @@ def _reply(results: dict[int, ClientResult], started: float, msg: Message) -> Me
     engine overhead (messaging, Ray, serialisation), which the benchmark reports.
     """
     share = (time.perf_counter() - started) / max(len(results), 1)
+    peak = _peak_memory_mb()
     for res in results.values():
         res.metrics["learner_s"] = share
+        res.metrics.update(peak)
     return Message(content=wire.results_to_record(results), reply_to=msg)
 
 

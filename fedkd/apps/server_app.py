@@ -116,6 +116,8 @@ class PhaseOutcome:
     failed: set[int] = field(default_factory=set)
     # Learner seconds per replying node (the sum of its clients' `learner_s` metrics).
     node_learner_s: dict[int, float] = field(default_factory=dict)
+    # The largest peak memory (MiB) any replying node reported, per kind (peak_rss_mb, peak_gpu_mb).
+    peak_mb: dict[str, float] = field(default_factory=dict)
 
 
 def run_phase(
@@ -154,6 +156,9 @@ def run_phase(
             r.metrics.get("learner_s", 0.0) for r in node_results.values()
         )
         for cid, res in node_results.items():
+            for key in ("peak_rss_mb", "peak_gpu_mb"):
+                if key in res.metrics:
+                    outcome.peak_mb[key] = max(outcome.peak_mb.get(key, 0.0), res.metrics[key])
             if _finite(res):
                 outcome.results[cid] = res
             else:
@@ -166,6 +171,11 @@ def run_phase(
     # it, or the same seed gives last-digit differences between node layouts.
     outcome.results = dict(sorted(outcome.results.items()))
     return outcome
+
+
+def _peak(phases: list[PhaseOutcome], key: str) -> float | None:
+    values = [p.peak_mb[key] for p in phases if key in p.peak_mb]
+    return max(values) if values else None
 
 
 def _client_metrics(results: dict[int, ClientResult]) -> dict[str, float | None]:
@@ -423,6 +433,10 @@ def _run_rounds(
                 # engine's overhead.
                 "learner_s": sum(sum(p.node_learner_s.values()) for p in phases),
                 "learner_max_s": sum(max(p.node_learner_s.values(), default=0.0) for p in phases),
+                # The largest node process's peak memory so far (MiB): resident set, and CUDA
+                # memory allocated when a node trains on a GPU (None otherwise).
+                "peak_rss_mb": _peak(phases, "peak_rss_mb"),
+                "peak_gpu_mb": _peak(phases, "peak_gpu_mb"),
             }
         )
         recorder.record_round(row)
