@@ -438,13 +438,14 @@ from fedkd.data import load_federated_data
 data = load_federated_data(
     source="digits", num_clients=6, partition="dirichlet", alpha=0.3, seed=4
 )
-print(int("flwr_datasets" in sys.modules), ",".join(str(c.num_examples) for c in data.clients))
+imported = "flwr_datasets" in sys.modules or "sklearn" in sys.modules
+print(int(imported), ",".join(str(c.num_examples) for c in data.clients))
 """
 
 
 def test_partitions_are_cached_across_processes(tmp_path: Path) -> None:
-    """A second process (a ClientApp per message in deployment) reads the partition back
-    without importing flwr-datasets, and gets the same clients."""
+    """A second process (a ClientApp per message in deployment) reads the data set and the
+    partition back without importing scikit-learn or flwr-datasets, and gets the same clients."""
     env = {**os.environ, "FEDKD_CACHE_DIR": str(tmp_path / "cache")}
 
     def load() -> tuple[str, str]:
@@ -458,7 +459,8 @@ def test_partitions_are_cached_across_processes(tmp_path: Path) -> None:
     first, second = load(), load()
     assert first[0] == "1" and second[0] == "0"
     assert first[1] == second[1]
-    assert len(list((tmp_path / "cache").glob("partition-*.npz"))) == 1
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
+    assert cached == ["digits", "partition"]
     # Identical to the partition this process computes (its cache folder is another one).
     fresh = load_federated_data(
         source="digits", num_clients=6, partition="dirichlet", alpha=0.3, seed=4

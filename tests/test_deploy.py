@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -317,11 +316,6 @@ def _submit(out: Path, log: Path, env: dict, procs: list) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("FEDKD_DEPLOY_TEST") != "1",
-    reason="starts a TLS SuperLink and SuperNodes on loopback; not yet shown to pass inside "
-    "CI's time on a loaded 2-core machine; opt in with FEDKD_DEPLOY_TEST=1",
-)
 def test_secured_deployment_runs_the_apps_like_the_simulation(tmp_path: Path) -> None:
     for tool in ("flower-superlink", "flower-supernode", "flwr", "fedkd"):
         if not (BIN / tool).is_file():

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from fedkd.data.cache import cached_arrays
+
 SOURCES = ("digits", "mnist1d", "npz", "hf")
 
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -112,33 +114,40 @@ def load_source(
 
 
 def _load_digits(seed: int) -> ArrayDataset:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    def split() -> dict[str, np.ndarray]:
+        from sklearn.datasets import load_digits  # a second or two: cached below
+        from sklearn.model_selection import train_test_split
 
-    x, y = load_digits(return_X_y=True)
-    x = x.reshape(-1, 1, 8, 8) / 16.0
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, stratify=y, random_state=seed
-    )
-    return _finalise("digits", x_train, y_train, x_test, y_test)
+        x, y = load_digits(return_X_y=True)
+        x = x.reshape(-1, 1, 8, 8) / 16.0
+        x_train, x_test, y_train, y_test = train_test_split(
+            x, y, test_size=0.2, stratify=y, random_state=seed
+        )
+        return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+    d = cached_arrays("digits", [str(seed)], split, library="scikit-learn")
+    return _finalise("digits", d["x_train"], d["y_train"], d["x_test"], d["y_test"])
 
 
 def _load_mnist1d(seed: int) -> ArrayDataset:
-    from mnist1d.data import get_dataset_args, make_dataset
+    def generate() -> dict[str, np.ndarray]:
+        from mnist1d.data import get_dataset_args, make_dataset
 
-    args = get_dataset_args()
-    args.seed = seed
-    # make_dataset reseeds the global `random` and `np.random` generators; restore them so that
-    # loading data has no effect on anything else seeded in the process.
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        data = make_dataset(args)
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-    x_train = data["x"][:, None, :]
-    x_test = data["x_test"][:, None, :]
-    return _finalise("mnist1d", x_train, data["y"], x_test, data["y_test"])
+        args = get_dataset_args()
+        args.seed = seed
+        # make_dataset reseeds the global `random` and `np.random` generators; restore them so
+        # that loading data has no effect on anything else seeded in the process.
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:
+            data = make_dataset(args)
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+        return {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
+
+    d = cached_arrays("mnist1d", [str(seed)], generate, library="mnist1d")
+    x_train, x_test = d["x"][:, None, :], d["x_test"][:, None, :]
+    return _finalise("mnist1d", x_train, d["y"], x_test, d["y_test"])
 
 
 def _load_npz(path: str | None) -> ArrayDataset:

@@ -13,15 +13,11 @@ The source's test split is the global test set.
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import warnings
 from dataclasses import dataclass, field
-from importlib.metadata import version
-from pathlib import Path
 
 import numpy as np
 
+from fedkd.data.cache import cached_arrays
 from fedkd.data.sources import ArrayDataset, DataError, load_source
 
 # Distinct streams of one seed, so that changing e.g. proxy_size leaves client shuffles alone.
@@ -29,48 +25,22 @@ _PROXY_STREAM = 0
 _CLIENT_STREAM = 1
 
 
-def partition_cache_dir() -> Path:
-    """Where partitions are cached: ``$FEDKD_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedkd``."""
-    if os.environ.get("FEDKD_CACHE_DIR"):
-        return Path(os.environ["FEDKD_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedkd"
-
-
 def _cached_partition(labels: np.ndarray, num_clients: int, scheme: str, **kwargs) -> list:
-    """:func:`fedkd.data.partition.partition_indices`, cached on disk.
+    """:func:`fedkd.data.partition.partition_indices`, through the on-disk cache: a fresh
+    process (a deployed ClientApp, one per message) then never imports flwr-datasets."""
 
-    A deployed SuperNode starts a fresh ClientApp process for every message, and importing
-    flwr-datasets (with ``datasets``, scipy and seaborn) costs seconds there; the partition is a
-    pure function of the labels and the arguments, so later processes read it back instead.
-    The key includes the flwr-datasets version, whose partitioners produce the indices.
-    """
-    key = hashlib.sha256()
-    key.update(np.ascontiguousarray(labels).astype(np.int64).tobytes())
-    key.update(repr((num_clients, scheme, sorted(kwargs.items()))).encode())
-    key.update(version("flwr-datasets").encode())
-    path = partition_cache_dir() / f"partition-{key.hexdigest()[:32]}.npz"
-    try:
-        with np.load(path) as saved:
-            return [saved[f"p{i}"] for i in range(num_clients)]
-    except (OSError, KeyError, ValueError):
-        pass  # not cached yet, or unreadable: compute it
+    def compute() -> dict[str, np.ndarray]:
+        from fedkd.data.partition import partition_indices  # the costly import, only on a miss
 
-    from fedkd.data.partition import partition_indices  # the costly import, only on a miss
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
         parts = partition_indices(labels, num_clients, scheme, **kwargs)
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if not caught:  # a partition that warns is recomputed (and warns) every time
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, **{f"p{i}": part for i, part in enumerate(parts)})
-            os.replace(tmp, path)  # atomic: concurrent processes never read half a file
-        except OSError:
-            pass  # a read-only home is no reason to fail a run
-    return parts
+        return {f"p{i}": part for i, part in enumerate(parts)}
+
+    key = [
+        np.ascontiguousarray(labels).astype(np.int64).tobytes(),
+        repr((num_clients, scheme, sorted(kwargs.items()))),
+    ]
+    saved = cached_arrays("partition", key, compute, library="flwr-datasets")
+    return [saved[f"p{i}"] for i in range(num_clients)]
 
 
 def _empty_index() -> np.ndarray:

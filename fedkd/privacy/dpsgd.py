@@ -76,6 +76,7 @@ def train_dpsgd(
     sample_rate, steps = sample_rate_and_steps(len(y), batch_size, epochs)
     sigma = settings.noise_for(sample_rate, steps)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, generator=generator)
+    model.train()  # Opacus refuses a model left in eval mode (e.g. after computing logits)
     # Imported here: Opacus takes seconds to import, and a client without DP-SGD never needs it.
     from opacus import PrivacyEngine
 
