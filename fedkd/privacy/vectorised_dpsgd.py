@@ -30,16 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedkd.privacy.dpsgd import sample_rate_and_steps
+
 Params = dict[str, Tensor]  # parameter name -> (K, *shape)
 
 # Opacus adds this to the per-sample norm before dividing (DPOptimizer.clip_and_accumulate).
 CLIP_EPS = 1e-6
-
-
-def poisson_rate_and_steps(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
-    """Opacus's Poisson data loader: rate ``1 / ceil(n / batch_size)``, that many steps/epoch."""
-    batches = max(1, -(-int(num_examples) // int(batch_size)))
-    return 1.0 / batches, batches * int(epochs)
 
 
 def expected_batch_size(num_examples: int, sample_rate: float) -> int:
@@ -256,7 +252,7 @@ def train_dp_sgd(
     `optimizer` is a functional optimizer of `fedkd.learner.vectorised` (``step(params,
     grads, state, active)``).
     """
-    rates_steps = [poisson_rate_and_steps(n, batch_size, epochs) for n in lengths]
+    rates_steps = [sample_rate_and_steps(n, batch_size, epochs) for n in lengths]
     rates = [q for q, _ in rates_steps]
     steps = [s if n > 0 else 0 for (_, s), n in zip(rates_steps, lengths, strict=True)]
     device = next(iter(params.values())).device
@@ -301,6 +297,5 @@ __all__ = [
     "expected_batch_size",
     "per_sample_grads",
     "poisson_plan",
-    "poisson_rate_and_steps",
     "train_dp_sgd",
 ]

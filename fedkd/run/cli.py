@@ -25,6 +25,12 @@ app = typer.Typer(
 )
 console = Console(stderr=True, soft_wrap=True)
 
+# `--set key=value`, the same in every command that reads a spec.
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a spec key, e.g. --set rounds=5 (repeatable)"),
+]
+
 
 def fail(message: str, code: int = 2) -> None:
     """One clear line on stderr, no traceback."""
@@ -113,10 +119,7 @@ def run(
     spec: Annotated[
         str | None, typer.Argument(help="Spec TOML (default: the built-in quickstart)")
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a spec key, e.g. --set rounds=5 (repeatable)"),
-    ] = None,
+    set_: SetOption = None,
     out: Annotated[
         str | None, typer.Option(help="Results folder (default runs/<name>-<time>)")
     ] = None,
@@ -256,10 +259,7 @@ def submit(
         str | None,
         typer.Argument(help="Spec TOML inside the app folder (default: the built-in quickstart)"),
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a spec key, e.g. --set rounds=5 (repeatable)"),
-    ] = None,
+    set_: SetOption = None,
     out: Annotated[
         str | None,
         typer.Option(help="Results folder: an absolute path on the machine running the ServerApp"),
@@ -302,10 +302,7 @@ def sweep(
     out: Annotated[
         str | None, typer.Option(help="Sweep folder (default runs/<name>-sweep; reruns resume)")
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a spec key for every point (repeatable)"),
-    ] = None,
+    set_: SetOption = None,
 ) -> None:
     """Run every point of the spec's sweep grid; write sweep.csv and accuracy_vs_epsilon.png."""
     from fedkd.run.sweep import SweepError, run_sweep, sweep_table
