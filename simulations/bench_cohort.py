@@ -5,11 +5,14 @@ Usage::
     python simulations/bench_cohort.py [--clients 10 100 1000] [--quick] [--out table.md]
 
 Every configuration runs the real engine (`fedkd.run.cli.simulate`: Flower's ServerApp and
-ClientApp on the Ray backend) in a fresh subprocess, for a warm-up round (Ray actors start, data
-load) and then the measured rounds. All numbers come from the same invocation:
+ClientApp on the Ray backend) in a fresh subprocess, for two warm-up rounds (Ray actors start, data
+load; the second exchange is the first to carry a digest), the measured rounds, and one
+last round left out of the means: its row also holds the run's final exchange (its digest and
+evaluation), a cost paid once per run, not per round. All numbers come from the same invocation:
 
-- round s: mean ``wall_s`` of the measured rounds (server's view: local training + logits
-  upload, aggregation, distillation + evaluation);
+- round s: mean ``wall_s`` of the measured rounds (server's view: one exchange per round, which
+  carries the previous round's distillation + evaluation and this round's local training +
+  logits upload, then aggregation);
 - samples/s: examples trained on per round (private examples x epochs + proxy examples x
   distillation epochs, over all clients) divided by round s;
 - learner s: the nodes' learner seconds per round (each node times its phases; the server sums
@@ -98,7 +101,7 @@ def spec_overrides(cfg: dict[str, Any]) -> list[str]:
     return [
         "name=bench_cohort",
         f"seed={cfg['seed']}",
-        f"rounds={cfg['warmup'] + cfg['rounds']}",
+        f"rounds={cfg['warmup'] + cfg['rounds'] + cfg['tail']}",
         "algorithm.name=dsfl",
         'server.student=""',
         "data.source=npz",
@@ -184,7 +187,8 @@ def _ray_actors() -> int:
 
 
 def summarise(name: str, cfg: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
-    measured = [r for r in res["rows"] if r["round"] > cfg["warmup"]]
+    last = cfg["warmup"] + cfg["rounds"]
+    measured = [r for r in res["rows"] if cfg["warmup"] < r["round"] <= last]
     wall = float(np.mean([r["wall_s"] for r in measured]))
     parallel = min(res["nodes"], _ray_actors())
     learner = float(np.mean([r["learner_s"] for r in measured])) / parallel
@@ -279,8 +283,9 @@ def main(argv: list[str] | None = None) -> None:
                     "cohort_nodes": cohort_nodes,
                     "npz": str(npz),
                     "seed": 0,
-                    "warmup": 1,
+                    "warmup": 2,
                     "rounds": measured,
+                    "tail": 1,
                     "epochs": args.epochs,
                     "proxy_per_round": args.proxy_per_round,
                     "test_per_client": args.test_per_client,
@@ -303,8 +308,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.proxy_per_round} proxy examples distilled per client per round, "
         f"{args.test_per_client} test examples evaluated per client per round.",
         f"Flower + Ray simulation, {_ray_actors()} CPUs (one Ray actor each, 1 torch thread), "
-        f"cohort layouts on {cohort_nodes} nodes; 1 warm-up round, then the measured rounds "
-        f"(one client per node at >= 1,000 clients: {args.single_rounds_1000}). "
+        f"cohort layouts on {cohort_nodes} nodes; 2 warm-up rounds, the measured rounds "
+        f"(one client per node at >= 1,000 clients: {args.single_rounds_1000}), 1 last round "
+        "not measured (it also holds the final digest exchange). "
         f"Load average at the end: {load:.2f}. Total {time.perf_counter() - started:.0f} s.",
         "learner s = nodes' learner seconds per round / nodes running at once; overhead s = "
         "round s - learner s; x vs 1/node = speed-up of the round over one client per node.",

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from fedkd.apps.build import federated_data
 from fedkd.apps.client_app import make_client_app
 from fedkd.apps.server_app import run_rounds
-from fedkd.apps.wire import MSG_DIGEST
+from fedkd.apps.wire import MSG_ROUND
 from fedkd.audit.canary import (
     audit_canaries,
     make_canaries,
@@ -202,13 +202,13 @@ def test_the_run_keeps_the_teachers_the_client_distilled_from_and_shadows_replay
     digests = [
         m.content["payload"]
         for m in grid.sent
-        if m.metadata.message_type == MSG_DIGEST and 1 in m.content["config"]["client_ids"]
+        if m.metadata.message_type == MSG_ROUND and 1 in m.content["config"].get("digest_ids", [])
     ]
     kept = load_teachers(tmp_path / "dsfl")
     assert len(kept) == len(digests) == 2
     for (idx, logits), sent in zip(kept, digests, strict=True):
-        assert np.array_equal(idx, sent["proxy_idx"].numpy())
-        assert np.array_equal(logits, sent["teacher_logits"].numpy())
+        assert np.array_equal(idx, sent["digest.proxy_idx"].numpy())
+        assert np.array_equal(logits, sent["digest.teacher_logits"].numpy())
     result = json.loads((tmp_path / "dsfl" / "audit.json").read_text())
     assert result["membership"]["shadow_digests_replayed"] == 2 and result["canary"] is None
 

@@ -11,7 +11,7 @@ import pytest
 
 from fedkd.apps.client_app import make_client_app
 from fedkd.apps.server_app import run_rounds, sample_clients
-from fedkd.apps.wire import MSG_LOCAL
+from fedkd.apps.wire import MSG_HELLO, MSG_ROUND
 from fedkd.results import ROUND_KEYS, SUMMARY_KEYS, RunRecorder
 from fedkd.spec import ALGORITHMS, load_spec
 from tests.inprocess import InProcessGrid
@@ -91,7 +91,7 @@ def test_cohorts_give_the_same_metrics_as_one_client_per_node(tmp_path):
 
 def test_proxy_travels_as_indices_never_inputs(tmp_path):
     *_, grid = run_inprocess(tmp_path, [])
-    local = [m for m in grid.sent if m.metadata.message_type == MSG_LOCAL]
+    local = [m for m in grid.sent if m.metadata.message_type == MSG_ROUND]
     payload = local[0].content["payload"]
     assert list(payload.keys()) == ["proxy_idx"]
     idx = payload["proxy_idx"].numpy()
@@ -100,7 +100,7 @@ def test_proxy_travels_as_indices_never_inputs(tmp_path):
 
 def test_crashed_node_is_counted_and_round_goes_on(tmp_path):
     def crash(node_index, msg):
-        return node_index == 1 and msg.metadata.message_type == MSG_LOCAL
+        return node_index == 1 and msg.metadata.message_type == MSG_ROUND
 
     _, summary, rows, _ = run_inprocess(tmp_path, [], crash=crash)
     assert summary["status"] == "completed"
@@ -128,7 +128,7 @@ def test_nan_logits_are_rejected_not_averaged(tmp_path, monkeypatch):
 
 def test_too_few_clients_skip_aggregation_but_keep_running(tmp_path):
     def crash(node_index, msg):
-        return node_index > 0 and msg.metadata.message_type == MSG_LOCAL
+        return node_index > 0 and msg.metadata.message_type == MSG_ROUND
 
     _, summary, rows, _ = run_inprocess(tmp_path, [], crash=crash)
     assert summary["status"] == "completed" and len(rows) == 2
@@ -183,10 +183,32 @@ def test_fedavg_clients_start_every_round_from_the_global_model(tmp_path):
             "train.epochs=5",
         ],
     )
-    local = [m for m in grid.sent if m.metadata.message_type == MSG_LOCAL]
+    local = [m for m in grid.sent if m.metadata.message_type == MSG_ROUND]
     weights = [k for k in local[0].content["payload"].keys() if k.startswith("w.")]
     assert weights, "round 1 carries the global initialisation"
     model_bytes = sum(local[0].content["payload"][k].numpy().nbytes for k in weights)
     assert rows[0]["bytes_down"] == 4 * model_bytes
     assert rows[0]["bytes_up_per_client"] == model_bytes
     assert rows[-1]["server_test_acc"] > 0.6  # chance is 0.1
+
+
+def test_one_message_per_node_per_round_carries_the_previous_digest(tmp_path):
+    # 4 nodes, 2 rounds: rounds 1 and 2, then one exchange for round 2's digest and evaluation.
+    *_, grid = run_inprocess(tmp_path, [])
+    sent = [m for m in grid.sent if m.metadata.message_type != MSG_HELLO]
+    assert all(m.metadata.message_type == MSG_ROUND for m in sent)
+    assert len(sent) == 4 * 3
+    first, second, final = sent[:4], sent[4:8], sent[8:]
+    for msg in first:
+        config, payload = msg.content["config"], msg.content["payload"]
+        assert "digest_ids" not in config and list(config["train_ids"]) != []
+        assert not any(k.startswith("digest.") for k in payload.keys())
+    for msg in second:
+        config, payload = msg.content["config"], msg.content["payload"]
+        assert config["digest_round"] == 1 and config["round"] == 2
+        assert list(config["digest_ids"]) == list(config["train_ids"])
+        assert {"digest.proxy_idx", "digest.teacher_logits", "proxy_idx"} <= set(payload.keys())
+    for msg in final:
+        config = msg.content["config"]
+        assert config["digest_round"] == 2 and "train_ids" not in config
+        assert list(config["evaluate_ids"]) == list(config["digest_ids"])

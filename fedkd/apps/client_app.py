@@ -81,30 +81,28 @@ def _peak_memory_mb() -> dict[str, float]:
     return peak
 
 
-def _reply(results: dict[int, ClientResult], started: float, msg: Message) -> Message:
-    """The reply, with this node's learner seconds for the phase split evenly over its clients.
+def _reply(
+    parts: dict[str, dict[int, ClientResult]], started: float | None, msg: Message
+) -> Message:
+    """The reply: results per part and client, and this node's learner seconds and memory.
 
-    The server sums ``learner_s`` per node to split a round's wall time into learner time and
-    engine overhead (messaging, Ray, serialisation), which the benchmark reports.
+    The server sums ``learner_s`` over nodes to split a round's wall time into learner time
+    and engine overhead (messaging, Ray, serialisation), which the benchmark reports.
     """
-    share = (time.perf_counter() - started) / max(len(results), 1)
-    peak = _peak_memory_mb()
-    for res in results.values():
-        res.metrics["learner_s"] = share
-        res.metrics.update(peak)
-    return Message(content=wire.results_to_record(results), reply_to=msg)
+    node = _peak_memory_mb()
+    if started is not None:
+        node["learner_s"] = time.perf_counter() - started
+    return Message(content=wire.results_to_record(parts, node), reply_to=msg)
 
 
-def _parse(
-    spec: Spec, msg: Message, context: Context
-) -> tuple[dict, dict[str, np.ndarray], list[int]]:
-    """A request's config, arrays and client ids, checked against the clients this node hosts."""
+def _parse(spec: Spec, msg: Message, context: Context) -> tuple[dict, dict[str, np.ndarray]]:
+    """A request's config and arrays, its client ids checked against the clients hosted here."""
     config, arrays = wire.parse_request(msg.content)
-    client_ids = [int(c) for c in config["client_ids"]]
-    foreign = set(client_ids) - set(_node_clients(spec, context))
+    asked = {c for part in wire.PARTS for c in wire.part_ids(config, part)}
+    foreign = asked - set(_node_clients(spec, context))
     if foreign:
         raise ValueError(f"asked to run clients {sorted(foreign)} that this node does not host")
-    return config, arrays, client_ids
+    return config, arrays
 
 
 def handle_hello(spec: Spec, msg: Message, context: Context) -> Message:
@@ -115,62 +113,60 @@ def handle_hello(spec: Spec, msg: Message, context: Context) -> Message:
     )
 
 
-def handle_local(spec: Spec, msg: Message, context: Context) -> Message:
+def handle_round(spec: Spec, msg: Message, context: Context) -> Message:
+    """``train.round``: digest the previous round's teacher, evaluate, then train and upload."""
     started = time.perf_counter()
-    config, arrays, client_ids = _parse(spec, msg, context)
-    class_teacher = None
-    if "class_logits" in arrays:
-        class_teacher = ClassTeacher(
-            logits=torch.from_numpy(arrays["class_logits"]),
-            present=torch.from_numpy(arrays["class_present"].astype(bool)),
-            weight=spec.algorithm.fd_weight,
-            temperature=spec.distill.temperature,
+    config, arrays = _parse(spec, msg, context)
+    learner = _learner(spec, context)
+    parts: dict[str, dict[int, ClientResult]] = {}
+
+    digest_ids = wire.part_ids(config, "digest")
+    if digest_ids:
+        teacher = {
+            k[len(wire.DIGEST_PREFIX) :]: v
+            for k, v in arrays.items()
+            if k.startswith(wire.DIGEST_PREFIX)
+        }
+        parts["digest"] = learner.digest(
+            int(config["digest_round"]),
+            digest_ids,
+            proxy_idx=teacher["proxy_idx"].astype(np.int64) if "proxy_idx" in teacher else None,
+            teacher_logits=teacher.get("teacher_logits"),
         )
-    learner = _learner(spec, context)
-    weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")}
-    if weights:  # FedAvg: every client starts the round from the global model
-        learner.digest(int(config["round"]), client_ids, global_weights=weights)
-    results = learner.local_round(
-        int(config["round"]),
-        client_ids,
-        str(config["upload"]),
-        arrays.get("proxy_idx", np.empty(0, dtype=np.int64)).astype(np.int64),
-        class_teacher,
-    )
-    return _reply(results, started, msg)
-
-
-def handle_digest(spec: Spec, msg: Message, context: Context) -> Message:
-    started = time.perf_counter()
-    config, arrays, client_ids = _parse(spec, msg, context)
-    learner = _learner(spec, context)
-    results = learner.digest(
-        int(config["round"]),
-        client_ids,
-        proxy_idx=arrays["proxy_idx"].astype(np.int64) if "proxy_idx" in arrays else None,
-        teacher_logits=arrays.get("teacher_logits"),
-    )
-    if config.get("evaluate", False):
+    evaluate_ids = wire.part_ids(config, "evaluate")
+    if evaluate_ids:
         test_idx = eval_test_indices(spec, len(learner.data.test_y))
-        for cid, res in learner.evaluate(client_ids, test_idx).items():
-            results[cid].arrays.update(res.arrays)
-            results[cid].metrics.update(res.metrics)
-    return _reply(results, started, msg)
+        parts["evaluate"] = learner.evaluate(evaluate_ids, test_idx)
 
-
-def handle_evaluate(spec: Spec, msg: Message, context: Context) -> Message:
-    started = time.perf_counter()
-    config, _, client_ids = _parse(spec, msg, context)
-    learner = _learner(spec, context)
-    results = learner.evaluate(client_ids, eval_test_indices(spec, len(learner.data.test_y)))
-    return _reply(results, started, msg)
+    train_ids = wire.part_ids(config, "train")
+    if train_ids:
+        round_num = int(config["round"])
+        class_teacher = None
+        if "class_logits" in arrays:
+            class_teacher = ClassTeacher(
+                logits=torch.from_numpy(arrays["class_logits"]),
+                present=torch.from_numpy(arrays["class_present"].astype(bool)),
+                weight=spec.algorithm.fd_weight,
+                temperature=spec.distill.temperature,
+            )
+        weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")}
+        if weights:  # FedAvg: every client starts the round from the global model
+            learner.digest(round_num, train_ids, global_weights=weights)
+        parts["train"] = learner.local_round(
+            round_num,
+            train_ids,
+            str(config["upload"]),
+            arrays.get("proxy_idx", np.empty(0, dtype=np.int64)).astype(np.int64),
+            class_teacher,
+        )
+    return _reply(parts, started, msg)
 
 
 def handle_export(spec: Spec, msg: Message, context: Context) -> Message:
     """The audited clients' final student weights (``query.export``, end of an audited run)."""
-    config, _, client_ids = _parse(spec, msg, context)
-    results = _learner(spec, context).export(client_ids)
-    return Message(content=wire.results_to_record(results), reply_to=msg)
+    config, _ = _parse(spec, msg, context)
+    results = _learner(spec, context).export(wire.part_ids(config, "export"))
+    return _reply({"export": results}, None, msg)
 
 
 def make_client_app(spec: Spec | None = None) -> ClientApp:
@@ -184,17 +180,9 @@ def make_client_app(spec: Spec | None = None) -> ClientApp:
     def hello(msg: Message, context: Context) -> Message:
         return handle_hello(_spec(context), msg, context)
 
-    @app.train("local")
-    def local(msg: Message, context: Context) -> Message:
-        return handle_local(_spec(context), msg, context)
-
-    @app.train("digest")
-    def digest(msg: Message, context: Context) -> Message:
-        return handle_digest(_spec(context), msg, context)
-
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(_spec(context), msg, context)
+    @app.train("round")
+    def round_(msg: Message, context: Context) -> Message:
+        return handle_round(_spec(context), msg, context)
 
     @app.query("export")
     def export(msg: Message, context: Context) -> Message:

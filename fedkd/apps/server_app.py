@@ -1,9 +1,11 @@
 """The fedkd ServerApp: drives a strategy from `strategies/` through the rounds.
 
-Each round: sample clients, send ``train.local`` to the nodes hosting them, hand the valid
-uploads to the strategy, send ``train.digest`` (the teacher or global weights, plus evaluation
-on evaluation rounds), and write one metrics row. A node that fails or times out, or a client
-whose upload is not finite, counts in ``clients_failed`` and the round goes on with the others.
+Each round: sample clients, send one ``train.round`` message to each node hosting them (it also
+carries the previous round's teacher to digest and, on evaluation rounds, the evaluation; see
+`fedkd.apps.wire`), hand the valid uploads to the strategy, and write the previous round's
+metrics row. After the last round, one more exchange carries its digest and evaluation. A node
+that fails or times out, or a client whose upload is not finite, counts in ``clients_failed``
+and the round goes on with the others.
 """
 
 from __future__ import annotations
@@ -111,70 +113,83 @@ def _finite(result: ClientResult) -> bool:
 
 
 @dataclass
-class PhaseOutcome:
-    results: dict[int, ClientResult] = field(default_factory=dict)
+class Exchange:
+    """The replies to one message per node: valid results per part and client, and failures."""
+
+    results: dict[str, dict[int, ClientResult]] = field(
+        default_factory=lambda: {part: {} for part in wire.PARTS}
+    )
+    # Clients whose node failed or did not reply: every part they were asked for is lost.
     failed: set[int] = field(default_factory=set)
-    # Learner seconds per replying node (the sum of its clients' `learner_s` metrics).
+    # Clients whose result in one part was not finite, per part.
+    rejected: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    # Learner seconds per replying node.
     node_learner_s: dict[int, float] = field(default_factory=dict)
     # The largest peak memory (MiB) any replying node reported, per kind (peak_rss_mb, peak_gpu_mb).
     peak_mb: dict[str, float] = field(default_factory=dict)
 
+    def failed_in(self, part: str) -> set[int]:
+        return self.failed | self.rejected[part]
 
-def run_phase(
+
+def run_exchange(
     grid: Grid,
     node_of: dict[int, int],
-    client_ids: list[int],
+    parts: dict[str, list[int]],
     message_type: str,
     config: dict[str, Any],
     arrays: dict[str, np.ndarray],
     timeout: float,
-) -> PhaseOutcome:
-    """One message per node hosting some of `client_ids`; collect per-client results."""
-    by_node: dict[int, list[int]] = defaultdict(list)
-    for cid in client_ids:
-        by_node[node_of[cid]].append(cid)
+) -> Exchange:
+    """One message per node hosting a client named in `parts` ({part: client ids})."""
+    by_node: dict[int, dict[str, list[int]]] = defaultdict(lambda: {p: [] for p in parts})
+    for part, cids in parts.items():
+        for cid in cids:
+            by_node[node_of[cid]][part].append(cid)
     msgs = [
         Message(
-            content=wire.request({**config, "client_ids": cids}, arrays),
+            content=wire.request(
+                {**config, **{f"{p}_ids": ids for p, ids in node_parts.items()}}, arrays
+            ),
             dst_node_id=node,
             message_type=message_type,
             group_id=str(config.get("round", 0)),
         )
-        for node, cids in by_node.items()
+        for node, node_parts in by_node.items()
     ]
-    outcome = PhaseOutcome()
+    outcome = Exchange()
     replied: set[int] = set()
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         node = _reply_node(reply, msgs)
         replied.add(node)
         if reply.has_error():
             log.warning("node %s failed in %s: %s", node, message_type, reply.error.reason)
-            outcome.failed.update(by_node.get(node, []))
+            outcome.failed.update(c for ids in by_node.get(node, {}).values() for c in ids)
             continue
-        node_results = wire.record_to_results(reply.content)
-        outcome.node_learner_s[node] = sum(
-            r.metrics.get("learner_s", 0.0) for r in node_results.values()
-        )
-        for cid, res in node_results.items():
-            for key in ("peak_rss_mb", "peak_gpu_mb"):
-                if key in res.metrics:
-                    outcome.peak_mb[key] = max(outcome.peak_mb.get(key, 0.0), res.metrics[key])
-            if _finite(res):
-                outcome.results[cid] = res
-            else:
-                log.warning("client %s sent non-finite values in %s; ignored", cid, message_type)
-                outcome.failed.add(cid)
+        node_parts, node_metrics = wire.record_to_results(reply.content)
+        outcome.node_learner_s[node] = node_metrics.get("learner_s", 0.0)
+        for key in ("peak_rss_mb", "peak_gpu_mb"):
+            if key in node_metrics:
+                outcome.peak_mb[key] = max(outcome.peak_mb.get(key, 0.0), node_metrics[key])
+        for part, results in node_parts.items():
+            for cid, res in results.items():
+                if _finite(res):
+                    outcome.results[part][cid] = res
+                else:
+                    log.warning("client %s sent non-finite values (%s); ignored", cid, part)
+                    outcome.rejected[part].add(cid)
     for node in set(by_node) - replied:
         log.warning("node %s sent no reply in %s within %.0f s", node, message_type, timeout)
-        outcome.failed.update(by_node[node])
+        outcome.failed.update(c for ids in by_node[node].values() for c in ids)
     # Replies arrive in any order; float sums over clients (teachers, means) must not depend on
     # it, or the same seed gives last-digit differences between node layouts.
-    outcome.results = dict(sorted(outcome.results.items()))
+    for part in outcome.results:
+        outcome.results[part] = dict(sorted(outcome.results[part].items()))
     return outcome
 
 
-def _peak(phases: list[PhaseOutcome], key: str) -> float | None:
-    values = [p.peak_mb[key] for p in phases if key in p.peak_mb]
+def _peak(exchanges: list[Exchange], key: str) -> float | None:
+    values = [x.peak_mb[key] for x in exchanges if key in x.peak_mb]
     return max(values) if values else None
 
 
@@ -243,10 +258,26 @@ def _record_dpsgd(book: LedgerBook | None, results: dict[int, ClientResult], rnd
             )
 
 
+# Seconds between reply pulls of Flower's in-memory simulation grid (Flower's default 0.1 s).
+# `run_simulation` builds the grid without exposing this parameter; replies wait up to one
+# interval, and pulling the in-memory state more often costs next to nothing.
+SIMULATION_PULL_INTERVAL = 0.01
+
+
+def _poll_replies_faster(grid: Grid) -> None:
+    try:
+        from flwr.superlink.grid import InMemoryGrid
+    except ImportError:  # another Flower layout: keep its default
+        return
+    if isinstance(grid, InMemoryGrid):
+        grid.pull_interval = SIMULATION_PULL_INTERVAL
+
+
 def run_rounds(
     grid: Grid, spec: Spec, recorder: RunRecorder, on_round: RoundCallback | None = None
 ) -> dict[str, Any]:
     """The whole run; returns the summary. Finished rounds are on disk whatever happens."""
+    _poll_replies_faster(grid)
     try:
         summary = _run_rounds(grid, spec, recorder, on_round)
     except Exception as err:
@@ -268,11 +299,13 @@ def export_audited(
     """Keep the audited client's final student (asked from its node) and the digests it got."""
     save_teachers(recorder.dir, teachers)
     cid = spec.audit.client
-    outcome = run_phase(grid, node_of, [cid], wire.MSG_EXPORT, {"round": spec.rounds}, {}, timeout)
-    if cid not in outcome.results:
+    outcome = run_exchange(
+        grid, node_of, {"export": [cid]}, wire.MSG_EXPORT, {"round": spec.rounds}, {}, timeout
+    )
+    if cid not in outcome.results["export"]:
         log.warning("audit: client %d did not send its final student; nothing to audit", cid)
         return
-    res = outcome.results[cid]
+    res = outcome.results["export"][cid]
     save_student(
         recorder.dir,
         cid,
@@ -292,6 +325,81 @@ def audit_at_end(recorder: RunRecorder) -> None:
     log.warning("%s\n(audit.json in %s)", render_text(result), recorder.dir)
 
 
+@dataclass
+class _OpenRound:
+    """A round whose clients digest its teacher (and are evaluated) in the next exchange.
+
+    Its metrics row is written once that exchange has returned: wall and learner seconds run
+    from the start of its own exchange to the start of the next one (the last round's to the
+    end of the final exchange), so that they add up to the run's time.
+    """
+
+    row: dict[str, Any]
+    started: float
+    evaluate: bool
+    ok: dict[int, ClientResult]
+    failed: set[int]
+    digest_ids: list[int]
+    digest_arrays: dict[str, np.ndarray]
+    evaluate_ids: list[int]
+    exchanges: list[Exchange]
+
+
+def _digest_request(open_round: _OpenRound | None) -> tuple[dict[str, list[int]], dict, dict]:
+    """The parts, config and arrays of an exchange that carry `open_round`'s digest."""
+    if open_round is None:
+        return {}, {}, {}
+    parts = {"digest": open_round.digest_ids, "evaluate": open_round.evaluate_ids}
+    config = {"digest_round": open_round.row["round"]}
+    arrays = {wire.DIGEST_PREFIX + k: v for k, v in open_round.digest_arrays.items()}
+    return parts, config, arrays
+
+
+def _close_round(
+    strategy: Strategy,
+    test_y: np.ndarray,
+    open_round: _OpenRound,
+    exchange: Exchange,
+    ended: float,
+) -> dict[str, Any]:
+    """`open_round`'s metrics row, now that `exchange` brought its digest and evaluation."""
+    row = open_round.row
+    failed = open_round.failed | exchange.failed_in("digest")
+    evaluated = {
+        cid: res
+        for cid, res in exchange.results["evaluate"].items()
+        if cid not in failed | exchange.rejected["evaluate"]
+    }
+    failed |= {c for c in open_round.evaluate_ids if c in exchange.failed_in("evaluate")}
+    if open_round.evaluate:
+        num_examples = {c: r.metrics.get("num_examples", 1.0) for c, r in open_round.ok.items()}
+        row["teacher_test_acc"] = _teacher_acc(strategy, evaluated, test_y, num_examples)
+    row.update(_client_metrics(evaluated))
+    exchanges = open_round.exchanges
+    row.update(
+        {
+            "clients_ok": len(set(open_round.ok) - failed),
+            "clients_failed": len(failed),
+            "eval_bytes_up": sum(
+                r.arrays["test_logits"].nbytes
+                for r in evaluated.values()
+                if "test_logits" in r.arrays
+            ),
+            "wall_s": ended - open_round.started,
+            # Learner seconds summed over nodes and exchanges, and the slowest node's per
+            # exchange (the critical path when nodes run in parallel): wall_s minus it is the
+            # engine's overhead.
+            "learner_s": sum(sum(x.node_learner_s.values()) for x in exchanges),
+            "learner_max_s": sum(max(x.node_learner_s.values(), default=0.0) for x in exchanges),
+            # The largest node process's peak memory so far (MiB): resident set, and CUDA
+            # memory allocated when a node trains on a GPU (None otherwise).
+            "peak_rss_mb": _peak(exchanges, "peak_rss_mb"),
+            "peak_gpu_mb": _peak(exchanges, "peak_gpu_mb"),
+        }
+    )
+    return row
+
+
 def _run_rounds(
     grid: Grid, spec: Spec, recorder: RunRecorder, on_round: RoundCallback | None
 ) -> dict[str, Any]:
@@ -304,104 +412,97 @@ def _run_rounds(
     book = ledger_book(spec)
     audit_teachers: dict[int, dict[str, np.ndarray]] = {}
 
+    def write(row: dict[str, Any]) -> None:
+        recorder.record_round(row)
+        if on_round is not None:
+            on_round(row["round"], row)
+
+    # One exchange per round (wire.MSG_ROUND): round r's digest and evaluation travel with
+    # round r+1's local training, so round r's row is written after round r+1's exchange.
+    open_round: _OpenRound | None = None
     for rnd in range(1, spec.rounds + 1):
         started = time.perf_counter()
         evaluate = rnd % spec.eval.every == 0 or rnd == spec.rounds
         row: dict[str, Any] = {"round": rnd, "teacher_test_acc": None, "epsilon_max": None}
         row["epsilon"] = None
-        bytes_up = bytes_down = eval_bytes_up = 0
-        ok: dict[int, ClientResult] = {}
-        failed: set[int] = set()
-        evaluated: dict[int, ClientResult] = {}
-        phases: list[PhaseOutcome] = []  # for the learner-time split of wall_s
-
-        if strategy.uses_clients:
-            sampled = _admit_within_budget(book, spec, sample_clients(spec, rnd), rnd)
-            plan = strategy.plan_local(rnd)
-            plan_arrays: dict[str, np.ndarray] = {}
-            if len(plan.proxy_idx):
-                plan_arrays["proxy_idx"] = plan.proxy_idx.astype(np.int32)
-            if plan.class_logits is not None:
-                plan_arrays["class_logits"] = plan.class_logits.astype(np.float32)
-                plan_arrays["class_present"] = plan.class_present.astype(np.uint8)
-            if plan.global_weights is not None:
-                plan_arrays.update({f"w.{k}": v for k, v in plan.global_weights.items()})
-            local = run_phase(
-                grid,
-                node_of,
-                sampled,
-                wire.MSG_LOCAL,
-                {"round": rnd, "upload": plan.upload},
-                plan_arrays,
-                timeout,
-            )
-            ok, failed = local.results, set(local.failed)
-            phases.append(local)
-            _record_dpsgd(book, ok, rnd)
-            bytes_down += wire.payload_bytes(plan_arrays) * len(sampled)
-            bytes_up += sum(wire.payload_bytes(r.arrays) for r in ok.values())
-
-            enough = len(ok) >= spec.clients.min_clients
-            if enough:
-                strategy.aggregate(rnd, ok)
-                for cid, events in strategy.release_events(rnd).items():
-                    for event in events:
-                        book.record(cid, event)
-            else:
-                log.warning(
-                    "round %d: %d clients replied, fewer than clients.min_clients=%d; "
-                    "nothing aggregated this round",
-                    rnd,
-                    len(ok),
-                    spec.clients.min_clients,
-                )
-            payload = strategy.digest_payload(rnd) if enough else None
-            targets = sorted(ok)
-            if not strategy.evaluates_clients:
-                evaluate_clients = False
-            else:
-                evaluate_clients = evaluate
-            if payload is not None and targets:
-                arrays = payload.arrays()
-                if "proxy_idx" in arrays:
-                    arrays["proxy_idx"] = arrays["proxy_idx"].astype(np.int32)
-                if spec.audit.enabled and spec.audit.client in targets:
-                    audit_teachers[rnd] = arrays  # the audit's shadows replay this digest
-                digest = run_phase(
-                    grid,
-                    node_of,
-                    targets,
-                    wire.MSG_DIGEST,
-                    {"round": rnd, "evaluate": evaluate_clients},
-                    arrays,
-                    timeout,
-                )
-                bytes_down += wire.payload_bytes(arrays) * len(targets)
-                failed |= digest.failed
-                phases.append(digest)
-                evaluated = digest.results if evaluate_clients else {}
-            elif evaluate_clients and targets:
-                ev = run_phase(
-                    grid, node_of, targets, wire.MSG_EVALUATE, {"round": rnd}, {}, timeout
-                )
-                failed |= ev.failed
-                phases.append(ev)
-                evaluated = ev.results
-            eval_bytes_up = sum(
-                r.arrays["test_logits"].nbytes
-                for r in evaluated.values()
-                if "test_logits" in r.arrays
-            )
-        else:
+        if not strategy.uses_clients:
             strategy.aggregate(rnd, {})
+            row["server_test_acc"] = strategy.server_test_acc() if evaluate else None
+            row.update(_client_metrics({}))
+            row.update(strategy.round_metrics())
+            row.update(
+                {
+                    "bytes_up": 0,
+                    "bytes_down": 0,
+                    "bytes_up_per_client": 0.0,
+                    "clients_ok": 0,
+                    "clients_failed": 0,
+                    "train_loss_mean": None,
+                    "eval_bytes_up": 0,
+                    "wall_s": time.perf_counter() - started,
+                    "learner_s": 0.0,
+                    "learner_max_s": 0.0,
+                    "peak_rss_mb": None,
+                    "peak_gpu_mb": None,
+                }
+            )
+            write(row)
+            continue
 
-        if evaluate:
-            row["server_test_acc"] = strategy.server_test_acc()
-            num_examples = {c: r.metrics.get("num_examples", 1.0) for c, r in ok.items()}
-            row["teacher_test_acc"] = _teacher_acc(strategy, evaluated, test_y, num_examples)
+        sampled = _admit_within_budget(book, spec, sample_clients(spec, rnd), rnd)
+        plan = strategy.plan_local(rnd)
+        plan_arrays: dict[str, np.ndarray] = {}
+        if len(plan.proxy_idx):
+            plan_arrays["proxy_idx"] = plan.proxy_idx.astype(np.int32)
+        if plan.class_logits is not None:
+            plan_arrays["class_logits"] = plan.class_logits.astype(np.float32)
+            plan_arrays["class_present"] = plan.class_present.astype(np.uint8)
+        if plan.global_weights is not None:
+            plan_arrays.update({f"w.{k}": v for k, v in plan.global_weights.items()})
+        parts, config, arrays = _digest_request(open_round)
+        exchange = run_exchange(
+            grid,
+            node_of,
+            {**parts, "train": sampled},
+            wire.MSG_ROUND,
+            {**config, "round": rnd, "upload": plan.upload},
+            {**arrays, **plan_arrays},
+            timeout,
+        )
+        if open_round is not None:
+            write(_close_round(strategy, test_y, open_round, exchange, started))
+        ok, failed = exchange.results["train"], exchange.failed_in("train") & set(sampled)
+        _record_dpsgd(book, ok, rnd)
+        bytes_down = wire.payload_bytes(plan_arrays) * len(sampled)
+        bytes_up = sum(wire.payload_bytes(r.arrays) for r in ok.values())
+
+        enough = len(ok) >= spec.clients.min_clients
+        if enough:
+            strategy.aggregate(rnd, ok)
+            for cid, events in strategy.release_events(rnd).items():
+                for event in events:
+                    book.record(cid, event)
         else:
-            row["server_test_acc"] = None
-        row.update(_client_metrics(evaluated))
+            log.warning(
+                "round %d: %d clients replied, fewer than clients.min_clients=%d; "
+                "nothing aggregated this round",
+                rnd,
+                len(ok),
+                spec.clients.min_clients,
+            )
+        payload = strategy.digest_payload(rnd) if enough else None
+        targets = sorted(ok)
+        evaluate_clients = evaluate and strategy.evaluates_clients
+        digest_arrays: dict[str, np.ndarray] = {}
+        if payload is not None and targets:
+            digest_arrays = payload.arrays()
+            if "proxy_idx" in digest_arrays:
+                digest_arrays["proxy_idx"] = digest_arrays["proxy_idx"].astype(np.int32)
+            if spec.audit.enabled and spec.audit.client in targets:
+                audit_teachers[rnd] = digest_arrays  # the audit's shadows replay this digest
+            bytes_down += wire.payload_bytes(digest_arrays) * len(targets)
+
+        row["server_test_acc"] = strategy.server_test_acc() if evaluate else None
         row.update(strategy.round_metrics())
         if book is not None:
             reports = book.reports()
@@ -416,32 +517,42 @@ def _run_rounds(
                 row["epsilon_data_independent_max"] = max(independent)
             row["clients_stopped"] = len(book.stopped)
             recorder.write_extra("ledgers.json", book.to_dict())
-        clients_ok = len(set(ok) - failed)
         train_losses = [r.metrics["train_loss"] for r in ok.values() if "train_loss" in r.metrics]
         row.update(
             {
                 "bytes_up": bytes_up,
                 "bytes_down": bytes_down,
                 "bytes_up_per_client": bytes_up / len(ok) if ok else 0.0,
-                "clients_ok": clients_ok,
-                "clients_failed": len(failed),
                 "train_loss_mean": float(np.mean(train_losses)) if train_losses else None,
-                "eval_bytes_up": eval_bytes_up,
-                "wall_s": time.perf_counter() - started,
-                # Learner seconds summed over nodes and phases, and the slowest node's per
-                # phase (the critical path when nodes run in parallel): wall_s minus it is the
-                # engine's overhead.
-                "learner_s": sum(sum(p.node_learner_s.values()) for p in phases),
-                "learner_max_s": sum(max(p.node_learner_s.values(), default=0.0) for p in phases),
-                # The largest node process's peak memory so far (MiB): resident set, and CUDA
-                # memory allocated when a node trains on a GPU (None otherwise).
-                "peak_rss_mb": _peak(phases, "peak_rss_mb"),
-                "peak_gpu_mb": _peak(phases, "peak_gpu_mb"),
             }
         )
-        recorder.record_round(row)
-        if on_round is not None:
-            on_round(rnd, row)
+        open_round = _OpenRound(
+            row=row,
+            started=started,
+            evaluate=evaluate,
+            ok=ok,
+            failed=failed,
+            digest_ids=targets if digest_arrays else [],
+            digest_arrays=digest_arrays,
+            evaluate_ids=targets if evaluate_clients else [],
+            exchanges=[exchange],
+        )
+
+    if open_round is not None:  # the last round's digest and evaluation
+        parts, config, arrays = _digest_request(open_round)
+        exchange = Exchange()
+        if any(parts.values()):
+            exchange = run_exchange(
+                grid,
+                node_of,
+                parts,
+                wire.MSG_ROUND,
+                {**config, "round": spec.rounds + 1},
+                arrays,
+                timeout,
+            )
+            open_round.exchanges.append(exchange)
+        write(_close_round(strategy, test_y, open_round, exchange, time.perf_counter()))
     if spec.audit.enabled and strategy.uses_clients:
         export_audited(grid, node_of, spec, recorder, timeout, audit_teachers)
     return recorder.finish()

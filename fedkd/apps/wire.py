@@ -1,11 +1,20 @@
 """The wire format: fedkd's plans, payloads and client results as Flower records.
 
-Message types (DESIGN.md's round skeleton):
+Message types:
 - ``query.hello``: which clients does this node host? (once, at the start)
-- ``train.local``: local training, then the upload (logits on proxy indices, per-class logits,
-  or weights); the proxy subset travels as indices, never as inputs.
-- ``train.digest``: the teacher (or global weights) to learn from, then optional evaluation.
-- ``evaluate``: evaluation only (strategies with nothing to digest).
+- ``train.round``: one message per node per round. It carries, in this order: the previous
+  round's teacher for its clients to digest (DESIGN.md's step 4, ``digest.*`` arrays, clients
+  ``digest_ids``), their evaluation (``evaluate_ids``), then this round's local training and
+  upload (steps 1-2: logits on proxy indices, per-class logits, votes or weights; clients
+  ``train_ids``). The proxy subset travels as indices, never as inputs. Folding step 4 into the
+  next round's message halves the messages per round (each costs the engine's polling, and in
+  deployment a ClientApp process); the math is unchanged because a client does nothing between
+  digesting a teacher and its next local training. After the last round the same message
+  carries only the digest and evaluation.
+- ``query.export``: the audited client's final student (end of an audited run).
+
+A reply holds one result per client per part (``digest``, ``evaluate``, ``train``, ``export``)
+and the node's own metrics (learner seconds, peak memory).
 """
 
 from __future__ import annotations
@@ -16,11 +25,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedkd.learner.cohort import ClientResult
 
 MSG_HELLO = "query.hello"
-MSG_LOCAL = "train.local"
-MSG_DIGEST = "train.digest"
-MSG_EVALUATE = "evaluate"
+MSG_ROUND = "train.round"
 # After the last round, with [audit] enabled: the audited client's final student weights.
 MSG_EXPORT = "query.export"
+# The parts of a request and its reply, in the order a node runs them.
+PARTS = ("digest", "evaluate", "train", "export")
+# Arrays of the previous round's teacher carry this prefix (this round's plan has its own
+# proxy_idx).
+DIGEST_PREFIX = "digest."
 
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -46,19 +58,40 @@ def parse_request(content: RecordDict) -> tuple[dict, dict[str, np.ndarray]]:
     return config, arrays
 
 
-def results_to_record(results: dict[int, ClientResult]) -> RecordDict:
-    content = RecordDict({"config": ConfigRecord({"client_ids": sorted(results)})})
-    for cid, res in results.items():
-        content[f"arrays.{cid}"] = to_array_record(res.arrays)
-        content[f"metrics.{cid}"] = MetricRecord(res.metrics)
+def part_ids(config: dict, part: str) -> list[int]:
+    """The clients a request asks to run `part` (``digest``, ``evaluate``, ``train``...)."""
+    return [int(c) for c in config.get(f"{part}_ids", [])]
+
+
+def results_to_record(
+    parts: dict[str, dict[int, ClientResult]], node_metrics: dict[str, float]
+) -> RecordDict:
+    content = RecordDict(
+        {
+            "config": ConfigRecord({f"{p}_ids": sorted(r) for p, r in parts.items()}),
+            "node": MetricRecord(node_metrics),
+        }
+    )
+    for part, results in parts.items():
+        for cid, res in results.items():
+            content[f"{part}.arrays.{cid}"] = to_array_record(res.arrays)
+            content[f"{part}.metrics.{cid}"] = MetricRecord(res.metrics)
     return content
 
 
-def record_to_results(content: RecordDict) -> dict[int, ClientResult]:
-    out = {}
-    for cid in content["config"]["client_ids"]:
-        out[int(cid)] = ClientResult(
-            arrays=from_array_record(content[f"arrays.{cid}"]),
-            metrics={k: float(v) for k, v in content[f"metrics.{cid}"].items()},
-        )
-    return out
+def record_to_results(
+    content: RecordDict,
+) -> tuple[dict[str, dict[int, ClientResult]], dict[str, float]]:
+    """A reply's results per part and client, and the node's own metrics."""
+    config = dict(content["config"])
+    parts: dict[str, dict[int, ClientResult]] = {}
+    for part in PARTS:
+        parts[part] = {
+            cid: ClientResult(
+                arrays=from_array_record(content[f"{part}.arrays.{cid}"]),
+                metrics={k: float(v) for k, v in content[f"{part}.metrics.{cid}"].items()},
+            )
+            for cid in part_ids(config, part)
+        }
+    node = {k: float(v) for k, v in content["node"].items()} if "node" in content else {}
+    return parts, node
