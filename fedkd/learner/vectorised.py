@@ -18,8 +18,13 @@ reference loop) and computes the same numbers up to float rounding, many clients
   vectorised learner can take turns on the same clients between rounds.
 - Data lives on the learner's device, cached once per process.
 
-DP-SGD is not vectorised here yet (see `fedkd.privacy.vectorised_dpsgd` for the kernel): a
-config with ``dp`` set falls back to the reference loop for private training.
+- DP-SGD (a config with ``dp`` set) runs `fedkd.privacy.vectorised_dpsgd`: Opacus's math
+  (Poisson sampling, per-example clipping, Gaussian noise, the expected batch size as divisor)
+  with per-sample gradients by nested ``vmap``, the same sample rate, steps and calibrated noise
+  multiplier per client as the Opacus path, hence the same ledger events. Its random draws
+  (batches, noise) come from the client's own seeded generators, not Opacus's, so weights
+  agree with the loop in distribution, not bit for bit.
+- PATE's teachers (``upload = "votes"``) train in the reference loop.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from fedkd.learner.loop import (
     ClassTeacher,
     OptimConfig,
     StepConfig,
+    derive_seed,
     init_student,
     make_optimizer,
     seeded_generator,
@@ -742,6 +748,47 @@ class VectorisedCohortLearner(CohortLearner):
         step_fn = vmap(grad_and_value(loss_fn))
         return self._run_steps(stack, plan, x_all, y_all, step_fn, "private")
 
+    def _train_private_dp(
+        self, stack: StackedStates, round_num: int
+    ) -> tuple[Tensor, list[dict[str, float]]]:
+        """DP-SGD on each client's data; mean losses and each client's ledger figures."""
+        # Imported here, like Opacus on the loop path: clients without DP never need it.
+        from fedkd.privacy.vectorised_dpsgd import train_dp_sgd
+
+        settings, step, seed = self.config.dp, self.config.private, self.config.seed
+        x_all, y_all, offsets = self.dev.train
+        cids = stack.client_ids
+        noise_generators = []
+        for c in cids:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(derive_seed(seed, round_num, c, PHASE_TRAIN, 1))
+            noise_generators.append(gen)
+        with precision_context(self.precision, self.device):
+            out = train_dp_sgd(
+                self._template(stack.arch),
+                stack.params,
+                self.private_opt,
+                stack.private_state,
+                x_all,
+                y_all,
+                [int(offsets[c + 1] - offsets[c]) for c in cids],
+                [int(offsets[c]) for c in cids],
+                epochs=step.epochs,
+                batch_size=step.batch_size,
+                max_grad_norm=settings.max_grad_norm,
+                noise_multiplier=settings.noise_for,  # calibrated per client, as in the loop
+                sample_generators=[seeded_generator(seed, round_num, c, PHASE_TRAIN) for c in cids],
+                noise_generators=noise_generators,
+            )
+        stack.params, stack.private_state = out.params, out.opt_state
+        metrics = [
+            {"dp_sample_rate": q, "dp_noise_multiplier": sigma, "dp_steps": float(steps)}
+            for q, sigma, steps in zip(
+                out.sample_rates, out.noise_multipliers, out.steps, strict=True
+            )
+        ]
+        return out.loss.cpu(), metrics
+
     def _run_steps(
         self,
         stack: StackedStates,
@@ -813,15 +860,17 @@ class VectorisedCohortLearner(CohortLearner):
         """Train each client on its private data, then compute what it uploads."""
         if upload not in UPLOADS:
             raise ValueError(f"unknown upload '{upload}'; one of {', '.join(UPLOADS)}")
-        if getattr(self.config, "dp", None) is not None:
-            # DP-SGD goes through the reference path (Opacus) until the vectorised kernel is
-            # wired to the ledger.
+        if upload == "votes":  # PATE: several teachers per client, trained in the loop
             return super().local_round(round_num, client_ids, upload, proxy_idx, class_teacher)
         results: dict[int, ClientResult] = {}
         dev = self.dev
         for arch, cids in self._groups(client_ids):
             stack = self._load_stack(arch, cids)
-            losses = self._train_private(stack, round_num, class_teacher).cpu()
+            dp_metrics: list[dict[str, float]] = [{} for _ in cids]
+            if self.config.dp is None:
+                losses = self._train_private(stack, round_num, class_teacher).cpu()
+            else:
+                losses, dp_metrics = self._train_private_dp(stack, round_num)
             stack.rounds_trained = [r + 1 for r in stack.rounds_trained]
             model = self._template(arch)
             uploads: list[dict[str, np.ndarray]] = [{} for _ in cids]
@@ -854,6 +903,7 @@ class VectorisedCohortLearner(CohortLearner):
                     metrics={
                         "num_examples": float(self.data.clients[cid].num_examples),
                         "train_loss": float(losses[j]),
+                        **dp_metrics[j],
                     },
                 )
         return {cid: results[cid] for cid in client_ids}

@@ -143,13 +143,21 @@ def clip_and_sum(grads: Params, mask: Tensor, max_grad_norm: float) -> Params:
     return {name: torch.einsum("kl,kl...->k...", factor, g) for name, g in grads.items()}
 
 
-def add_noise(summed: Params, std: float, generators: Sequence[torch.Generator]) -> Params:
-    """``summed + N(0, std^2)`` per coordinate, client k's noise from ``generators[k]``."""
-    if std == 0:
+def add_noise(
+    summed: Params, std: float | Sequence[float], generators: Sequence[torch.Generator]
+) -> Params:
+    """``summed + N(0, std_k^2)`` per coordinate, client k's noise from ``generators[k]``.
+
+    `std` is one value for every client or one per client (clients of different sizes get
+    different calibrated noise multipliers).
+    """
+    stds = [float(std)] * len(generators) if isinstance(std, int | float) else list(std)
+    if not any(stds):
         return summed
     shapes = [g.shape[1:] for g in summed.values()]
     sizes = [int(torch.Size(s).numel()) for s in shapes]
     first = next(iter(summed.values()))
+    scale = torch.tensor(stds, device=first.device, dtype=first.dtype).unsqueeze(1)
     noise = (
         torch.stack(
             [
@@ -157,7 +165,7 @@ def add_noise(summed: Params, std: float, generators: Sequence[torch.Generator])
                 for gen in generators
             ]
         )
-        * std
+        * scale
     )  # (K, P): one draw per client and step
     out = {}
     for (name, g), part, shape in zip(
@@ -175,7 +183,7 @@ def dp_sgd_gradients(
     mask: Tensor,
     *,
     max_grad_norm: float,
-    noise_multiplier: float,
+    noise_multiplier: float | Sequence[float],
     expected_batch_sizes: Tensor | Sequence[float],
     noise_generators: Sequence[torch.Generator],
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
@@ -192,8 +200,8 @@ def dp_sgd_gradients(
         ``(K, L, ...)`` batch, padded; ``mask`` ``(K, L)`` marks real (sampled) examples.
     max_grad_norm : float
         Per-example clipping norm C.
-    noise_multiplier : float
-        Noise std divided by C.
+    noise_multiplier : float or sequence of float
+        Noise std divided by C: one for all clients, or one per client.
     expected_batch_sizes : Tensor or sequence of float
         ``(K,)`` divisors (Opacus: ``int(n * sample_rate)``).
     noise_generators : sequence of torch.Generator
@@ -210,7 +218,11 @@ def dp_sgd_gradients(
     """
     grads, losses = per_sample_grads(model, params, x, y, loss_fn)
     summed = clip_and_sum(grads, mask, max_grad_norm)
-    noisy = add_noise(summed, noise_multiplier * max_grad_norm, noise_generators)
+    if isinstance(noise_multiplier, int | float):
+        stds: float | list[float] = noise_multiplier * max_grad_norm
+    else:
+        stds = [m * max_grad_norm for m in noise_multiplier]
+    noisy = add_noise(summed, stds, noise_generators)
     first = next(iter(params.values()))
     divisor = torch.as_tensor(expected_batch_sizes, dtype=first.dtype, device=first.device)
     out = {n: g / divisor.view(-1, *([1] * (g.dim() - 1))) for n, g in noisy.items()}
@@ -225,6 +237,7 @@ class DpSgdRound:
     opt_state: dict[str, Any]
     steps: list[int]
     sample_rates: list[float]
+    noise_multipliers: list[float]
     loss: Tensor  # (K,) mean loss over the sampled examples
 
 
@@ -241,7 +254,7 @@ def train_dp_sgd(
     epochs: int,
     batch_size: int,
     max_grad_norm: float,
-    noise_multiplier: float,
+    noise_multiplier: float | Sequence[float] | Callable[[float, int], float],
     sample_generators: Sequence[torch.Generator],
     noise_generators: Sequence[torch.Generator],
 ) -> DpSgdRound:
@@ -250,11 +263,19 @@ def train_dp_sgd(
     Each client samples at rate ``1 / ceil(n / batch_size)`` for that many steps per epoch
     (Opacus's Poisson loader); a client that has taken its steps is masked out of the update.
     `optimizer` is a functional optimizer of `fedkd.learner.vectorised` (``step(params,
-    grads, state, active)``).
+    grads, state, active)``). `noise_multiplier` is one value, one per client, or a function of
+    a client's ``(sample_rate, steps)`` (`fedkd.privacy.dpsgd.DpSgdSettings.noise_for`: noise
+    calibrated for the client's whole run, as the Opacus path does).
     """
     rates_steps = [sample_rate_and_steps(n, batch_size, epochs) for n in lengths]
     rates = [q for q, _ in rates_steps]
     steps = [s if n > 0 else 0 for (_, s), n in zip(rates_steps, lengths, strict=True)]
+    if callable(noise_multiplier):
+        sigmas = [float(noise_multiplier(q, s)) for q, s in rates_steps]
+    elif isinstance(noise_multiplier, int | float):
+        sigmas = [float(noise_multiplier)] * len(lengths)
+    else:
+        sigmas = [float(m) for m in noise_multiplier]
     device = next(iter(params.values())).device
     plan = poisson_plan(lengths, offsets, rates, steps, sample_generators, device)
     divisors = [max(1, expected_batch_size(n, q)) for n, q in zip(lengths, rates, strict=True)]
@@ -270,7 +291,7 @@ def train_dp_sgd(
             y_all[idx],
             msk,
             max_grad_norm=max_grad_norm,
-            noise_multiplier=noise_multiplier,
+            noise_multiplier=sigmas,
             expected_batch_sizes=divisors,
             noise_generators=noise_generators,
         )
@@ -283,6 +304,7 @@ def train_dp_sgd(
         opt_state=opt_state,
         steps=steps,
         sample_rates=rates,
+        noise_multipliers=sigmas,
         loss=(total / seen.clamp(min=1)).float(),
     )
 
