@@ -36,8 +36,9 @@ class PATE(Strategy):
     sigma : float, default 40.0
         Noise std sigma2 of the noisy argmax.
     self_training_confidence : float, default 0.0
-        If > 0, unanswered proxy inputs on which the server student's softmax confidence
-        reaches this value are added with the student's own labels.
+        If > 0, after fitting the answered labels, unanswered proxy inputs on which the server
+        student's softmax confidence reaches this value are added with its own labels and the
+        student is fitted again on both.
     **kwargs
         See `strategies.base.Strategy`; a ``server_student`` is required.
     """
@@ -66,6 +67,7 @@ class PATE(Strategy):
         # Released label per proxy input (-1: never answered).
         self.labels = np.full(len(self.data.proxy_x), -1, dtype=np.int64)
         self.queries = 0
+        self.pseudo_labelled = 0  # unanswered inputs the student labelled itself (last fit)
 
     def plan_local(self, round_num: int) -> LocalPlan:
         self._proxy_idx = self._sample_proxy(round_num)
@@ -92,23 +94,31 @@ class PATE(Strategy):
         self._fit_student(round_num)
 
     def _fit_student(self, round_num: int) -> None:
+        """Fit the answered labels; with self-training, then label the unanswered inputs the
+        student is confident on and fit both (so self-training already helps in round 1)."""
         known = np.flatnonzero(self.labels >= 0)
         if len(known) == 0:
             return
         x, y = self.data.proxy_x[known], self.labels[known]
-        if self.self_training_confidence > 0:
-            rest = np.flatnonzero(self.labels < 0)
-            if len(rest):
-                probs = torch.softmax(self.server_student.logits(self.data.proxy_x[rest]), dim=1)
-                conf, pseudo = probs.max(dim=1)
-                keep = (conf >= self.self_training_confidence).numpy()
+        self.server_student.fit_labels(round_num, x, y)
+        rest = np.flatnonzero(self.labels < 0)
+        if self.self_training_confidence > 0 and len(rest):
+            probs = torch.softmax(self.server_student.logits(self.data.proxy_x[rest]), dim=1)
+            conf, pseudo = probs.max(dim=1)
+            keep = (conf >= self.self_training_confidence).numpy()
+            if keep.any():
                 x = np.concatenate([x, self.data.proxy_x[rest[keep]]])
                 y = np.concatenate([y, pseudo.numpy()[keep]])
-        self.server_student.fit_labels(round_num, x, y)
+                self.server_student.fit_labels(round_num, x, y)
+        self.pseudo_labelled = int(len(y) - len(known))
 
     @property
     def answered(self) -> int:
         return int((self.labels >= 0).sum())
 
     def round_metrics(self) -> dict[str, float]:
-        return {"pate_answered": float(self.answered), "pate_queries": float(self.queries)}
+        return {
+            "pate_answered": float(self.answered),
+            "pate_queries": float(self.queries),
+            "pate_pseudo_labelled": float(self.pseudo_labelled),
+        }
