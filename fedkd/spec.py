@@ -123,6 +123,8 @@ class ServerSpec:
     # "round": distill on this round's proxy subset; "seen": on every proxy input labelled so far,
     # each with its latest teacher output.
     distill_on: str = "round"
+    # Random translations of up to this many pixels of the student's training images (0 = off).
+    augment_shift: int = 0
 
 
 @dataclass
@@ -382,6 +384,7 @@ def validate(spec: Spec) -> Spec:
     if spec.server.student:
         _one_of("server.student", spec.server.student, MODELS)
     _one_of("server.distill_on", spec.server.distill_on, ("round", "seen"))
+    _positive("server.augment_shift", spec.server.augment_shift, zero_ok=True)
 
     a = spec.algorithm
     _one_of("algorithm.name", a.name, ALGORITHMS)

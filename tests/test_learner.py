@@ -6,7 +6,14 @@ import torch
 
 from fedkd.data import load_federated_data
 from fedkd.learner.cohort import CohortConfig, CohortLearner
-from fedkd.learner.loop import ClassTeacher, ClientState, OptimConfig, StepConfig, derive_seed
+from fedkd.learner.loop import (
+    ClassTeacher,
+    ClientState,
+    OptimConfig,
+    StepConfig,
+    derive_seed,
+    random_shift,
+)
 from fedkd.learner.server_student import ServerStudent
 
 
@@ -95,3 +102,29 @@ def test_server_student_seen_mode_keeps_earlier_labels(data):
     student.fit(1, data.proxy_x, np.arange(50), teacher)
     student.fit(2, data.proxy_x, np.arange(50, 100), teacher)
     assert int(student._seen.sum()) == 100
+
+
+def test_random_shift_moves_each_image_by_its_own_offset_with_zero_fill():
+    x = torch.arange(1, 3 * 1 * 6 * 6 + 1, dtype=torch.float32).reshape(3, 1, 6, 6)
+    out = random_shift(x, 2, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape
+    offsets = []
+    for i in range(3):
+        matches = []
+        for sy in range(-2, 3):
+            for sx in range(-2, 3):
+                ref = torch.zeros(6, 6)
+                for r in range(6):
+                    for c in range(6):
+                        if 0 <= r - sy < 6 and 0 <= c - sx < 6:
+                            ref[r, c] = x[i, 0, r - sy, c - sx]
+                if torch.equal(out[i, 0], ref):
+                    matches.append((sy, sx))
+        assert len(matches) == 1  # every value is distinct: exactly one offset explains it
+        offsets.append(matches[0])
+    assert len(set(offsets)) > 1  # offsets are drawn per image
+    same = random_shift(x, 2, torch.Generator().manual_seed(1))
+    assert torch.equal(out, same)  # seeded
+    assert random_shift(x, 0, torch.Generator()) is x
+    flat = torch.ones(4, 10)
+    assert random_shift(flat, 2, torch.Generator()) is flat  # not an image batch

@@ -218,6 +218,7 @@ def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
             temperature=spec.server.temperature,
             distill_on=spec.server.distill_on,
             proxy_size=len(data.proxy_x),
+            augment_shift=spec.server.augment_shift,
         )
     kwargs = {
         "proxy_per_round": spec.distill.proxy_per_round,

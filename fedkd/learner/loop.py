@@ -172,6 +172,26 @@ def fit_batches(
     return {"loss": total / max(seen, 1), "steps": float(steps)}
 
 
+def random_shift(x: Tensor, max_shift: int, gen: torch.Generator) -> Tensor:
+    """Images ``(N, C, H, W)`` each translated by up to `max_shift` pixels per axis, zero fill.
+
+    Other shapes (vectors, 1-D signals) are returned unchanged.
+    """
+    if max_shift <= 0 or x.dim() != 4:
+        return x
+    n, c, h, w = x.shape
+    shifts = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=gen)
+    padded = nn.functional.pad(x, (max_shift,) * 4)
+    rows = torch.arange(h)[None, :] + max_shift - shifts[:, :1]  # (N, H)
+    cols = torch.arange(w)[None, :] + max_shift - shifts[:, 1:]  # (N, W)
+    return padded[
+        torch.arange(n)[:, None, None, None],
+        torch.arange(c)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+
+
 def train_supervised(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -180,12 +200,14 @@ def train_supervised(
     step: StepConfig,
     gen: torch.Generator,
     class_teacher: ClassTeacher | None = None,
+    augment_shift: int = 0,
 ) -> dict[str, float]:
-    """Cross-entropy training on (x, y); optional FD regulariser. Returns mean loss and steps."""
+    """Cross-entropy training on (x, y); optional FD regulariser and random shifts of the
+    inputs (`random_shift`). Returns mean loss and steps."""
     x, y = as_tensor(x), as_tensor(y)
 
     def batch_loss(idx: Tensor) -> Tensor:
-        xb, yb = x[idx], y[idx]
+        xb, yb = random_shift(x[idx], augment_shift, gen), y[idx]
         out = model(xb)
         loss = nn.functional.cross_entropy(out, yb)
         if class_teacher is not None:
@@ -212,12 +234,14 @@ def distill(
     gen: torch.Generator,
     loss_kind: str = "kl",
     temperature: float = 1.0,
+    augment_shift: int = 0,
 ) -> dict[str, float]:
-    """Fit the model's outputs on x to the teacher's (N, C) logits."""
+    """Fit the model's outputs on x (optionally randomly shifted) to the teacher's logits."""
     x, teacher = as_tensor(x), as_tensor(teacher_logits).float()
 
     def batch_loss(idx: Tensor) -> Tensor:
-        return distillation_loss(loss_kind, model(x[idx]), teacher[idx], temperature)
+        xb = random_shift(x[idx], augment_shift, gen)
+        return distillation_loss(loss_kind, model(xb), teacher[idx], temperature)
 
     return fit_batches(model, opt, len(x), step, gen, batch_loss)
 

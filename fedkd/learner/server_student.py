@@ -38,6 +38,8 @@ class ServerStudent:
         (each with its most recent teacher output).
     proxy_size : int, default 0
         Size of the proxy set (needed for ``distill_on="seen"``).
+    augment_shift : int, default 0
+        Random translations of up to this many pixels of the training images (0 = none).
     """
 
     def __init__(
@@ -50,12 +52,14 @@ class ServerStudent:
         temperature: float = 1.0,
         distill_on: str = "round",
         proxy_size: int = 0,
+        augment_shift: int = 0,
     ) -> None:
         self.arch = arch
         self.seed = seed
         self.step = step
         self.temperature = temperature
         self.distill_on = distill_on
+        self.augment_shift = augment_shift
         self.model = init_student(arch, input_shape, num_classes, seed, -1, PHASE_SERVER)
         self.opt = make_optimizer(self.model.parameters(), step.optim)
         self._labels = torch.zeros(proxy_size, num_classes)
@@ -74,12 +78,24 @@ class ServerStudent:
             idx = self._seen.nonzero().squeeze(1)
             teacher = self._labels[idx]
         x = torch.from_numpy(np.ascontiguousarray(proxy_x))[idx]
-        return distill(self.model, self.opt, x, teacher, self.step, gen, "kl", self.temperature)
+        return distill(
+            self.model,
+            self.opt,
+            x,
+            teacher,
+            self.step,
+            gen,
+            "kl",
+            self.temperature,
+            augment_shift=self.augment_shift,
+        )
 
     def fit_labels(self, round_num: int, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         """One round of supervised training (the centralized reference)."""
         gen = seeded_generator(self.seed, round_num, -1, PHASE_SERVER)
-        return train_supervised(self.model, self.opt, x, y, self.step, gen)
+        return train_supervised(
+            self.model, self.opt, x, y, self.step, gen, augment_shift=self.augment_shift
+        )
 
     def logits(self, x: np.ndarray) -> torch.Tensor:
         return predict_logits(self.model, x)
