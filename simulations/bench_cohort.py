@@ -18,7 +18,11 @@ evaluation), a cost paid once per run, not per round. All numbers come from the 
 - learner s: the nodes' learner seconds per round (each node times its phases; the server sums
   them), divided by the number of nodes that run at once (min(nodes, Ray actors));
 - overhead s: round s minus learner s: Flower, Ray, messages, serialisation and the server's
-  aggregation;
+  aggregation, and also any imbalance between nodes that run at once;
+- overhead (critical path) s: round s minus the learner's critical path, ``max(slowest node,
+  nodes' learner seconds / nodes running at once)`` per exchange, i.e. ``wall_s`` minus the
+  larger of ``learner_max_s`` and ``learner_s / parallel``: what the engine adds beyond the
+  work that the slowest node must do;
 - peak MiB / node: the largest node process's peak memory (CUDA memory allocated when the
   nodes train on a GPU, else resident set size);
 - ceiling: one model of the same student trained at batch 4,096 on this machine (all cores).
@@ -192,6 +196,9 @@ def summarise(name: str, cfg: dict[str, Any], res: dict[str, Any]) -> dict[str, 
     wall = float(np.mean([r["wall_s"] for r in measured]))
     parallel = min(res["nodes"], _ray_actors())
     learner = float(np.mean([r["learner_s"] for r in measured])) / parallel
+    critical = float(
+        np.mean([max(r["learner_max_s"], r["learner_s"] / parallel) for r in measured])
+    )
     failed = sum(r["clients_failed"] for r in measured)
     if failed:  # a failed client makes a round shorter: say so rather than report a speed-up
         name = f"{name} ({failed} client replies FAILED)"
@@ -204,6 +211,7 @@ def summarise(name: str, cfg: dict[str, Any], res: dict[str, Any]) -> dict[str, 
         "samples_s": res["samples_per_round"] / wall,
         "learner_s": learner,
         "overhead_s": wall - learner,
+        "overhead_critical_s": wall - critical,
         "peak_mb": _peak_mb(measured),
     }
 
@@ -219,7 +227,7 @@ def _peak_mb(rows: list[dict[str, Any]]) -> str:
 
 def format_table(rows: list[dict[str, Any]], ceiling_sps: float, header: list[str]) -> str:
     cols = ["clients", "layout", "nodes", "rounds", "round s", "samples/s", "learner s"]
-    cols += ["overhead s", "x vs 1/node", "peak MiB / node"]
+    cols += ["overhead s", "overhead (critical path) s", "x vs 1/node", "peak MiB / node"]
     lines = [*header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     base = {r["clients"]: r["round_s"] for r in rows if r["layout"].startswith("1 client")}
     for r in rows:
@@ -227,11 +235,12 @@ def format_table(rows: list[dict[str, Any]], ceiling_sps: float, header: list[st
         lines.append(
             f"| {r['clients']} | {r['layout']} | {r['nodes']} | {r['rounds']} | "
             f"{r['round_s']:.3f} | {r['samples_s']:,.0f} | {r['learner_s']:.3f} | "
-            f"{r['overhead_s']:.3f} | {speedup:.1f}x | {r['peak_mb']} |"
+            f"{r['overhead_s']:.3f} | {r['overhead_critical_s']:.3f} | {speedup:.1f}x | "
+            f"{r['peak_mb']} |"
         )
     lines.append(
         f"| - | ceiling: one cnn_small, batch 4,096 | - | - | - | {ceiling_sps:,.0f} | - | - | - "
-        "| - |"
+        "| - | - |"
     )
     return "\n".join(lines)
 
@@ -313,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
         "not measured (it also holds the final digest exchange). "
         f"Load average at the end: {load:.2f}. Total {time.perf_counter() - started:.0f} s.",
         "learner s = nodes' learner seconds per round / nodes running at once; overhead s = "
-        "round s - learner s; x vs 1/node = speed-up of the round over one client per node.",
+        "round s - learner s; overhead (critical path) s = round s - max(slowest node, learner "
+        "s) per exchange; x vs 1/node = speed-up of the round over one client per node.",
     ]
     table = format_table(results, ceiling_sps, header)
     print(table)
