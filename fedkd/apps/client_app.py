@@ -122,11 +122,7 @@ def handle_round(spec: Spec, msg: Message, context: Context) -> Message:
 
     digest_ids = wire.part_ids(config, "digest")
     if digest_ids:
-        teacher = {
-            k[len(wire.DIGEST_PREFIX) :]: v
-            for k, v in arrays.items()
-            if k.startswith(wire.DIGEST_PREFIX)
-        }
+        teacher = wire.without_prefix(arrays, wire.DIGEST_PREFIX)
         parts["digest"] = learner.digest(
             int(config["digest_round"]),
             digest_ids,
@@ -149,7 +145,7 @@ def handle_round(spec: Spec, msg: Message, context: Context) -> Message:
                 weight=spec.algorithm.fd_weight,
                 temperature=spec.distill.temperature,
             )
-        weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")}
+        weights = wire.without_prefix(arrays, wire.WEIGHTS_PREFIX)
         if weights:  # FedAvg: every client starts the round from the global model
             learner.digest(round_num, train_ids, global_weights=weights)
         parts["train"] = learner.local_round(

@@ -351,7 +351,7 @@ def _digest_request(open_round: _OpenRound | None) -> tuple[dict[str, list[int]]
         return {}, {}, {}
     parts = {"digest": open_round.digest_ids, "evaluate": open_round.evaluate_ids}
     config = {"digest_round": open_round.row["round"]}
-    arrays = {wire.DIGEST_PREFIX + k: v for k, v in open_round.digest_arrays.items()}
+    arrays = wire.with_prefix(open_round.digest_arrays, wire.DIGEST_PREFIX)
     return parts, config, arrays
 
 
@@ -365,12 +365,8 @@ def _close_round(
     """`open_round`'s metrics row, now that `exchange` brought its digest and evaluation."""
     row = open_round.row
     failed = open_round.failed | exchange.failed_in("digest")
-    evaluated = {
-        cid: res
-        for cid, res in exchange.results["evaluate"].items()
-        if cid not in failed | exchange.rejected["evaluate"]
-    }
-    failed |= {c for c in open_round.evaluate_ids if c in exchange.failed_in("evaluate")}
+    evaluated = {c: r for c, r in exchange.results["evaluate"].items() if c not in failed}
+    failed |= set(open_round.evaluate_ids) & exchange.failed_in("evaluate")
     if open_round.evaluate:
         num_examples = {c: r.metrics.get("num_examples", 1.0) for c, r in open_round.ok.items()}
         row["teacher_test_acc"] = _teacher_acc(strategy, evaluated, test_y, num_examples)
@@ -425,82 +421,68 @@ def _run_rounds(
         evaluate = rnd % spec.eval.every == 0 or rnd == spec.rounds
         row: dict[str, Any] = {"round": rnd, "teacher_test_acc": None, "epsilon_max": None}
         row["epsilon"] = None
-        if not strategy.uses_clients:
-            strategy.aggregate(rnd, {})
-            row["server_test_acc"] = strategy.server_test_acc() if evaluate else None
-            row.update(_client_metrics({}))
-            row.update(strategy.round_metrics())
-            row.update(
-                {
-                    "bytes_up": 0,
-                    "bytes_down": 0,
-                    "bytes_up_per_client": 0.0,
-                    "clients_ok": 0,
-                    "clients_failed": 0,
-                    "train_loss_mean": None,
-                    "eval_bytes_up": 0,
-                    "wall_s": time.perf_counter() - started,
-                    "learner_s": 0.0,
-                    "learner_max_s": 0.0,
-                    "peak_rss_mb": None,
-                    "peak_gpu_mb": None,
-                }
-            )
-            write(row)
-            continue
-
-        sampled = _admit_within_budget(book, spec, sample_clients(spec, rnd), rnd)
-        plan = strategy.plan_local(rnd)
-        plan_arrays: dict[str, np.ndarray] = {}
-        if len(plan.proxy_idx):
-            plan_arrays["proxy_idx"] = plan.proxy_idx.astype(np.int32)
-        if plan.class_logits is not None:
-            plan_arrays["class_logits"] = plan.class_logits.astype(np.float32)
-            plan_arrays["class_present"] = plan.class_present.astype(np.uint8)
-        if plan.global_weights is not None:
-            plan_arrays.update({f"w.{k}": v for k, v in plan.global_weights.items()})
-        parts, config, arrays = _digest_request(open_round)
-        exchange = run_exchange(
-            grid,
-            node_of,
-            {**parts, "train": sampled},
-            wire.MSG_ROUND,
-            {**config, "round": rnd, "upload": plan.upload},
-            {**arrays, **plan_arrays},
-            timeout,
-        )
-        if open_round is not None:
-            write(_close_round(strategy, test_y, open_round, exchange, started))
-        ok, failed = exchange.results["train"], exchange.failed_in("train") & set(sampled)
-        _record_dpsgd(book, ok, rnd)
-        bytes_down = wire.payload_bytes(plan_arrays) * len(sampled)
-        bytes_up = sum(wire.payload_bytes(r.arrays) for r in ok.values())
-
-        enough = len(ok) >= spec.clients.min_clients
-        if enough:
-            strategy.aggregate(rnd, ok)
-            for cid, events in strategy.release_events(rnd).items():
-                for event in events:
-                    book.record(cid, event)
-        else:
-            log.warning(
-                "round %d: %d clients replied, fewer than clients.min_clients=%d; "
-                "nothing aggregated this round",
-                rnd,
-                len(ok),
-                spec.clients.min_clients,
-            )
-        payload = strategy.digest_payload(rnd) if enough else None
-        targets = sorted(ok)
-        evaluate_clients = evaluate and strategy.evaluates_clients
+        ok: dict[int, ClientResult] = {}
+        failed: set[int] = set()
+        exchanges: list[Exchange] = []
+        bytes_up = bytes_down = 0
+        targets: list[int] = []
         digest_arrays: dict[str, np.ndarray] = {}
-        if payload is not None and targets:
-            digest_arrays = payload.arrays()
-            if "proxy_idx" in digest_arrays:
-                digest_arrays["proxy_idx"] = digest_arrays["proxy_idx"].astype(np.int32)
-            if spec.audit.enabled and spec.audit.client in targets:
-                audit_teachers[rnd] = digest_arrays  # the audit's shadows replay this digest
-            bytes_down += wire.payload_bytes(digest_arrays) * len(targets)
+        evaluate_clients = False
+        if not strategy.uses_clients:  # centralized: the server trains alone
+            strategy.aggregate(rnd, {})
+        else:
+            sampled = _admit_within_budget(book, spec, sample_clients(spec, rnd), rnd)
+            plan = strategy.plan_local(rnd)
+            plan_arrays: dict[str, np.ndarray] = {}
+            if len(plan.proxy_idx):
+                plan_arrays["proxy_idx"] = plan.proxy_idx.astype(np.int32)
+            if plan.class_logits is not None:
+                plan_arrays["class_logits"] = plan.class_logits.astype(np.float32)
+                plan_arrays["class_present"] = plan.class_present.astype(np.uint8)
+            if plan.global_weights is not None:
+                plan_arrays.update(wire.with_prefix(plan.global_weights, wire.WEIGHTS_PREFIX))
+            parts, config, arrays = _digest_request(open_round)
+            exchange = run_exchange(
+                grid,
+                node_of,
+                {**parts, "train": sampled},
+                wire.MSG_ROUND,
+                {**config, "round": rnd, "upload": plan.upload},
+                {**arrays, **plan_arrays},
+                timeout,
+            )
+            if open_round is not None:
+                write(_close_round(strategy, test_y, open_round, exchange, started))
+            exchanges.append(exchange)
+            ok, failed = exchange.results["train"], exchange.failed_in("train") & set(sampled)
+            _record_dpsgd(book, ok, rnd)
+            bytes_down += wire.payload_bytes(plan_arrays) * len(sampled)
+            bytes_up = sum(wire.payload_bytes(r.arrays) for r in ok.values())
+
+            enough = len(ok) >= spec.clients.min_clients
+            if enough:
+                strategy.aggregate(rnd, ok)
+                for cid, events in strategy.release_events(rnd).items():
+                    for event in events:
+                        book.record(cid, event)
+            else:
+                log.warning(
+                    "round %d: %d clients replied, fewer than clients.min_clients=%d; "
+                    "nothing aggregated this round",
+                    rnd,
+                    len(ok),
+                    spec.clients.min_clients,
+                )
+            payload = strategy.digest_payload(rnd) if enough else None
+            targets = sorted(ok)
+            evaluate_clients = evaluate and strategy.evaluates_clients
+            if payload is not None and targets:
+                digest_arrays = payload.arrays()
+                if "proxy_idx" in digest_arrays:
+                    digest_arrays["proxy_idx"] = digest_arrays["proxy_idx"].astype(np.int32)
+                if spec.audit.enabled and spec.audit.client in targets:
+                    audit_teachers[rnd] = digest_arrays  # the audit's shadows replay this digest
+                bytes_down += wire.payload_bytes(digest_arrays) * len(targets)
 
         row["server_test_acc"] = strategy.server_test_acc() if evaluate else None
         row.update(strategy.round_metrics())
@@ -535,8 +517,11 @@ def _run_rounds(
             digest_ids=targets if digest_arrays else [],
             digest_arrays=digest_arrays,
             evaluate_ids=targets if evaluate_clients else [],
-            exchanges=[exchange],
+            exchanges=exchanges,
         )
+        if not strategy.uses_clients:  # nothing travels with a next exchange
+            write(_close_round(strategy, test_y, open_round, Exchange(), time.perf_counter()))
+            open_round = None
 
     if open_round is not None:  # the last round's digest and evaluation
         parts, config, arrays = _digest_request(open_round)

@@ -31,8 +31,9 @@ MSG_EXPORT = "query.export"
 # The parts of a request and its reply, in the order a node runs them.
 PARTS = ("digest", "evaluate", "train", "export")
 # Arrays of the previous round's teacher carry this prefix (this round's plan has its own
-# proxy_idx).
+# proxy_idx); FedAvg's global weights carry WEIGHTS_PREFIX.
 DIGEST_PREFIX = "digest."
+WEIGHTS_PREFIX = "w."
 
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -41,6 +42,15 @@ def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
+
+
+def with_prefix(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {prefix + k: v for k, v in arrays.items()}
+
+
+def without_prefix(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The arrays whose names start with `prefix`, under their names without it."""
+    return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
 def payload_bytes(arrays: dict[str, np.ndarray]) -> int:

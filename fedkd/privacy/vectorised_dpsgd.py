@@ -38,6 +38,11 @@ Params = dict[str, Tensor]  # parameter name -> (K, *shape)
 CLIP_EPS = 1e-6
 
 
+def per_client(value: float | Sequence[float], k: int) -> list[float]:
+    """One value for each of `k` clients, from a shared value or a per-client sequence."""
+    return [float(value)] * k if isinstance(value, int | float) else [float(v) for v in value]
+
+
 def expected_batch_size(num_examples: int, sample_rate: float) -> int:
     """The divisor Opacus uses (``PrivacyEngine.make_private``: ``int(n * sample_rate)``)."""
     return int(num_examples * sample_rate)
@@ -151,7 +156,7 @@ def add_noise(
     `std` is one value for every client or one per client (clients of different sizes get
     different calibrated noise multipliers).
     """
-    stds = [float(std)] * len(generators) if isinstance(std, int | float) else list(std)
+    stds = per_client(std, len(generators))
     if not any(stds):
         return summed
     shapes = [g.shape[1:] for g in summed.values()]
@@ -218,11 +223,8 @@ def dp_sgd_gradients(
     """
     grads, losses = per_sample_grads(model, params, x, y, loss_fn)
     summed = clip_and_sum(grads, mask, max_grad_norm)
-    if isinstance(noise_multiplier, int | float):
-        stds: float | list[float] = noise_multiplier * max_grad_norm
-    else:
-        stds = [m * max_grad_norm for m in noise_multiplier]
-    noisy = add_noise(summed, stds, noise_generators)
+    sigmas = per_client(noise_multiplier, len(noise_generators))
+    noisy = add_noise(summed, [m * max_grad_norm for m in sigmas], noise_generators)
     first = next(iter(params.values()))
     divisor = torch.as_tensor(expected_batch_sizes, dtype=first.dtype, device=first.device)
     out = {n: g / divisor.view(-1, *([1] * (g.dim() - 1))) for n, g in noisy.items()}
@@ -272,10 +274,8 @@ def train_dp_sgd(
     steps = [s if n > 0 else 0 for (_, s), n in zip(rates_steps, lengths, strict=True)]
     if callable(noise_multiplier):
         sigmas = [float(noise_multiplier(q, s)) for q, s in rates_steps]
-    elif isinstance(noise_multiplier, int | float):
-        sigmas = [float(noise_multiplier)] * len(lengths)
     else:
-        sigmas = [float(m) for m in noise_multiplier]
+        sigmas = per_client(noise_multiplier, len(lengths))
     device = next(iter(params.values())).device
     plan = poisson_plan(lengths, offsets, rates, steps, sample_generators, device)
     divisors = [max(1, expected_batch_size(n, q)) for n, q in zip(lengths, rates, strict=True)]
@@ -317,6 +317,7 @@ __all__ = [
     "clip_and_sum",
     "dp_sgd_gradients",
     "expected_batch_size",
+    "per_client",
     "per_sample_grads",
     "poisson_plan",
     "train_dp_sgd",
