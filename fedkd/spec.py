@@ -107,6 +107,7 @@ class AlgorithmSpec:
     pate_sigma_threshold: float = 150.0
     pate_sigma: float = 40.0
     self_training_confidence: float = 0.0
+    self_training_iterations: int = 1
 
 
 @dataclass
@@ -125,6 +126,8 @@ class ServerSpec:
     distill_on: str = "round"
     # Random translations of up to this many pixels of the student's training images (0 = off).
     augment_shift: int = 0
+    # "constant", or "cosine": every fit anneals the learning rate from lr to 0.
+    lr_schedule: str = "constant"
 
 
 @dataclass
@@ -145,10 +148,15 @@ class PrivacySpec:
     # proxy subset is clipped to L2 norm release_clip, the sum gets noise once. 0 = off.
     release_noise: float = 0.0
     release_clip: float = 1.0
+    # Teacher "class_weighted": noise std on each count of the label histogram every client
+    # releases once (sensitivity 1). Required (> 0) when any mechanism is on.
+    histogram_noise: float = 0.0
 
     def enabled(self, algorithm: str) -> bool:
         """Whether any mechanism is on (PATE's noisy votes always are)."""
-        return self.dpsgd or self.release_noise > 0 or algorithm == "pate"
+        return (
+            self.dpsgd or self.release_noise > 0 or self.histogram_noise > 0 or algorithm == "pate"
+        )
 
     @property
     def budget(self) -> float | None:
@@ -204,15 +212,18 @@ class AuditSpec:
 # on and what it sets (a point without DP-SGD, without the Gaussian release, without a budget).
 SWEEP_NONE = "none"
 SWEEP_NONE_MEANS: dict[str, dict[str, Any]] = {
+    # No DP-SGD, and exact label histograms for a class-weighted teacher: nothing private.
     "privacy.target_epsilon": {
         "privacy.dpsgd": False,
         "privacy.target_epsilon": 0.0,
         "privacy.noise_multiplier": 0.0,
+        "privacy.histogram_noise": 0.0,
     },
     "privacy.noise_multiplier": {
         "privacy.dpsgd": False,
         "privacy.target_epsilon": 0.0,
         "privacy.noise_multiplier": 0.0,
+        "privacy.histogram_noise": 0.0,
     },
     "privacy.release_noise": {"privacy.release_noise": 0.0},
     "privacy.budget_epsilon": {"privacy.budget_epsilon": 0.0},
@@ -371,6 +382,7 @@ def validate(spec: Spec) -> Spec:
         _positive(f"{section}.batch_size", cfg.batch_size)
         _positive(f"{section}.lr", cfg.lr)
         _one_of(f"{section}.optimizer", cfg.optimizer, OPTIMIZERS)
+    _one_of("server.lr_schedule", spec.server.lr_schedule, ("constant", "cosine"))
     _positive("distill.temperature", spec.distill.temperature)
     _positive("server.temperature", spec.server.temperature)
     if spec.distill.loss:
@@ -401,6 +413,7 @@ def validate(spec: Spec) -> Spec:
     _positive("algorithm.pate_threshold", a.pate_threshold, zero_ok=True)
     _positive("algorithm.pate_sigma_threshold", a.pate_sigma_threshold)
     _positive("algorithm.pate_sigma", a.pate_sigma)
+    _positive("algorithm.self_training_iterations", a.self_training_iterations)
     confidence = a.self_training_confidence
     if not 0 <= confidence <= 1:
         raise SpecError(f"algorithm.self_training_confidence: must be in [0, 1], got {confidence}")
@@ -441,7 +454,13 @@ def _validate_privacy(spec: Spec) -> None:
     if not 0 < p.delta < 1:
         raise SpecError(f"privacy.delta: must be in (0, 1), got {p.delta}")
     _positive("privacy.max_grad_norm", p.max_grad_norm)
-    for key in ("target_epsilon", "noise_multiplier", "budget_epsilon", "release_noise"):
+    for key in (
+        "target_epsilon",
+        "noise_multiplier",
+        "budget_epsilon",
+        "release_noise",
+        "histogram_noise",
+    ):
         _positive(f"privacy.{key}", getattr(p, key), zero_ok=True)
     _positive("privacy.release_clip", p.release_clip)
     if p.dpsgd and p.target_epsilon == 0 and p.noise_multiplier == 0:
@@ -464,6 +483,28 @@ def _validate_privacy(spec: Spec) -> None:
             raise SpecError(
                 "privacy.release_noise: the release is a noisy mean; "
                 f"algorithm.teacher '{spec.algorithm.teacher}' cannot be released this way"
+            )
+
+    if p.histogram_noise > 0 and spec.algorithm.teacher != "class_weighted":
+        raise SpecError(
+            "privacy.histogram_noise: only the class_weighted teacher releases label "
+            "histograms; set algorithm.teacher = 'class_weighted' or remove it"
+        )
+    if spec.algorithm.teacher == "class_weighted":
+        if spec.algorithm.name not in ("dsfl", "fedmd", "feddf"):
+            raise SpecError(
+                "algorithm.teacher = 'class_weighted' needs a logit teacher (dsfl, fedmd, "
+                f"feddf), not '{spec.algorithm.name}'"
+            )
+        if p.release_noise > 0:
+            raise SpecError(
+                "algorithm.teacher = 'class_weighted' cannot be combined with "
+                "privacy.release_noise (the release is a noisy plain mean)"
+            )
+        if p.enabled(spec.algorithm.name) and p.histogram_noise == 0:
+            raise SpecError(
+                "algorithm.teacher = 'class_weighted': the clients' exact label counts are "
+                "private; set privacy.histogram_noise (noise std per count, e.g. 50)"
             )
 
 

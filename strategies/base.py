@@ -20,6 +20,7 @@ from fedkd.learner.cohort import ClientResult
 from fedkd.learner.loop import PHASE_SAMPLE, derive_seed, seeded_generator
 from fedkd.learner.server_student import ServerStudent
 from fedkd.privacy.gaussian_release import gaussian_release_event, private_mean_teacher
+from fedkd.privacy.label_histogram import label_histogram_event
 from fedkd.privacy.ledger import PrivacyEvent
 
 
@@ -91,6 +92,10 @@ class Strategy:
         Release the teacher through the Gaussian mechanism: clip each client's probability
         matrix, sum, add noise once, then the teacher builder's post-processing (ERA's
         sharpening). Every contributing client is charged one release event.
+    histogram_noise : float or None, default None
+        Teacher ``"class_weighted"``: the noise std of the label histograms clients send with
+        their logits. Each client is charged one Gaussian release (sensitivity 1) the first
+        time its histogram arrives (`one_time_events`); it resends the same noisy values.
     """
 
     name = "base"
@@ -111,10 +116,15 @@ class Strategy:
         trim_fraction: float = 0.2,
         server_student: ServerStudent | None = None,
         release: GaussianRelease | None = None,
+        histogram_noise: float | None = None,
     ) -> None:
         self.data = data
         self.release = release
         self._release_events: dict[int, list[PrivacyEvent]] = {}
+        self.histogram_noise = histogram_noise
+        self._histograms_charged: set[int] = set()
+        self._histograms: dict[int, np.ndarray] = {}  # latest released, per client
+        self._one_time_events: dict[int, list[PrivacyEvent]] = {}
         self.seed = seed
         self.proxy_per_round = proxy_per_round
         self.teacher = teacher
@@ -144,6 +154,8 @@ class Strategy:
     def _ensemble(self, round_num: int, updates: dict[int, ClientResult]) -> None:
         """Teacher on this round's proxy subset from the clients' logits; fit the server student."""
         logits, weights = stack_uploads(updates, "logits")
+        if self.teacher == "class_weighted":
+            weights = self._class_weights(round_num, updates)
         if self.release is None:
             teacher = self.build_teacher(logits, weights)
         else:
@@ -170,9 +182,30 @@ class Strategy:
             return era(released.logits.unsqueeze(0), self.era_temperature)
         return released.logits
 
+    def _class_weights(self, round_num: int, updates: dict[int, ClientResult]) -> torch.Tensor:
+        """The clients' released label histograms (K, C); charges each client's release once."""
+        if any("label_histogram" not in updates[c].arrays for c in updates):
+            raise ValueError(
+                "teacher 'class_weighted' needs every client's label_histogram with its logits"
+            )
+        histograms, _ = stack_uploads(updates, "label_histogram")
+        self._histograms.update({c: updates[c].arrays["label_histogram"] for c in updates})
+        if self.histogram_noise:
+            for cid in sorted(set(updates) - self._histograms_charged):
+                event = label_histogram_event(self.histogram_noise, round_num)
+                self._one_time_events.setdefault(cid, []).append(event)
+                self._histograms_charged.add(cid)
+        return histograms
+
     def release_events(self, round_num: int) -> dict[int, list[PrivacyEvent]]:
         """Privacy events this round's aggregation charged, per client (then cleared)."""
         events, self._release_events = self._release_events, {}
+        return events
+
+    def one_time_events(self, round_num: int) -> dict[int, list[PrivacyEvent]]:
+        """Events charged once per run (a client's label histogram), per client (then
+        cleared); unlike `release_events` they do not recur in the next round's cost."""
+        events, self._one_time_events = self._one_time_events, {}
         return events
 
     # -- the interface the round loop calls -----------------------------------------------------
@@ -201,7 +234,14 @@ class Strategy:
         return self.server_student.accuracy(self.data.test_x, self.data.test_y)
 
     def teacher_test_logits(
-        self, test_logits: torch.Tensor, weights: torch.Tensor
+        self, test_logits: torch.Tensor, weights: torch.Tensor, client_ids: list[int]
     ) -> torch.Tensor | None:
-        """The teacher built from clients' logits on the test set; None if it has no teacher."""
-        return self.build_teacher(test_logits, weights) if self.has_teacher else None
+        """The teacher built from clients' logits on the test set (stacked in `client_ids`
+        order); None if it has no teacher, or (class-weighted) a client's histogram is unknown."""
+        if not self.has_teacher:
+            return None
+        if self.teacher == "class_weighted":
+            if any(c not in self._histograms for c in client_ids):
+                return None
+            weights = torch.from_numpy(np.stack([self._histograms[c] for c in client_ids]))
+        return self.build_teacher(test_logits, weights)

@@ -39,6 +39,11 @@ class PATE(Strategy):
         If > 0, after fitting the answered labels, unanswered proxy inputs on which the server
         student's softmax confidence reaches this value are added with its own labels and the
         student is fitted again on both.
+    self_training_iterations : int, default 1
+        How many times to relabel the unanswered inputs with the current student and fit again.
+
+    Each round the student restarts from its initial weights and learns every label released
+    so far: pseudo-labels a weaker, earlier student got wrong are not carried into later rounds.
     **kwargs
         See `strategies.base.Strategy`; a ``server_student`` is required.
     """
@@ -55,6 +60,7 @@ class PATE(Strategy):
         sigma_threshold: float = 150.0,
         sigma: float = 40.0,
         self_training_confidence: float = 0.0,
+        self_training_iterations: int = 1,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -64,6 +70,7 @@ class PATE(Strategy):
         self.sigma_threshold = sigma_threshold
         self.sigma = sigma
         self.self_training_confidence = self_training_confidence
+        self.self_training_iterations = self_training_iterations
         # Released label per proxy input (-1: never answered).
         self.labels = np.full(len(self.data.proxy_x), -1, dtype=np.int64)
         self.queries = 0
@@ -94,23 +101,29 @@ class PATE(Strategy):
         self._fit_student(round_num)
 
     def _fit_student(self, round_num: int) -> None:
-        """Fit the answered labels; with self-training, then label the unanswered inputs the
-        student is confident on and fit both (so self-training already helps in round 1)."""
+        """From initial weights: fit the answered labels; with self-training, then label the
+        unanswered inputs the student is confident on and fit both (so self-training already
+        helps in round 1), `self_training_iterations` times."""
         known = np.flatnonzero(self.labels >= 0)
         if len(known) == 0:
             return
-        x, y = self.data.proxy_x[known], self.labels[known]
-        self.server_student.fit_labels(round_num, x, y)
+        self.server_student.reset()
+        x_known, y_known = self.data.proxy_x[known], self.labels[known]
+        self.server_student.fit_labels(round_num, x_known, y_known)
+        self.pseudo_labelled = 0
         rest = np.flatnonzero(self.labels < 0)
-        if self.self_training_confidence > 0 and len(rest):
+        if self.self_training_confidence <= 0 or len(rest) == 0:
+            return
+        for _ in range(self.self_training_iterations):
             probs = torch.softmax(self.server_student.logits(self.data.proxy_x[rest]), dim=1)
             conf, pseudo = probs.max(dim=1)
             keep = (conf >= self.self_training_confidence).numpy()
-            if keep.any():
-                x = np.concatenate([x, self.data.proxy_x[rest[keep]]])
-                y = np.concatenate([y, pseudo.numpy()[keep]])
-                self.server_student.fit_labels(round_num, x, y)
-        self.pseudo_labelled = int(len(y) - len(known))
+            if not keep.any():
+                return
+            x = np.concatenate([x_known, self.data.proxy_x[rest[keep]]])
+            y = np.concatenate([y_known, pseudo.numpy()[keep]])
+            self.server_student.fit_labels(round_num, x, y)
+            self.pseudo_labelled = int(keep.sum())
 
     @property
     def answered(self) -> int:
@@ -121,4 +134,13 @@ class PATE(Strategy):
             "pate_answered": float(self.answered),
             "pate_queries": float(self.queries),
             "pate_pseudo_labelled": float(self.pseudo_labelled),
+            # Diagnostic only (the proxy's true labels never reach the student): how many
+            # released labels are right.
+            "pate_label_acc": self._released_label_accuracy(),
         }
+
+    def _released_label_accuracy(self) -> float | None:
+        known = self.labels >= 0
+        if not known.any():
+            return None
+        return float((self.labels[known] == self.data.proxy_y[known]).mean())

@@ -12,6 +12,7 @@ from fedkd.knowledge import (
     TEACHER_KINDS,
     aggregate_per_class,
     build_teacher,
+    class_weighted_probs,
     distillation_loss,
     era,
     kl_distillation_loss,
@@ -246,6 +247,7 @@ def test_build_teacher_dispatch() -> None:
         "era",
         "median",
         "trimmed_mean",
+        "class_weighted",
     )
     cases = {
         "mean_logits": mean_logits(logits, w),
@@ -260,6 +262,24 @@ def test_build_teacher_dispatch() -> None:
         assert out.shape == (20, 10)
         torch.testing.assert_close(out, expected)
     assert not torch.allclose(build_teacher("era", logits), build_teacher("mean_probs", logits))
+    counts = torch.rand(5, 10, generator=_gen(3)) * 100
+    torch.testing.assert_close(
+        build_teacher("class_weighted", logits, counts), class_weighted_probs(logits, counts)
+    )
+
+
+def test_class_weighted_teacher_by_hand() -> None:
+    # Client 0 holds only class 0, client 1 only class 1; class 2 belongs to nobody.
+    probs = torch.tensor([[[0.7, 0.2, 0.1]], [[0.6, 0.3, 0.1]]])  # (K=2, N=1, C=3)
+    counts = torch.tensor([[10.0, 0.0, 0.0], [-3.0, 5.0, 0.0]])  # noise: -3 counts as 0
+    out = class_weighted_probs(torch.log(probs), counts)
+    # Class 0 from client 0 (0.7), class 1 from client 1 (0.3), class 2 the plain mean (0.1).
+    scores = torch.tensor([0.7, 0.3, 0.1])
+    torch.testing.assert_close(out.exp(), (scores / scores.sum()).unsqueeze(0))
+    # Equal holdings reduce to the plain mean of probabilities.
+    torch.testing.assert_close(
+        class_weighted_probs(torch.log(probs), torch.ones(2, 3)), mean_probs(torch.log(probs))
+    )
 
 
 def test_build_teacher_errors() -> None:
@@ -276,6 +296,10 @@ def test_build_teacher_errors() -> None:
         build_teacher("mean_logits", logits, torch.zeros(5))
     with pytest.raises(ValueError, match=r"\(K clients, N examples, C classes\)"):
         build_teacher("median", logits[0])
+    with pytest.raises(ValueError, match=r"class_weighted.*\(K, C\)"):
+        build_teacher("class_weighted", logits, torch.ones(5))
+    with pytest.raises(ValueError, match=r"shape \(5, 10\)"):
+        class_weighted_probs(logits, torch.ones(5, 9))
 
 
 def test_non_finite_client_logits_rejected() -> None:

@@ -12,6 +12,7 @@ from fedkd.learner.loop import (
     OptimConfig,
     StepConfig,
     derive_seed,
+    fit_batches,
     random_shift,
 )
 from fedkd.learner.server_student import ServerStudent
@@ -86,6 +87,38 @@ def test_server_student_distills_towards_the_teacher(data):
     before = student.accuracy(data.test_x, data.test_y)
     student.fit(1, data.proxy_x, idx, teacher)
     assert student.accuracy(data.test_x, data.test_y) > max(0.6, before + 0.3)
+
+
+def test_server_student_reset_returns_to_the_initial_weights_and_optimizer(data):
+    student = ServerStudent("mlp", data.input_shape, 10, 0, StepConfig(2, 32, OptimConfig()))
+    initial = [p.detach().clone() for p in student.model.parameters()]
+
+    def same_as_initial() -> list[bool]:
+        params = student.model.parameters()
+        return [torch.equal(a, b) for a, b in zip(initial, params, strict=True)]
+
+    student.fit_labels(1, data.proxy_x, data.proxy_y)
+    assert not all(same_as_initial())
+    student.reset()
+    assert all(same_as_initial())
+    assert student.opt.state_dict()["state"] == {}  # no momentum carried over
+
+
+def test_cosine_schedule_anneals_each_fit_from_the_base_lr_to_zero(data):
+    step = StepConfig(2, 50, OptimConfig(lr=0.1), lr_schedule="cosine")
+    student = ServerStudent("mlp", data.input_shape, 10, 0, step)
+    x = torch.from_numpy(data.proxy_x)
+    lrs: list[float] = []
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        lrs.append(student.opt.param_groups[0]["lr"])
+        return student.model(x[idx]).square().mean()
+
+    for _ in range(2):  # 200 examples, batch 50, 2 epochs: 8 steps per fit
+        fit_batches(student.model, student.opt, 200, step, torch.Generator(), batch_loss)
+        assert student.opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert lrs[0] == lrs[8] == pytest.approx(0.1)  # the second fit starts again from lr
+    assert lrs[:8] == sorted(lrs[:8], reverse=True) and lrs[7] < 0.01
 
 
 def test_server_student_seen_mode_keeps_earlier_labels(data):

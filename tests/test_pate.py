@@ -35,6 +35,8 @@ def test_confident_gnmax_answers_some_queries_and_charges_every_client(tmp_path)
     assert final["pate_queries"] == 200
     assert 0 < final["pate_answered"] < 200
     assert final["server_test_acc"] > 0.6  # chance is 0.1
+    # Strong consensus with little noise: the released labels are mostly right.
+    assert 0.8 < final["pate_label_acc"] <= 1.0
     book = json.loads((tmp_path / "run" / "ledgers.json").read_text())
     assert sorted(book["ledgers"]) == ["0", "1", "2", "3"]
     for cid, saved in book["ledgers"].items():
@@ -69,3 +71,24 @@ def test_more_noise_answers_fewer_queries_at_lower_epsilon(tmp_path):
     )
     assert noisy[-1]["epsilon_max"] < quiet[-1]["epsilon_max"]
     assert np.isfinite(noisy[-1]["server_test_acc"])
+
+
+def test_self_training_labels_unanswered_inputs_each_iteration(tmp_path):
+    config = [
+        *PATE,
+        "algorithm.pate_threshold=12",
+        "algorithm.pate_sigma_threshold=4",
+        "algorithm.pate_sigma=2",
+        "algorithm.self_training_confidence=0.5",
+    ]
+    _, _, once, _ = run_inprocess(tmp_path, config, name="once")
+    _, _, thrice, _ = run_inprocess(
+        tmp_path, [*config, "algorithm.self_training_iterations=3"], name="thrice"
+    )
+    for rows in (once, thrice):
+        final = rows[-1]
+        unanswered = 200 - final["pate_answered"]  # data.proxy_size = 200
+        assert 0 < final["pate_pseudo_labelled"] <= unanswered
+    # Same released labels (the votes do not depend on the student); more self-training.
+    assert [r["pate_answered"] for r in once] == [r["pate_answered"] for r in thrice]
+    assert thrice[-1]["server_test_acc"] != once[-1]["server_test_acc"]

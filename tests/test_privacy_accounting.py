@@ -26,12 +26,14 @@ from fedkd.privacy import (
     event_from_dict,
     gaussian_release_event,
     gnmax_aggregate,
+    label_histogram_event,
     log_q_gnmax,
     pate_query_event,
     private_mean_teacher,
     private_sum_of_probabilities,
     rdp_gnmax_data_dependent,
     rdp_gnmax_data_independent,
+    released_label_histogram,
     votes_from_predictions,
     would_exceed_budget,
 )
@@ -278,6 +280,24 @@ def test_gaussian_release_noise_scale():
     assert abs(noisy.mean().item()) < 0.05 * sigma * clip
 
 
+def test_label_histogram_release_noise_scale_and_repeatability():
+    labels = np.array([0, 0, 1, 3, 3, 3])
+    exact = released_label_histogram(labels, 4, 0.0, torch.Generator())
+    assert exact.tolist() == [2.0, 1.0, 0.0, 3.0]
+    # Same seed, same release: a client resends it every round without new privacy cost.
+    again = [
+        released_label_histogram(labels, 4, 7.0, torch.Generator().manual_seed(5)) for _ in range(2)
+    ]
+    np.testing.assert_array_equal(again[0], again[1])
+    # Noise std per count = noise_std (sensitivity 1 under add/remove of one example).
+    many = released_label_histogram(np.zeros(10, dtype=int), 20_000, 3.0, torch.Generator())
+    many[0] -= 10
+    assert many.std() == pytest.approx(3.0, rel=0.03)
+    assert label_histogram_event(3.0, 1).noise_multiplier == 3.0
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        released_label_histogram(np.array([4]), 4, 0.0, torch.Generator())
+
+
 def test_clipping_and_teacher():
     big = torch.full((2, 10, 4), 0.25)
     big[1] = torch.eye(4)[torch.arange(10) % 4]  # one-hot rows, norm sqrt(10)
@@ -312,6 +332,26 @@ def test_calibration_hits_target():
         dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
     )
     assert 0.99 * target <= eps <= target
+
+
+def test_calibration_leaves_room_for_one_time_releases():
+    target, q, steps = 1.0, 0.02, 300
+    histogram = label_histogram_event(20.0)
+    alone = calibrate_noise_multiplier(target, DELTA, q, steps)
+    sigma = calibrate_noise_multiplier(target, DELTA, q, steps, other_events=(histogram,))
+    assert sigma > alone
+    both = dpa.ComposedDpEvent(
+        [
+            dpa.SelfComposedDpEvent(
+                dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps
+            ),
+            dpa.GaussianDpEvent(20.0),
+        ]
+    )
+    # The search runs on a coarse (pessimistic) PLD grid: within about 1% below the target.
+    assert 0.98 * target <= _direct_pld(both) <= target
+    with pytest.raises(ValueError, match="histogram_noise"):
+        calibrate_noise_multiplier(0.01, DELTA, q, steps, other_events=(histogram,))
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,38 @@ def test_epsilon_grows_and_equals_a_fresh_composition_of_the_saved_ledger(tmp_pa
         assert PrivacyLedger.from_dict(ledger).client_id == int(cid)
 
 
+def test_class_weighted_teacher_charges_each_histogram_once_within_the_target(tmp_path):
+    _, _, rows, _ = run_inprocess(
+        tmp_path,
+        [
+            *DP,
+            "privacy.target_epsilon=2.0",
+            "algorithm.teacher=class_weighted",
+            "privacy.histogram_noise=20",
+        ],
+    )
+    # Calibration left room for the histogram: nobody is stopped by the budget.
+    assert all(r["clients_ok"] == 4 and r["clients_stopped"] == 0 for r in rows)
+    book = json.loads((tmp_path / "run" / "ledgers.json").read_text())
+    for cid, ledger in book["ledgers"].items():
+        kinds = [(e["kind"], e["round"]) for e in ledger["events"]]
+        # One release of the histogram (round 1), though it travels with every round's logits.
+        assert kinds.count(("gaussian_release", 1)) == 1
+        assert [k for k, _ in kinds].count("gaussian_release") == 1
+        assert [k for k, _ in kinds].count("dp_sgd") == 3
+        assert ledger["events"][-1]["kind"] == "dp_sgd"
+        reported = rows[-1]["epsilon"][cid]
+        assert reported == pytest.approx(fresh_epsilon(ledger["events"], 1e-5), rel=0.01)
+        assert 0.97 * 2.0 <= reported <= 2.0
+
+
+def test_class_weighted_teacher_without_privacy_uses_exact_counts(tmp_path):
+    _, _, rows, _ = run_inprocess(tmp_path, ["algorithm.teacher=class_weighted", "rounds=2"])
+    assert not (tmp_path / "run" / "ledgers.json").exists()
+    assert rows[-1]["epsilon_max"] is None
+    assert 0.1 < rows[-1]["teacher_test_acc"] <= 1.0
+
+
 def test_budget_stops_each_client_exactly_when_its_next_round_would_exceed_it(tmp_path):
     # First learn what each round costs each client, then set a budget between rounds 2 and 3.
     _, _, free, _ = run_inprocess(tmp_path, [*DP, "privacy.noise_multiplier=1.0"], name="free")

@@ -63,8 +63,31 @@ def test_overrides_are_typed():
     ],
 )
 def test_bad_values_name_the_key(override, message):
+    _raises_naming(override, message)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["algorithm.teacher=class_weighted", "privacy.dpsgd=true", "privacy.target_epsilon=2"],
+            "the clients' exact label counts are private; set privacy.histogram_noise",
+        ),
+        (["privacy.histogram_noise=50"], "only the class_weighted teacher releases"),
+        (
+            ["algorithm.name=fd", "algorithm.teacher=class_weighted"],
+            "'class_weighted' needs a logit teacher",
+        ),
+        (["algorithm.self_training_iterations=0"], "must be > 0, got 0"),
+    ],
+)
+def test_class_weighted_teacher_and_pate_settings_are_checked(overrides, message):
+    _raises_naming(overrides, message)
+
+
+def _raises_naming(override: str | list[str], message: str) -> None:
     with pytest.raises(SpecError) as err:
-        load_spec(None, [override])
+        load_spec(None, override if isinstance(override, list) else [override])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 

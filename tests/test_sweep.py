@@ -77,6 +77,12 @@ def test_grid_expands_to_the_cartesian_product_with_none_meaning_no_dp():
     assert with_dp.sweep.grid == {} and with_dp.name == "q-target_epsilon=1,seed=0"
     none = load_spec(None, ["privacy.dpsgd=true", "privacy.target_epsilon=3", *points[5].overrides])
     assert not none.privacy.dpsgd and none.privacy.target_epsilon == 0 and none.seed == 1
+    # With a class-weighted teacher, "none" also sends exact label histograms: no mechanism.
+    weighted = ["algorithm.teacher=class_weighted", "privacy.histogram_noise=50"]
+    none = load_spec(
+        None, ["privacy.dpsgd=true", "privacy.target_epsilon=3", *weighted, *points[5].overrides]
+    )
+    assert none.privacy.histogram_noise == 0 and not none.privacy.enabled("dsfl")
 
 
 def test_grid_in_toml_dotted_form_and_clashing_short_names():

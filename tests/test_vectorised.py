@@ -4,6 +4,7 @@ The loop (`CohortLearner`) is the reference: the same seed must give the same cl
 optimizer states, uploads and metrics from both paths, up to float rounding.
 """
 
+import dataclasses
 import io
 import warnings
 
@@ -123,6 +124,19 @@ def test_sgd_training_and_distillation_match_the_loop(data):
     sb, ob = run_rounds(VectorisedCohortLearner, data, cfg, teacher_seed=0)
     assert_same_states(data, cfg, sa, sb, atol=1e-5)
     assert_same_outputs(oa, ob, atol=1e-5)  # proxy logits, train_loss, distill_loss
+
+
+def test_label_histograms_match_the_loop_and_repeat_every_round(data):
+    cfg = dataclasses.replace(config(epochs=1), label_histogram_noise=3.0)
+    _, oa = run_rounds(CohortLearner, data, cfg)
+    _, ob = run_rounds(VectorisedCohortLearner, data, cfg)
+    assert_same_outputs(oa, ob, atol=1e-5)
+    for cid in CLIENTS:
+        first, second = (out[cid].arrays["label_histogram"] for out in oa)
+        np.testing.assert_array_equal(first, second)  # the same release, resent
+        exact = np.bincount(data.clients[cid].y_train, minlength=10)
+        assert not np.array_equal(first, exact)  # noisy
+        assert np.abs(first - exact).max() < 6 * 3.0
 
 
 def test_adam_training_matches_the_loop(data):

@@ -17,6 +17,8 @@ from fedkd.learner.cohort import CohortConfig
 from fedkd.learner.loop import PHASE_EVAL, OptimConfig, StepConfig, derive_seed
 from fedkd.learner.server_student import ServerStudent
 from fedkd.privacy.dpsgd import DpSgdSettings
+from fedkd.privacy.label_histogram import label_histogram_event
+from fedkd.privacy.ledger import PrivacyEvent
 from fedkd.spec import Spec, resolve_path
 from strategies import STRATEGIES, Strategy
 from strategies.base import GaussianRelease
@@ -62,6 +64,7 @@ def step_config(section) -> StepConfig:
             momentum=section.momentum,
             weight_decay=getattr(section, "weight_decay", 0.0),
         ),
+        lr_schedule=getattr(section, "lr_schedule", "constant"),
     )
 
 
@@ -82,7 +85,13 @@ def cohort_config(spec: Spec) -> CohortConfig:
         distill_temperature=spec.distill.temperature,
         dp=dpsgd_settings(spec),
         teachers_per_client=spec.algorithm.teachers_per_client,
+        label_histogram_noise=label_histogram_noise(spec),
     )
+
+
+def label_histogram_noise(spec: Spec) -> float | None:
+    """Noise std of the clients' label histograms; None where the teacher needs none."""
+    return spec.privacy.histogram_noise if spec.algorithm.teacher == "class_weighted" else None
 
 
 def dpsgd_settings(spec: Spec) -> DpSgdSettings | None:
@@ -95,7 +104,15 @@ def dpsgd_settings(spec: Spec) -> DpSgdSettings | None:
         noise_multiplier=p.noise_multiplier,
         target_epsilon=p.target_epsilon,
         planned_rounds=spec.rounds,
+        other_releases=_one_time_releases(spec),
     )
+
+
+def _one_time_releases(spec: Spec) -> tuple[PrivacyEvent, ...]:
+    """Releases charged once per client over the run, which DP-SGD's calibration leaves room
+    for (the label histogram of the class-weighted teacher)."""
+    noise = label_histogram_noise(spec)
+    return (label_histogram_event(noise),) if noise else ()
 
 
 def ledger_book(spec: Spec) -> LedgerBook | None:
@@ -232,6 +249,8 @@ def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
         )
     if spec.algorithm.teacher:
         kwargs["teacher"] = spec.algorithm.teacher
+    if spec.algorithm.teacher == "class_weighted":
+        kwargs["histogram_noise"] = spec.privacy.histogram_noise
     if name == "feddf":
         kwargs["client_teacher"] = spec.algorithm.client_teacher
     if name == "fedavg":
@@ -243,5 +262,6 @@ def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
             sigma_threshold=a.pate_sigma_threshold,
             sigma=a.pate_sigma,
             self_training_confidence=a.self_training_confidence,
+            self_training_iterations=a.self_training_iterations,
         )
     return cls(data, spec.seed, **kwargs)

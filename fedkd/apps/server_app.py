@@ -213,7 +213,7 @@ def _teacher_acc(
         return None
     logits = torch.from_numpy(np.stack([results[c].arrays["test_logits"] for c in ids]))
     weights = torch.tensor([num_examples.get(c, 1.0) for c in ids], dtype=torch.float32)
-    teacher = strategy.teacher_test_logits(logits, weights)
+    teacher = strategy.teacher_test_logits(logits, weights, ids)
     return None if teacher is None else accuracy(teacher, test_y)
 
 
@@ -465,6 +465,9 @@ def _run_rounds(
                 for cid, events in strategy.release_events(rnd).items():
                     for event in events:
                         book.record(cid, event)
+                for cid, events in strategy.one_time_events(rnd).items():
+                    for event in events:
+                        book.record(cid, event, recurs=False)
             else:
                 log.warning(
                     "round %d: %d clients replied, fewer than clients.min_clients=%d; "

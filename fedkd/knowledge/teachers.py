@@ -26,6 +26,7 @@ TEACHER_KINDS: tuple[str, ...] = (
     "era",
     "median",
     "trimmed_mean",
+    "class_weighted",
 )
 
 
@@ -144,6 +145,41 @@ def era(logits: Tensor, temperature: float = 0.1, weights: Tensor | None = None)
     return torch.log_softmax(p_mean / t, dim=-1)
 
 
+def class_weighted_probs(logits: Tensor, class_weights: Tensor) -> Tensor:
+    """Each class's probability from the clients that hold that class (for label skew).
+
+    Under label skew a client confidently predicts its own classes on inputs of classes it has
+    never seen; a plain average over clients lets those votes drown the few clients that know
+    the class. Here class c's score is the mean of the clients' ``softmax(logits_k)[:, c]``
+    weighted by their counts of class c (e.g. released label histograms); the scores are then
+    renormalised per example. A class no client holds takes the unweighted mean.
+
+    Parameters
+    ----------
+    logits : Tensor
+        Shape ``(K, N, C)``.
+    class_weights : Tensor
+        Shape ``(K, C)``, finite; negative entries (noisy counts) count as 0.
+
+    Returns
+    -------
+    Tensor
+        Teacher logits (log-probabilities), shape ``(N, C)``.
+    """
+    _check_logits(logits)
+    k, _, c = logits.shape
+    w = torch.as_tensor(class_weights).to(device=logits.device, dtype=logits.dtype)
+    if w.shape != (k, c):
+        raise ValueError(f"class_weights must have shape ({k}, {c}), got {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("class_weights must be finite")
+    w = w.clamp(min=0)
+    total = w.sum(dim=0)
+    w = torch.where(total > 0, w / total.clamp(min=1e-12), torch.full_like(w, 1.0 / k))
+    scores = torch.einsum("kc,knc->nc", w, torch.softmax(logits, dim=-1))
+    return torch.log(scores / scores.sum(dim=1, keepdim=True))
+
+
 def median_logits(logits: Tensor) -> Tensor:
     """Coordinate-wise median of the clients' logits.
 
@@ -214,12 +250,13 @@ def build_teacher(
     kind : str
         One of :data:`TEACHER_KINDS`: ``"mean_logits"``, ``"mean_probs"``, ``"weighted"``
         (``mean_probs`` with ``weights``, which are then required), ``"era"``, ``"median"``,
-        ``"trimmed_mean"``. The robust kinds (``"median"``, ``"trimmed_mean"``) are unweighted
-        and ignore ``weights``.
+        ``"trimmed_mean"``, ``"class_weighted"`` (:func:`class_weighted_probs`, with
+        ``weights`` of shape ``(K, C)``). The robust kinds (``"median"``, ``"trimmed_mean"``)
+        are unweighted and ignore ``weights``.
     logits : Tensor
         Shape ``(K, N, C)``.
     weights : Tensor, optional
-        Shape ``(K,)``, e.g. the clients' example counts.
+        Shape ``(K,)``, e.g. the clients' example counts; ``(K, C)`` for ``"class_weighted"``.
     era_temperature : float, default 0.1
         Temperature of ``"era"``.
     trim_fraction : float, default 0.2
@@ -249,6 +286,11 @@ def build_teacher(
         return median_logits(logits)
     if kind == "trimmed_mean":
         return trimmed_mean_logits(logits, trim_fraction)
+    if kind == "class_weighted":
+        _check_logits(logits)
+        if weights is None or weights.dim() != 2:
+            raise ValueError("teacher 'class_weighted' needs per-client class counts, shape (K, C)")
+        return class_weighted_probs(logits, weights)
     raise ValueError(f"unknown teacher kind {kind!r}; choose one of {', '.join(TEACHER_KINDS)}")
 
 

@@ -19,6 +19,7 @@ from fedkd.data.splits import FederatedData
 from fedkd.knowledge.teachers import per_class_mean_logits
 from fedkd.learner.loop import (
     PHASE_DISTILL,
+    PHASE_HISTOGRAM,
     PHASE_INIT,
     PHASE_TRAIN,
     ClassTeacher,
@@ -33,6 +34,7 @@ from fedkd.learner.loop import (
     train_supervised,
 )
 from fedkd.privacy.dpsgd import DpSgdSettings, train_dpsgd
+from fedkd.privacy.label_histogram import released_label_histogram
 
 UPLOADS = ("logits", "class_logits", "weights", "votes", "none")
 
@@ -51,6 +53,9 @@ class CohortConfig:
     dp: DpSgdSettings | None = None
     # PATE: teachers each client hosts, on disjoint shards of its private data.
     teachers_per_client: int = 1
+    # Class-weighted teacher: noise std of the label histogram each client sends with its
+    # logits (None: no histogram; 0: exact counts, only when nothing is private).
+    label_histogram_noise: float | None = None
 
 
 @dataclass
@@ -156,6 +161,7 @@ class CohortLearner:
             if upload == "logits":
                 logits = predict_logits(state.model, self.data.proxy_x[proxy_idx])
                 result.arrays["logits"] = logits.numpy().astype(np.float32)
+                result.arrays.update(self.label_histogram(cid))
             elif upload == "class_logits":
                 logits = predict_logits(state.model, client.x_train)
                 class_logits, counts = per_class_mean_logits(
@@ -170,6 +176,20 @@ class CohortLearner:
             self._save(state)
             results[cid] = result
         return results
+
+    def label_histogram(self, cid: int) -> dict[str, np.ndarray]:
+        """``{"label_histogram": counts}`` when the teacher needs it, else ``{}``; the noise is
+        seeded per client (not per round): every round resends the same release."""
+        noise = self.config.label_histogram_noise
+        if noise is None:
+            return {}
+        counts = released_label_histogram(
+            self.data.clients[cid].y_train,
+            self.data.num_classes,
+            noise,
+            seeded_generator(self.config.seed, cid, PHASE_HISTOGRAM),
+        )
+        return {"label_histogram": counts}
 
     def _teacher_votes(self, round_num: int, cid: int, proxy_idx: np.ndarray) -> ClientResult:
         """PATE: train the client's teachers on disjoint shards, return their vote counts."""

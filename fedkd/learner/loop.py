@@ -21,6 +21,7 @@ from fedkd.models.zoo import build_model
 
 # Phase codes mixed into seeds so that each phase draws its own stream.
 PHASE_INIT, PHASE_TRAIN, PHASE_DISTILL, PHASE_SERVER, PHASE_SAMPLE, PHASE_EVAL = range(6)
+PHASE_HISTOGRAM = 6
 
 
 def derive_seed(*keys: int) -> int:
@@ -53,6 +54,9 @@ class StepConfig:
     epochs: int = 1
     batch_size: int = 32
     optim: OptimConfig = OptimConfig()
+    # "constant", or "cosine": each fit anneals the learning rate from optim.lr to 0 over its
+    # steps (the next fit starts again from optim.lr).
+    lr_schedule: str = "constant"
 
 
 def make_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -160,12 +164,20 @@ def fit_batches(
     loss of one batch. Returns the example-weighted mean loss and the number of steps."""
     model.train()
     total, steps, seen = 0.0, 0, 0
+    scheduler = None
+    if step.lr_schedule == "cosine":
+        planned = step.epochs * -(-n // step.batch_size)
+        for group in opt.param_groups:  # the last fit left it near 0: start again from lr
+            group["lr"] = step.optim.lr
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(planned, 1))
     for _ in range(step.epochs):
         for idx in _batches(n, step.batch_size, gen):
             loss = batch_loss(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if scheduler is not None:
+                scheduler.step()
             total += loss.item() * len(idx)
             seen += len(idx)
             steps += 1

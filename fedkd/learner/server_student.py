@@ -60,10 +60,16 @@ class ServerStudent:
         self.temperature = temperature
         self.distill_on = distill_on
         self.augment_shift = augment_shift
-        self.model = init_student(arch, input_shape, num_classes, seed, -1, PHASE_SERVER)
-        self.opt = make_optimizer(self.model.parameters(), step.optim)
+        self._shape = (input_shape, num_classes)
+        self.reset()
         self._labels = torch.zeros(proxy_size, num_classes)
         self._seen = torch.zeros(proxy_size, dtype=torch.bool)
+
+    def reset(self) -> None:
+        """Back to the initial weights and a fresh optimizer (same seed: same init)."""
+        input_shape, num_classes = self._shape
+        self.model = init_student(self.arch, input_shape, num_classes, self.seed, -1, PHASE_SERVER)
+        self.opt = make_optimizer(self.model.parameters(), self.step.optim)
 
     def fit(
         self, round_num: int, proxy_x: np.ndarray, proxy_idx: np.ndarray, teacher_logits: np.ndarray

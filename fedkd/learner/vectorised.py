@@ -878,8 +878,9 @@ class VectorisedCohortLearner(CohortLearner):
                 idx = torch.from_numpy(np.asarray(proxy_idx, dtype=np.int64)).to(self.device)
                 with precision_context(self.precision, self.device):
                     logits = self._predict_shared(model, stack.params, dev.proxy_x[idx]).cpu()
-                for j in range(len(cids)):
+                for j, cid in enumerate(cids):
                     uploads[j]["logits"] = logits[j].numpy().astype(np.float32)
+                    uploads[j].update(self.label_histogram(cid))
             elif upload == "class_logits":
                 x_all, _, offsets = dev.train
                 with precision_context(self.precision, self.device):

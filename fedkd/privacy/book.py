@@ -40,8 +40,12 @@ class LedgerBook:
             )
         return self.ledgers[client_id]
 
-    def record(self, client_id: int, event: PrivacyEvent) -> None:
+    def record(self, client_id: int, event: PrivacyEvent, recurs: bool = True) -> None:
+        """Add `event` to the client's ledger; `recurs=False` for a once-per-run charge (it is
+        not projected into the cost of the client's next round)."""
         self._ledger(client_id).add(event)
+        if not recurs:
+            return
         last = self._last_round.setdefault(client_id, [])
         if last and last[0].round != event.round:
             last.clear()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedkd.privacy.ledger import DpSgdEvent
+from fedkd.privacy.ledger import DpSgdEvent, PrivacyEvent
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,9 @@ class DpSgdSettings:
     """DP-SGD as the spec sets it.
 
     Either ``noise_multiplier`` is given, or ``target_epsilon`` > 0 and the noise is calibrated
-    once for the whole planned run (``planned_rounds`` x epochs x steps per epoch).
+    once for the whole planned run (``planned_rounds`` x epochs x steps per epoch), leaving
+    room for ``other_releases``: events the client is charged once over the run besides
+    DP-SGD (e.g. its label histogram), which count against the same target.
     """
 
     max_grad_norm: float
@@ -35,21 +37,34 @@ class DpSgdSettings:
     noise_multiplier: float = 0.0
     target_epsilon: float = 0.0
     planned_rounds: int = 1
+    other_releases: tuple[PrivacyEvent, ...] = ()
 
     def noise_for(self, sample_rate: float, steps_per_round: int) -> float:
         if self.target_epsilon <= 0:
             return self.noise_multiplier
         return _calibrated(
-            self.target_epsilon, self.delta, sample_rate, steps_per_round * self.planned_rounds
+            self.target_epsilon,
+            self.delta,
+            sample_rate,
+            steps_per_round * self.planned_rounds,
+            self.other_releases,
         )
 
 
 @functools.lru_cache(maxsize=1024)
-def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+def _calibrated(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    other_releases: tuple[PrivacyEvent, ...],
+) -> float:
     # Imported here with the accountants it needs: only a calibrating client pays for them.
     from fedkd.privacy.calibration import calibrate_noise_multiplier
 
-    return calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps)
+    return calibrate_noise_multiplier(
+        target_epsilon, delta, sample_rate, steps, other_events=other_releases
+    )
 
 
 def sample_rate_and_steps(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:

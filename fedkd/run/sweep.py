@@ -6,7 +6,8 @@ the order the keys are written (the last key varies fastest). Each point is an o
 results folder), so any point can be inspected, reported or rerun on its own.
 
 "none" is the point without a mechanism: for ``privacy.target_epsilon`` (or
-``privacy.noise_multiplier``) it turns DP-SGD off (``privacy.dpsgd = false``), for
+``privacy.noise_multiplier``) it turns DP-SGD off (``privacy.dpsgd = false``, and a
+class-weighted teacher's label histograms go out exact), for
 ``privacy.release_noise`` the Gaussian release, for ``privacy.budget_epsilon`` the budget
 (`fedkd.spec.SWEEP_NONE_MEANS`).
 

@@ -1,0 +1,60 @@
+"""Gaussian release of a client's label histogram (its number of examples per class).
+
+The class-weighted teacher (`fedkd.knowledge.teachers.class_weighted_probs`) takes each class's
+probability from the clients that hold that class, so the server needs every client's label
+histogram. The counts are private: adding or removing one example changes one count by 1, so
+the histogram has L2 sensitivity 1 under the add-or-remove-one-example relation of the ledger,
+and Gaussian noise of std ``noise_std`` per count is a Gaussian mechanism with noise multiplier
+``noise_std``.
+
+The caller seeds the noise by run and client only (not by round), so a client releases the
+*same* noisy histogram every round: sending a released value again is post-processing, and the
+server charges the release once, the first time it receives it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from fedkd.privacy.ledger import GaussianReleaseEvent
+
+__all__ = ["label_histogram_event", "released_label_histogram"]
+
+
+def released_label_histogram(
+    labels: np.ndarray, num_classes: int, noise_std: float, generator: torch.Generator
+) -> np.ndarray:
+    """The client's count per class plus N(0, noise_std^2) noise on each (0: exact counts).
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        The client's private training labels, ints in ``[0, num_classes)``.
+    num_classes : int
+        Number of classes C.
+    noise_std : float
+        Noise std per count, >= 0 (the noise multiplier: the sensitivity is 1).
+    generator : torch.Generator
+        Source of the noise; seed it per client, not per round (module docstring).
+
+    Returns
+    -------
+    np.ndarray
+        Shape ``(C,)``, float32; noisy counts can be negative.
+    """
+    if not (math.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+    counts = torch.from_numpy(np.bincount(np.asarray(labels), minlength=num_classes)).float()
+    if len(counts) != num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got max {int(labels.max())}")
+    if noise_std > 0:
+        counts = counts + noise_std * torch.randn(num_classes, generator=generator)
+    return counts.numpy().astype(np.float32)
+
+
+def label_histogram_event(noise_std: float, round_num: int = 0) -> GaussianReleaseEvent:
+    """The ledger event of one histogram release: sensitivity 1, so multiplier = noise std."""
+    return GaussianReleaseEvent(noise_multiplier=noise_std, count=1, round=round_num)
