@@ -225,8 +225,12 @@ class Strategy:
         return DigestPayload(proxy_idx=self._proxy_idx, teacher_logits=self._teacher_logits)
 
     def round_metrics(self) -> dict[str, float]:
-        """Strategy-specific extras for this round's metrics row."""
-        return {}
+        """Strategy-specific extras for this round's metrics row: the accuracy of this round's
+        teacher on its proxy inputs (a diagnostic: the proxy's labels reach no learner)."""
+        if self._teacher_logits is None or not self.has_teacher:
+            return {}
+        truth = self.data.proxy_y[self._proxy_idx]
+        return {"teacher_proxy_acc": float((self._teacher_logits.argmax(1) == truth).mean())}
 
     def server_test_acc(self) -> float | None:
         if self.server_student is None:

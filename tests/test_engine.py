@@ -68,6 +68,9 @@ def test_every_algorithm_runs_and_writes_the_contract(tmp_path, algorithm):
         # Proxy logits: 200 x 10 float32 per client; the proxy travels as int32 indices.
         assert final["bytes_up_per_client"] == 200 * 10 * 4
         assert final["teacher_test_acc"] is not None
+        assert 0.2 < final["teacher_proxy_acc"] <= 1.0  # chance is 0.1
+    else:
+        assert "teacher_proxy_acc" not in final
     if algorithm == "fd":
         assert final["bytes_up_per_client"] == (10 * 10 + 10) * 4
     if algorithm == "local_only":
