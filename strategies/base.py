@@ -96,6 +96,16 @@ class Strategy:
         Teacher ``"class_weighted"``: the noise std of the label histograms clients send with
         their logits. Each client is charged one Gaussian release (sensitivity 1) the first
         time its histogram arrives (`one_time_events`); it resends the same noisy values.
+    confident_labels : float, default 0.0
+        If > 0, the server student does not distill the soft teacher: it learns the teacher's
+        argmax on the proxy inputs where the teacher's top probability reaches this value (each
+        input's latest verdict), restarting from its initial weights every round, and
+        self-trains on the other proxy inputs (post-processing: no privacy cost).
+    self_training_confidence : float, default 0.0
+        Self-training of the server student (here, and on PATE's unanswered inputs): unlabelled
+        inputs it is at least this sure of join its training set with its own labels (0: off).
+    self_training_iterations : int, default 1
+        How many times the student relabels those inputs and fits again.
     """
 
     name = "base"
@@ -117,6 +127,9 @@ class Strategy:
         server_student: ServerStudent | None = None,
         release: GaussianRelease | None = None,
         histogram_noise: float | None = None,
+        confident_labels: float = 0.0,
+        self_training_confidence: float = 0.0,
+        self_training_iterations: int = 1,
     ) -> None:
         self.data = data
         self.release = release
@@ -125,6 +138,12 @@ class Strategy:
         self._histograms_charged: set[int] = set()
         self._histograms: dict[int, np.ndarray] = {}  # latest released, per client
         self._one_time_events: dict[int, list[PrivacyEvent]] = {}
+        self.confident_labels = confident_labels
+        self.self_training_confidence = self_training_confidence
+        self.self_training_iterations = self_training_iterations
+        # Confident-labels student: the teacher's latest label per proxy input (-1: none).
+        self._server_labels = np.full(len(data.proxy_x), -1, dtype=np.int64)
+        self._server_pseudo_labelled = 0
         self.seed = seed
         self.proxy_per_round = proxy_per_round
         self.teacher = teacher
@@ -161,10 +180,31 @@ class Strategy:
         else:
             teacher = self._released_teacher(round_num, logits, sorted(updates))
         self._teacher_logits = teacher.numpy().astype(np.float32)
-        if self.server_student is not None:
+        if self.server_student is None:
+            return
+        if self.confident_labels > 0:
+            self._fit_confident_labels(round_num, teacher)
+        else:
             self.server_student.fit(
                 round_num, self.data.proxy_x, self._proxy_idx, self._teacher_logits
             )
+
+    def _fit_confident_labels(self, round_num: int, teacher: torch.Tensor) -> None:
+        conf, label = torch.softmax(teacher, dim=1).max(dim=1)
+        verdict = torch.where(conf >= self.confident_labels, label, -1).numpy()
+        self._server_labels[self._proxy_idx] = verdict
+        known = np.flatnonzero(self._server_labels >= 0)
+        if len(known) == 0:
+            return
+        rest = np.flatnonzero(self._server_labels < 0)
+        self._server_pseudo_labelled = self.server_student.fit_self_training(
+            round_num,
+            self.data.proxy_x[known],
+            self._server_labels[known],
+            self.data.proxy_x[rest],
+            self.self_training_confidence,
+            self.self_training_iterations,
+        )
 
     def _released_teacher(
         self, round_num: int, logits: torch.Tensor, client_ids: list[int]
@@ -230,7 +270,16 @@ class Strategy:
         if self._teacher_logits is None or not self.has_teacher:
             return {}
         truth = self.data.proxy_y[self._proxy_idx]
-        return {"teacher_proxy_acc": float((self._teacher_logits.argmax(1) == truth).mean())}
+        metrics = {"teacher_proxy_acc": float((self._teacher_logits.argmax(1) == truth).mean())}
+        if self.confident_labels > 0:
+            known = self._server_labels >= 0
+            right = self._server_labels[known] == self.data.proxy_y[known]
+            metrics.update(
+                server_labels=float(known.sum()),
+                server_label_acc=float(right.mean()) if known.any() else None,
+                server_pseudo_labelled=float(self._server_pseudo_labelled),
+            )
+        return metrics
 
     def server_test_acc(self) -> float | None:
         if self.server_student is None:

@@ -35,17 +35,15 @@ class PATE(Strategy):
         Noise std sigma1 of the threshold check.
     sigma : float, default 40.0
         Noise std sigma2 of the noisy argmax.
-    self_training_confidence : float, default 0.0
-        If > 0, after fitting the answered labels, unanswered proxy inputs on which the server
-        student's softmax confidence reaches this value are added with its own labels and the
-        student is fitted again on both.
-    self_training_iterations : int, default 1
-        How many times to relabel the unanswered inputs with the current student and fit again.
+    **kwargs
+        See `strategies.base.Strategy`; a ``server_student`` is required. Its
+        ``self_training_confidence`` and ``self_training_iterations`` set the student's
+        self-training on the unanswered inputs.
 
+    Notes
+    -----
     Each round the student restarts from its initial weights and learns every label released
     so far: pseudo-labels a weaker, earlier student got wrong are not carried into later rounds.
-    **kwargs
-        See `strategies.base.Strategy`; a ``server_student`` is required.
     """
 
     name = "pate"
@@ -59,8 +57,6 @@ class PATE(Strategy):
         threshold: float = 0.0,
         sigma_threshold: float = 150.0,
         sigma: float = 40.0,
-        self_training_confidence: float = 0.0,
-        self_training_iterations: int = 1,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -69,8 +65,6 @@ class PATE(Strategy):
         self.threshold = threshold
         self.sigma_threshold = sigma_threshold
         self.sigma = sigma
-        self.self_training_confidence = self_training_confidence
-        self.self_training_iterations = self_training_iterations
         # Released label per proxy input (-1: never answered).
         self.labels = np.full(len(self.data.proxy_x), -1, dtype=np.int64)
         self.queries = 0
@@ -101,29 +95,20 @@ class PATE(Strategy):
         self._fit_student(round_num)
 
     def _fit_student(self, round_num: int) -> None:
-        """From initial weights: fit the answered labels; with self-training, then label the
-        unanswered inputs the student is confident on and fit both (so self-training already
-        helps in round 1), `self_training_iterations` times."""
+        """From initial weights on every label released so far, with self-training on the
+        unanswered inputs (`ServerStudent.fit_self_training`)."""
         known = np.flatnonzero(self.labels >= 0)
         if len(known) == 0:
             return
-        self.server_student.reset()
-        x_known, y_known = self.data.proxy_x[known], self.labels[known]
-        self.server_student.fit_labels(round_num, x_known, y_known)
-        self.pseudo_labelled = 0
         rest = np.flatnonzero(self.labels < 0)
-        if self.self_training_confidence <= 0 or len(rest) == 0:
-            return
-        for _ in range(self.self_training_iterations):
-            probs = torch.softmax(self.server_student.logits(self.data.proxy_x[rest]), dim=1)
-            conf, pseudo = probs.max(dim=1)
-            keep = (conf >= self.self_training_confidence).numpy()
-            if not keep.any():
-                return
-            x = np.concatenate([x_known, self.data.proxy_x[rest[keep]]])
-            y = np.concatenate([y_known, pseudo.numpy()[keep]])
-            self.server_student.fit_labels(round_num, x, y)
-            self.pseudo_labelled = int(keep.sum())
+        self.pseudo_labelled = self.server_student.fit_self_training(
+            round_num,
+            self.data.proxy_x[known],
+            self.labels[known],
+            self.data.proxy_x[rest],
+            self.self_training_confidence,
+            self.self_training_iterations,
+        )
 
     @property
     def answered(self) -> int:

@@ -38,6 +38,26 @@ def run_inprocess(tmp_path, overrides, crash=None, name="run"):
     return spec, summary, rows, grid
 
 
+def test_server_student_learns_confident_teacher_labels_and_self_trains(tmp_path):
+    _, _, rows, _ = run_inprocess(
+        tmp_path,
+        [
+            "server.confident_labels=0.3",
+            "server.epochs=5",
+            "algorithm.self_training_confidence=0.3",
+            "algorithm.self_training_iterations=2",
+        ],
+    )
+    for row in rows:
+        assert 0 < row["server_labels"] <= 200  # data.proxy_size
+        assert 0.0 <= row["server_label_acc"] <= 1.0
+        assert 0.0 <= row["server_test_acc"] <= 1.0
+    # Round 1 leaves unconfident proxy inputs for self-training; by round 2 (this digits
+    # setting) the teacher is confident on all 200 and nothing is left to pseudo-label.
+    assert rows[0]["server_labels"] < 200 and rows[0]["server_pseudo_labelled"] > 0
+    assert rows[1]["server_labels"] == 200 and rows[1]["server_pseudo_labelled"] == 0
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_runs_and_writes_the_contract(tmp_path, algorithm):
     extra = ["clients.students=cnn_small"] if algorithm == "fedavg" else []

@@ -104,6 +104,20 @@ def test_server_student_reset_returns_to_the_initial_weights_and_optimizer(data)
     assert student.opt.state_dict()["state"] == {}  # no momentum carried over
 
 
+def test_self_training_fits_labels_then_adds_its_confident_guesses(data):
+    def student() -> ServerStudent:
+        return ServerStudent("mlp", data.input_shape, 10, 0, StepConfig(5, 32, OptimConfig()))
+
+    x, y = data.proxy_x[:40], data.proxy_y[:40]
+    rest = data.proxy_x[40:]
+    plain, self_trained = student(), student()
+    plain.fit_labels(1, x, y)  # from the initial weights, like fit_self_training's reset
+    assert self_trained.fit_self_training(1, x, y, rest, confidence=0.0) == 0
+    torch.testing.assert_close(self_trained.logits(rest), plain.logits(rest))
+    added = self_trained.fit_self_training(1, x, y, rest, confidence=0.5, iterations=2)
+    assert 0 < added <= len(rest)
+
+
 def test_cosine_schedule_anneals_each_fit_from_the_base_lr_to_zero(data):
     step = StepConfig(2, 50, OptimConfig(lr=0.1), lr_schedule="cosine")
     student = ServerStudent("mlp", data.input_shape, 10, 0, step)

@@ -255,13 +255,14 @@ def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
         kwargs["client_teacher"] = spec.algorithm.client_teacher
     if name == "fedavg":
         kwargs["arch"] = spec.student_for(0)
+    if spec.server.confident_labels > 0:
+        kwargs["confident_labels"] = spec.server.confident_labels
+    if spec.algorithm.self_training_confidence > 0:
+        kwargs["self_training_confidence"] = spec.algorithm.self_training_confidence
+        kwargs["self_training_iterations"] = spec.algorithm.self_training_iterations
     if name == "pate":
         a = spec.algorithm
         kwargs.update(
-            threshold=a.pate_threshold,
-            sigma_threshold=a.pate_sigma_threshold,
-            sigma=a.pate_sigma,
-            self_training_confidence=a.self_training_confidence,
-            self_training_iterations=a.self_training_iterations,
+            threshold=a.pate_threshold, sigma_threshold=a.pate_sigma_threshold, sigma=a.pate_sigma
         )
     return cls(data, spec.seed, **kwargs)

@@ -103,6 +103,34 @@ class ServerStudent:
             self.model, self.opt, x, y, self.step, gen, augment_shift=self.augment_shift
         )
 
+    def fit_self_training(
+        self,
+        round_num: int,
+        x_labelled: np.ndarray,
+        y_labelled: np.ndarray,
+        x_unlabelled: np.ndarray,
+        confidence: float,
+        iterations: int = 1,
+    ) -> int:
+        """From initial weights: fit the labels; then, `iterations` times, label the unlabelled
+        inputs this student is at least `confidence` sure of and fit both (confidence 0: no
+        self-training). Returns how many inputs the student labelled itself in the last fit."""
+        self.reset()
+        self.fit_labels(round_num, x_labelled, y_labelled)
+        pseudo_labelled = 0
+        if confidence <= 0 or len(x_unlabelled) == 0:
+            return pseudo_labelled
+        for _ in range(iterations):
+            conf, pseudo = torch.softmax(self.logits(x_unlabelled), dim=1).max(dim=1)
+            keep = (conf >= confidence).numpy()
+            if not keep.any():
+                break
+            x = np.concatenate([x_labelled, x_unlabelled[keep]])
+            y = np.concatenate([y_labelled, pseudo.numpy()[keep]])
+            self.fit_labels(round_num, x, y)
+            pseudo_labelled = int(keep.sum())
+        return pseudo_labelled
+
     def logits(self, x: np.ndarray) -> torch.Tensor:
         return predict_logits(self.model, x)
 
