@@ -128,9 +128,10 @@ class ServerSpec:
     augment_shift: int = 0
     # "constant", or "cosine": every fit anneals the learning rate from lr to 0.
     lr_schedule: str = "constant"
-    # > 0: learn the teacher's argmax where its top probability reaches this value, then
-    # self-train on the rest (algorithm.self_training_*), instead of distilling soft targets.
-    confident_labels: float = 0.0
+    # > 0: learn the teacher's argmax on this fraction of each round's proxy inputs (those it is
+    # most sure of), then self-train on the rest (algorithm.self_training_*), instead of
+    # distilling soft targets.
+    confident_fraction: float = 0.0
 
 
 @dataclass
@@ -386,15 +387,15 @@ def validate(spec: Spec) -> Spec:
         _positive(f"{section}.lr", cfg.lr)
         _one_of(f"{section}.optimizer", cfg.optimizer, OPTIMIZERS)
     _one_of("server.lr_schedule", spec.server.lr_schedule, ("constant", "cosine"))
-    if not 0 <= spec.server.confident_labels < 1:
+    if not 0 <= spec.server.confident_fraction <= 1:
         raise SpecError(
-            f"server.confident_labels: must be in [0, 1), got {spec.server.confident_labels}"
+            f"server.confident_fraction: must be in [0, 1], got {spec.server.confident_fraction}"
         )
-    if spec.server.confident_labels > 0 and (
+    if spec.server.confident_fraction > 0 and (
         not spec.server.student or spec.algorithm.name not in ("dsfl", "fedmd", "feddf")
     ):
         raise SpecError(
-            "server.confident_labels: needs a server student (server.student) and a logit "
+            "server.confident_fraction: needs a server student (server.student) and a logit "
             f"teacher (dsfl, fedmd, feddf), not '{spec.algorithm.name}'"
         )
     _positive("distill.temperature", spec.distill.temperature)

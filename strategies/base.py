@@ -96,11 +96,12 @@ class Strategy:
         Teacher ``"class_weighted"``: the noise std of the label histograms clients send with
         their logits. Each client is charged one Gaussian release (sensitivity 1) the first
         time its histogram arrives (`one_time_events`); it resends the same noisy values.
-    confident_labels : float, default 0.0
+    confident_fraction : float, default 0.0
         If > 0, the server student does not distill the soft teacher: it learns the teacher's
-        argmax on the proxy inputs where the teacher's top probability reaches this value (each
-        input's latest verdict), restarting from its initial weights every round, and
-        self-trains on the other proxy inputs (post-processing: no privacy cost).
+        argmax on this fraction of each round's proxy inputs, those the teacher is most sure of
+        (each input keeps its latest verdict), restarting from its initial weights every round,
+        and self-trains on the other proxy inputs (post-processing: no privacy cost). A
+        fraction rather than a probability threshold: teachers differ in how sharp they are.
     self_training_confidence : float, default 0.0
         Self-training of the server student (here, and on PATE's unanswered inputs): unlabelled
         inputs it is at least this sure of join its training set with its own labels (0: off).
@@ -127,7 +128,7 @@ class Strategy:
         server_student: ServerStudent | None = None,
         release: GaussianRelease | None = None,
         histogram_noise: float | None = None,
-        confident_labels: float = 0.0,
+        confident_fraction: float = 0.0,
         self_training_confidence: float = 0.0,
         self_training_iterations: int = 1,
     ) -> None:
@@ -138,7 +139,7 @@ class Strategy:
         self._histograms_charged: set[int] = set()
         self._histograms: dict[int, np.ndarray] = {}  # latest released, per client
         self._one_time_events: dict[int, list[PrivacyEvent]] = {}
-        self.confident_labels = confident_labels
+        self.confident_fraction = confident_fraction
         self.self_training_confidence = self_training_confidence
         self.self_training_iterations = self_training_iterations
         # Confident-labels student: the teacher's latest label per proxy input (-1: none).
@@ -182,17 +183,19 @@ class Strategy:
         self._teacher_logits = teacher.numpy().astype(np.float32)
         if self.server_student is None:
             return
-        if self.confident_labels > 0:
-            self._fit_confident_labels(round_num, teacher)
+        if self.confident_fraction > 0:
+            self._fit_confident_fraction(round_num, teacher)
         else:
             self.server_student.fit(
                 round_num, self.data.proxy_x, self._proxy_idx, self._teacher_logits
             )
 
-    def _fit_confident_labels(self, round_num: int, teacher: torch.Tensor) -> None:
+    def _fit_confident_fraction(self, round_num: int, teacher: torch.Tensor) -> None:
         conf, label = torch.softmax(teacher, dim=1).max(dim=1)
-        verdict = torch.where(conf >= self.confident_labels, label, -1).numpy()
-        self._server_labels[self._proxy_idx] = verdict
+        keep = max(1, round(self.confident_fraction * len(conf)))
+        sure = torch.zeros(len(conf), dtype=torch.bool)
+        sure[torch.argsort(conf, descending=True, stable=True)[:keep]] = True
+        self._server_labels[self._proxy_idx] = torch.where(sure, label, -1).numpy()
         known = np.flatnonzero(self._server_labels >= 0)
         if len(known) == 0:
             return
@@ -271,7 +274,7 @@ class Strategy:
             return {}
         truth = self.data.proxy_y[self._proxy_idx]
         metrics = {"teacher_proxy_acc": float((self._teacher_logits.argmax(1) == truth).mean())}
-        if self.confident_labels > 0:
+        if self.confident_fraction > 0:
             known = self._server_labels >= 0
             right = self._server_labels[known] == self.data.proxy_y[known]
             metrics.update(

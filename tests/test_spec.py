@@ -79,9 +79,9 @@ def test_bad_values_name_the_key(override, message):
             "'class_weighted' needs a logit teacher",
         ),
         (["algorithm.self_training_iterations=0"], "must be > 0, got 0"),
-        (["server.confident_labels=1.5"], "server.confident_labels: must be in [0, 1)"),
+        (["server.confident_fraction=1.5"], "must be in [0, 1], got 1.5"),
         (
-            ["algorithm.name=fd", "server.confident_labels=0.5"],
+            ["algorithm.name=fd", "server.confident_fraction=0.5"],
             "a logit teacher (dsfl, fedmd, feddf), not 'fd'",
         ),
     ],

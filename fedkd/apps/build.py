@@ -255,8 +255,8 @@ def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
         kwargs["client_teacher"] = spec.algorithm.client_teacher
     if name == "fedavg":
         kwargs["arch"] = spec.student_for(0)
-    if spec.server.confident_labels > 0:
-        kwargs["confident_labels"] = spec.server.confident_labels
+    if spec.server.confident_fraction > 0:
+        kwargs["confident_fraction"] = spec.server.confident_fraction
     if spec.algorithm.self_training_confidence > 0:
         kwargs["self_training_confidence"] = spec.algorithm.self_training_confidence
         kwargs["self_training_iterations"] = spec.algorithm.self_training_iterations
