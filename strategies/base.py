@@ -136,8 +136,7 @@ class Strategy:
         self.release = release
         self._release_events: dict[int, list[PrivacyEvent]] = {}
         self.histogram_noise = histogram_noise
-        self._histograms_charged: set[int] = set()
-        self._histograms: dict[int, np.ndarray] = {}  # latest released, per client
+        self._histograms: dict[int, np.ndarray] = {}  # latest released (charged once), per client
         self._one_time_events: dict[int, list[PrivacyEvent]] = {}
         self.confident_fraction = confident_fraction
         self.self_training_confidence = self_training_confidence
@@ -196,18 +195,34 @@ class Strategy:
         sure = torch.zeros(len(conf), dtype=torch.bool)
         sure[torch.argsort(conf, descending=True, stable=True)[:keep]] = True
         self._server_labels[self._proxy_idx] = torch.where(sure, label, -1).numpy()
-        known = np.flatnonzero(self._server_labels >= 0)
+        pseudo_labelled = self._fit_proxy_labels(round_num, self._server_labels)
+        if pseudo_labelled is not None:
+            self._server_pseudo_labelled = pseudo_labelled
+
+    def _fit_proxy_labels(self, round_num: int, labels: np.ndarray) -> int | None:
+        """The server student, from its initial weights, on the proxy inputs with a label
+        (``labels >= 0``) and self-training on the others; returns how many it labelled itself,
+        or None (nothing fitted) when no input has a label."""
+        known = np.flatnonzero(labels >= 0)
         if len(known) == 0:
-            return
-        rest = np.flatnonzero(self._server_labels < 0)
-        self._server_pseudo_labelled = self.server_student.fit_self_training(
+            return None
+        rest = np.flatnonzero(labels < 0)
+        return self.server_student.fit_self_training(
             round_num,
             self.data.proxy_x[known],
-            self._server_labels[known],
+            labels[known],
             self.data.proxy_x[rest],
             self.self_training_confidence,
             self.self_training_iterations,
         )
+
+    def _proxy_label_accuracy(self, labels: np.ndarray) -> float | None:
+        """Share of the labelled proxy inputs (``labels >= 0``) whose label is right: a
+        diagnostic, the proxy's true labels reach no learner."""
+        known = labels >= 0
+        if not known.any():
+            return None
+        return float((labels[known] == self.data.proxy_y[known]).mean())
 
     def _released_teacher(
         self, round_num: int, logits: torch.Tensor, client_ids: list[int]
@@ -231,13 +246,12 @@ class Strategy:
             raise ValueError(
                 "teacher 'class_weighted' needs every client's label_histogram with its logits"
             )
-        histograms, _ = stack_uploads(updates, "label_histogram")
-        self._histograms.update({c: updates[c].arrays["label_histogram"] for c in updates})
         if self.histogram_noise:
-            for cid in sorted(set(updates) - self._histograms_charged):
+            for cid in sorted(set(updates) - set(self._histograms)):  # first release: charge
                 event = label_histogram_event(self.histogram_noise, round_num)
                 self._one_time_events.setdefault(cid, []).append(event)
-                self._histograms_charged.add(cid)
+        self._histograms.update({c: updates[c].arrays["label_histogram"] for c in updates})
+        histograms, _ = stack_uploads(updates, "label_histogram")
         return histograms
 
     def release_events(self, round_num: int) -> dict[int, list[PrivacyEvent]]:
@@ -275,11 +289,9 @@ class Strategy:
         truth = self.data.proxy_y[self._proxy_idx]
         metrics = {"teacher_proxy_acc": float((self._teacher_logits.argmax(1) == truth).mean())}
         if self.confident_fraction > 0:
-            known = self._server_labels >= 0
-            right = self._server_labels[known] == self.data.proxy_y[known]
             metrics.update(
-                server_labels=float(known.sum()),
-                server_label_acc=float(right.mean()) if known.any() else None,
+                server_labels=float((self._server_labels >= 0).sum()),
+                server_label_acc=self._proxy_label_accuracy(self._server_labels),
                 server_pseudo_labelled=float(self._server_pseudo_labelled),
             )
         return metrics

@@ -96,19 +96,10 @@ class PATE(Strategy):
 
     def _fit_student(self, round_num: int) -> None:
         """From initial weights on every label released so far, with self-training on the
-        unanswered inputs (`ServerStudent.fit_self_training`)."""
-        known = np.flatnonzero(self.labels >= 0)
-        if len(known) == 0:
-            return
-        rest = np.flatnonzero(self.labels < 0)
-        self.pseudo_labelled = self.server_student.fit_self_training(
-            round_num,
-            self.data.proxy_x[known],
-            self.labels[known],
-            self.data.proxy_x[rest],
-            self.self_training_confidence,
-            self.self_training_iterations,
-        )
+        unanswered inputs."""
+        pseudo_labelled = self._fit_proxy_labels(round_num, self.labels)
+        if pseudo_labelled is not None:
+            self.pseudo_labelled = pseudo_labelled
 
     @property
     def answered(self) -> int:
@@ -119,13 +110,6 @@ class PATE(Strategy):
             "pate_answered": float(self.answered),
             "pate_queries": float(self.queries),
             "pate_pseudo_labelled": float(self.pseudo_labelled),
-            # Diagnostic only (the proxy's true labels never reach the student): how many
-            # released labels are right.
-            "pate_label_acc": self._released_label_accuracy(),
+            # Diagnostic only (the proxy's true labels never reach the student).
+            "pate_label_acc": self._proxy_label_accuracy(self.labels),
         }
-
-    def _released_label_accuracy(self) -> float | None:
-        known = self.labels >= 0
-        if not known.any():
-            return None
-        return float((self.labels[known] == self.data.proxy_y[known]).mean())

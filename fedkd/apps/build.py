@@ -249,8 +249,8 @@ def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
         )
     if spec.algorithm.teacher:
         kwargs["teacher"] = spec.algorithm.teacher
-    if spec.algorithm.teacher == "class_weighted":
-        kwargs["histogram_noise"] = spec.privacy.histogram_noise
+    if label_histogram_noise(spec) is not None:
+        kwargs["histogram_noise"] = label_histogram_noise(spec)
     if name == "feddf":
         kwargs["client_teacher"] = spec.algorithm.client_teacher
     if name == "fedavg":

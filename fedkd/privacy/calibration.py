@@ -117,19 +117,21 @@ def calibrate_noise_multiplier(
             f"sample_rate={sample_rate}, steps={steps}: {err}"
         ) from err
 
+    def run_events(noise: float) -> list[PrivacyEvent]:
+        return [DpSgdEvent(sample_rate, noise, steps), *other_events]
+
     def run_epsilon(noise: float) -> float:
-        events = [DpSgdEvent(sample_rate, noise, steps), *other_events]
-        return compute_epsilon(PrivacyLedger(0, events, None, delta)).epsilon
+        return compute_epsilon(PrivacyLedger(0, run_events(noise), None, delta)).epsilon
 
     if other_events and run_epsilon(sigma) > target_epsilon:
         # The search runs on a coarse PLD grid (an upper bound: it errs towards more noise);
         # the exact check below confirms the result.
         def coarse_epsilon(noise: float) -> float:
-            events = [DpSgdEvent(sample_rate, noise, steps), *other_events]
             accountant = dp_accounting.pld.PLDAccountant(
                 NEIGHBORING_RELATION, value_discretization_interval=target_epsilon / 200
             )
-            accountant.compose(dp_accounting.ComposedDpEvent([e.dp_event() for e in events]))
+            events = [e.dp_event() for e in run_events(noise)]
+            accountant.compose(dp_accounting.ComposedDpEvent(events))
             return float(accountant.get_epsilon(delta))
 
         sigma = _bisect_noise(coarse_epsilon, target_epsilon, sigma)
