@@ -19,6 +19,7 @@ import tomli_w
 from fedkd.data import PARTITION_SCHEMES as PARTITIONS
 from fedkd.data import SOURCES
 from fedkd.knowledge import DISTILL_LOSSES as LOSSES
+from fedkd.knowledge import HISTOGRAM_TEACHERS
 from fedkd.knowledge import TEACHER_KINDS as TEACHERS
 from fedkd.models import MODEL_NAMES as MODELS
 
@@ -95,6 +96,9 @@ class AlgorithmSpec:
     teacher: str = ""  # "" = the algorithm's own default
     era_temperature: float = 0.1
     trim_fraction: float = 0.2
+    # Teacher "pooled_likelihood": a client holds a class when its released count of it is
+    # above this (about twice privacy.histogram_noise).
+    held_class_count: float = 100.0
     # FedDF-logit: clients distill from "ensemble" or "server_student".
     client_teacher: str = "ensemble"
     # FD: weight of the distillation regulariser in local training.
@@ -129,8 +133,8 @@ class ServerSpec:
     # "constant", or "cosine": every fit anneals the learning rate from lr to 0.
     lr_schedule: str = "constant"
     # > 0: learn the teacher's argmax on this fraction of each round's proxy inputs (those it is
-    # most sure of), then self-train on the rest (algorithm.self_training_*), instead of
-    # distilling soft targets.
+    # most sure of within each class it predicts), then self-train on the rest
+    # (algorithm.self_training_*), instead of distilling soft targets.
     confident_fraction: float = 0.0
 
 
@@ -152,8 +156,9 @@ class PrivacySpec:
     # proxy subset is clipped to L2 norm release_clip, the sum gets noise once. 0 = off.
     release_noise: float = 0.0
     release_clip: float = 1.0
-    # Teacher "class_weighted": noise std on each count of the label histogram every client
-    # releases once (sensitivity 1). Required (> 0) when any mechanism is on.
+    # Teachers "class_weighted", "pooled_likelihood": noise std on each count of the label
+    # histogram every client releases once (sensitivity 1). Required (> 0) when any mechanism
+    # is on.
     histogram_noise: float = 0.0
 
     def enabled(self, algorithm: str) -> bool:
@@ -420,6 +425,10 @@ def validate(spec: Spec) -> Spec:
     _positive("algorithm.era_temperature", a.era_temperature)
     if not 0 <= a.trim_fraction < 0.5:
         raise SpecError(f"algorithm.trim_fraction: must be in [0, 0.5), got {a.trim_fraction}")
+    if a.held_class_count < 0:
+        raise SpecError(
+            f"algorithm.held_class_count: must be >= 0 (a count), got {a.held_class_count}"
+        )
     _one_of("algorithm.client_teacher", a.client_teacher, ("ensemble", "server_student"))
     _positive("algorithm.fd_weight", a.fd_weight, zero_ok=True)
     if a.client_teacher == "server_student" and not spec.server.student:
@@ -500,25 +509,26 @@ def _validate_privacy(spec: Spec) -> None:
                 f"algorithm.teacher '{spec.algorithm.teacher}' cannot be released this way"
             )
 
-    if p.histogram_noise > 0 and spec.algorithm.teacher != "class_weighted":
+    teacher = spec.algorithm.teacher
+    if p.histogram_noise > 0 and teacher not in HISTOGRAM_TEACHERS:
         raise SpecError(
-            "privacy.histogram_noise: only the class_weighted teacher releases label "
-            "histograms; set algorithm.teacher = 'class_weighted' or remove it"
+            "privacy.histogram_noise: only the class_weighted and pooled_likelihood teachers "
+            "release label histograms; set algorithm.teacher to one of them or remove it"
         )
-    if spec.algorithm.teacher == "class_weighted":
+    if teacher in HISTOGRAM_TEACHERS:
         if spec.algorithm.name not in ("dsfl", "fedmd", "feddf"):
             raise SpecError(
-                "algorithm.teacher = 'class_weighted' needs a logit teacher (dsfl, fedmd, "
+                f"algorithm.teacher = '{teacher}' needs a logit teacher (dsfl, fedmd, "
                 f"feddf), not '{spec.algorithm.name}'"
             )
         if p.release_noise > 0:
             raise SpecError(
-                "algorithm.teacher = 'class_weighted' cannot be combined with "
+                f"algorithm.teacher = '{teacher}' cannot be combined with "
                 "privacy.release_noise (the release is a noisy plain mean)"
             )
         if p.enabled(spec.algorithm.name) and p.histogram_noise == 0:
             raise SpecError(
-                "algorithm.teacher = 'class_weighted': the clients' exact label counts are "
+                f"algorithm.teacher = '{teacher}': the clients' exact label counts are "
                 "private; set privacy.histogram_noise (noise std per count, e.g. 50)"
             )
 

@@ -22,6 +22,7 @@ from fedkd.knowledge import (
     median_logits,
     mse_logit_loss,
     per_class_mean_logits,
+    pooled_likelihood,
     soft_targets,
     trimmed_mean_logits,
 )
@@ -248,6 +249,7 @@ def test_build_teacher_dispatch() -> None:
         "median",
         "trimmed_mean",
         "class_weighted",
+        "pooled_likelihood",
     )
     cases = {
         "mean_logits": mean_logits(logits, w),
@@ -266,6 +268,10 @@ def test_build_teacher_dispatch() -> None:
     torch.testing.assert_close(
         build_teacher("class_weighted", logits, counts), class_weighted_probs(logits, counts)
     )
+    torch.testing.assert_close(
+        build_teacher("pooled_likelihood", logits, counts, held_count=30.0),
+        pooled_likelihood(logits, counts, 30.0),
+    )
 
 
 def test_class_weighted_teacher_by_hand() -> None:
@@ -280,6 +286,47 @@ def test_class_weighted_teacher_by_hand() -> None:
     torch.testing.assert_close(
         class_weighted_probs(torch.log(probs), torch.ones(2, 3)), mean_probs(torch.log(probs))
     )
+
+
+def test_pooled_likelihood_recovers_the_posterior_of_exact_experts_by_hand() -> None:
+    # One input with class likelihoods p(x | c) = (1.0, 0.5, 0.1). Client 0 holds classes 0
+    # and 1 (500 each), client 1 holds 1 and 2 (800, 200): each outputs its exact posterior
+    # p(x | c) pi_k(c) / Z_k on its own classes, ~0 elsewhere.
+    likelihood = torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64)
+    counts = torch.tensor([[500.0, 500.0, 0.0], [0.0, 800.0, 200.0]], dtype=torch.float64)
+    posterior = likelihood * counts / (likelihood * counts).sum(dim=1, keepdim=True)
+    logits = torch.log(posterior.clamp(min=1e-9)).unsqueeze(1)  # (K=2, N=1, C=3)
+    out = pooled_likelihood(logits, counts, held_count=100.0)
+    # Pooled prior (500, 1300, 200) / 2000: the teacher is p(x | c) pi(c), normalised.
+    expected = likelihood * torch.tensor([0.25, 0.65, 0.10], dtype=torch.float64)
+    torch.testing.assert_close(out.exp(), (expected / expected.sum()).unsqueeze(0))
+    # The class-weighted mean of the same posteriors is not the posterior (0.467 against
+    # 0.427 for class 0): it averages client 0's 2/3 as is.
+    weighted = class_weighted_probs(logits, counts).exp()
+    assert (weighted - out.exp()).abs().max() > 0.03
+
+
+def test_pooled_likelihood_ignores_barely_held_classes_and_drops_unheld_ones() -> None:
+    logits = _client_logits()  # (5, 20, 10)
+    counts = torch.full((5, 10), 500.0)
+    counts[:, 9] = 0.0  # nobody holds class 9
+    counts[0, 3] = 80.0  # client 0 barely saw class 3: below the held count of 100
+    out = pooled_likelihood(logits, counts)
+    assert out.shape == (20, 10) and out.dtype == logits.dtype
+    assert torch.all(out[:, 9] == float("-inf"))
+    torch.testing.assert_close(out.exp().sum(dim=1), torch.ones(20))
+    # Client 0's log-probability of class 3 does not enter the fit.
+    changed = logits.clone()
+    changed[0, :, 3] += 5.0
+    torch.testing.assert_close(pooled_likelihood(changed, counts), out)
+    # Noisy negative counts are zeros; no held class at all falls back to the plain mean.
+    torch.testing.assert_close(
+        pooled_likelihood(logits, torch.full((5, 10), -3.0)), mean_probs(logits)
+    )
+    with pytest.raises(ValueError, match=r"class_counts must have shape \(5, 10\)"):
+        pooled_likelihood(logits, torch.ones(5, 9))
+    with pytest.raises(ValueError, match="pooled_likelihood.*class counts"):
+        build_teacher("pooled_likelihood", logits, torch.ones(5))
 
 
 def test_build_teacher_errors() -> None:

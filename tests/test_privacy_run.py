@@ -73,13 +73,14 @@ def test_epsilon_grows_and_equals_a_fresh_composition_of_the_saved_ledger(tmp_pa
         assert PrivacyLedger.from_dict(ledger).client_id == int(cid)
 
 
-def test_class_weighted_teacher_charges_each_histogram_once_within_the_target(tmp_path):
+@pytest.mark.parametrize("teacher", ["class_weighted", "pooled_likelihood"])
+def test_histogram_teacher_charges_each_histogram_once_within_the_target(tmp_path, teacher):
     _, _, rows, _ = run_inprocess(
         tmp_path,
         [
             *DP,
             "privacy.target_epsilon=2.0",
-            "algorithm.teacher=class_weighted",
+            f"algorithm.teacher={teacher}",
             "privacy.histogram_noise=20",
         ],
     )

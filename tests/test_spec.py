@@ -73,11 +73,19 @@ def test_bad_values_name_the_key(override, message):
             ["algorithm.teacher=class_weighted", "privacy.dpsgd=true", "privacy.target_epsilon=2"],
             "the clients' exact label counts are private; set privacy.histogram_noise",
         ),
-        (["privacy.histogram_noise=50"], "only the class_weighted teacher releases"),
+        (
+            ["privacy.histogram_noise=50"],
+            "only the class_weighted and pooled_likelihood teachers release label histograms",
+        ),
         (
             ["algorithm.name=fd", "algorithm.teacher=class_weighted"],
             "'class_weighted' needs a logit teacher",
         ),
+        (
+            ["algorithm.teacher=pooled_likelihood", "privacy.release_noise=5"],
+            "'pooled_likelihood' cannot be combined with privacy.release_noise",
+        ),
+        (["algorithm.held_class_count=-1"], "algorithm.held_class_count: must be >= 0"),
         (["algorithm.self_training_iterations=0"], "must be > 0, got 0"),
         (["server.confident_fraction=1.5"], "must be in [0, 1], got 1.5"),
         (

@@ -153,6 +153,13 @@ def test_sweep_runs_every_point_writes_the_table_and_plot_and_resumes(tmp_path):
     assert [r["status"] for r in rows] == ["completed"] * 4
     assert len(list((out / "_incomplete").iterdir())) == 1
 
+    # A grown grid reuses the finished points: only the new seed runs.
+    grown = write_spec(tmp_path, '{ "privacy.noise_multiplier" = [1.0, "none"], seed = [0, 1, 2] }')
+    more = InProcessRunner()
+    rows = run_sweep(grown, out, runner=more, echo=lambda _: None)
+    assert sorted(more.ran) == ["noise_multiplier=1.0,seed=2", "noise_multiplier=none,seed=2"]
+    assert len(rows) == 6
+
     # A finished point made with another spec is never mixed into the table.
     with pytest.raises(SweepError, match="different spec \\(rounds differ\\)"):
         run_sweep(spec, out, overrides=["rounds=2"], runner=again)

@@ -13,6 +13,7 @@ from fedkd.audit.canary import with_canaries
 from fedkd.data.site import SITE_KEY, load_site_data
 from fedkd.data.sources import DataError
 from fedkd.data.splits import FederatedData, load_federated_data
+from fedkd.knowledge import HISTOGRAM_TEACHERS
 from fedkd.learner.cohort import CohortConfig
 from fedkd.learner.loop import PHASE_EVAL, OptimConfig, StepConfig, derive_seed
 from fedkd.learner.server_student import ServerStudent
@@ -91,7 +92,7 @@ def cohort_config(spec: Spec) -> CohortConfig:
 
 def label_histogram_noise(spec: Spec) -> float | None:
     """Noise std of the clients' label histograms; None where the teacher needs none."""
-    return spec.privacy.histogram_noise if spec.algorithm.teacher == "class_weighted" else None
+    return spec.privacy.histogram_noise if spec.algorithm.teacher in HISTOGRAM_TEACHERS else None
 
 
 def dpsgd_settings(spec: Spec) -> DpSgdSettings | None:
@@ -241,6 +242,7 @@ def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
         "proxy_per_round": spec.distill.proxy_per_round,
         "era_temperature": spec.algorithm.era_temperature,
         "trim_fraction": spec.algorithm.trim_fraction,
+        "held_class_count": spec.algorithm.held_class_count,
         "server_student": server_student,
     }
     if spec.privacy.release_noise > 0:

@@ -9,6 +9,7 @@ from fedkd.knowledge.losses import (
     soft_targets,
 )
 from fedkd.knowledge.teachers import (
+    HISTOGRAM_TEACHERS,
     TEACHER_KINDS,
     aggregate_per_class,
     build_teacher,
@@ -18,11 +19,13 @@ from fedkd.knowledge.teachers import (
     mean_probs,
     median_logits,
     per_class_mean_logits,
+    pooled_likelihood,
     trimmed_mean_logits,
 )
 
 __all__ = [
     "DISTILL_LOSSES",
+    "HISTOGRAM_TEACHERS",
     "TEACHER_KINDS",
     "aggregate_per_class",
     "build_teacher",
@@ -36,6 +39,7 @@ __all__ = [
     "median_logits",
     "mse_logit_loss",
     "per_class_mean_logits",
+    "pooled_likelihood",
     "soft_targets",
     "trimmed_mean_logits",
 ]

@@ -27,7 +27,10 @@ TEACHER_KINDS: tuple[str, ...] = (
     "median",
     "trimmed_mean",
     "class_weighted",
+    "pooled_likelihood",
 )
+# Teachers that weigh clients per class by their label histograms (weights of shape (K, C)).
+HISTOGRAM_TEACHERS: tuple[str, ...] = ("class_weighted", "pooled_likelihood")
 
 
 def _check_logits(logits: Tensor) -> None:
@@ -180,6 +183,69 @@ def class_weighted_probs(logits: Tensor, class_weights: Tensor) -> Tensor:
     return torch.log(scores / scores.sum(dim=1, keepdim=True))
 
 
+def pooled_likelihood(logits: Tensor, class_counts: Tensor, held_count: float = 100.0) -> Tensor:
+    """Pool the clients' evidence per class as likelihoods, corrected for their label priors.
+
+    Under label skew the clients share the class-conditionals p(x | c) and differ in their
+    label priors pi_k(c). A client's softmax on a class it holds is then
+    ``log p_k(c | x) = log p(x | c) + log pi_k(c) - log Z_k(x)``: up to a per-client,
+    per-input offset, ``log p_k(c | x) - log pi_k(c)`` measures the class's likelihood. For every
+    input the server fits the class log-likelihoods ``l_c(x)`` and client offsets ``b_k(x)`` to
+    these values by least squares over the (client, held class) pairs, each weighted by the
+    client's count of that class, and returns ``softmax(l(x) + log pi(c))`` with the pooled
+    prior pi. Unlike `class_weighted_probs`, a client's confident vote for one of its own
+    classes on an input of a class it never saw is not averaged in as is: it only says that
+    class is likelier than the client's other classes, and the clients holding the input's
+    class outweigh it. The weighting is fixed by the counts, so one pseudo-inverse serves
+    every input (minimum-norm: exact for connected supports, deterministic otherwise).
+
+    Parameters
+    ----------
+    logits : Tensor
+        Shape ``(K, N, C)``.
+    class_counts : Tensor
+        Shape ``(K, C)``, finite; the clients' (possibly noisy) label counts. Negative entries
+        count as 0.
+    held_count : float, default 100.0
+        A client holds class c when its count of c is above this; only held classes enter the
+        fit (a client's log-probability on a class it barely saw is noise). With noisy counts,
+        about twice the noise std.
+
+    Returns
+    -------
+    Tensor
+        Teacher logits (log-probabilities), shape ``(N, C)``; a class no client holds gets
+        probability 0, and if no client holds any class the plain probability mean is returned.
+    """
+    _check_logits(logits)
+    k, n, c = logits.shape
+    counts = torch.as_tensor(class_counts).to(dtype=torch.float64, device=logits.device)
+    if counts.shape != (k, c):
+        raise ValueError(f"class_counts must have shape ({k}, {c}), got {tuple(counts.shape)}")
+    if not bool(torch.isfinite(counts).all()):
+        raise ValueError("class_counts must be finite")
+    counts = counts.clamp(min=0)
+    held = counts > held_count
+    if not held.any():
+        return mean_probs(logits)
+    client_k, class_c = held.nonzero(as_tuple=True)  # one row of the fit per held pair
+    prior_k = counts / counts.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    log_p = torch.log_softmax(logits.to(torch.float64), dim=-1)
+    target = log_p[client_k, :, class_c] - torch.log(prior_k[client_k, class_c])[:, None]
+    # target[row] = l_{class_c[row]} - b_{client_k[row]}: design matrix over (l, b).
+    rows = torch.arange(len(client_k), device=logits.device)
+    design = torch.zeros(len(client_k), c + k, dtype=torch.float64, device=logits.device)
+    design[rows, class_c] = 1.0
+    design[rows, c + client_k] = -1.0
+    sqrt_w = counts[client_k, class_c].sqrt()[:, None]
+    solution = torch.linalg.pinv(design * sqrt_w) @ (target * sqrt_w)  # (C + K, N)
+    log_lik = solution[:c].T
+    pooled_prior = counts.sum(dim=0) / counts.sum()
+    scores = log_lik + torch.log(pooled_prior)
+    scores = scores.masked_fill(~held.any(dim=0), float("-inf"))
+    return torch.log_softmax(scores, dim=1).to(logits.dtype)
+
+
 def median_logits(logits: Tensor) -> Tensor:
     """Coordinate-wise median of the clients' logits.
 
@@ -242,6 +308,7 @@ def build_teacher(
     *,
     era_temperature: float = 0.1,
     trim_fraction: float = 0.2,
+    held_count: float = 100.0,
 ) -> Tensor:
     """Build a teacher of the given kind from stacked client logits.
 
@@ -250,17 +317,21 @@ def build_teacher(
     kind : str
         One of :data:`TEACHER_KINDS`: ``"mean_logits"``, ``"mean_probs"``, ``"weighted"``
         (``mean_probs`` with ``weights``, which are then required), ``"era"``, ``"median"``,
-        ``"trimmed_mean"``, ``"class_weighted"`` (:func:`class_weighted_probs`, with
-        ``weights`` of shape ``(K, C)``). The robust kinds (``"median"``, ``"trimmed_mean"``)
-        are unweighted and ignore ``weights``.
+        ``"trimmed_mean"``, ``"class_weighted"`` (:func:`class_weighted_probs`) and
+        ``"pooled_likelihood"`` (:func:`pooled_likelihood`), both with ``weights`` of shape
+        ``(K, C)``. The robust kinds (``"median"``, ``"trimmed_mean"``) are unweighted and
+        ignore ``weights``.
     logits : Tensor
         Shape ``(K, N, C)``.
     weights : Tensor, optional
-        Shape ``(K,)``, e.g. the clients' example counts; ``(K, C)`` for ``"class_weighted"``.
+        Shape ``(K,)``, e.g. the clients' example counts; ``(K, C)`` (label counts) for
+        :data:`HISTOGRAM_TEACHERS`.
     era_temperature : float, default 0.1
         Temperature of ``"era"``.
     trim_fraction : float, default 0.2
         Fraction trimmed at each end by ``"trimmed_mean"``.
+    held_count : float, default 100.0
+        ``"pooled_likelihood"``: counts above this mean a client holds the class.
 
     Returns
     -------
@@ -286,11 +357,13 @@ def build_teacher(
         return median_logits(logits)
     if kind == "trimmed_mean":
         return trimmed_mean_logits(logits, trim_fraction)
-    if kind == "class_weighted":
+    if kind in HISTOGRAM_TEACHERS:
         _check_logits(logits)
         if weights is None or weights.dim() != 2:
-            raise ValueError("teacher 'class_weighted' needs per-client class counts, shape (K, C)")
-        return class_weighted_probs(logits, weights)
+            raise ValueError(f"teacher '{kind}' needs per-client class counts, shape (K, C)")
+        if kind == "class_weighted":
+            return class_weighted_probs(logits, weights)
+        return pooled_likelihood(logits, weights, held_count)
     raise ValueError(f"unknown teacher kind {kind!r}; choose one of {', '.join(TEACHER_KINDS)}")
 
 
