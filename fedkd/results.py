@@ -45,6 +45,7 @@ SUMMARY_KEYS = (
     "best_server_test_acc",
     "total_bytes_up",
     "total_bytes_down",
+    "total_clients_failed",
     "wall_s",
     "fedkd_version",
 )
@@ -107,6 +108,9 @@ class RunRecorder:
             "best_server_test_acc": max(server_accs) if server_accs else None,
             "total_bytes_up": sum(r["bytes_up"] for r in self.rounds),
             "total_bytes_down": sum(r["bytes_down"] for r in self.rounds),
+            # Client-rounds lost to crashes, timeouts or non-finite uploads: a run that lost
+            # some is not the run its spec describes.
+            "total_clients_failed": sum(r["clients_failed"] or 0 for r in self.rounds),
             "wall_s": time.perf_counter() - self.started,
             "fedkd_version": fedkd.__version__,
         }

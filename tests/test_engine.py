@@ -142,6 +142,7 @@ def test_crashed_node_is_counted_and_round_goes_on(tmp_path):
     _, summary, rows, _ = run_inprocess(tmp_path, [], crash=crash)
     assert summary["status"] == "completed"
     assert [r["clients_failed"] for r in rows] == [1, 1]
+    assert summary["total_clients_failed"] == 2
     assert [r["clients_ok"] for r in rows] == [3, 3]
     assert rows[-1]["server_test_acc"] is not None
 

@@ -175,11 +175,15 @@ def test_parallel_points_and_failures_land_in_grid_order(tmp_path):
             return 1  # a crashed run leaves no summary
         final = {"server_test_acc": 0.5 + seed / 10, "epsilon_max": 1.0}
         (out_dir / "summary.json").write_text(
-            json.dumps({"status": "completed", "final": final, "wall_s": 1.0})
+            json.dumps(
+                {"status": "completed", "final": final, "wall_s": 1.0, "total_clients_failed": seed}
+            )
         )
         return 0
 
     rows = run_sweep(spec, tmp_path / "out", runner=fake, parallel=3, echo=lambda _: None)
+    # A point that lost client-rounds says so in its row.
+    assert [r["clients_failed"] for r in rows] == [0, 1, None, 3]
     assert [r["seed"] for r in rows] == [0, 1, 2, 3]
     assert [r["status"] for r in rows] == ["completed", "completed", "failed", "completed"]
     assert rows[3]["server_test_acc"] == pytest.approx(0.8)

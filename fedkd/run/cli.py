@@ -149,6 +149,14 @@ def run(
         f"results in {escape(str(out_dir))}",
         highlight=False,
     )
+    if summary.get("total_clients_failed"):
+        console.print(
+            f"[yellow]warning:[/] {summary['total_clients_failed']} client-rounds failed "
+            "(clients_failed in metrics.jsonl): a node that crashed, sent a non-finite upload or "
+            "did not reply within resources.round_timeout "
+            f"({parsed.resources.round_timeout:g} s; raise it on a slow or shared machine)",
+            highlight=False,
+        )
 
 
 def _fmt(value: Any, kind: str = "acc") -> str:

@@ -63,6 +63,7 @@ CSV_KEYS = (
     "best_server_test_acc",
     "client_test_acc_mean",
     "epsilon_max",
+    "clients_failed",
     "wall_s",
     "run_dir",
 )
@@ -202,6 +203,7 @@ def _row(point: SweepPoint, run_dir: Path, status: str | None = None) -> dict[st
             "best_server_test_acc": summary.get("best_server_test_acc"),
             "client_test_acc_mean": final.get("client_test_acc_mean"),
             "epsilon_max": final.get("epsilon_max"),
+            "clients_failed": summary.get("total_clients_failed"),
             "wall_s": summary.get("wall_s"),
             "run_dir": str(run_dir),
         }
