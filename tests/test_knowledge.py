@@ -306,6 +306,17 @@ def test_pooled_likelihood_recovers_the_posterior_of_exact_experts_by_hand() -> 
     assert (weighted - out.exp()).abs().max() > 0.03
 
 
+def test_pooled_likelihood_weights_each_client_by_the_square_root_of_its_counts() -> None:
+    # Two clients hold both classes and disagree on one input's log-likelihood ratio l1 - l0:
+    # client 0 (400 of each) says 0, client 1 (100 of each) says 3. Eliminating a client's
+    # offset leaves weight w0 w1 / (w0 + w1) on its ratio, with row weights w = sqrt(count):
+    # 10 and 5, so l1 - l0 = (10 * 0 + 5 * 3) / 15 = 1 (count weights would give 0.6).
+    counts = torch.tensor([[400.0, 400.0], [100.0, 100.0]], dtype=torch.float64)
+    logits = torch.tensor([[[0.0, 0.0]], [[0.0, 3.0]]], dtype=torch.float64)
+    out = pooled_likelihood(logits, counts, held_count=50.0)
+    torch.testing.assert_close(out, torch.log_softmax(torch.tensor([[0.0, 1.0]]), dim=1).double())
+
+
 def test_pooled_likelihood_ignores_barely_held_classes_and_drops_unheld_ones() -> None:
     logits = _client_logits()  # (5, 20, 10)
     counts = torch.full((5, 10), 500.0)
