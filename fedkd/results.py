@@ -110,7 +110,7 @@ class RunRecorder:
             "total_bytes_down": sum(r["bytes_down"] for r in self.rounds),
             # Client-rounds lost to crashes, timeouts or non-finite uploads: a run that lost
             # some is not the run its spec describes.
-            "total_clients_failed": sum(r["clients_failed"] or 0 for r in self.rounds),
+            "total_clients_failed": sum(r["clients_failed"] for r in self.rounds),
             "wall_s": time.perf_counter() - self.started,
             "fedkd_version": fedkd.__version__,
         }

@@ -241,7 +241,8 @@ def pooled_likelihood(logits: Tensor, class_counts: Tensor, held_count: float = 
     design = torch.zeros(len(client_k), c + k, dtype=torch.float64, device=logits.device)
     design[rows, class_c] = 1.0
     design[rows, c + client_k] = -1.0
-    sqrt_w = counts[client_k, class_c].pow(0.25)[:, None]  # row weight sqrt(count)
+    row_weight = counts[client_k, class_c].sqrt()
+    sqrt_w = row_weight.sqrt()[:, None]  # weighted least squares scales rows by sqrt(weight)
     solution = torch.linalg.pinv(design * sqrt_w) @ (target * sqrt_w)  # (C + K, N)
     log_lik = solution[:c].T
     pooled_prior = counts.sum(dim=0) / counts.sum()
