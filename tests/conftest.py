@@ -1,7 +1,9 @@
 """Shared test setup: one torch thread (2-core CI machines), no Flower telemetry, and a fresh
 partition cache per session (inherited by the subprocesses and Ray workers tests start)."""
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -9,7 +11,10 @@ import pytest
 import torch
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# One throwaway data cache per test session (Ray workers and subprocess runs inherit it),
+# removed when the session's process exits.
 os.environ["FEDKD_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedkd-test-cache-")
+atexit.register(shutil.rmtree, os.environ["FEDKD_CACHE_DIR"], ignore_errors=True)
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
