@@ -18,7 +18,9 @@ Tamper = Callable[[int, Message], Message | None]
 class InProcessGrid:
     """`num_nodes` SuperNodes (partition ids 0..n-1) served by one ClientApp object.
 
-    ``crash(node_index, message) -> bool`` makes a node answer with an error instead.
+    ``crash(node_index, message) -> bool`` makes a node answer with an error instead;
+    ``late(node_index, message) -> bool`` makes it run the message (its state changes) but
+    answer after the server stopped waiting, as a node that outlives the round timeout.
     """
 
     def __init__(
@@ -26,10 +28,12 @@ class InProcessGrid:
         client_app: ClientApp,
         num_nodes: int,
         crash: Callable[[int, Message], bool] | None = None,
+        late: Callable[[int, Message], bool] | None = None,
     ) -> None:
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
         self.client_app = client_app
         self.crash = crash
+        self.late = late
         # Node ids unlike partition ids, as in Flower, so the mapping is really exercised.
         self.contexts = {
             1000 + 7 * p: Context(
@@ -57,5 +61,7 @@ class InProcessGrid:
             if self.crash is not None and self.crash(index, msg):
                 replies.append(Message(error=Error(code=1, reason="node crashed"), reply_to=msg))
                 continue
-            replies.append(self.client_app(msg, self.contexts[node]))
+            reply = self.client_app(msg, self.contexts[node])
+            if self.late is None or not self.late(index, msg):
+                replies.append(reply)
         return replies

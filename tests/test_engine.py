@@ -29,9 +29,9 @@ SMALL = [
 ]
 
 
-def run_inprocess(tmp_path, overrides, crash=None, name="run"):
+def run_inprocess(tmp_path, overrides, crash=None, name="run", late=None):
     spec = load_spec(None, SMALL + overrides)
-    grid = InProcessGrid(make_client_app(spec), spec.num_nodes, crash=crash)
+    grid = InProcessGrid(make_client_app(spec), spec.num_nodes, crash=crash, late=late)
     recorder = RunRecorder(tmp_path / name, spec)
     summary = run_rounds(grid, spec, recorder)
     rows = [

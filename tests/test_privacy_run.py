@@ -127,6 +127,49 @@ def test_budget_stops_each_client_exactly_when_its_next_round_would_exceed_it(tm
     assert rows[-1]["clients_ok"] == 4 - len(stopped)
 
 
+def _dp_sgd_rounds(ledger: dict) -> list[int]:
+    return [e["round"] for e in ledger["events"] if e["kind"] == "dp_sgd"]
+
+
+def test_dp_sgd_behind_a_non_finite_upload_is_still_charged(tmp_path, monkeypatch):
+    from fedkd.learner import cohort
+
+    original = cohort.CohortLearner.local_round
+
+    def poisoned(self, round_num, client_ids, upload, proxy_idx, class_teacher=None):
+        results = original(self, round_num, client_ids, upload, proxy_idx, class_teacher)
+        if round_num == 2 and 2 in results:
+            results[2].arrays["logits"][:] = np.nan
+        return results
+
+    monkeypatch.setattr(cohort.CohortLearner, "local_round", poisoned)
+    _, _, rows, _ = run_inprocess(tmp_path, [*DP, "privacy.noise_multiplier=1.0"])
+    assert [r["clients_failed"] for r in rows] == [0, 1, 0]
+    book = json.loads((tmp_path / "run" / "ledgers.json").read_text())
+    # The upload was dropped, but the client's state kept the round's DP-SGD steps.
+    assert _dp_sgd_rounds(book["ledgers"]["2"]) == [1, 2, 3]
+
+
+def test_a_round_answered_too_late_is_charged_when_the_client_next_replies(tmp_path):
+    overrides = [*DP, "privacy.noise_multiplier=1.0"]
+    _, _, on_time, _ = run_inprocess(tmp_path, overrides, name="on_time")
+
+    def late(node_index, msg):  # node 1 trains round 2 but its reply comes after the timeout
+        return node_index == 1 and msg.metadata.group_id == "2"
+
+    spec, _, rows, _ = run_inprocess(tmp_path, overrides, name="late", late=late)
+    # Round 1's row counts it too: the lost message also carried its round-1 digest.
+    assert [r["clients_failed"] for r in rows] == [1, 1, 0]
+    book = json.loads((tmp_path / "late" / "ledgers.json").read_text())
+    late_clients = [c for c in range(4) if _dp_sgd_rounds(book["ledgers"][str(c)]) == [1, 3, 3]]
+    assert late_clients and len(late_clients) == spec.clients.num_clients // spec.num_nodes
+    for c in range(4):
+        # Same steps at the same noise as on time: the same epsilon, whatever round charged them.
+        assert rows[-1]["epsilon"][str(c)] == pytest.approx(on_time[-1]["epsilon"][str(c)])
+        events = book["ledgers"][str(c)]["events"]
+        assert fresh_epsilon(events, 1e-5) == pytest.approx(rows[-1]["epsilon"][str(c)], rel=0.01)
+
+
 def test_calibrated_noise_keeps_every_client_within_target_for_the_whole_run(tmp_path):
     _, _, rows, _ = run_inprocess(tmp_path, [*DP, "privacy.target_epsilon=2.0"])
     assert all(r["clients_ok"] == 4 for r in rows), "calibration plans for every round"

@@ -121,15 +121,16 @@ class Exchange:
     )
     # Clients whose node failed or did not reply: every part they were asked for is lost.
     failed: set[int] = field(default_factory=set)
-    # Clients whose result in one part was not finite, per part.
-    rejected: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    # Results that were not finite, per part: not used, but kept for their metrics (a client
+    # whose upload is NaN still ran its DP-SGD steps, and the ledger charges them).
+    rejected: dict[str, dict[int, ClientResult]] = field(default_factory=lambda: defaultdict(dict))
     # Learner seconds per replying node.
     node_learner_s: dict[int, float] = field(default_factory=dict)
     # The largest peak memory (MiB) any replying node reported, per kind (peak_rss_mb, peak_gpu_mb).
     peak_mb: dict[str, float] = field(default_factory=dict)
 
     def failed_in(self, part: str) -> set[int]:
-        return self.failed | self.rejected[part]
+        return self.failed | set(self.rejected[part])
 
 
 def run_exchange(
@@ -177,7 +178,7 @@ def run_exchange(
                     outcome.results[part][cid] = res
                 else:
                     log.warning("client %s sent non-finite values (%s); ignored", cid, part)
-                    outcome.rejected[part].add(cid)
+                    outcome.rejected[part][cid] = res
     for node in set(by_node) - replied:
         log.warning("node %s sent no reply in %s within %.0f s", node, message_type, timeout)
         outcome.failed.update(c for ids in by_node[node].values() for c in ids)
@@ -243,19 +244,40 @@ def _admit_within_budget(
 
 
 def _record_dpsgd(book: LedgerBook | None, results: dict[int, ClientResult], rnd: int) -> None:
+    """Charge each client the DP-SGD steps it reports, and any round it trained unheard.
+
+    `results` holds every reply that reports DP-SGD steps, used or not (a non-finite upload
+    still came from private training). A client whose reply arrived too late (the node timed
+    out) kept the round's training in its state, and what it releases from now on depends on
+    it: its count of rounds trained runs ahead of its ledger, and the missing rounds are
+    charged now, at this round's cost, so that epsilon never leaves out a step that ran.
+    """
     if book is None:
         return
     for cid, res in sorted(results.items()):
-        if "dp_steps" in res.metrics:
-            book.record(
+        if "dp_steps" not in res.metrics:
+            continue
+        event = DpSgdEvent(
+            sample_rate=res.metrics["dp_sample_rate"],
+            noise_multiplier=res.metrics["dp_noise_multiplier"],
+            steps=int(res.metrics["dp_steps"]),
+            round=rnd,
+        )
+        ledger = book.ledgers.get(cid)
+        events = [] if ledger is None else ledger.events
+        charged = len({e.round for e in events if isinstance(e, DpSgdEvent)})
+        unheard = int(res.metrics.get("rounds_trained", charged + 1)) - 1 - charged
+        if unheard > 0:
+            log.warning(
+                "round %d: client %d trained %d earlier round(s) whose reply the server never "
+                "used (a timeout); its ledger charges them now",
+                rnd,
                 cid,
-                DpSgdEvent(
-                    sample_rate=res.metrics["dp_sample_rate"],
-                    noise_multiplier=res.metrics["dp_noise_multiplier"],
-                    steps=int(res.metrics["dp_steps"]),
-                    round=rnd,
-                ),
+                unheard,
             )
+            for _ in range(unheard):  # a one-off catch-up, not part of next round's cost
+                book.record(cid, event, recurs=False)
+        book.record(cid, event)
 
 
 # Seconds between reply pulls of Flower's in-memory simulation grid (Flower's default 0.1 s).
@@ -455,7 +477,7 @@ def _run_rounds(
                 write(_close_round(strategy, test_y, open_round, exchange, started))
             exchanges.append(exchange)
             ok, failed = exchange.results["train"], exchange.failed_in("train") & set(sampled)
-            _record_dpsgd(book, ok, rnd)
+            _record_dpsgd(book, {**exchange.rejected["train"], **ok}, rnd)
             bytes_down += wire.payload_bytes(plan_arrays) * len(sampled)
             bytes_up = sum(wire.payload_bytes(r.arrays) for r in ok.values())
 
