@@ -15,7 +15,7 @@ import torch
 from fedkd import spec as spec_module
 from fedkd.data import load_federated_data
 from fedkd.learner import vectorised as vec
-from fedkd.learner.cohort import CohortConfig, CohortLearner
+from fedkd.learner.cohort import DIGEST_DIVERGED, CohortConfig, CohortLearner
 from fedkd.learner.loop import (
     PHASE_TRAIN,
     ClassTeacher,
@@ -124,6 +124,29 @@ def test_sgd_training_and_distillation_match_the_loop(data):
     sb, ob = run_rounds(VectorisedCohortLearner, data, cfg, teacher_seed=0)
     assert_same_states(data, cfg, sa, sb, atol=1e-5)
     assert_same_outputs(oa, ob, atol=1e-5)  # proxy logits, train_loss, distill_loss
+
+
+@pytest.mark.parametrize("learner_cls", [CohortLearner, VectorisedCohortLearner])
+def test_a_digest_that_makes_a_student_non_finite_is_undone(data, learner_cls):
+    cfg = config(epochs=1)
+    states, _ = run_rounds(learner_cls, data, cfg, rounds=1)
+    # Client 3's weights blown up (as DP-SGD noise did to a 27-example client at epsilon 1):
+    # its outputs are still finite, but distilling on them overflows and turns them NaN.
+    blown = client_state(data, cfg, 3, states[3])
+    with torch.no_grad():
+        for p in blown.model.parameters():
+            p.mul_(1e5)
+    states[3] = blown.to_bytes()
+    learner = learner_cls(data, cfg, dict(states))
+    teacher = np.random.default_rng(0).normal(size=(len(PROXY), 10)).astype(np.float32)
+    digest = learner.digest(2, CLIENTS, PROXY, teacher)
+    assert digest[3].metrics[DIGEST_DIVERGED] == 1.0
+    assert learner.states[3] == states[3], "the stored student from before the digest stays"
+    for cid in set(CLIENTS) - {3}:
+        assert DIGEST_DIVERGED not in digest[cid].metrics
+        assert learner.states[cid] != states[cid]
+    again = learner.evaluate([3], np.arange(100))[3]
+    assert np.isfinite(again.arrays["test_logits"]).all()
 
 
 def test_label_histograms_match_the_loop_and_repeat_every_round(data):

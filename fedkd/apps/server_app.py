@@ -27,7 +27,7 @@ from fedkd.apps import wire
 from fedkd.apps.build import build_strategy, eval_test_indices, federated_data, ledger_book
 from fedkd.apps.run_config import spec_from_run_config
 from fedkd.audit.run_audit import audit_run, render_text, save_student, save_teachers
-from fedkd.learner.cohort import ClientResult
+from fedkd.learner.cohort import DIGEST_DIVERGED, ClientResult
 from fedkd.learner.loop import PHASE_SAMPLE, accuracy, derive_seed
 from fedkd.privacy.book import LedgerBook
 from fedkd.privacy.gaussian_release import gaussian_release_event
@@ -386,6 +386,14 @@ def _close_round(
 ) -> dict[str, Any]:
     """`open_round`'s metrics row, now that `exchange` brought its digest and evaluation."""
     row = open_round.row
+    for cid, res in exchange.results["digest"].items():
+        if res.metrics.get(DIGEST_DIVERGED):
+            log.warning(
+                "round %d: client %d's distillation diverged (non-finite student); it keeps "
+                "its student from before the digest",
+                row["round"],
+                cid,
+            )
     failed = open_round.failed | exchange.failed_in("digest")
     evaluated = {c: r for c, r in exchange.results["evaluate"].items() if c not in failed}
     failed |= set(open_round.evaluate_ids) & exchange.failed_in("evaluate")

@@ -37,6 +37,8 @@ from fedkd.privacy.dpsgd import DpSgdSettings, train_dpsgd
 from fedkd.privacy.label_histogram import released_label_histogram
 
 UPLOADS = ("logits", "class_logits", "weights", "votes", "none")
+# Digest metric: distillation made the client's student non-finite, and the digest was undone.
+DIGEST_DIVERGED = "digest_diverged"
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,11 @@ class CohortLearner:
                     self.config.distill_temperature,
                 )
                 metrics["distill_loss"] = stats["loss"]
+                if not all(torch.isfinite(p).all() for p in state.model.parameters()):
+                    # Kept unsaved: the stored student (and optimizers) from before the digest
+                    # stay, instead of a NaN student that would fail every round from now on.
+                    results[cid] = ClientResult(metrics={**metrics, DIGEST_DIVERGED: 1.0})
+                    continue
             self._save(state)
             results[cid] = ClientResult(metrics=metrics)
         return results

@@ -49,7 +49,13 @@ from torch.func import functional_call, grad_and_value, vmap
 from fedkd.data.splits import FederatedData
 from fedkd.knowledge.losses import distillation_loss, soft_targets
 from fedkd.knowledge.teachers import per_class_mean_logits
-from fedkd.learner.cohort import UPLOADS, ClientResult, CohortConfig, CohortLearner
+from fedkd.learner.cohort import (
+    DIGEST_DIVERGED,
+    UPLOADS,
+    ClientResult,
+    CohortConfig,
+    CohortLearner,
+)
 from fedkd.learner.loop import (
     PHASE_DISTILL,
     PHASE_INIT,
@@ -631,12 +637,14 @@ class VectorisedCohortLearner(CohortLearner):
             distill_groups=dgroups,
         )
 
-    def _save_stack(self, stack: StackedStates) -> None:
-        """Write each client back in `ClientState.to_bytes`'s format."""
+    def _save_stack(self, stack: StackedStates, keep: list[bool] | None = None) -> None:
+        """Write each client (each with `keep[k]` true) back in `ClientState.to_bytes`'s format."""
         cpu = {n: p.detach().cpu() for n, p in stack.params.items()}
         private = {k: _to_cpu(v) for k, v in stack.private_state.items()}
         distill = {k: _to_cpu(v) for k, v in stack.distill_state.items()}
         for k, cid in enumerate(stack.client_ids):
+            if keep is not None and not keep[k]:
+                continue
             self.states[cid] = encode_state(
                 {
                     "client_id": cid,
@@ -929,9 +937,16 @@ class VectorisedCohortLearner(CohortLearner):
         for arch, cids in self._groups(client_ids):
             stack = self._load_stack(arch, cids)
             losses = self._distill(stack, round_num, proxy, teacher).cpu()
-            self._save_stack(stack)
+            finite = torch.stack(
+                [torch.isfinite(p).flatten(1).all(1) for p in stack.params.values()]
+            ).all(0)
+            # As in the loop: a client whose student turned non-finite keeps its stored state.
+            self._save_stack(stack, keep=finite.tolist())
             for j, cid in enumerate(cids):
-                results[cid] = ClientResult(metrics={"distill_loss": float(losses[j])})
+                metrics = {"distill_loss": float(losses[j])}
+                if not finite[j]:
+                    metrics[DIGEST_DIVERGED] = 1.0
+                results[cid] = ClientResult(metrics=metrics)
         return {cid: results[cid] for cid in client_ids}
 
     def evaluate(self, client_ids: list[int], test_idx: np.ndarray) -> dict[int, ClientResult]:
