@@ -77,6 +77,23 @@ def test_reference_composition_rdp_and_pld():
     assert report.epsilon_pld >= fine  # pessimistic discretisation: never under-reports
 
 
+def test_unconverged_rdp_orders_are_skipped_quietly(caplog):
+    # A 27-example DP-SGD client of the privacy sweep at epsilon 0.5: q = 0.5, sigma 22.6.
+    # dp-accounting's series does not converge at some fractional orders; it leaves them out
+    # (infinite RDP) and would warn once per order. The epsilon uses the other orders.
+    ledger = PrivacyLedger(0, [DpSgdEvent(sample_rate=0.5, noise_multiplier=22.637642, steps=20)])
+    with caplog.at_level("WARNING"):
+        report = compute_epsilon(ledger, 1e-5)
+    assert not [r for r in caplog.records if "failed to converge" in r.getMessage()]
+    acc = RdpAccountant(list(RDP_ORDERS))
+    acc.compose(
+        dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.5, dpa.GaussianDpEvent(22.637642)), 20)
+    )
+    assert np.isinf(acc.rdp).any() and np.isfinite(acc.rdp).any()
+    assert report.epsilon_rdp == pytest.approx(acc.get_epsilon(1e-5))
+    assert 0 < report.epsilon <= report.epsilon_rdp
+
+
 def test_empty_ledger_is_zero():
     report = compute_epsilon(PrivacyLedger(client_id=3))
     assert report.epsilon == 0.0 and report.epsilon_rdp == 0.0

@@ -19,6 +19,7 @@ Everything is under the add-or-remove-one neighbouring relation, the one Opacus 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -232,6 +233,20 @@ def _dp_event(sgd: tuple, releases: tuple) -> DpEvent:
     return ComposedDpEvent(parts)
 
 
+class _UnconvergedOrderFilter(logging.Filter):
+    """Hides dp-accounting's "failed to converge ... Excluding this order" warnings.
+
+    For a fractional order whose series does not converge (large noise with a sampling rate
+    near 1/2, as a small DP-SGD client has), dp-accounting returns an infinite RDP at that
+    order, which `compute_epsilon` skips: the epsilon is still a valid bound from the other
+    orders (and RDP is only the cross-check beside PLD). It warns once per order and curve,
+    18 lines per run, about nothing the user can act on.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to converge" not in record.getMessage()
+
+
 @functools.lru_cache(maxsize=4096)
 def _unit_rdp(kind: str, q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
     """RDP curve of ONE step/release, from dp-accounting; cached because ledgers repeat them.
@@ -242,7 +257,12 @@ def _unit_rdp(kind: str, q: float, sigma: float, orders: tuple[float, ...]) -> n
     """
     acc = RdpAccountant(list(orders), NEIGHBORING_RELATION)
     inner = GaussianDpEvent(sigma)
-    acc.compose(PoissonSampledDpEvent(q, inner) if kind == "sgd" else inner)
+    absl_log, quiet = logging.getLogger("absl"), _UnconvergedOrderFilter()
+    absl_log.addFilter(quiet)
+    try:
+        acc.compose(PoissonSampledDpEvent(q, inner) if kind == "sgd" else inner)
+    finally:
+        absl_log.removeFilter(quiet)
     curve = acc.rdp
     curve.setflags(write=False)
     return curve
