@@ -227,8 +227,14 @@ def _accuracy_key(rows: list[dict[str, Any]]) -> str:
     return "client_test_acc_mean"
 
 
+def _seed_sd(values: Any) -> float:
+    """Sample standard deviation over seeds (n - 1: a handful of seeds is a sample); 0 for one."""
+    values = np.asarray(values, dtype=float)
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
 def plot_accuracy_vs_epsilon(rows: list[dict[str, Any]], keys: list[str], path: Path) -> Path:
-    """Final accuracy against ``epsilon_max``: mean and std over seeds, no-DP points as bands.
+    """Final accuracy against ``epsilon_max``: mean and sample sd over seeds, no-DP as bands.
 
     Points are grouped by every grid key but ``seed``; groups that differ in keys outside
     ``privacy.*`` (e.g. the algorithm) are drawn as separate series.
@@ -257,12 +263,12 @@ def plot_accuracy_vs_epsilon(rows: list[dict[str, Any]], keys: list[str], path: 
         accs = np.array([m[acc_key] for m in members], dtype=float)
         eps = [m["epsilon_max"] for m in members if m.get("epsilon_max") is not None]
         if not eps:  # no DP at this point: a horizontal band at its accuracy
-            flat[skey] = (float(accs.mean()), float(accs.std()), len(accs))
+            flat[skey] = (float(accs.mean()), _seed_sd(accs), len(accs))
             continue
         # Each point is labelled with its privacy setting (e.g. the target epsilon).
         tag = ",".join(values[k] for k in group_keys if k.startswith("privacy."))
         series.setdefault(skey, []).append(
-            (float(np.mean(eps)), float(np.std(eps)), float(accs.mean()), float(accs.std()), tag)
+            (float(np.mean(eps)), _seed_sd(eps), float(accs.mean()), _seed_sd(accs), tag)
         )
     for i, skey in enumerate(sorted(set(series) | set(flat))):
         color = colors[i % len(colors)]
@@ -296,7 +302,7 @@ def plot_accuracy_vs_epsilon(rows: list[dict[str, Any]], keys: list[str], path: 
     ax.set(
         xlabel="epsilon_max (cumulative, largest over clients)",
         ylabel=f"final {acc_key}",
-        title=f"accuracy vs epsilon (mean ± std over {n_seeds} seeds)",
+        title=f"accuracy vs epsilon (mean ± sample sd over {n_seeds} seeds)",
     )
     ax.grid(alpha=0.3)
     if groups:
