@@ -265,7 +265,9 @@ def _record_dpsgd(book: LedgerBook | None, results: dict[int, ClientResult], rnd
         )
         ledger = book.ledgers.get(cid)
         events = [] if ledger is None else ledger.events
-        charged = len({e.round for e in events if isinstance(e, DpSgdEvent)})
+        # One DP-SGD event per round trained (only this function records them); counted, not
+        # by round label, since catch-up events carry the round that charged them.
+        charged = sum(isinstance(e, DpSgdEvent) for e in events)
         unheard = int(res.metrics.get("rounds_trained", charged + 1)) - 1 - charged
         if unheard > 0:
             log.warning(
