@@ -68,6 +68,9 @@ class TrainSpec:
     """Local training on private data (FedMD's revisit)."""
 
     epochs: int = 1
+    # Epochs per round, e.g. [10, 3]: round r trains the r-th value, the last one repeating.
+    # Empty = `epochs` every round. DP-SGD calibrates its noise for the schedule's total.
+    epochs_schedule: list[int] = field(default_factory=list)
     batch_size: int = 32
     lr: float = 0.05
     optimizer: str = "sgd"
@@ -391,6 +394,12 @@ def validate(spec: Spec) -> Spec:
         _positive(f"{section}.batch_size", cfg.batch_size)
         _positive(f"{section}.lr", cfg.lr)
         _one_of(f"{section}.optimizer", cfg.optimizer, OPTIMIZERS)
+    for epochs in spec.train.epochs_schedule:
+        if epochs < 1:
+            raise SpecError(
+                f"train.epochs_schedule: every entry must be an int >= 1 (epochs of one round), "
+                f"got {spec.train.epochs_schedule}; leave it empty for train.epochs every round"
+            )
     _one_of("server.lr_schedule", spec.server.lr_schedule, ("constant", "cosine"))
     if not 0 <= spec.server.confident_fraction <= 1:
         raise SpecError(

@@ -175,3 +175,12 @@ def test_random_shift_moves_each_image_by_its_own_offset_with_zero_fill():
     assert random_shift(x, 0, torch.Generator()) is x
     flat = torch.ones(4, 10)
     assert random_shift(flat, 2, torch.Generator()) is flat  # not an image batch
+
+
+def test_epochs_schedule_gives_each_round_its_epochs_and_repeats_the_last():
+    step = StepConfig(epochs=5, epochs_schedule=(10, 3))
+    assert [step.epochs_in(r) for r in (1, 2, 3, 4)] == [10, 3, 3, 3]
+    assert step.epochs_through(3) == 16
+    assert step.for_round(1).epochs == 10 and step.for_round(1).epochs_schedule == ()
+    plain = StepConfig(epochs=5)
+    assert [plain.epochs_in(r) for r in (1, 2)] == [5, 5] and plain.epochs_through(2) == 10

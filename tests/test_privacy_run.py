@@ -131,6 +131,10 @@ def _dp_sgd_rounds(ledger: dict) -> list[int]:
     return [e["round"] for e in ledger["events"] if e["kind"] == "dp_sgd"]
 
 
+def _dp_sgd_steps(ledger: dict) -> list[int]:
+    return [e["steps"] for e in ledger["events"] if e["kind"] == "dp_sgd"]
+
+
 def test_dp_sgd_behind_a_non_finite_upload_is_still_charged(tmp_path, monkeypatch):
     from fedkd.learner import cohort
 
@@ -151,8 +155,10 @@ def test_dp_sgd_behind_a_non_finite_upload_is_still_charged(tmp_path, monkeypatc
 
 
 def test_a_round_answered_too_late_is_charged_when_the_client_next_replies(tmp_path):
-    # 4 rounds: the round after the catch-up must not charge the late round again.
-    overrides = [*DP, "privacy.noise_multiplier=1.0", "rounds=4"]
+    # 4 rounds: the round after the catch-up must not charge the late round again. The late
+    # round trains 3 epochs and the one that charges it 1: the catch-up charges the steps
+    # that ran, not another round like the current one.
+    overrides = [*DP, "privacy.noise_multiplier=1.0", "rounds=4", "train.epochs_schedule=[1, 3, 1]"]
     _, _, on_time, _ = run_inprocess(tmp_path, overrides, name="on_time")
 
     def late(node_index, msg):  # node 1 trains round 2 but its reply comes after the timeout
@@ -164,7 +170,13 @@ def test_a_round_answered_too_late_is_charged_when_the_client_next_replies(tmp_p
     book = json.loads((tmp_path / "late" / "ledgers.json").read_text())
     late_clients = [c for c in range(4) if _dp_sgd_rounds(book["ledgers"][str(c)]) == [1, 3, 3, 4]]
     assert late_clients and len(late_clients) == spec.clients.num_clients // spec.num_nodes
+    on_time_book = json.loads((tmp_path / "on_time" / "ledgers.json").read_text())
     for c in range(4):
+        steps = [_dp_sgd_steps(b["ledgers"][str(c)]) for b in (book, on_time_book)]
+        assert sum(steps[0]) == sum(steps[1])
+        if c in late_clients:  # rounds 1, 2 (charged in round 3), 3 and 4: 1, 3, 1, 1 epochs
+            assert steps[0] == [steps[1][0], steps[1][1], steps[1][2], steps[1][3]]
+            assert steps[1][1] == 3 * steps[1][0]
         # Same steps at the same noise as on time: the same epsilon, whatever round charged them.
         assert rows[-1]["epsilon"][str(c)] == pytest.approx(on_time[-1]["epsilon"][str(c)])
         events = book["ledgers"][str(c)]["events"]
@@ -177,6 +189,56 @@ def test_calibrated_noise_keeps_every_client_within_target_for_the_whole_run(tmp
     final = rows[-1]["epsilon"]
     assert max(final.values()) <= 2.0
     assert min(final.values()) > 1.9  # calibrated for the run, not per round
+
+
+def test_an_epoch_schedule_is_calibrated_for_and_budgeted_round_by_round(tmp_path):
+    # 3 epochs, then 1: calibrated for 5 epochs in all. Projecting round 2 at round 1's cost
+    # (3 epochs) would stop every client, since the target leaves room for 2 more epochs only.
+    schedule = [*DP, "privacy.target_epsilon=2.0", "train.epochs_schedule=[3, 1]"]
+    _, _, rows, _ = run_inprocess(tmp_path, schedule)
+    assert all(r["clients_ok"] == 4 for r in rows)
+    book = json.loads((tmp_path / "run" / "ledgers.json").read_text())
+    assert book["stopped"] == []
+    for cid, ledger in book["ledgers"].items():
+        steps = _dp_sgd_steps(ledger)
+        assert steps[0] == 3 * steps[1] and steps[1] == steps[2]
+        final = rows[-1]["epsilon"][cid]
+        assert 1.9 < final <= 2.0
+        assert fresh_epsilon(ledger["events"], 1e-5) == pytest.approx(final, rel=0.01)
+    # Growing epochs: round 2 costs 3 times round 1. A budget between "round 1 twice" and
+    # "round 1, then 3 times as many steps" must stop the client before round 2.
+    growing = [*DP, "rounds=2", "privacy.noise_multiplier=1.0", "train.epochs_schedule=[1, 3]"]
+    _, _, free, _ = run_inprocess(tmp_path, growing, name="free")
+    free_book = json.loads((tmp_path / "free" / "ledgers.json").read_text())
+    middles = {}
+    for cid, ledger in free_book["ledgers"].items():
+        first = ledger["events"][0]
+        as_round_1 = fresh_epsilon([first, first], 1e-5)
+        middles[cid] = (as_round_1 + free[-1]["epsilon"][cid]) / 2
+    cid, budget = min(middles.items(), key=lambda item: item[1])
+    _, _, capped, _ = run_inprocess(
+        tmp_path, [*growing, f"privacy.budget_epsilon={budget}"], name="capped"
+    )
+    capped_book = json.loads((tmp_path / "capped" / "ledgers.json").read_text())
+    assert int(cid) in capped_book["stopped"]
+    assert _dp_sgd_rounds(capped_book["ledgers"][cid]) == [1]
+    # (A client whose first round alone exceeds the budget is over it: nothing foresees the
+    # first round's DP-SGD, as without a schedule.)
+    for c, eps in capped[-1]["epsilon"].items():
+        assert eps <= budget or _dp_sgd_rounds(capped_book["ledgers"][c]) == [1], (c, eps, budget)
+
+
+def test_budget_projection_scales_dp_sgd_steps_to_the_next_rounds_epochs():
+    from fedkd.privacy.book import LedgerBook
+    from fedkd.privacy.ledger import DpSgdEvent
+
+    book = LedgerBook(delta=1e-5, budget_epsilon=10.0)
+    book.record(0, DpSgdEvent(sample_rate=0.1, noise_multiplier=1.0, steps=100, round=1))
+    epochs = {1: 10, 2: 3, 3: 3}.__getitem__
+    (planned,) = book.planned_events(0, 2, epochs_in=epochs)
+    assert (planned.steps, planned.round, planned.noise_multiplier) == (30, 2, 1.0)
+    (same,) = book.planned_events(0, 2)  # no schedule: the last round again
+    assert same.steps == 100
 
 
 def test_gaussian_release_charges_every_contributor_each_round(tmp_path):

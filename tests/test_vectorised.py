@@ -344,6 +344,7 @@ def test_state_bytes_are_the_loops_format(data):
         "private_opt",
         "distill_opt",
         "rounds_trained",
+        "dp_steps",
     }
     state = client_state(data, cfg, 2, states[2])
     assert state.rounds_trained == 1
@@ -602,11 +603,17 @@ def test_vectorised_dp_sgd_charges_what_the_opacus_loop_charges(data):
 
     from fedkd.privacy.dpsgd import DpSgdSettings
 
-    dp = DpSgdSettings(max_grad_norm=1.0, delta=1e-5, target_epsilon=4.0, planned_rounds=2)
+    # 2 epochs in round 1, then 1: noise calibrated for 3 epochs in all.
+    dp = DpSgdSettings(max_grad_norm=1.0, delta=1e-5, target_epsilon=4.0, planned_epochs=3)
     cfg = replace(config(epochs=1), dp=dp)
+    cfg = replace(cfg, private=replace(cfg.private, epochs_schedule=(2, 1)))
     loop_states, loop_out = run_rounds(CohortLearner, data, cfg)
     fast_states, fast_out = run_rounds(VectorisedCohortLearner, data, cfg)
-    keys = ("dp_sample_rate", "dp_noise_multiplier", "dp_steps", "num_examples")
+    keys = ("dp_sample_rate", "dp_noise_multiplier", "dp_steps", "dp_steps_total", "num_examples")
+    for cid in CLIENTS:
+        first, second = (out[cid].metrics for out in loop_out)
+        assert first["dp_steps"] == 2 * second["dp_steps"]
+        assert second["dp_steps_total"] == first["dp_steps"] + second["dp_steps"]
     for a, b in zip(loop_out, fast_out, strict=True):
         for cid in CLIENTS:
             assert {k: b[cid].metrics[k] for k in keys} == {k: a[cid].metrics[k] for k in keys}

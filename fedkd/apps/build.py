@@ -66,6 +66,7 @@ def step_config(section) -> StepConfig:
             weight_decay=getattr(section, "weight_decay", 0.0),
         ),
         lr_schedule=getattr(section, "lr_schedule", "constant"),
+        epochs_schedule=tuple(getattr(section, "epochs_schedule", ())),
     )
 
 
@@ -104,7 +105,7 @@ def dpsgd_settings(spec: Spec) -> DpSgdSettings | None:
         delta=p.delta,
         noise_multiplier=p.noise_multiplier,
         target_epsilon=p.target_epsilon,
-        planned_rounds=spec.rounds,
+        planned_epochs=step_config(spec.train).epochs_through(spec.rounds),
         other_releases=_one_time_releases(spec),
     )
 

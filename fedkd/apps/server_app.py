@@ -15,7 +15,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,13 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedkd.apps import wire
-from fedkd.apps.build import build_strategy, eval_test_indices, federated_data, ledger_book
+from fedkd.apps.build import (
+    build_strategy,
+    eval_test_indices,
+    federated_data,
+    ledger_book,
+    step_config,
+)
 from fedkd.apps.run_config import spec_from_run_config
 from fedkd.audit.run_audit import audit_run, render_text, save_student, save_teachers
 from fedkd.learner.cohort import DIGEST_DIVERGED, ClientResult
@@ -230,7 +236,8 @@ def _admit_within_budget(
     admitted = []
     for cid in sampled:
         was_stopped = cid in book.stopped
-        if book.can_contribute(cid, book.planned_events(cid, rnd, extra)):
+        planned = book.planned_events(cid, rnd, extra, step_config(spec.train).epochs_in)
+        if book.can_contribute(cid, planned):
             admitted.append(cid)
         elif not was_stopped:
             log.warning(
@@ -244,13 +251,14 @@ def _admit_within_budget(
 
 
 def _record_dpsgd(book: LedgerBook | None, results: dict[int, ClientResult], rnd: int) -> None:
-    """Charge each client the DP-SGD steps it reports, and any round it trained unheard.
+    """Charge each client the DP-SGD steps it reports, and any steps it took unheard.
 
     `results` holds every reply that reports DP-SGD steps, used or not (a non-finite upload
     still came from private training). A client whose reply arrived too late (the node timed
-    out) kept the round's training in its state, and what it releases from now on depends on
-    it: its count of rounds trained runs ahead of its ledger, and the missing rounds are
-    charged now, at this round's cost, so that epsilon never leaves out a step that ran.
+    out) kept that round's training in its state, and what it releases from now on depends on
+    it: its count of steps over the run runs ahead of its ledger, and the missing steps are
+    charged now (sample rate and noise are the client's for the whole run), so that epsilon
+    never leaves out a step that ran.
     """
     if book is None:
         return
@@ -265,20 +273,18 @@ def _record_dpsgd(book: LedgerBook | None, results: dict[int, ClientResult], rnd
         )
         ledger = book.ledgers.get(cid)
         events = [] if ledger is None else ledger.events
-        # One DP-SGD event per round trained (only this function records them); counted, not
-        # by round label, since catch-up events carry the round that charged them.
-        charged = sum(isinstance(e, DpSgdEvent) for e in events)
-        unheard = int(res.metrics.get("rounds_trained", charged + 1)) - 1 - charged
+        charged = sum(e.steps for e in events if isinstance(e, DpSgdEvent))
+        unheard = int(res.metrics["dp_steps_total"]) - event.steps - charged
         if unheard > 0:
             log.warning(
-                "round %d: client %d trained %d earlier round(s) whose reply the server never "
-                "used (a timeout); its ledger charges them now",
+                "round %d: client %d took %d DP-SGD steps in earlier round(s) whose reply the "
+                "server never used (a timeout); its ledger charges them now",
                 rnd,
                 cid,
                 unheard,
             )
-            for _ in range(unheard):  # a one-off catch-up, not part of next round's cost
-                book.record(cid, event, recurs=False)
+            # A one-off catch-up, not part of next round's cost.
+            book.record(cid, replace(event, steps=unheard), recurs=False)
         book.record(cid, event)
 
 

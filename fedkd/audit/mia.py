@@ -173,7 +173,8 @@ class ShadowRecipe:
     rounds : int
         Rounds of local training.
     private : StepConfig
-        Epochs, batch size and optimizer of one round's private training.
+        Epochs (per round, `StepConfig.for_round`), batch size and optimizer of the private
+        training.
     dp : DpSgdSettings or None
         DP-SGD as the client ran it (same noise calibration, since the shadow has as many
         examples), or None.
@@ -219,16 +220,17 @@ def train_shadow(recipe: ShadowRecipe, x: np.ndarray, y: np.ndarray, shadow: int
         distill_opt = make_optimizer(model.parameters(), recipe.distill.optim)
     for rnd in range(1, recipe.rounds + 1):
         gen = seeded_generator(recipe.seed, rnd, key)
+        private = recipe.private.for_round(rnd)
         if recipe.dp is None:
-            train_supervised(model, opt, x, y, recipe.private, gen)
+            train_supervised(model, opt, x, y, private, gen)
         else:
             train_dpsgd(
                 model,
                 opt,
                 x,
                 y,
-                epochs=recipe.private.epochs,
-                batch_size=recipe.private.batch_size,
+                epochs=private.epochs,
+                batch_size=private.batch_size,
                 settings=recipe.dp,
                 generator=gen,
                 round_num=rnd,

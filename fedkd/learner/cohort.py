@@ -35,6 +35,7 @@ from fedkd.learner.loop import (
 )
 from fedkd.privacy.dpsgd import DpSgdSettings, train_dpsgd
 from fedkd.privacy.label_histogram import released_label_histogram
+from fedkd.privacy.ledger import DpSgdEvent
 
 UPLOADS = ("logits", "class_logits", "weights", "votes", "none")
 # Digest metric: distillation made the client's student non-finite, and the digest was undone.
@@ -58,6 +59,17 @@ class CohortConfig:
     # Class-weighted teacher: noise std of the label histogram each client sends with its
     # logits (None: no histogram; 0: exact counts, only when nothing is private).
     label_histogram_noise: float | None = None
+
+
+def dp_step_metrics(event: DpSgdEvent, steps_total: int) -> dict[str, float]:
+    """A DP-SGD round as the client reports it: the round's event, and its steps over the run
+    (the server charges any steps its ledger lacks, e.g. of a reply that came too late)."""
+    return {
+        "dp_sample_rate": event.sample_rate,
+        "dp_noise_multiplier": event.noise_multiplier,
+        "dp_steps": float(event.steps),
+        "dp_steps_total": float(steps_total),
+    }
 
 
 @dataclass
@@ -128,6 +140,7 @@ class CohortLearner:
             state = self._load(cid)
             client = self.data.clients[cid]
             gen = seeded_generator(self.config.seed, round_num, cid, PHASE_TRAIN)
+            private = self.config.private.for_round(round_num)
             result = ClientResult(metrics={"num_examples": float(client.num_examples)})
             if self.config.dp is None:
                 stats = train_supervised(
@@ -135,7 +148,7 @@ class CohortLearner:
                     state.private_opt,
                     client.x_train,
                     client.y_train,
-                    self.config.private,
+                    private,
                     gen,
                     class_teacher,
                 )
@@ -145,19 +158,14 @@ class CohortLearner:
                     state.private_opt,
                     client.x_train,
                     client.y_train,
-                    epochs=self.config.private.epochs,
-                    batch_size=self.config.private.batch_size,
+                    epochs=private.epochs,
+                    batch_size=private.batch_size,
                     settings=self.config.dp,
                     generator=gen,
                     round_num=round_num,
                 )
-                result.metrics.update(
-                    {
-                        "dp_sample_rate": event.sample_rate,
-                        "dp_noise_multiplier": event.noise_multiplier,
-                        "dp_steps": float(event.steps),
-                    }
-                )
+                state.dp_steps += event.steps
+                result.metrics.update(dp_step_metrics(event, state.dp_steps))
             state.rounds_trained += 1
             # The server compares it with the client's ledger (a round whose reply it never used).
             result.metrics["rounds_trained"] = float(state.rounds_trained)
@@ -222,12 +230,13 @@ class CohortLearner:
         )
         x_proxy = self.data.proxy_x[proxy_idx]
         votes = np.zeros((len(proxy_idx), self.data.num_classes), dtype=np.float32)
+        private = cfg.private.for_round(round_num)
         losses = []
         for t, (model, opt) in enumerate(zip(teachers, opts, strict=True)):
             shard = order[t :: cfg.teachers_per_client].numpy()
             gen = seeded_generator(cfg.seed, round_num, cid, PHASE_TRAIN, t)
             stats = train_supervised(
-                model, opt, client.x_train[shard], client.y_train[shard], cfg.private, gen
+                model, opt, client.x_train[shard], client.y_train[shard], private, gen
             )
             losses.append(stats["loss"])
             preds = predict_logits(model, x_proxy).argmax(dim=1).numpy()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,22 @@ class StepConfig:
     # "constant", or "cosine": each fit anneals the learning rate from optim.lr to 0 over its
     # steps (the next fit starts again from optim.lr).
     lr_schedule: str = "constant"
+    # Epochs of rounds 1, 2, ... (the last value repeats); empty = `epochs` every round.
+    epochs_schedule: tuple[int, ...] = ()
+
+    def epochs_in(self, round_num: int) -> int:
+        """Epochs of round `round_num` (1-based)."""
+        if not self.epochs_schedule:
+            return self.epochs
+        return self.epochs_schedule[min(max(round_num, 1), len(self.epochs_schedule)) - 1]
+
+    def epochs_through(self, rounds: int) -> int:
+        """Epochs of rounds 1 to `rounds` together (what DP-SGD calibrates its noise for)."""
+        return sum(self.epochs_in(r) for r in range(1, rounds + 1))
+
+    def for_round(self, round_num: int) -> StepConfig:
+        """This step with round `round_num`'s epochs."""
+        return replace(self, epochs=self.epochs_in(round_num), epochs_schedule=())
 
 
 def make_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -85,6 +101,8 @@ class ClientState:
     private_opt: torch.optim.Optimizer
     distill_opt: torch.optim.Optimizer
     rounds_trained: int = 0
+    # DP-SGD steps taken over the run: the server charges any its ledger lacks (a late reply).
+    dp_steps: int = 0
 
     @classmethod
     def create(
@@ -116,6 +134,7 @@ class ClientState:
                 "private_opt": self.private_opt.state_dict(),
                 "distill_opt": self.distill_opt.state_dict(),
                 "rounds_trained": self.rounds_trained,
+                "dp_steps": self.dp_steps,
             },
             buf,
         )
@@ -132,6 +151,7 @@ class ClientState:
         self.private_opt.load_state_dict(saved["private_opt"])
         self.distill_opt.load_state_dict(saved["distill_opt"])
         self.rounds_trained = saved["rounds_trained"]
+        self.dp_steps = saved["dp_steps"]
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[Tensor]:

@@ -97,10 +97,12 @@ class ServerStudent:
         )
 
     def fit_labels(self, round_num: int, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        """One round of supervised training (the centralized reference)."""
+        """One round of supervised training (the centralized reference: the clients' round
+        `round_num` epochs)."""
         gen = seeded_generator(self.seed, round_num, -1, PHASE_SERVER)
+        step = self.step.for_round(round_num)
         return train_supervised(
-            self.model, self.opt, x, y, self.step, gen, augment_shift=self.augment_shift
+            self.model, self.opt, x, y, step, gen, augment_shift=self.augment_shift
         )
 
     def fit_self_training(

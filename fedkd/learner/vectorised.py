@@ -55,6 +55,7 @@ from fedkd.learner.cohort import (
     ClientResult,
     CohortConfig,
     CohortLearner,
+    dp_step_metrics,
 )
 from fedkd.learner.loop import (
     PHASE_DISTILL,
@@ -69,6 +70,7 @@ from fedkd.learner.loop import (
     seeded_generator,
 )
 from fedkd.models.zoo import build_model
+from fedkd.privacy.ledger import DpSgdEvent
 
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
 
@@ -513,6 +515,8 @@ class StackedStates:
     private_state: dict[str, Any]
     distill_state: dict[str, Any]
     rounds_trained: list[int]
+    # Each client's DP-SGD steps over the run (`ClientState.dp_steps`).
+    dp_steps: list[int]
     # The optimizers' param_groups as saved (or a fresh optimizer's), written back unchanged.
     private_groups: list[list[dict[str, Any]]]
     distill_groups: list[list[dict[str, Any]]]
@@ -600,6 +604,7 @@ class VectorisedCohortLearner(CohortLearner):
         """Read the clients' bytes (or initialise them as `ClientState.create` does)."""
         cfg = self.config
         models, private, distill, rounds, pgroups, dgroups = [], [], [], [], [], []
+        dp_steps = []
         for cid in client_ids:
             blob = self.states.get(cid)
             if blob is None:
@@ -610,6 +615,7 @@ class VectorisedCohortLearner(CohortLearner):
                 private.append({})
                 distill.append({})
                 rounds.append(0)
+                dp_steps.append(0)
                 pgroups.append(self._fresh_groups(arch, cfg.private.optim))
                 dgroups.append(self._fresh_groups(arch, cfg.distill.optim))
                 continue
@@ -622,6 +628,7 @@ class VectorisedCohortLearner(CohortLearner):
             private.append(saved["private_opt"]["state"])
             distill.append(saved["distill_opt"]["state"])
             rounds.append(int(saved["rounds_trained"]))
+            dp_steps.append(int(saved["dp_steps"]))
             pgroups.append(saved["private_opt"]["param_groups"])
             dgroups.append(saved["distill_opt"]["param_groups"])
         names = [n for n, _ in self._template(arch).named_parameters()]
@@ -633,6 +640,7 @@ class VectorisedCohortLearner(CohortLearner):
             private_state=self.private_opt.from_torch(private, params),
             distill_state=self.distill_opt.from_torch(distill, params),
             rounds_trained=rounds,
+            dp_steps=dp_steps,
             private_groups=pgroups,
             distill_groups=dgroups,
         )
@@ -660,6 +668,7 @@ class VectorisedCohortLearner(CohortLearner):
                         "param_groups": stack.distill_groups[k],
                     },
                     "rounds_trained": stack.rounds_trained[k],
+                    "dp_steps": stack.dp_steps[k],
                 }
             )
 
@@ -715,7 +724,7 @@ class VectorisedCohortLearner(CohortLearner):
         class_teacher: ClassTeacher | None,
     ) -> Tensor:
         """Cross-entropy training (and FD's regulariser) on each client's data; mean losses."""
-        step: StepConfig = self.config.private
+        step: StepConfig = self.config.private.for_round(round_num)
         x_all, y_all, offsets = self.dev.train
         cids = stack.client_ids
         plan = plan_batches(
@@ -763,7 +772,8 @@ class VectorisedCohortLearner(CohortLearner):
         # Imported here, like Opacus on the loop path: clients without DP never need it.
         from fedkd.privacy.vectorised_dpsgd import train_dp_sgd
 
-        settings, step, seed = self.config.dp, self.config.private, self.config.seed
+        settings, seed = self.config.dp, self.config.seed
+        step = self.config.private.for_round(round_num)
         x_all, y_all, offsets = self.dev.train
         cids = stack.client_ids
         noise_generators = []
@@ -789,12 +799,13 @@ class VectorisedCohortLearner(CohortLearner):
                 noise_generators=noise_generators,
             )
         stack.params, stack.private_state = out.params, out.opt_state
-        metrics = [
-            {"dp_sample_rate": q, "dp_noise_multiplier": sigma, "dp_steps": float(steps)}
-            for q, sigma, steps in zip(
-                out.sample_rates, out.noise_multipliers, out.steps, strict=True
-            )
-        ]
+        metrics = []
+        for k, (q, sigma, steps) in enumerate(
+            zip(out.sample_rates, out.noise_multipliers, out.steps, strict=True)
+        ):
+            stack.dp_steps[k] += steps
+            event = DpSgdEvent(sample_rate=q, noise_multiplier=sigma, steps=steps, round=round_num)
+            metrics.append(dp_step_metrics(event, stack.dp_steps[k]))
         return out.loss.cpu(), metrics
 
     def _run_steps(

@@ -9,9 +9,10 @@ its budget stops contributing.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from fedkd.privacy.accountant import EpsilonReport, compute_epsilon, would_exceed_budget
-from fedkd.privacy.ledger import PrivacyEvent, PrivacyLedger
+from fedkd.privacy.ledger import DpSgdEvent, PrivacyEvent, PrivacyLedger
 
 
 class LedgerBook:
@@ -52,14 +53,26 @@ class LedgerBook:
         last.append(event)
 
     def planned_events(
-        self, client_id: int, round_num: int, first_round: list[PrivacyEvent] | None = None
+        self,
+        client_id: int,
+        round_num: int,
+        first_round: list[PrivacyEvent] | None = None,
+        epochs_in: Callable[[int], int] | None = None,
     ) -> list[PrivacyEvent]:
         """What one more round would cost: the client's last round's events again, or (before
-        its first round) `first_round`, the cost the server can foresee."""
+        its first round) `first_round`, the cost the server can foresee. With `epochs_in` (a
+        round's local epochs), DP-SGD steps scale from the last round's epochs to this one's."""
         last = self._last_round.get(client_id)
         if not last:
             return list(first_round or [])
-        return [dataclasses.replace(e, round=round_num) for e in last]
+        planned = []
+        for event in last:
+            if isinstance(event, DpSgdEvent) and epochs_in is not None:
+                then, now = epochs_in(event.round), epochs_in(round_num)
+                if then > 0:  # steps = batches per epoch x epochs, so this divides exactly
+                    event = dataclasses.replace(event, steps=event.steps * now // then)
+            planned.append(dataclasses.replace(event, round=round_num))
+        return planned
 
     def can_contribute(self, client_id: int, planned: list[PrivacyEvent]) -> bool:
         """False (and remembered) once the planned events would exceed the budget."""

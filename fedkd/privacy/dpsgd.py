@@ -27,26 +27,28 @@ class DpSgdSettings:
     """DP-SGD as the spec sets it.
 
     Either ``noise_multiplier`` is given, or ``target_epsilon`` > 0 and the noise is calibrated
-    once for the whole planned run (``planned_rounds`` x epochs x steps per epoch), leaving
-    room for ``other_releases``: events the client is charged once over the run besides
-    DP-SGD (e.g. its label histogram), which count against the same target.
+    once for the whole planned run (``planned_epochs``, the epochs of all rounds together, x
+    steps per epoch), leaving room for ``other_releases``: events the client is charged once
+    over the run besides DP-SGD (e.g. its label histogram), which count against the same target.
     """
 
     max_grad_norm: float
     delta: float
     noise_multiplier: float = 0.0
     target_epsilon: float = 0.0
-    planned_rounds: int = 1
+    planned_epochs: int = 1
     other_releases: tuple[PrivacyEvent, ...] = ()
 
-    def noise_for(self, sample_rate: float, steps_per_round: int) -> float:
+    def noise_for(self, sample_rate: float, steps_per_epoch: int) -> float:
+        """The noise multiplier of a client sampling at `sample_rate`, `steps_per_epoch` steps
+        per epoch (the same in every round, so the whole run's noise is one value)."""
         if self.target_epsilon <= 0:
             return self.noise_multiplier
         return _calibrated(
             self.target_epsilon,
             self.delta,
             sample_rate,
-            steps_per_round * self.planned_rounds,
+            steps_per_epoch * self.planned_epochs,
             self.other_releases,
         )
 
@@ -88,8 +90,9 @@ def train_dpsgd(
     """One round of DP-SGD local training; returns (mean loss, steps) and the ledger event."""
     x = torch.as_tensor(x)
     y = torch.as_tensor(y)
-    sample_rate, steps = sample_rate_and_steps(len(y), batch_size, epochs)
-    sigma = settings.noise_for(sample_rate, steps)
+    sample_rate, steps_per_epoch = sample_rate_and_steps(len(y), batch_size, 1)
+    steps = steps_per_epoch * epochs
+    sigma = settings.noise_for(sample_rate, steps_per_epoch)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, generator=generator)
     model.train()  # Opacus refuses a model left in eval mode (e.g. after computing logits)
     # Imported here: Opacus takes seconds to import, and a client without DP-SGD never needs it.

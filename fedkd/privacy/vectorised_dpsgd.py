@@ -266,12 +266,12 @@ def train_dp_sgd(
     (Opacus's Poisson loader); a client that has taken its steps is masked out of the update.
     `optimizer` is a functional optimizer of `fedkd.learner.vectorised` (``step(params,
     grads, state, active)``). `noise_multiplier` is one value, one per client, or a function of
-    a client's ``(sample_rate, steps)`` (`fedkd.privacy.dpsgd.DpSgdSettings.noise_for`: noise
-    calibrated for the client's whole run, as the Opacus path does).
+    a client's ``(sample_rate, steps_per_epoch)`` (`fedkd.privacy.dpsgd.DpSgdSettings.noise_for`:
+    noise calibrated for the client's whole run, as the Opacus path does).
     """
-    rates_steps = [sample_rate_and_steps(n, batch_size, epochs) for n in lengths]
+    rates_steps = [sample_rate_and_steps(n, batch_size, 1) for n in lengths]
     rates = [q for q, _ in rates_steps]
-    steps = [s if n > 0 else 0 for (_, s), n in zip(rates_steps, lengths, strict=True)]
+    steps = [s * epochs if n > 0 else 0 for (_, s), n in zip(rates_steps, lengths, strict=True)]
     if callable(noise_multiplier):
         sigmas = [float(noise_multiplier(q, s)) for q, s in rates_steps]
     else:
