@@ -233,11 +233,11 @@ def _admit_within_budget(
     extra = []
     if spec.privacy.release_noise > 0:
         extra.append(gaussian_release_event(spec.privacy.release_noise, rnd))
+    epochs_in = step_config(spec.train).epochs_in  # DP-SGD steps scale with a round's epochs
     admitted = []
     for cid in sampled:
         was_stopped = cid in book.stopped
-        planned = book.planned_events(cid, rnd, extra, step_config(spec.train).epochs_in)
-        if book.can_contribute(cid, planned):
+        if book.can_contribute(cid, book.planned_events(cid, rnd, extra, epochs_in)):
             admitted.append(cid)
         elif not was_stopped:
             log.warning(
