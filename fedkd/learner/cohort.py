@@ -167,8 +167,6 @@ class CohortLearner:
                 state.dp_steps += event.steps
                 result.metrics.update(dp_step_metrics(event, state.dp_steps))
             state.rounds_trained += 1
-            # The server compares it with the client's ledger (a round whose reply it never used).
-            result.metrics["rounds_trained"] = float(state.rounds_trained)
             result.metrics["train_loss"] = stats["loss"]
             if upload == "logits":
                 logits = predict_logits(state.model, self.data.proxy_x[proxy_idx])

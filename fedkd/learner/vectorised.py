@@ -923,7 +923,6 @@ class VectorisedCohortLearner(CohortLearner):
                     metrics={
                         "num_examples": float(self.data.clients[cid].num_examples),
                         "train_loss": float(losses[j]),
-                        "rounds_trained": float(stack.rounds_trained[j]),
                         **dp_metrics[j],
                     },
                 )

@@ -69,10 +69,10 @@ def _calibrated(
     )
 
 
-def sample_rate_and_steps(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
+def sample_rate_and_steps_per_epoch(num_examples: int, batch_size: int) -> tuple[float, int]:
     """Opacus's Poisson sampling: rate = 1 / batches per epoch, that many steps per epoch."""
     batches = max(1, -(-num_examples // batch_size))
-    return 1.0 / batches, batches * epochs
+    return 1.0 / batches, batches
 
 
 def train_dpsgd(
@@ -90,7 +90,7 @@ def train_dpsgd(
     """One round of DP-SGD local training; returns (mean loss, steps) and the ledger event."""
     x = torch.as_tensor(x)
     y = torch.as_tensor(y)
-    sample_rate, steps_per_epoch = sample_rate_and_steps(len(y), batch_size, 1)
+    sample_rate, steps_per_epoch = sample_rate_and_steps_per_epoch(len(y), batch_size)
     steps = steps_per_epoch * epochs
     sigma = settings.noise_for(sample_rate, steps_per_epoch)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, generator=generator)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedkd.privacy.dpsgd import sample_rate_and_steps
+from fedkd.privacy.dpsgd import sample_rate_and_steps_per_epoch
 
 Params = dict[str, Tensor]  # parameter name -> (K, *shape)
 
@@ -269,7 +269,7 @@ def train_dp_sgd(
     a client's ``(sample_rate, steps_per_epoch)`` (`fedkd.privacy.dpsgd.DpSgdSettings.noise_for`:
     noise calibrated for the client's whole run, as the Opacus path does).
     """
-    rates_steps = [sample_rate_and_steps(n, batch_size, 1) for n in lengths]
+    rates_steps = [sample_rate_and_steps_per_epoch(n, batch_size) for n in lengths]
     rates = [q for q, _ in rates_steps]
     steps = [s * epochs if n > 0 else 0 for (_, s), n in zip(rates_steps, lengths, strict=True)]
     if callable(noise_multiplier):
