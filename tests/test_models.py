@@ -12,6 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fedkd.models import MODEL_NAMES, ModelError, build_model, count_parameters
+from fedkd.models.zoo import SimpleCNN
 
 MNIST = (1, 28, 28)
 DIGITS = (1, 8, 8)
@@ -23,6 +24,7 @@ SHAPE_IDS = ["mnist", "digits", "mnist1d"]
 EXPECTED_COUNTS = {
     "mlp": {MNIST: 199_210, DIGITS: 55_210, MNIST1D: 50_410},
     "cnn_small": {MNIST: 52_138, DIGITS: 6_058, MNIST1D: 11_386},
+    "cnn_small_tanh": {MNIST: 52_138, DIGITS: 6_058, MNIST1D: 11_386},
     "cnn_large": {MNIST: 611_146, DIGITS: 58_186, MNIST1D: 128_746},
     "resnet_gn": {MNIST: 77_754, DIGITS: 77_754, MNIST1D: 28_506},
 }
@@ -54,6 +56,25 @@ def test_cnn_counts_on_mnist() -> None:
     assert large >= 550_000
 
 
+def test_cnn_small_tanh_is_cnn_small_with_tanh() -> None:
+    relu, tanh = _model("cnn_small", MNIST), _model("cnn_small_tanh", MNIST)
+    # Same layers and, from the same seed, the same weights: only the activations differ.
+    for (name_r, p_r), (name_t, p_t) in zip(
+        relu.named_parameters(), tanh.named_parameters(), strict=True
+    ):
+        assert name_r == name_t
+        assert torch.equal(p_r, p_t)
+    acts = [type(m) for m in tanh.modules() if isinstance(m, (nn.ReLU, nn.Tanh))]
+    assert acts == [nn.Tanh] * 3
+    x = torch.randn(4, *MNIST)
+    assert not torch.allclose(relu(x), tanh(x))
+
+
+def test_unknown_activation() -> None:
+    with pytest.raises(ModelError, match="unknown activation 'gelu'; choose one of relu, tanh"):
+        SimpleCNN(MNIST, 10, widths=(8, 16), hidden=64, activation="gelu")
+
+
 def test_count_parameters_ignores_frozen() -> None:
     model = build_model("mlp", DIGITS, 10)
     total = count_parameters(model)
@@ -65,7 +86,7 @@ def test_unknown_model_name() -> None:
     with pytest.raises(ModelError) as info:
         build_model("vgg", DIGITS, 10)
     assert str(info.value) == (
-        "unknown model 'vgg'; choose one of mlp, cnn_small, cnn_large, resnet_gn"
+        "unknown model 'vgg'; choose one of mlp, cnn_small, cnn_small_tanh, cnn_large, resnet_gn"
     )
     assert isinstance(info.value, ValueError)
 
