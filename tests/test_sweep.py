@@ -165,6 +165,24 @@ def test_sweep_runs_every_point_writes_the_table_and_plot_and_resumes(tmp_path):
         run_sweep(spec, out, overrides=["rounds=2"], runner=again)
 
 
+def test_a_plain_run_of_a_point_counts_as_that_point_but_not_as_another(tmp_path):
+    spec = write_spec(tmp_path, '{ "privacy.noise_multiplier" = [1.0], seed = [0, 1] }')
+    out = tmp_path / "out"
+    # `fedkd run tiny.toml --set seed=1 --out out/noise_multiplier=1.0,seed=1`: its spec.toml
+    # keeps the file's name and [sweep] grid, which a sweep point drops.
+    InProcessRunner()(spec, ["seed=1"], out / "noise_multiplier=1.0,seed=1")
+    runner = InProcessRunner()
+    rows = run_sweep(spec, out, runner=runner, echo=lambda _: None)
+    assert runner.ran == ["noise_multiplier=1.0,seed=0"]
+    assert [r["status"] for r in rows] == ["completed"] * 2
+
+    # The same run filed under the other seed's folder is refused, not counted.
+    wrong = tmp_path / "wrong"
+    InProcessRunner()(spec, ["seed=1"], wrong / "noise_multiplier=1.0,seed=0")
+    with pytest.raises(SweepError, match="different spec \\(seed differ\\)"):
+        run_sweep(spec, wrong, runner=InProcessRunner(), echo=lambda _: None)
+
+
 def test_parallel_points_and_failures_land_in_grid_order(tmp_path):
     spec = write_spec(tmp_path, "{ seed = [0, 1, 2, 3] }")
 

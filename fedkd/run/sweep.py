@@ -19,10 +19,11 @@ try to start Ray inside a Ray worker. A process per point keeps each run exactly
 down.
 
 Resumable: a point whose ``summary.json`` says ``completed`` is not rerun (after checking its
-``spec.toml`` is the point's spec); an unfinished point folder is moved to ``OUT/_incomplete/``
-and run again. ``sweep.csv`` (one row per point) and ``accuracy_vs_epsilon.png`` (final
-accuracy against the run's ``epsilon_max``, mean and standard deviation over seeds; points
-without DP as a horizontal band) are rewritten as points finish.
+``spec.toml`` is the point's spec, name and grid aside: a ``fedkd run`` of the same settings
+counts); an unfinished point folder is moved to ``OUT/_incomplete/`` and run again.
+``sweep.csv`` (one row per point) and ``accuracy_vs_epsilon.png`` (final accuracy against the
+run's ``epsilon_max``, mean and standard deviation over seeds; points without DP as a
+horizontal band) are rewritten as points finish.
 """
 
 from __future__ import annotations
@@ -175,11 +176,15 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _spec_mismatch(saved_toml: Path, expected: dict[str, Any]) -> list[str]:
-    """Keys where a finished point's spec.toml differs from the point's spec now."""
+    """Keys where a finished point's spec.toml differs from the point's spec now.
+
+    The run's name, its output settings and a ``[sweep]`` table change nothing a run computes,
+    so a plain ``fedkd run`` of the point's settings, put into ``OUT/<point>/``, counts as done.
+    """
     saved = _flat(tomllib.loads(saved_toml.read_text()))
     want = _flat(tomllib.loads(tomli_w.dumps(expected)))
-    keys = (set(saved) | set(want)) - {"output.dir", "output.plots"}
-    return sorted(k for k in keys if saved.get(k) != want.get(k))
+    keys = (set(saved) | set(want)) - {"name", "output.dir", "output.plots"}
+    return sorted(k for k in keys if saved.get(k) != want.get(k) and not k.startswith("sweep."))
 
 
 def _summary(run_dir: Path) -> dict[str, Any] | None:
