@@ -32,12 +32,22 @@ for deep learning with differential privacy").
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn_small", "cnn_small_tanh", "cnn_large", "resnet_gn")
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+# SimpleCNN's arguments per zoo name; cnn_small_tanh shares cnn_small's sizes by construction.
+_CNN_SMALL: dict[str, Any] = {"widths": (8, 16), "hidden": 64}
+_CNN_CONFIGS: dict[str, dict[str, Any]] = {
+    "cnn_small": _CNN_SMALL,
+    "cnn_small_tanh": {**_CNN_SMALL, "activation": "tanh"},
+    "cnn_large": {"widths": (16, 32), "hidden": 384},
+}
 
 
 class ModelError(ValueError):
@@ -269,12 +279,8 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     num_classes = int(num_classes)
     if name == "mlp":
         return MLP(shape, num_classes)
-    if name == "cnn_small":
-        return SimpleCNN(shape, num_classes, widths=(8, 16), hidden=64)
-    if name == "cnn_small_tanh":
-        return SimpleCNN(shape, num_classes, widths=(8, 16), hidden=64, activation="tanh")
-    if name == "cnn_large":
-        return SimpleCNN(shape, num_classes, widths=(16, 32), hidden=384)
+    if name in _CNN_CONFIGS:
+        return SimpleCNN(shape, num_classes, **_CNN_CONFIGS[name])
     return ResNetGN(shape, num_classes)
 
 

@@ -175,6 +175,10 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Top-level spec keys that label or file a run, or plan a sweep: nothing a run computes.
+_NOT_COMPARED = frozenset({"name", "output", "sweep"})
+
+
 def _spec_mismatch(saved_toml: Path, expected: dict[str, Any]) -> list[str]:
     """Keys where a finished point's spec.toml differs from the point's spec now.
 
@@ -183,8 +187,8 @@ def _spec_mismatch(saved_toml: Path, expected: dict[str, Any]) -> list[str]:
     """
     saved = _flat(tomllib.loads(saved_toml.read_text()))
     want = _flat(tomllib.loads(tomli_w.dumps(expected)))
-    keys = (set(saved) | set(want)) - {"name", "output.dir", "output.plots"}
-    return sorted(k for k in keys if saved.get(k) != want.get(k) and not k.startswith("sweep."))
+    keys = {k for k in set(saved) | set(want) if k.split(".")[0] not in _NOT_COMPARED}
+    return sorted(k for k in keys if saved.get(k) != want.get(k))
 
 
 def _summary(run_dir: Path) -> dict[str, Any] | None:
