@@ -102,6 +102,9 @@ class AlgorithmSpec:
     # Teacher "pooled_likelihood": a client holds a class when its released count of it is
     # above this (about twice privacy.histogram_noise).
     held_class_count: float = 100.0
+    # Histogram teachers: rescale the teacher so its class totals on the proxy inputs follow the
+    # pooled prior of the released label histograms.
+    match_class_prior: bool = False
     # FedDF-logit: clients distill from "ensemble" or "server_student".
     client_teacher: str = "ensemble"
     # FD: weight of the distillation regulariser in local training.
@@ -519,6 +522,11 @@ def _validate_privacy(spec: Spec) -> None:
             )
 
     teacher = spec.algorithm.teacher
+    if spec.algorithm.match_class_prior and teacher not in HISTOGRAM_TEACHERS:
+        raise SpecError(
+            "algorithm.match_class_prior: the prior comes from the clients' label histograms; "
+            "set algorithm.teacher to class_weighted or pooled_likelihood, or remove it"
+        )
     if p.histogram_noise > 0 and teacher not in HISTOGRAM_TEACHERS:
         raise SpecError(
             "privacy.histogram_noise: only the class_weighted and pooled_likelihood teachers "

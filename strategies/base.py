@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fedkd.data.splits import FederatedData
-from fedkd.knowledge.teachers import HISTOGRAM_TEACHERS, build_teacher, era
+from fedkd.knowledge.teachers import HISTOGRAM_TEACHERS, build_teacher, era, match_class_prior
 from fedkd.learner.cohort import ClientResult
 from fedkd.learner.loop import PHASE_SAMPLE, derive_seed, seeded_generator
 from fedkd.learner.server_student import ServerStudent
@@ -105,6 +105,10 @@ class Strategy:
         Fraction trimmed at each end (teacher "trimmed_mean").
     held_class_count : float, default 100.0
         Teacher "pooled_likelihood": label counts above this mean a client holds the class.
+    match_class_prior : bool, default False
+        Histogram teachers: rescale the teacher so that its class totals on each round's proxy
+        inputs follow the pooled prior of the released label histograms (`match_class_prior`;
+        post-processing, no privacy cost).
     server_student : ServerStudent or None, default None
         Global model distilled from the teacher each round.
     release : GaussianRelease or None, default None
@@ -147,6 +151,7 @@ class Strategy:
         era_temperature: float = 0.1,
         trim_fraction: float = 0.2,
         held_class_count: float = 100.0,
+        match_class_prior: bool = False,
         server_student: ServerStudent | None = None,
         release: GaussianRelease | None = None,
         histogram_noise: float | None = None,
@@ -172,6 +177,12 @@ class Strategy:
         self.era_temperature = era_temperature
         self.trim_fraction = trim_fraction
         self.held_class_count = held_class_count
+        if match_class_prior and teacher not in HISTOGRAM_TEACHERS:
+            raise ValueError(
+                f"match_class_prior needs the clients' label histograms, which teacher "
+                f"'{teacher}' does not use: choose one of {', '.join(HISTOGRAM_TEACHERS)}"
+            )
+        self.match_class_prior = match_class_prior
         self.server_student = server_student
         self._proxy_idx = np.empty(0, dtype=np.int64)
         self._teacher_logits: np.ndarray | None = None
@@ -203,6 +214,8 @@ class Strategy:
             teacher = self.build_teacher(logits, weights)
         else:
             teacher = self._released_teacher(round_num, logits, sorted(updates))
+        if self.match_class_prior:
+            teacher = match_class_prior(teacher, weights.clamp(min=0).sum(dim=0))
         self._teacher_logits = teacher.numpy().astype(np.float32)
         if self.server_student is None:
             return

@@ -17,6 +17,7 @@ from fedkd.knowledge import (
     era,
     kl_distillation_loss,
     mae_logit_loss,
+    match_class_prior,
     mean_logits,
     mean_probs,
     median_logits,
@@ -338,6 +339,50 @@ def test_pooled_likelihood_ignores_barely_held_classes_and_drops_unheld_ones() -
         pooled_likelihood(logits, torch.ones(5, 9))
     with pytest.raises(ValueError, match="pooled_likelihood.*class counts"):
         build_teacher("pooled_likelihood", logits, torch.ones(5))
+
+
+def test_match_class_prior_moves_a_biased_teachers_hesitant_inputs_to_their_next_class() -> None:
+    # 3 balanced classes; the teacher ranks every input's true class high (+2) but is biased
+    # towards class 1 (+3), so it calls nearly everything 1.
+    gen = _gen(3)
+    y = torch.arange(3).repeat_interleave(100)
+    logits = 0.3 * torch.randn(300, 3, generator=gen, dtype=torch.float64)
+    logits[torch.arange(300), y] += 2.0
+    logits[:, 1] += 3.0
+    assert (logits.argmax(dim=1) == y).double().mean() < 0.36
+    prior = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    out = match_class_prior(logits, prior)
+    assert out.dtype == logits.dtype and out.shape == (300, 3)
+    probs = out.exp()
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(300, dtype=torch.float64))
+    torch.testing.assert_close(
+        probs.sum(dim=0), torch.full((3,), 100.0, dtype=torch.float64), rtol=0, atol=1e-3
+    )
+    assert (out.argmax(dim=1) == y).double().mean() > 0.95
+    # One factor per class: every input's log-odds between two classes moves by the same amount.
+    change = out - torch.log_softmax(logits, dim=1)
+    log_odds_shift = change - change[:, :1]
+    torch.testing.assert_close(log_odds_shift, log_odds_shift[:1].expand(300, 3))
+    # A prior the teacher already follows changes nothing; the prior need not be normalised.
+    again = match_class_prior(out, 7.0 * prior)
+    torch.testing.assert_close(again, out)
+
+
+def test_match_class_prior_leaves_out_classes_the_teacher_never_predicts() -> None:
+    logits = torch.log_softmax(_client_logits()[0], dim=1)  # (20, 10)
+    logits[:, 9] = float("-inf")  # e.g. held by no client
+    prior = torch.arange(1.0, 11.0)
+    probs = match_class_prior(logits, prior).exp()
+    assert torch.all(probs[:, 9] == 0)
+    torch.testing.assert_close(
+        probs.sum(dim=0)[:9], 20 * prior[:9] / prior[:9].sum(), rtol=0, atol=1e-4
+    )
+    with pytest.raises(ValueError, match=r"prior must have shape \(10,\)"):
+        match_class_prior(logits, torch.ones(9))
+    with pytest.raises(ValueError, match="non-negative with a positive sum"):
+        match_class_prior(logits, torch.tensor([-1.0] + [1.0] * 9))
+    with pytest.raises(ValueError, match=r"shape \(N, C\)"):
+        match_class_prior(logits[None], prior)
 
 
 def test_build_teacher_errors() -> None:

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from fedkd.apps.build import federated_data
 from fedkd.data import load_federated_data
+from fedkd.knowledge import match_class_prior
 from fedkd.learner.loop import OptimConfig, init_student, make_optimizer, seeded_generator
 from fedkd.privacy.dpsgd import DpSgdSettings, train_dpsgd
 from fedkd.privacy.ledger import PrivacyLedger
@@ -104,6 +106,31 @@ def test_class_weighted_teacher_without_privacy_uses_exact_counts(tmp_path):
     assert not (tmp_path / "run" / "ledgers.json").exists()
     assert rows[-1]["epsilon_max"] is None
     assert 0.1 < rows[-1]["teacher_test_acc"] <= 1.0
+
+
+def test_matched_teacher_follows_the_clients_pooled_label_prior(tmp_path, monkeypatch):
+    import strategies.base
+
+    calls = []
+
+    def recording(teacher, prior):
+        out = match_class_prior(teacher, prior)
+        calls.append((prior, out))
+        return out
+
+    monkeypatch.setattr(strategies.base, "match_class_prior", recording)
+    spec, _, rows, _ = run_inprocess(
+        tmp_path,
+        ["algorithm.teacher=pooled_likelihood", "algorithm.match_class_prior=true", "rounds=2"],
+    )
+    assert len(calls) == 2 and rows[-1]["clients_ok"] == 4
+    data = federated_data(spec)
+    pooled = sum(np.bincount(c.y_train, minlength=10) for c in data.clients)
+    for prior, teacher in calls:
+        # Without privacy the histograms are the exact counts; the whole proxy set is sent.
+        np.testing.assert_array_equal(prior.numpy(), pooled)
+        totals = teacher.double().exp().sum(dim=0).numpy()
+        np.testing.assert_allclose(totals, 200 * pooled / pooled.sum(), atol=1e-3)
 
 
 def test_budget_stops_each_client_exactly_when_its_next_round_would_exceed_it(tmp_path):

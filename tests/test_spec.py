@@ -86,6 +86,10 @@ def test_bad_values_name_the_key(override, message):
             "'pooled_likelihood' cannot be combined with privacy.release_noise",
         ),
         (["algorithm.held_class_count=-1"], "algorithm.held_class_count: must be >= 0"),
+        (
+            ["algorithm.match_class_prior=true"],
+            "algorithm.match_class_prior: the prior comes from the clients' label histograms",
+        ),
         (["train.epochs_schedule=[10, 0]"], "train.epochs_schedule: every entry must be an int"),
         (["train.epochs_schedule=[10, 2.5]"], "train.epochs_schedule: expected int, got 2.5"),
         (["algorithm.self_training_iterations=0"], "must be > 0, got 0"),

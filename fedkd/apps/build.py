@@ -244,6 +244,7 @@ def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
         "era_temperature": spec.algorithm.era_temperature,
         "trim_fraction": spec.algorithm.trim_fraction,
         "held_class_count": spec.algorithm.held_class_count,
+        "match_class_prior": spec.algorithm.match_class_prior,
         "server_student": server_student,
     }
     if spec.privacy.release_noise > 0:
