@@ -106,9 +106,10 @@ class Strategy:
     held_class_count : float, default 100.0
         Teacher "pooled_likelihood": label counts above this mean a client holds the class.
     match_class_prior : bool, default False
-        Histogram teachers: rescale the teacher so that its class totals on each round's proxy
-        inputs follow the pooled prior of the released label histograms (`match_class_prior`;
-        post-processing, no privacy cost).
+        Histogram teachers: rescale the teacher so that its class totals on the inputs it labels
+        (each round's proxy inputs; the test set for ``teacher_test_acc``) follow the pooled
+        prior of the released label histograms (`match_class_prior`; post-processing, no privacy
+        cost).
     server_student : ServerStudent or None, default None
         Global model distilled from the teacher each round.
     release : GaussianRelease or None, default None
@@ -196,7 +197,7 @@ class Strategy:
         return np.sort(rng.choice(n, self.proxy_per_round, replace=False)).astype(np.int64)
 
     def build_teacher(self, logits: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        return build_teacher(
+        teacher = build_teacher(
             self.teacher,
             logits,
             weights,
@@ -204,6 +205,9 @@ class Strategy:
             trim_fraction=self.trim_fraction,
             held_count=self.held_class_count,
         )
+        if self.match_class_prior:  # weights: the label histograms (K, C)
+            teacher = match_class_prior(teacher, weights.clamp(min=0).sum(dim=0))
+        return teacher
 
     def _ensemble(self, round_num: int, updates: dict[int, ClientResult]) -> None:
         """Teacher on this round's proxy subset from the clients' logits; fit the server student."""
@@ -214,8 +218,6 @@ class Strategy:
             teacher = self.build_teacher(logits, weights)
         else:
             teacher = self._released_teacher(round_num, logits, sorted(updates))
-        if self.match_class_prior:
-            teacher = match_class_prior(teacher, weights.clamp(min=0).sum(dim=0))
         self._teacher_logits = teacher.numpy().astype(np.float32)
         if self.server_student is None:
             return

@@ -123,14 +123,17 @@ def test_matched_teacher_follows_the_clients_pooled_label_prior(tmp_path, monkey
         tmp_path,
         ["algorithm.teacher=pooled_likelihood", "algorithm.match_class_prior=true", "rounds=2"],
     )
-    assert len(calls) == 2 and rows[-1]["clients_ok"] == 4
+    # Each round's teacher on the whole proxy set (200 inputs) and on the test set.
     data = federated_data(spec)
+    sizes = sorted(len(teacher) for _, teacher in calls)
+    assert sizes == [200, 200, len(data.test_y), len(data.test_y)]
+    assert rows[-1]["clients_ok"] == 4 and rows[-1]["teacher_test_acc"] is not None
     pooled = sum(np.bincount(c.y_train, minlength=10) for c in data.clients)
     for prior, teacher in calls:
-        # Without privacy the histograms are the exact counts; the whole proxy set is sent.
+        # Without privacy the histograms are the exact counts.
         np.testing.assert_array_equal(prior.numpy(), pooled)
         totals = teacher.double().exp().sum(dim=0).numpy()
-        np.testing.assert_allclose(totals, 200 * pooled / pooled.sum(), atol=1e-3)
+        np.testing.assert_allclose(totals, len(teacher) * pooled / pooled.sum(), atol=1e-3)
 
 
 def test_budget_stops_each_client_exactly_when_its_next_round_would_exceed_it(tmp_path):
