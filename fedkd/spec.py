@@ -102,8 +102,8 @@ class AlgorithmSpec:
     # Teacher "pooled_likelihood": a client holds a class when its released count of it is
     # above this (about twice privacy.histogram_noise).
     held_class_count: float = 100.0
-    # Histogram teachers: rescale the teacher so its class totals on the proxy inputs follow the
-    # pooled prior of the released label histograms.
+    # Histogram teachers: rescale the teacher so its class totals on the inputs it labels follow
+    # the pooled prior of the released label histograms.
     match_class_prior: bool = False
     # FedDF-logit: clients distill from "ensemble" or "server_student".
     client_teacher: str = "ensemble"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import strategies.base
 from fedkd.apps.build import federated_data
 from fedkd.data import load_federated_data
 from fedkd.knowledge import match_class_prior
@@ -109,8 +110,6 @@ def test_class_weighted_teacher_without_privacy_uses_exact_counts(tmp_path):
 
 
 def test_matched_teacher_follows_the_clients_pooled_label_prior(tmp_path, monkeypatch):
-    import strategies.base
-
     calls = []
 
     def recording(teacher, prior):
