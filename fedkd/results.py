@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import fedkd
-from fedkd.spec import Spec
+from fedkd.spec import Spec, with_noise_rng
 
 # Per-round keys every metrics.jsonl line carries (null where not applicable).
 ROUND_KEYS = (
@@ -75,10 +75,10 @@ class RunRecorder:
                 f"{self.dir} already holds a run; choose another output.dir (or remove it)"
             )
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.spec = spec
+        self.spec = with_noise_rng(spec)  # as run: an unset noise source is the simulation's
         self.rounds: list[dict[str, Any]] = []
         self.started = time.perf_counter()
-        (self.dir / "spec.toml").write_text(spec.to_toml())
+        (self.dir / "spec.toml").write_text(self.spec.to_toml())
 
     def record_round(self, metrics: dict[str, Any]) -> None:
         missing = [k for k in ROUND_KEYS if k not in metrics]
@@ -113,6 +113,9 @@ class RunRecorder:
             "total_clients_failed": sum(r["clients_failed"] for r in self.rounds),
             "wall_s": time.perf_counter() - self.started,
             "fedkd_version": fedkd.__version__,
+            # Where the privacy mechanisms' noise came from (docs/noise.md): "seeded" epsilons
+            # hold for the simulation only.
+            "noise_rng": self.spec.privacy.noise,
         }
         self.write_extra("summary.json", summary)
         if self.spec.output.plots and self.rounds:

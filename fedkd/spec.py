@@ -30,6 +30,11 @@ OPTIMIZERS = ("sgd", "adam")
 # the vectorised learner's numerics (fedkd.learner.vectorised.PRECISIONS; tests check they agree).
 LEARNERS = ("loop", "vectorised")
 PRECISIONS = ("fp32", "tf32", "bf16")
+# Sources of the privacy mechanisms' noise (fedkd.privacy.noise.NOISE_RNGS; tests check they
+# agree), and which one a spec that names none gets where.
+NOISE_RNGS = ("seeded", "secure")
+SIMULATION_NOISE_RNG = "seeded"  # fedkd run, fedkd sweep, apps bound to a spec in-process
+DEPLOYMENT_NOISE_RNG = "secure"  # fedkd submit, flwr run: specs read from Flower's run config
 
 # The default spec ships inside the package so `fedkd run` works from any directory.
 DEFAULT_SPEC_NAME = "quickstart"
@@ -166,12 +171,23 @@ class PrivacySpec:
     # histogram every client releases once (sensitivity 1). Required (> 0) when any mechanism
     # is on.
     histogram_noise: float = 0.0
+    # Where every noise draw and Poisson sample of the mechanisms comes from: "seeded" (from
+    # the seed: reproducible, and removable by anyone who knows the seed; its epsilons hold
+    # for the simulation only) or "secure" (the OS CSPRNG of the party adding the noise).
+    # "" = the runner's default: seeded for fedkd run / sweep, secure for fedkd submit and
+    # flwr run; fedkd submit and deployed SuperNodes refuse "seeded" (docs/noise.md).
+    noise_rng: str = ""
 
     def enabled(self, algorithm: str) -> bool:
         """Whether any mechanism is on (PATE's noisy votes always are)."""
         return (
             self.dpsgd or self.release_noise > 0 or self.histogram_noise > 0 or algorithm == "pate"
         )
+
+    @property
+    def noise(self) -> str:
+        """The noise source a run uses: `noise_rng`, or (unset) the simulation default."""
+        return self.noise_rng or SIMULATION_NOISE_RNG
 
     @property
     def budget(self) -> float | None:
@@ -489,6 +505,8 @@ def _validate_privacy(spec: Spec) -> None:
     p = spec.privacy
     if not 0 < p.delta < 1:
         raise SpecError(f"privacy.delta: must be in (0, 1), got {p.delta}")
+    if p.noise_rng:
+        _one_of("privacy.noise_rng", p.noise_rng, NOISE_RNGS)
     _positive("privacy.max_grad_norm", p.max_grad_norm)
     for key in (
         "target_epsilon",
@@ -657,6 +675,24 @@ def _validate_students(students: Any, num_clients: int) -> None:
             _one_of(f"{key}.{cid}", str(name), MODELS)
     else:
         raise SpecError(f"{key}: expected a model name, a list or a table, got {students!r}")
+
+
+def with_noise_rng(spec: Spec, default: str = SIMULATION_NOISE_RNG) -> Spec:
+    """`spec` with `default` as ``privacy.noise_rng`` where it names none: the spec as run,
+    which the results folder's spec.toml records."""
+    if spec.privacy.noise_rng:
+        return spec
+    privacy = dataclasses.replace(spec.privacy, noise_rng=default)
+    return dataclasses.replace(spec, privacy=privacy)
+
+
+def refuse_seeded_noise(spec: Spec, where: str) -> None:
+    """Raise `SpecError` if `spec` asks for seeded noise where data is real (`where`)."""
+    if spec.privacy.noise_rng == "seeded":
+        raise SpecError(
+            f"privacy.noise_rng: {where} refuses 'seeded' noise (anyone who knows the spec's "
+            'seed can remove it); set privacy.noise_rng = "secure" or leave it unset'
+        )
 
 
 def resolve_path(spec: Spec, path: str) -> Path:

@@ -22,6 +22,7 @@ from fedkd.learner.server_student import ServerStudent
 from fedkd.privacy.gaussian_release import gaussian_release_event, private_mean_teacher
 from fedkd.privacy.label_histogram import label_histogram_event
 from fedkd.privacy.ledger import PrivacyEvent
+from fedkd.privacy.noise import NoiseSource, noise_source
 
 
 @dataclass
@@ -159,8 +160,10 @@ class Strategy:
         confident_fraction: float = 0.0,
         self_training_confidence: float = 0.0,
         self_training_iterations: int = 1,
+        noise_rng: str = "seeded",
     ) -> None:
         self.data = data
+        self.noise_rng = noise_rng  # the server's releases: "seeded" or "secure" noise
         self.release = release
         self._release_events: dict[int, list[PrivacyEvent]] = {}
         self.histogram_noise = histogram_noise
@@ -261,15 +264,21 @@ class Strategy:
             return None
         return float((labels[known] == self.data.proxy_y[known]).mean())
 
+    def _noise(self, round_num: int, stream: int) -> NoiseSource:
+        """The source of a release's noise (`fedkd.privacy.noise`); seeded noise is seeded by
+        run, round and `stream` (one per kind of release)."""
+        return noise_source(
+            self.noise_rng, lambda: seeded_generator(self.seed, round_num, PHASE_SAMPLE, stream)
+        )
+
     def _released_teacher(
         self, round_num: int, logits: torch.Tensor, client_ids: list[int]
     ) -> torch.Tensor:
-        gen = seeded_generator(self.seed, round_num, PHASE_SAMPLE, 2)
         released = private_mean_teacher(
             torch.softmax(logits, dim=-1),
             self.release.clip_norm,
             self.release.noise_multiplier,
-            gen,
+            self._noise(round_num, 2),
         )
         event = gaussian_release_event(self.release.noise_multiplier, round_num)
         self._release_events = {cid: [event] for cid in client_ids}

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from fedkd.learner.cohort import ClientResult
-from fedkd.learner.loop import PHASE_SAMPLE, seeded_generator
 from fedkd.privacy.pate import confident_gnmax, gnmax_aggregate, pate_query_event
 from strategies.base import LocalPlan, Strategy
 
@@ -76,7 +75,7 @@ class PATE(Strategy):
 
     def aggregate(self, round_num: int, updates: dict[int, ClientResult]) -> None:
         votes = torch.from_numpy(sum(updates[c].arrays["votes"] for c in sorted(updates)))
-        gen = seeded_generator(self.seed, round_num, PHASE_SAMPLE, 3)
+        gen = self._noise(round_num, 3)
         if self.threshold > 0:
             labels, answered = confident_gnmax(
                 votes, self.threshold, self.sigma_threshold, self.sigma, gen

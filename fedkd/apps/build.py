@@ -88,6 +88,7 @@ def cohort_config(spec: Spec) -> CohortConfig:
         dp=dpsgd_settings(spec),
         teachers_per_client=spec.algorithm.teachers_per_client,
         label_histogram_noise=label_histogram_noise(spec),
+        noise_rng=spec.privacy.noise,
     )
 
 
@@ -123,7 +124,9 @@ def ledger_book(spec: Spec) -> LedgerBook | None:
         return None
     from fedkd.privacy.book import LedgerBook  # the accountants: seconds, server side only
 
-    return LedgerBook(delta=spec.privacy.delta, budget_epsilon=spec.privacy.budget)
+    return LedgerBook(
+        delta=spec.privacy.delta, budget_epsilon=spec.privacy.budget, noise_rng=spec.privacy.noise
+    )
 
 
 def hosted_clients(spec: Spec, partition_id: int, num_partitions: int) -> list[int]:
@@ -246,6 +249,7 @@ def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
         "held_class_count": spec.algorithm.held_class_count,
         "match_class_prior": spec.algorithm.match_class_prior,
         "server_student": server_student,
+        "noise_rng": spec.privacy.noise,
     }
     if spec.privacy.release_noise > 0:
         kwargs["release"] = GaussianRelease(

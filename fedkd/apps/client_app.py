@@ -4,11 +4,16 @@ Thin by design: it reads the spec, finds the node's clients, translates messages
 `CohortLearner` and results back into messages. Client students and optimizer states persist
 in the node's `context.state` (kept by the SuperNode / simulation engine between rounds, so a
 different Ray actor may serve the node next round).
+
+A ClientApp that reads its spec from Flower's run config and runs outside Flower's Ray
+simulation engine is a deployed SuperNode on real data: it refuses seeded noise (the spec, and
+so the seed, comes from the server), see docs/noise.md.
 """
 
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from collections.abc import Iterator, MutableMapping
 
@@ -23,18 +28,19 @@ from fedkd.apps.run_config import spec_from_run_config
 from fedkd.learner.cohort import ClientResult, CohortLearner
 from fedkd.learner.loop import ClassTeacher
 from fedkd.learner.vectorised import VectorisedCohortLearner
-from fedkd.spec import Spec
+from fedkd.spec import Spec, refuse_seeded_noise
 
 
 class NodeStateStore(MutableMapping[int, bytes]):
-    """Client states as bytes in the node's `context.state` (one ConfigRecord per client)."""
+    """Per-client bytes in the node's `context.state` (one ConfigRecord per client): client
+    states under the prefix "client", what a client released once under another."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, prefix: str = "client") -> None:
         self.state = context.state
+        self.prefix = f"{prefix}."
 
-    @staticmethod
-    def _key(client_id: int) -> str:
-        return f"client.{client_id}"
+    def _key(self, client_id: int) -> str:
+        return f"{self.prefix}{client_id}"
 
     def __getitem__(self, client_id: int) -> bytes:
         key = self._key(client_id)
@@ -49,7 +55,7 @@ class NodeStateStore(MutableMapping[int, bytes]):
         del self.state[self._key(client_id)]
 
     def __iter__(self) -> Iterator[int]:
-        return (int(k.split(".", 1)[1]) for k in self.state if k.startswith("client."))
+        return (int(k.split(".", 1)[1]) for k in self.state if k.startswith(self.prefix))
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -67,10 +73,13 @@ def _learner(spec: Spec, context: Context) -> CohortLearner:
     # The run's data, or (deployment, node config data-path) with the site's own private data.
     data = node_data(spec, context.node_config)
     config, store = cohort_config(spec), NodeStateStore(context)
+    released = NodeStateStore(context, "released")
     r = spec.resources
     if r.learner == "vectorised":
-        return VectorisedCohortLearner(data, config, store, device=r.device, precision=r.precision)
-    return CohortLearner(data, config, store)
+        return VectorisedCohortLearner(
+            data, config, store, released, device=r.device, precision=r.precision
+        )
+    return CohortLearner(data, config, store, released)
 
 
 def _peak_memory_mb() -> dict[str, float]:
@@ -165,12 +174,31 @@ def handle_export(spec: Spec, msg: Message, context: Context) -> Message:
     return _reply({"export": results}, None, msg)
 
 
+def in_simulation_engine() -> bool:
+    """Whether this process is a worker of Flower's Ray simulation engine.
+
+    Decided by the node's own process, which the server cannot influence: a deployed
+    SuperNode's ClientApp never runs inside Ray.
+    """
+    ray = sys.modules.get("ray")
+    return ray is not None and bool(ray.is_initialized())
+
+
+def spec_for_node(context: Context) -> Spec:
+    """The spec of the run config; a deployed node refuses one that asks for seeded noise."""
+    spec = spec_from_run_config(context.run_config)
+    if not in_simulation_engine():
+        refuse_seeded_noise(spec, "a deployed SuperNode")
+    return spec
+
+
 def make_client_app(spec: Spec | None = None) -> ClientApp:
-    """A ClientApp bound to `spec`, or (None) reading the spec from the run config."""
+    """A ClientApp bound to `spec` (in-process simulation), or (None) reading the spec from
+    the run config (`flwr run`, deployments: see `spec_for_node`)."""
     app = ClientApp()
 
     def _spec(context: Context) -> Spec:
-        return spec if spec is not None else spec_from_run_config(context.run_config)
+        return spec if spec is not None else spec_for_node(context)
 
     @app.query("hello")
     def hello(msg: Message, context: Context) -> Message:

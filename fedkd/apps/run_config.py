@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from fedkd.spec import Spec, load_spec
+from fedkd.spec import DEPLOYMENT_NOISE_RNG, Spec, load_spec, with_noise_rng
 
 APP_DIR = Path(__file__).resolve().parents[2]
 
@@ -25,12 +25,13 @@ def _cached(spec_path: str, overrides: str, out_dir: str) -> Spec:
     items = [item.strip() for item in overrides.split(";") if item.strip()]
     if out_dir:
         items.append(f'output.dir="{out_dir}"')
-    return load_spec(_resolve(spec_path), items)
+    return with_noise_rng(load_spec(_resolve(spec_path), items), DEPLOYMENT_NOISE_RNG)
 
 
 def spec_from_run_config(run_config: dict) -> Spec:
     """Run config keys: ``spec`` (path or "" for the default), ``overrides`` ("k=v;k=v"),
-    ``out-dir``."""
+    ``out-dir``. A spec that names no ``privacy.noise_rng`` gets secure noise here: a run on a
+    SuperLink may be a deployment on real data."""
     return _cached(
         str(run_config.get("spec", "")),
         str(run_config.get("overrides", "")),

@@ -36,6 +36,7 @@ from fedkd.learner.loop import (
 from fedkd.privacy.dpsgd import DpSgdSettings, train_dpsgd
 from fedkd.privacy.label_histogram import released_label_histogram
 from fedkd.privacy.ledger import DpSgdEvent
+from fedkd.privacy.noise import noise_source
 
 UPLOADS = ("logits", "class_logits", "weights", "votes", "none")
 # Digest metric: distillation made the client's student non-finite, and the digest was undone.
@@ -59,6 +60,8 @@ class CohortConfig:
     # Class-weighted teacher: noise std of the label histogram each client sends with its
     # logits (None: no histogram; 0: exact counts, only when nothing is private).
     label_histogram_noise: float | None = None
+    # Where the privacy mechanisms' noise comes from: "seeded" or "secure" (fedkd.privacy.noise).
+    noise_rng: str = "seeded"
 
 
 def dp_step_metrics(event: DpSgdEvent, steps_total: int) -> dict[str, float]:
@@ -91,14 +94,22 @@ class CohortLearner:
         Learning configuration shared by all clients of the run.
     states : MutableMapping[int, bytes]
         Where client states persist between phases and rounds (node state in Flower).
+    released : MutableMapping[int, bytes], optional
+        Where each client keeps what it released once and resends (its noisy label
+        histogram), persisting like `states`; default: a dict of this learner's own.
     """
 
     def __init__(
-        self, data: FederatedData, config: CohortConfig, states: MutableMapping[int, bytes]
+        self,
+        data: FederatedData,
+        config: CohortConfig,
+        states: MutableMapping[int, bytes],
+        released: MutableMapping[int, bytes] | None = None,
     ) -> None:
         self.data = data
         self.config = config
         self.states = states
+        self.released = {} if released is None else released
 
     # -- state ---------------------------------------------------------------------------------
     def _load(self, client_id: int) -> ClientState:
@@ -161,7 +172,7 @@ class CohortLearner:
                     epochs=private.epochs,
                     batch_size=private.batch_size,
                     settings=self.config.dp,
-                    generator=gen,
+                    generator=noise_source(self.config.noise_rng, lambda g=gen: g),
                     round_num=round_num,
                 )
                 state.dp_steps += event.steps
@@ -188,17 +199,22 @@ class CohortLearner:
         return results
 
     def label_histogram(self, cid: int) -> dict[str, np.ndarray]:
-        """``{"label_histogram": counts}`` when the teacher needs it, else ``{}``; the noise is
-        seeded per client (not per round): every round resends the same release."""
+        """``{"label_histogram": counts}`` when the teacher needs it, else ``{}``; drawn once
+        per client (not per round) and kept: every round resends the same release."""
         noise = self.config.label_histogram_noise
         if noise is None:
             return {}
+        kept = self.released.get(cid)
+        if kept is not None:
+            return {"label_histogram": np.frombuffer(kept, dtype=np.float32).copy()}
+        cfg = self.config
         counts = released_label_histogram(
             self.data.clients[cid].y_train,
             self.data.num_classes,
             noise,
-            seeded_generator(self.config.seed, cid, PHASE_HISTOGRAM),
+            noise_source(cfg.noise_rng, lambda: seeded_generator(cfg.seed, cid, PHASE_HISTOGRAM)),
         )
+        self.released[cid] = counts.tobytes()
         return {"label_histogram": counts}
 
     def _teacher_votes(self, round_num: int, cid: int, proxy_idx: np.ndarray) -> ClientResult:

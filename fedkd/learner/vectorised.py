@@ -71,6 +71,7 @@ from fedkd.learner.loop import (
 )
 from fedkd.models.zoo import build_model
 from fedkd.privacy.ledger import DpSgdEvent
+from fedkd.privacy.noise import noise_source
 
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
 
@@ -535,6 +536,8 @@ class VectorisedCohortLearner(CohortLearner):
     states : MutableMapping[int, bytes]
         Where client states persist between phases and rounds (node state in Flower); the same
         bytes as the loop learner's `ClientState.to_bytes`.
+    released : MutableMapping[int, bytes], optional
+        What each client released once and resends (see `CohortLearner`).
     device : str, default "auto"
         ``auto``, ``cpu`` or ``cuda`` (the device Ray assigned to this actor).
     precision : str, default "fp32"
@@ -553,13 +556,14 @@ class VectorisedCohortLearner(CohortLearner):
         data: FederatedData,
         config: CohortConfig,
         states: MutableMapping[int, bytes],
+        released: MutableMapping[int, bytes] | None = None,
         *,
         device: str = "auto",
         precision: str = "fp32",
         max_chunk: int | None = None,
         predict_rows: int = 32768,
     ) -> None:
-        super().__init__(data, config, states)
+        super().__init__(data, config, states, released)
         if precision not in PRECISIONS:
             raise ValueError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
         self.device = resolve_device(device)
@@ -772,15 +776,16 @@ class VectorisedCohortLearner(CohortLearner):
         # Imported here, like Opacus on the loop path: clients without DP never need it.
         from fedkd.privacy.vectorised_dpsgd import train_dp_sgd
 
-        settings, seed = self.config.dp, self.config.seed
+        settings, seed, rng = self.config.dp, self.config.seed, self.config.noise_rng
         step = self.config.private.for_round(round_num)
         x_all, y_all, offsets = self.dev.train
         cids = stack.client_ids
-        noise_generators = []
-        for c in cids:
+
+        def noise_generator(c: int) -> torch.Generator:  # seeded noise, drawn on the device
             gen = torch.Generator(device=self.device)
             gen.manual_seed(derive_seed(seed, round_num, c, PHASE_TRAIN, 1))
-            noise_generators.append(gen)
+            return gen
+
         with precision_context(self.precision, self.device):
             out = train_dp_sgd(
                 self._template(stack.arch),
@@ -795,8 +800,11 @@ class VectorisedCohortLearner(CohortLearner):
                 batch_size=step.batch_size,
                 max_grad_norm=settings.max_grad_norm,
                 noise_multiplier=settings.noise_for,  # calibrated per client, as in the loop
-                sample_generators=[seeded_generator(seed, round_num, c, PHASE_TRAIN) for c in cids],
-                noise_generators=noise_generators,
+                sample_generators=[
+                    noise_source(rng, lambda c=c: seeded_generator(seed, round_num, c, PHASE_TRAIN))
+                    for c in cids
+                ],
+                noise_generators=[noise_source(rng, lambda c=c: noise_generator(c)) for c in cids],
             )
         stack.params, stack.private_state = out.params, out.opt_state
         metrics = []

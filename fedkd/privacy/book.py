@@ -24,11 +24,17 @@ class LedgerBook:
         The delta every epsilon is reported at.
     budget_epsilon : float or None
         Per-client budget; None = no enforcement.
+    noise_rng : {"seeded", "secure"}, default "seeded"
+        Where the mechanisms' noise came from (`fedkd.privacy.noise`); recorded with the
+        ledgers: the epsilons of seeded noise hold for the simulation only.
     """
 
-    def __init__(self, delta: float, budget_epsilon: float | None = None) -> None:
+    def __init__(
+        self, delta: float, budget_epsilon: float | None = None, noise_rng: str = "seeded"
+    ) -> None:
         self.delta = delta
         self.budget_epsilon = budget_epsilon
+        self.noise_rng = noise_rng
         self.ledgers: dict[int, PrivacyLedger] = {}
         # Each client's events of the last round it took part in: the cost of one more round.
         self._last_round: dict[int, list[PrivacyEvent]] = {}
@@ -95,6 +101,7 @@ class LedgerBook:
         return {
             "delta": self.delta,
             "budget_epsilon": self.budget_epsilon,
+            "noise_rng": self.noise_rng,
             "stopped": sorted(self.stopped),
             "ledgers": {str(cid): led.to_dict() for cid, led in sorted(self.ledgers.items())},
         }

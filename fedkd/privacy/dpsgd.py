@@ -6,13 +6,23 @@ local training and removes Opacus's hooks afterwards, so a client that trains ag
 (sample rate = batch_size / n); the optimizer's state (momentum) is the wrapped optimizer's and
 persists. What is spent is returned as a ledger event; accounting happens in the ledger.
 Distillation on the public proxy set does not go through here: it touches no private data.
+
+Noise and Poisson sampling come from a `fedkd.privacy.noise.NoiseSource`. A seeded source hands
+its generator to Opacus, which draws as it always does. A secure source replaces the two places
+where Opacus draws randomness (Opacus's own ``secure_mode`` needs ``torchcsprng``, which has no
+build for current torch): the optimizer's ``add_noise`` (the same clipped sum plus
+``N(0, (noise_multiplier * max_grad_norm)^2)`` per coordinate, drawn from the source) and the
+Poisson batch sampler (Opacus's sampler, drawing its masks from the source, behind Opacus's
+own collate function for empty batches). Clipping, scaling and the hooks stay Opacus's.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedkd.privacy.ledger import DpSgdEvent, PrivacyEvent
+from fedkd.privacy.noise import NoiseSource, as_noise_source
 
 
 @dataclass(frozen=True)
@@ -84,22 +95,29 @@ def train_dpsgd(
     epochs: int,
     batch_size: int,
     settings: DpSgdSettings,
-    generator: torch.Generator,
+    generator: torch.Generator | NoiseSource,
     round_num: int = 0,
 ) -> tuple[dict[str, float], DpSgdEvent]:
-    """One round of DP-SGD local training; returns (mean loss, steps) and the ledger event."""
+    """One round of DP-SGD local training; returns (mean loss, steps) and the ledger event.
+
+    `generator` is the source of the noise and of the Poisson sampling: a seeded generator
+    (seeded noise) or a `fedkd.privacy.noise.NoiseSource` (module docstring).
+    """
     x = torch.as_tensor(x)
     y = torch.as_tensor(y)
+    source = as_noise_source(generator)
+    seeded = source.generator  # None: a secure source, fed to Opacus below
     sample_rate, steps_per_epoch = sample_rate_and_steps_per_epoch(len(y), batch_size)
     steps = steps_per_epoch * epochs
     sigma = settings.noise_for(sample_rate, steps_per_epoch)
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, generator=generator)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, generator=seeded)
     model.train()  # Opacus refuses a model left in eval mode (e.g. after computing logits)
     # Imported here: Opacus takes seconds to import, and a client without DP-SGD never needs it.
     from opacus import PrivacyEngine
 
     with warnings.catch_warnings():
-        # Reproducible runs use seeded generators on purpose, not Opacus's secure RNG.
+        # Opacus's secure RNG needs torchcsprng; fedkd's own source replaces it (module
+        # docstring), and a seeded run chose seeded noise in its spec.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: the ledger accounts
         private_model, private_opt, private_loader = engine.make_private(
@@ -109,8 +127,10 @@ def train_dpsgd(
             noise_multiplier=sigma,
             max_grad_norm=settings.max_grad_norm,
             poisson_sampling=True,
-            noise_generator=generator,
+            noise_generator=seeded,
         )
+    if seeded is None:
+        private_loader = _draw_from(source, private_opt, private_loader)
     try:
         with warnings.catch_warnings():
             # Opacus's hooks fire on module outputs when inputs need no grad: expected here.
@@ -125,6 +145,38 @@ def train_dpsgd(
         sample_rate=sample_rate, noise_multiplier=sigma, steps=steps, round=round_num
     )
     return {"loss": stats["loss"], "steps": float(steps)}, event
+
+
+def _draw_from(source: NoiseSource, optimizer: Any, loader: DataLoader) -> DataLoader:
+    """Make Opacus's optimizer draw its noise, and its Poisson loader its batches, from
+    `source`; returns the loader to iterate (module docstring)."""
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    class SourceSampler(UniformWithReplacementSampler):
+        def __iter__(self) -> Iterator[list[int]]:
+            for _ in range(self.steps):
+                yield (
+                    source.poisson_mask(self.num_samples, self.sample_rate)
+                    .nonzero()
+                    .flatten()
+                    .tolist()
+                )
+
+    def add_noise() -> None:  # DPOptimizer.add_noise, with the noise from `source`
+        std = optimizer.noise_multiplier * optimizer.max_grad_norm
+        for p in optimizer.params:
+            _check_processed_flag(p.summed_grad)
+            summed = p.summed_grad
+            noise = source.normal(summed.shape, dtype=summed.dtype, device=summed.device)
+            p.grad = (summed + std * noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = add_noise
+    sampler = SourceSampler(
+        num_samples=len(loader.dataset), sample_rate=loader.sample_rate, steps=len(loader)
+    )
+    return DataLoader(loader.dataset, batch_sampler=sampler, collate_fn=loader.collate_fn)
 
 
 def _epochs(

@@ -27,6 +27,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from fedkd.privacy.ledger import GaussianReleaseEvent
+from fedkd.privacy.noise import NoiseSource, as_noise_source
 
 __all__ = [
     "PrivateTeacher",
@@ -90,7 +91,7 @@ def private_sum_of_probabilities(
     client_probs: torch.Tensor,
     clip_norm: float,
     noise_multiplier: float,
-    generator: torch.Generator,
+    generator: torch.Generator | NoiseSource,
 ) -> torch.Tensor:
     """Clip each client's matrix, sum over clients, add Gaussian noise once.
 
@@ -102,8 +103,8 @@ def private_sum_of_probabilities(
         Per-client Frobenius clip norm.
     noise_multiplier : float
         Noise std divided by ``clip_norm``.
-    generator : torch.Generator
-        Source of the noise (seeded by the caller for reproducibility).
+    generator : torch.Generator or NoiseSource
+        Source of the noise (a generator: seeded noise, see :mod:`fedkd.privacy.noise`).
 
     Returns
     -------
@@ -112,9 +113,7 @@ def private_sum_of_probabilities(
     """
     _check_release_args(client_probs, clip_norm, noise_multiplier)
     total = clip_l2(client_probs, clip_norm).sum(dim=0)
-    noise = torch.randn(
-        total.shape, generator=generator, dtype=total.dtype, device=generator.device
-    ).to(total.device)
+    noise = as_noise_source(generator).normal(total.shape, dtype=total.dtype, device=total.device)
     return total + (noise_multiplier * clip_norm) * noise
 
 
@@ -122,7 +121,7 @@ def private_mean_teacher(
     client_probs: torch.Tensor,
     clip_norm: float,
     noise_multiplier: float,
-    generator: torch.Generator,
+    generator: torch.Generator | NoiseSource,
     min_prob: float = 1e-8,
 ) -> PrivateTeacher:
     """Noisy mean of the clipped client probabilities, as teacher probabilities and logits.
@@ -138,7 +137,7 @@ def private_mean_teacher(
         Per-client Frobenius clip norm.
     noise_multiplier : float
         Noise std divided by ``clip_norm``.
-    generator : torch.Generator
+    generator : torch.Generator or NoiseSource
         Source of the noise.
     min_prob : float, default 1e-8
         Floor applied before the log so the logits stay finite (a -inf logit turns the KL

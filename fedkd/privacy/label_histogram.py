@@ -7,9 +7,10 @@ the histogram has L2 sensitivity 1 under the add-or-remove-one-example relation 
 and Gaussian noise of std ``noise_std`` per count is a Gaussian mechanism with noise multiplier
 ``noise_std``.
 
-The caller seeds the noise by run and client only (not by round), so a client releases the
-*same* noisy histogram every round: sending a released value again is post-processing, and the
-server charges the release once, the first time it receives it.
+A client draws its noisy histogram once and releases the *same* one every round (seeded noise
+is seeded by run and client only, not by round; secure noise is drawn once and kept in the
+client's state): sending a released value again is post-processing, and the server charges the
+release once, the first time it receives it.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ import numpy as np
 import torch
 
 from fedkd.privacy.ledger import GaussianReleaseEvent
+from fedkd.privacy.noise import NoiseSource, as_noise_source
 
 __all__ = ["label_histogram_event", "released_label_histogram"]
 
 
 def released_label_histogram(
-    labels: np.ndarray, num_classes: int, noise_std: float, generator: torch.Generator
+    labels: np.ndarray,
+    num_classes: int,
+    noise_std: float,
+    generator: torch.Generator | NoiseSource,
 ) -> np.ndarray:
     """The client's count per class plus N(0, noise_std^2) noise on each (0: exact counts).
 
@@ -37,8 +42,9 @@ def released_label_histogram(
         Number of classes C.
     noise_std : float
         Noise std per count, >= 0 (the noise multiplier: the sensitivity is 1).
-    generator : torch.Generator
-        Source of the noise; seed it per client, not per round (module docstring).
+    generator : torch.Generator or NoiseSource
+        Source of the noise (a generator: seeded noise, see :mod:`fedkd.privacy.noise`);
+        draw it once per client, not per round (module docstring).
 
     Returns
     -------
@@ -51,7 +57,7 @@ def released_label_histogram(
     if len(counts) != num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got max {int(labels.max())}")
     if noise_std > 0:
-        counts = counts + noise_std * torch.randn(num_classes, generator=generator)
+        counts = counts + noise_std * as_noise_source(generator).normal(num_classes)
     return counts.numpy().astype(np.float32)
 
 

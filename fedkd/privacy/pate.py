@@ -33,6 +33,7 @@ import torch
 from scipy.special import log_ndtr, logsumexp
 
 from fedkd.privacy.ledger import PateQueryEvent
+from fedkd.privacy.noise import NoiseSource, as_noise_source
 
 __all__ = [
     "confident_gnmax",
@@ -87,13 +88,15 @@ def _check_sigma(name: str, sigma: float) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {sigma!r}")
 
 
-def _noise(shape: torch.Size, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, dtype=torch.float64, device=generator.device).to(
-        like.device
-    )
+def _noise(
+    shape: torch.Size, generator: torch.Generator | NoiseSource, like: torch.Tensor
+) -> torch.Tensor:
+    return as_noise_source(generator).normal(shape, dtype=torch.float64, device=like.device)
 
 
-def gnmax_aggregate(votes: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+def gnmax_aggregate(
+    votes: torch.Tensor, sigma: float, generator: torch.Generator | NoiseSource
+) -> torch.Tensor:
     """GNMax: the noisy arg-max of each query's vote histogram.
 
     Parameters
@@ -102,8 +105,8 @@ def gnmax_aggregate(votes: torch.Tensor, sigma: float, generator: torch.Generato
         Vote counts.
     sigma : float
         Noise std.
-    generator : torch.Generator
-        Noise source.
+    generator : torch.Generator or NoiseSource
+        Noise source (a generator: seeded noise, see :mod:`fedkd.privacy.noise`).
 
     Returns
     -------
@@ -121,7 +124,7 @@ def confident_gnmax(
     threshold: float,
     sigma1: float,
     sigma2: float,
-    generator: torch.Generator,
+    generator: torch.Generator | NoiseSource,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Confident-GNMax: answer a query only if its noisy max vote clears the threshold.
 
@@ -135,7 +138,7 @@ def confident_gnmax(
         Noise std of the threshold check.
     sigma2 : float
         Noise std of GNMax on answered queries.
-    generator : torch.Generator
+    generator : torch.Generator or NoiseSource
         Noise source (threshold noise drawn first, then GNMax noise for all queries).
 
     Returns

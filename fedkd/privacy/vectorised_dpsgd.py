@@ -10,7 +10,7 @@ client and step:
 3. Clipping: each example's gradient, flattened over *all* parameters, is scaled by
    ``min(1, max_grad_norm / (norm + 1e-6))`` (Opacus's factor).
 4. Sum over the batch, plus Gaussian noise ``N(0, (noise_multiplier * max_grad_norm)^2)`` per
-   coordinate, from the client's own seeded generator.
+   coordinate, from the client's own noise source (`fedkd.privacy.noise`).
 5. Division by the *expected* batch size ``int(n * sample_rate)`` (Opacus's convention for
    ``loss_reduction="mean"``), not by the realised one.
 
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedkd.privacy.dpsgd import sample_rate_and_steps_per_epoch
+from fedkd.privacy.noise import NoiseSource, as_noise_source
 
 Params = dict[str, Tensor]  # parameter name -> (K, *shape)
 
@@ -70,21 +71,23 @@ def poisson_plan(
     offsets: Sequence[int],
     sample_rates: Sequence[float],
     steps: Sequence[int],
-    generators: Sequence[torch.Generator],
+    generators: Sequence[torch.Generator | NoiseSource],
     device: torch.device | str = "cpu",
 ) -> PoissonPlan:
-    """Draw every client's Poisson batches: ``rand(n, generator) < sample_rate`` per step."""
+    """Draw every client's Poisson batches: ``rand(n) < sample_rate`` per step, from the
+    client's own source (a seeded generator or a `fedkd.privacy.noise.NoiseSource`)."""
+    sources = [as_noise_source(g) for g in generators]
     total = max(steps, default=0)
     index, mask = [], []
     active = torch.zeros((total, len(lengths)), dtype=torch.bool)
     for t in range(total):
         rows: list[Tensor] = []
         for k, (n, off, q, s, gen) in enumerate(
-            zip(lengths, offsets, sample_rates, steps, generators, strict=True)
+            zip(lengths, offsets, sample_rates, steps, sources, strict=True)
         ):
             if t < s:
                 active[t, k] = True
-                picked = torch.nonzero(torch.rand(int(n), generator=gen) < q).flatten()
+                picked = torch.nonzero(gen.poisson_mask(int(n), q)).flatten()
                 rows.append(picked + int(off))
             else:
                 rows.append(torch.zeros(0, dtype=torch.int64))
@@ -149,9 +152,12 @@ def clip_and_sum(grads: Params, mask: Tensor, max_grad_norm: float) -> Params:
 
 
 def add_noise(
-    summed: Params, std: float | Sequence[float], generators: Sequence[torch.Generator]
+    summed: Params,
+    std: float | Sequence[float],
+    generators: Sequence[torch.Generator | NoiseSource],
 ) -> Params:
-    """``summed + N(0, std_k^2)`` per coordinate, client k's noise from ``generators[k]``.
+    """``summed + N(0, std_k^2)`` per coordinate, client k's noise from ``generators[k]`` (a
+    seeded generator on the device of `summed`, or a `fedkd.privacy.noise.NoiseSource`).
 
     `std` is one value for every client or one per client (clients of different sizes get
     different calibrated noise multipliers).
@@ -166,7 +172,7 @@ def add_noise(
     noise = (
         torch.stack(
             [
-                torch.randn(sum(sizes), generator=gen, device=first.device, dtype=first.dtype)
+                as_noise_source(gen).normal(sum(sizes), dtype=first.dtype, device=first.device)
                 for gen in generators
             ]
         )
@@ -190,7 +196,7 @@ def dp_sgd_gradients(
     max_grad_norm: float,
     noise_multiplier: float | Sequence[float],
     expected_batch_sizes: Tensor | Sequence[float],
-    noise_generators: Sequence[torch.Generator],
+    noise_generators: Sequence[torch.Generator | NoiseSource],
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
 ) -> tuple[Params, Tensor]:
     """One DP-SGD gradient for each of K clients (what Opacus puts in ``p.grad``).
@@ -209,8 +215,8 @@ def dp_sgd_gradients(
         Noise std divided by C: one for all clients, or one per client.
     expected_batch_sizes : Tensor or sequence of float
         ``(K,)`` divisors (Opacus: ``int(n * sample_rate)``).
-    noise_generators : sequence of torch.Generator
-        One per client, on the device of `params`.
+    noise_generators : sequence of torch.Generator or NoiseSource
+        One per client (a generator on the device of `params`).
     loss_fn : callable, default cross-entropy
         Batch-mean loss, applied per example.
 
@@ -257,8 +263,8 @@ def train_dp_sgd(
     batch_size: int,
     max_grad_norm: float,
     noise_multiplier: float | Sequence[float] | Callable[[float, int], float],
-    sample_generators: Sequence[torch.Generator],
-    noise_generators: Sequence[torch.Generator],
+    sample_generators: Sequence[torch.Generator | NoiseSource],
+    noise_generators: Sequence[torch.Generator | NoiseSource],
 ) -> DpSgdRound:
     """A round of DP-SGD local training for K clients of one architecture.
 

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedkd.spec import Spec, SpecError, load_spec
+from fedkd.spec import Spec, SpecError, load_spec, refuse_seeded_noise
 
 app = typer.Typer(
     add_completion=False,
@@ -56,7 +56,10 @@ def _quiet_engine_logs() -> None:
 
 
 def simulate(spec: Spec, out_dir: Path, show_progress: bool = True) -> dict[str, Any]:
-    """Run `spec` on Flower's simulation engine (Ray backend); return the summary."""
+    """Run `spec` on Flower's simulation engine (Ray backend); return the summary.
+
+    A spec that names no ``privacy.noise_rng`` runs with seeded noise (recorded in spec.toml).
+    """
     from flwr.simulation import run_simulation
 
     from fedkd.apps.client_app import make_client_app
@@ -138,6 +141,12 @@ def run(
         f"{parsed.rounds} rounds, data {parsed.data.source} -> {escape(str(out_dir))}",
         highlight=False,
     )
+    if parsed.privacy.enabled(parsed.algorithm.name) and parsed.privacy.noise == "seeded":
+        console.print(
+            "privacy noise: seeded from the spec's seed (reproducible; its epsilons hold for "
+            'this simulation only; privacy.noise_rng = "secure" draws secret noise)',
+            highlight=False,
+        )
     summary = simulate(parsed, out_dir, show_progress=not quiet)
     final = summary["final"] or {}
     acc = final.get("server_test_acc")
@@ -174,6 +183,20 @@ def _fmt(value: Any, kind: str = "acc") -> str:
     return f"{value:.1f}"
 
 
+# Marks an epsilon of seeded noise in `fedkd report`.
+SIMULATION_ONLY = "sim-only"
+
+
+def _seeded_epsilon(epsilon: float | None, summary: dict[str, Any]) -> bool:
+    """An epsilon from seeded noise (runs made before the choice existed drew seeded noise)."""
+    return epsilon is not None and summary.get("noise_rng", "seeded") == "seeded"
+
+
+def _epsilon_cell(epsilon: float | None, summary: dict[str, Any]) -> str:
+    text = _fmt(epsilon, "eps")
+    return f"{text} {SIMULATION_ONLY}" if _seeded_epsilon(epsilon, summary) else text
+
+
 @app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders to compare")],
@@ -200,6 +223,7 @@ def report(
     ):
         table.add_column(col, justify="left" if col in ("run", "algorithm") else "right")
     curves = {}
+    simulation_only = False
     for run_dir in run_dirs:
         try:
             summary, rounds = read_run(run_dir)
@@ -221,8 +245,14 @@ def report(
             _fmt(final.get("client_local_acc_mean")),
             _fmt(sum(per_client) / len(per_client) if per_client else 0, "bytes"),
             _fmt(summary.get("total_bytes_up", 0), "bytes"),
-            _fmt(final.get("epsilon_max"), "eps"),
+            _epsilon_cell(final.get("epsilon_max"), summary),
             _fmt(summary.get("wall_s"), "s"),
+        )
+        simulation_only |= _seeded_epsilon(final.get("epsilon_max"), summary)
+    if simulation_only:
+        table.caption = (
+            f"{SIMULATION_ONLY}: seeded noise (privacy.noise_rng); anyone who knows the spec's "
+            "seed can remove it, so that epsilon holds for the simulation only (docs/noise.md)"
         )
     # In a terminal Rich fits the table to it; piped to a file or another program, nothing is cut.
     Console(width=None if sys.stdout.isatty() else 220).print(table)
@@ -282,6 +312,10 @@ def submit(
 
     overrides = list(set_ or [])
     parsed = _load(spec, overrides)  # the same one-line errors as `fedkd run`, before any upload
+    try:
+        refuse_seeded_noise(parsed, "fedkd submit")  # unset: secure (fedkd.apps.run_config)
+    except SpecError as err:
+        fail(str(err))
     if out and not Path(out).is_absolute():
         fail(f"--out: '{out}' is relative; give an absolute path on the ServerApp's machine")
     try:

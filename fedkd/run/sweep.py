@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import tomli_w
 
-from fedkd.spec import SWEEP_NONE, SWEEP_NONE_MEANS, SpecError, load_spec
+from fedkd.spec import SWEEP_NONE, SWEEP_NONE_MEANS, SpecError, load_spec, with_noise_rng
 
 __all__ = [
     "CSV_KEYS",
@@ -397,7 +397,9 @@ def run_sweep(
     expected = {}
     for point in points:  # every point is checked before any runs
         try:
-            expected[point.name] = load_spec(spec_path, base + point.overrides).to_dict()
+            point_spec = load_spec(spec_path, base + point.overrides)
+            # As a run records it in spec.toml: an unset noise_rng is the simulation's.
+            expected[point.name] = with_noise_rng(point_spec).to_dict()
         except SpecError as err:
             raise SpecError(f"sweep point {point.name}: {err}") from None
 
