@@ -49,6 +49,9 @@ __all__ = [
 
 NOISE_RNGS = ("seeded", "secure")
 
+Shape = Sequence[int] | torch.Size | int
+Device = torch.device | str | None
+
 _MANTISSA = (1 << 53) - 1  # low 53 bits of a 64-bit word: a uniform integer in [0, 2**53)
 _ULP = 2.0**-53
 
@@ -68,11 +71,7 @@ class NoiseSource(Protocol):
         ...
 
     def normal(
-        self,
-        shape: Sequence[int] | torch.Size | int,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
+        self, shape: Shape, *, dtype: torch.dtype = torch.float32, device: Device = None
     ) -> torch.Tensor:
         """Independent standard normal draws of `shape`, as `dtype` on `device`."""
         ...
@@ -100,11 +99,7 @@ class SeededNoise:
         self.generator = generator
 
     def normal(
-        self,
-        shape: Sequence[int] | torch.Size | int,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
+        self, shape: Shape, *, dtype: torch.dtype = torch.float32, device: Device = None
     ) -> torch.Tensor:
         """Standard normal draws (see :class:`NoiseSource`)."""
         gen = self.generator
@@ -134,7 +129,7 @@ class SecureNoise:
         cipher = Cipher(algorithms.ChaCha20(os.urandom(32), nonce), mode=None)
         self._stream = cipher.encryptor()
 
-    def _uniform53(self, n: int, device: torch.device | str | None) -> torch.Tensor:
+    def _uniform53(self, n: int, device: Device) -> torch.Tensor:
         """``(n,)`` float64 integers in ``[0, 2**53)`` (exactly representable), on `device`."""
         if n == 0:
             return torch.zeros(0, dtype=torch.float64, device=device)
@@ -143,11 +138,7 @@ class SecureNoise:
         return (words.to(device) & _MANTISSA).double()
 
     def normal(
-        self,
-        shape: Sequence[int] | torch.Size | int,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
+        self, shape: Shape, *, dtype: torch.dtype = torch.float32, device: Device = None
     ) -> torch.Tensor:
         """Standard normal draws by Box-Muller (see :class:`NoiseSource`)."""
         size = _size(shape)
@@ -164,7 +155,7 @@ class SecureNoise:
         return self._uniform53(int(n), "cpu") * _ULP < rate
 
 
-def _size(shape: Sequence[int] | torch.Size | int) -> torch.Size:
+def _size(shape: Shape) -> torch.Size:
     return torch.Size([shape]) if isinstance(shape, int) else torch.Size(shape)
 
 
