@@ -26,6 +26,7 @@ from fedkd.apps.run_config import spec_from_run_config
 from fedkd.data import load_federated_data
 from fedkd.learner.cohort import CohortConfig, CohortLearner
 from fedkd.learner.loop import OptimConfig, StepConfig, seeded_generator
+from fedkd.learner.vectorised import VectorisedCohortLearner
 from fedkd.privacy import noise as noise_module
 from fedkd.privacy.dpsgd import DpSgdSettings, train_dpsgd
 from fedkd.privacy.gaussian_release import private_sum_of_probabilities
@@ -145,16 +146,33 @@ def test_opacus_path_samples_and_noises_from_the_secure_source():
     assert seeded[0] == seeded_again[0] and torch.equal(seeded[1], seeded_again[1])
 
 
-def test_a_client_draws_its_secure_histogram_once_and_resends_it():
-    data = load_federated_data(source="digits", num_clients=3, proxy_size=50, seed=0)
-    config = CohortConfig(
+def _cohort_config(**kwargs) -> CohortConfig:
+    return CohortConfig(
         seed=0,
         arch_of=lambda cid: "mlp",
         private=StepConfig(optim=OptimConfig()),
         distill=StepConfig(optim=OptimConfig()),
-        label_histogram_noise=10.0,
-        noise_rng="secure",
+        **kwargs,
     )
+
+
+@pytest.mark.parametrize("learner", [CohortLearner, VectorisedCohortLearner])
+def test_both_learners_train_with_the_noise_their_config_names(learner):
+    data = load_federated_data(source="digits", num_clients=3, proxy_size=50, seed=0)
+    dp = DpSgdSettings(max_grad_norm=1.0, delta=1e-5, noise_multiplier=1.0)
+
+    def logits(noise_rng: str) -> np.ndarray:
+        cohort = learner(data, _cohort_config(dp=dp, noise_rng=noise_rng), {})
+        out = cohort.local_round(1, [0, 1, 2], "logits", np.arange(50))
+        return np.stack([out[c].arrays["logits"] for c in (0, 1, 2)])
+
+    np.testing.assert_array_equal(logits("seeded"), logits("seeded"))
+    assert not np.array_equal(logits("secure"), logits("secure"))
+
+
+def test_a_client_draws_its_secure_histogram_once_and_resends_it():
+    data = load_federated_data(source="digits", num_clients=3, proxy_size=50, seed=0)
+    config = _cohort_config(label_histogram_noise=10.0, noise_rng="secure")
     released: dict[int, bytes] = {}
     first = CohortLearner(data, config, {}, released).label_histogram(1)["label_histogram"]
     # A new learner on the same node state (the next round's message) resends the release.
