@@ -21,6 +21,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from fedkd import spec as spec_module
+from fedkd.apps.build import build_strategy, cohort_config, federated_data, ledger_book
 from fedkd.apps.client_app import spec_for_node
 from fedkd.apps.run_config import spec_from_run_config
 from fedkd.data import load_federated_data
@@ -231,6 +232,16 @@ def test_a_deployed_node_refuses_seeded_noise_and_defaults_to_secure(monkeypatch
     # simulate with seeded noise.
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: True))
     assert spec_for_node(seeded).privacy.noise_rng == "seeded"
+
+
+@pytest.mark.parametrize("noise_rng", ["seeded", "secure"])
+def test_the_spec_choice_reaches_clients_server_and_ledgers(noise_rng):
+    spec = load_spec(None, ["privacy.release_noise=1.0", f'privacy.noise_rng="{noise_rng}"'])
+    strategy = build_strategy(spec, federated_data(spec))
+    source = {"seeded": SeededNoise, "secure": SecureNoise}[noise_rng]
+    assert isinstance(strategy._noise(1, 2), source)
+    assert cohort_config(spec).noise_rng == noise_rng
+    assert ledger_book(spec).to_dict()["noise_rng"] == noise_rng
 
 
 # -- end to end: a DP quickstart, recorded and reported -------------------------------------------

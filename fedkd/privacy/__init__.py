@@ -1,4 +1,5 @@
-"""Privacy accounting core: ledger, accountant, Gaussian release, PATE, noise calibration.
+"""Privacy accounting core: ledger, accountant, Gaussian release, PATE, noise calibration, and
+where the mechanisms' noise comes from (seeded or secure).
 
 Plain torch/numpy on top of dp-accounting (composition) and Opacus (calibration); no Flower.
 Names are imported on first use: dp-accounting and Opacus take seconds to import, and a
@@ -21,6 +22,10 @@ _WHERE = {
     "private_mean_teacher": "gaussian_release",
     "private_sum_of_probabilities": "gaussian_release",
     "release_sensitivity": "gaussian_release",
+    "NoiseSource": "noise",
+    "SecureNoise": "noise",
+    "SeededNoise": "noise",
+    "noise_source": "noise",
     "label_histogram_event": "label_histogram",
     "released_label_histogram": "label_histogram",
     "DpSgdEvent": "ledger",
@@ -45,10 +50,13 @@ __all__ = [
     "DpSgdEvent",
     "EpsilonReport",
     "GaussianReleaseEvent",
+    "NoiseSource",
     "PateQueryEvent",
     "PrivacyEvent",
     "PrivacyLedger",
     "PrivateTeacher",
+    "SecureNoise",
+    "SeededNoise",
     "calibrate_noise_multiplier",
     "clip_l2",
     "compute_epsilon",
@@ -59,6 +67,7 @@ __all__ = [
     "gnmax_aggregate",
     "label_histogram_event",
     "log_q_gnmax",
+    "noise_source",
     "pate_query_event",
     "private_mean_teacher",
     "private_sum_of_probabilities",
