@@ -287,15 +287,19 @@ class Strategy:
         return released.logits
 
     def _class_weights(self, round_num: int, updates: dict[int, ClientResult]) -> torch.Tensor:
-        """The clients' released label histograms (K, C); charges each client's release once."""
+        """The clients' released label histograms (K, C); charges each release once: a client's
+        first, and any that differs from the one it sent before (a client that lost its node
+        state redraws its noise, which is a new release)."""
         if any("label_histogram" not in updates[c].arrays for c in updates):
             raise ValueError(
                 f"teacher '{self.teacher}' needs every client's label_histogram with its logits"
             )
         if self.histogram_noise:
-            for cid in sorted(set(updates) - set(self._histograms)):  # first release: charge
-                event = label_histogram_event(self.histogram_noise, round_num)
-                self._one_time_events.setdefault(cid, []).append(event)
+            for cid in sorted(updates):
+                sent, before = updates[cid].arrays["label_histogram"], self._histograms.get(cid)
+                if before is None or not np.array_equal(sent, before):  # a new release: charge
+                    event = label_histogram_event(self.histogram_noise, round_num)
+                    self._one_time_events.setdefault(cid, []).append(event)
         self._histograms.update({c: updates[c].arrays["label_histogram"] for c in updates})
         histograms, _ = stack_uploads(updates, "label_histogram")
         return histograms

@@ -25,7 +25,7 @@ from fedkd.apps.build import build_strategy, cohort_config, federated_data, ledg
 from fedkd.apps.client_app import spec_for_node
 from fedkd.apps.run_config import spec_from_run_config
 from fedkd.data import load_federated_data
-from fedkd.learner.cohort import CohortConfig, CohortLearner
+from fedkd.learner.cohort import ClientResult, CohortConfig, CohortLearner
 from fedkd.learner.loop import OptimConfig, StepConfig, seeded_generator
 from fedkd.learner.vectorised import VectorisedCohortLearner
 from fedkd.privacy import noise as noise_module
@@ -181,6 +181,27 @@ def test_a_client_draws_its_secure_histogram_once_and_resends_it():
     np.testing.assert_array_equal(first, again)
     other_run = CohortLearner(data, config, {}).label_histogram(1)["label_histogram"]
     assert not np.array_equal(first, other_run)
+
+
+def test_the_server_charges_a_redrawn_histogram_as_a_new_release():
+    spec = load_spec(None, ['algorithm.teacher="class_weighted"', "privacy.histogram_noise=10"])
+    strategy = build_strategy(spec, federated_data(spec))
+
+    def charged(rnd: int, histograms: dict[int, list[float]]) -> dict[int, int]:
+        updates = {
+            c: ClientResult(
+                arrays={"label_histogram": np.array(h, dtype=np.float32)},
+                metrics={"num_examples": 10.0},
+            )
+            for c, h in histograms.items()
+        }
+        strategy._class_weights(rnd, updates)
+        return {c: len(e) for c, e in strategy.one_time_events(rnd).items()}
+
+    assert charged(1, {0: [1, 2], 1: [3, 4]}) == {0: 1, 1: 1}
+    assert charged(2, {0: [1, 2], 1: [3, 4]}) == {}  # resent: post-processing, free
+    # Client 1 lost its node state and drew fresh secure noise: a second release.
+    assert charged(3, {0: [1, 2], 1: [5, 4]}) == {1: 1}
 
 
 # -- where each default applies, and who refuses seeded noise -------------------------------------
