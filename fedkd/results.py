@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import fedkd
+from fedkd.provenance import run_provenance
 from fedkd.spec import Spec
 
 # Per-round keys every metrics.jsonl line carries (null where not applicable).
@@ -78,6 +79,7 @@ class RunRecorder:
         self.spec = spec
         self.rounds: list[dict[str, Any]] = []
         self.started = time.perf_counter()
+        self.provenance = run_provenance()  # the code as the run starts (fedkd.provenance)
         (self.dir / "spec.toml").write_text(spec.to_toml())
 
     def record_round(self, metrics: dict[str, Any]) -> None:
@@ -113,6 +115,7 @@ class RunRecorder:
             "total_clients_failed": sum(r["clients_failed"] for r in self.rounds),
             "wall_s": time.perf_counter() - self.started,
             "fedkd_version": fedkd.__version__,
+            "provenance": self.provenance,
         }
         self.write_extra("summary.json", summary)
         if self.spec.output.plots and self.rounds:
