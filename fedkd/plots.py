@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedkd.stats import describe  # noqa: E402
+
 
 def _series(rounds: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     pts = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
@@ -58,13 +60,6 @@ def plot_run(rounds: list[dict[str, Any]], out_dir: Path, title: str = "") -> li
     return out
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float | None]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-
-
 def plot_comparison(
     groups: dict[str, list[list[dict[str, Any]]]], path: Path, key: str = "server_test_acc"
 ) -> Path:
@@ -81,7 +76,7 @@ def plot_comparison(
             for rnd, value in zip(*_series(rounds, metric), strict=True):
                 per_round.setdefault(rnd, []).append(value)
         x = sorted(per_round)
-        stats = [_mean_sd(per_round[r]) for r in x]
+        stats = [(s.mean, s.sd) for s in (describe(per_round[r]) for r in x)]
         n = max((len(v) for v in per_round.values()), default=0)
         (line,) = ax.plot(
             x, [m for m, _ in stats], style, marker="o", ms=3, label=f"{label} (n={n})"

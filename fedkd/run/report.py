@@ -3,15 +3,14 @@
 Runs whose ``spec.toml`` agree on every key but ``seed``, ``name``, ``output`` and ``sweep``
 are one group: the same experiment with different seeds. Each headline metric of a group is
 reported as its number of runs, mean, sample standard deviation (n - 1) and 95% confidence
-interval of the mean from Student's t distribution (scipy, a dependency of opacus and
-scikit-learn). A group of one run has no spread: its sd and interval are None (printed n/a).
+interval of the mean from Student's t distribution (`fedkd.stats`). A group of one run has no
+spread: its sd and interval are None (printed n/a).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 import re
 import tomllib
 from collections.abc import Callable
@@ -22,12 +21,12 @@ from typing import Any
 from fedkd.provenance import commit_label, machine_label
 from fedkd.results import read_run
 
-# The sweep's comparison of specs, and the keys that label or file a run: also not compared.
+# The sweep's flattening of specs, and its keys that label or file a run (not compared).
 from fedkd.run.sweep import _NOT_COMPARED, _flat
+from fedkd.stats import CONFIDENCE, Stats, describe
 
 # Keys a seed-only difference may change (besides what the sweep already ignores).
 NOT_GROUPED = frozenset({"seed"})
-CONFIDENCE = 0.95
 
 
 @dataclass
@@ -72,37 +71,6 @@ METRICS = (
     Metric("bytes_up_per_client_round", _up_per_client_round, "bytes"),
     Metric("wall_s", lambda run: run.summary.get("wall_s"), "s"),
 )
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Mean, sample sd and a t confidence interval of the mean over `n` values."""
-
-    n: int
-    mean: float | None
-    sd: float | None
-    ci_low: float | None
-    ci_high: float | None
-
-
-def t_quantile(p: float, dof: int) -> float:
-    """The `p` quantile of Student's t distribution with `dof` degrees of freedom."""
-    from scipy.stats import t
-
-    return float(t.ppf(p, dof))
-
-
-def describe(values: list[float]) -> Stats:
-    """`Stats` of `values`: None for what they cannot give (no values; sd and CI of one)."""
-    n = len(values)
-    if n == 0:
-        return Stats(0, None, None, None, None)
-    mean = math.fsum(values) / n
-    if n == 1:
-        return Stats(1, mean, None, None, None)
-    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    half = t_quantile(0.5 + CONFIDENCE / 2, n - 1) * sd / math.sqrt(n)
-    return Stats(n, mean, sd, mean - half, mean + half)
 
 
 @dataclass
