@@ -8,9 +8,11 @@ caller left set: a float sum split over another number of threads rounds differe
 
 import json
 import os
+import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,6 +90,19 @@ def test_the_server_process_computes_with_the_specs_thread_count(tmp_path):
     finally:
         torch.set_num_threads(1)
     assert _strip(two) == _strip(one)
+
+
+def test_no_result_depends_on_the_global_random_state(tmp_path):
+    # A long-lived Ray worker's global RNGs hold whatever its earlier work left: Opacus's
+    # sampling and noise, inits, shifts and self-training must draw from seeded generators.
+    settings = [f"{k}={v}" for k, v in DP_FEDDF.items()]
+    rows = []
+    for state in (0, 1):
+        torch.manual_seed(state)
+        np.random.seed(state)
+        random.seed(state)
+        rows.append(_strip(run_inprocess(tmp_path, settings, name=f"state{state}")[2]))
+    assert rows[0] == rows[1]
 
 
 @pytest.fixture(scope="module")
