@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedkd.stats import describe  # noqa: E402
+
 
 def _series(rounds: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     pts = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
@@ -59,18 +61,40 @@ def plot_run(rounds: list[dict[str, Any]], out_dir: Path, title: str = "") -> li
 
 
 def plot_comparison(
-    runs: dict[str, list[dict[str, Any]]], path: Path, key: str = "server_test_acc"
+    groups: dict[str, list[list[dict[str, Any]]]], path: Path, key: str = "server_test_acc"
 ) -> Path:
-    """One curve per run (falls back to the clients' mean where a run has no server model)."""
+    """One curve per group of runs (seeds of one setting): the mean over its runs per round,
+    with a band of plus and minus the sample standard deviation where two or more runs have
+    the round. Falls back to the clients' mean where a group has no server model."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, rounds in runs.items():
-        x, y = _series(rounds, key)
-        style = "-"
-        if not x:
-            x, y = _series(rounds, "client_test_acc_mean")
-            style, label = "--", f"{label} (clients' mean)"
-        ax.plot(x, y, style, marker="o", ms=3, label=label)
-    ax.set(xlabel="round", ylabel="global test accuracy", title="comparison")
+    for label, runs in groups.items():
+        metric, style = key, "-"
+        if not any(_series(rounds, key)[0] for rounds in runs):
+            metric, style, label = "client_test_acc_mean", "--", f"{label} (clients' mean)"
+        per_round: dict[int, list[float]] = {}
+        for rounds in runs:
+            for rnd, value in zip(*_series(rounds, metric), strict=True):
+                per_round.setdefault(rnd, []).append(value)
+        x = sorted(per_round)
+        stats = [(s.mean, s.sd) for s in (describe(per_round[r]) for r in x)]
+        n = max((len(v) for v in per_round.values()), default=0)
+        (line,) = ax.plot(
+            x, [m for m, _ in stats], style, marker="o", ms=3, label=f"{label} (n={n})"
+        )
+        banded = [(r, m, sd) for r, (m, sd) in zip(x, stats, strict=True) if sd is not None]
+        if banded:
+            ax.fill_between(
+                [b[0] for b in banded],
+                [b[1] - b[2] for b in banded],
+                [b[1] + b[2] for b in banded],
+                color=line.get_color(),
+                alpha=0.15,
+            )
+    ax.set(
+        xlabel="round",
+        ylabel="global test accuracy",
+        title="comparison: mean over seeds, band ± sample sd",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

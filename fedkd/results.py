@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import fedkd
+from fedkd.provenance import run_provenance
 from fedkd.spec import Spec, with_noise_rng
 
 # Per-round keys every metrics.jsonl line carries (null where not applicable).
@@ -78,6 +79,7 @@ class RunRecorder:
         self.spec = with_noise_rng(spec)  # as run: an unset noise source is the simulation's
         self.rounds: list[dict[str, Any]] = []
         self.started = time.perf_counter()
+        self.provenance = run_provenance()  # the code as the run starts (fedkd.provenance)
         (self.dir / "spec.toml").write_text(self.spec.to_toml())
 
     def record_round(self, metrics: dict[str, Any]) -> None:
@@ -116,6 +118,7 @@ class RunRecorder:
             # Where the privacy mechanisms' noise came from (docs/noise.md): "seeded" epsilons
             # hold for the simulation only.
             "noise_rng": self.spec.privacy.noise,
+            "provenance": self.provenance,
         }
         self.write_extra("summary.json", summary)
         if self.spec.output.plots and self.rounds:

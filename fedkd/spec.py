@@ -215,6 +215,16 @@ class ResourcesSpec:
     learner: str = "loop"
     # Vectorised learner only: "fp32", "tf32" (TF32 matmuls/convolutions on CUDA) or "bf16".
     precision: str = "fp32"
+    # Torch intra-op threads in every node and in the server process (0: one per CPU of
+    # num_cpus, at least 1). Fixed, not left to the machine or the environment: a float sum
+    # split over another number of threads rounds differently, and the same seed then gives
+    # other numbers.
+    num_threads: int = 0
+
+    @property
+    def torch_threads(self) -> int:
+        """The intra-op thread count the run uses (``num_threads``, or derived from num_cpus)."""
+        return self.num_threads or max(1, int(self.num_cpus))
 
 
 @dataclass
@@ -491,6 +501,7 @@ def validate(spec: Spec) -> Spec:
     _positive("resources.num_gpus", r.num_gpus, zero_ok=True)
     _one_of("resources.device", r.device, ("auto", "cpu", "cuda"))
     _positive("resources.round_timeout", r.round_timeout)
+    _positive("resources.num_threads", r.num_threads, zero_ok=True)
     _one_of("resources.learner", r.learner, LEARNERS)
     _one_of("resources.precision", r.precision, PRECISIONS)
     if r.precision != "fp32" and r.learner != "vectorised":

@@ -69,7 +69,8 @@ def _node_clients(spec: Spec, context: Context) -> list[int]:
 
 def _learner(spec: Spec, context: Context) -> CohortLearner:
     """The node's cohort learner: the per-client loop, or torch.func over stacked clients."""
-    torch.set_num_threads(max(1, int(spec.resources.num_cpus)))
+    # A long-lived Ray worker may have served other runs: set the count every time.
+    torch.set_num_threads(spec.resources.torch_threads)
     # The run's data, or (deployment, node config data-path) with the site's own private data.
     data = node_data(spec, context.node_config)
     config, store = cohort_config(spec), NodeStateStore(context)

@@ -308,6 +308,9 @@ def run_rounds(
 ) -> dict[str, Any]:
     """The whole run; returns the summary. Finished rounds are on disk whatever happens."""
     _poll_replies_faster(grid)
+    # The server student and the teachers compute here: the spec's thread count, not the
+    # machine's or the environment's (see resources.num_threads).
+    torch.set_num_threads(spec.resources.torch_threads)
     try:
         summary = _run_rounds(grid, spec, recorder, on_round)
     except Exception as err:

@@ -13,7 +13,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from fedkd.spec import Spec, SpecError, load_spec, refuse_seeded_noise
 
@@ -168,97 +167,43 @@ def run(
         )
 
 
-def _fmt(value: Any, kind: str = "acc") -> str:
-    if value is None:
-        return "-"
-    if kind == "acc":
-        return f"{value:.4f}"
-    if kind == "bytes":
-        for unit in ("B", "kB", "MB", "GB"):
-            if abs(value) < 1000 or unit == "GB":
-                return f"{value:.1f} {unit}" if unit != "B" else f"{value:.0f} B"
-            value /= 1000
-    if kind == "eps":
-        return f"{value:.3f}"
-    return f"{value:.1f}"
-
-
-# Marks an epsilon of seeded noise in `fedkd report`.
-SIMULATION_ONLY = "sim-only"
-
-
-def _seeded_epsilon(epsilon: float | None, summary: dict[str, Any]) -> bool:
-    """An epsilon from seeded noise (runs made before the choice existed drew seeded noise)."""
-    return epsilon is not None and summary.get("noise_rng", "seeded") == "seeded"
-
-
-def _epsilon_cell(epsilon: float | None, summary: dict[str, Any]) -> str:
-    text = _fmt(epsilon, "eps")
-    return f"{text} {SIMULATION_ONLY}" if _seeded_epsilon(epsilon, summary) else text
+REPORT_FORMATS = ("table", "md", "csv")
 
 
 @app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders to compare")],
     plot: Annotated[Path | None, typer.Option(help="Comparison plot (PNG) path")] = None,
+    format_: Annotated[
+        str,
+        typer.Option("--format", help="table (terminal), md (Markdown) or csv, on stdout"),
+    ] = "table",
 ) -> None:
-    """Print a comparison table of runs and draw their accuracy curves on one plot."""
+    """Group runs that differ only by seed; print each group's mean, sd and 95% CI per metric
+    with its commits, and draw the mean accuracy curves with a band of one sd."""
     from fedkd.plots import plot_comparison
-    from fedkd.results import read_run
+    from fedkd.run.report import csv_text, group_runs, load_run, markdown, rich_table
 
-    table = Table(title="fedkd runs")
-    for col in (
-        "run",
-        "algorithm",
-        "rounds",
-        "server acc",
-        "best server",
-        "teacher acc",
-        "clients mean",
-        "clients local",
-        "up/client/round",
-        "total up",
-        "eps max",
-        "wall s",
-    ):
-        table.add_column(col, justify="left" if col in ("run", "algorithm") else "right")
-    curves = {}
-    simulation_only = False
+    if format_ not in REPORT_FORMATS:
+        fail(f"--format: '{format_}' is not one of {', '.join(REPORT_FORMATS)}")
+    runs = []
     for run_dir in run_dirs:
         try:
-            summary, rounds = read_run(run_dir)
+            runs.append(load_run(run_dir))
         except FileNotFoundError as err:
             fail(str(err))
-        final = rounds[-1] if rounds else {}
-        per_client = [r["bytes_up_per_client"] for r in rounds if r["clients_ok"]]
-        name = summary.get("spec_name", run_dir.name)
-        label = name if name not in curves else run_dir.name
-        curves[label] = rounds
-        table.add_row(
-            label,
-            summary.get("algorithm", "?"),
-            str(len(rounds)),
-            _fmt(final.get("server_test_acc")),
-            _fmt(summary.get("best_server_test_acc")),
-            _fmt(final.get("teacher_test_acc")),
-            _fmt(final.get("client_test_acc_mean")),
-            _fmt(final.get("client_local_acc_mean")),
-            _fmt(sum(per_client) / len(per_client) if per_client else 0, "bytes"),
-            _fmt(summary.get("total_bytes_up", 0), "bytes"),
-            _epsilon_cell(final.get("epsilon_max"), summary),
-            _fmt(summary.get("wall_s"), "s"),
-        )
-        simulation_only |= _seeded_epsilon(final.get("epsilon_max"), summary)
-    if simulation_only:
-        table.caption = (
-            f"{SIMULATION_ONLY}: seeded noise (privacy.noise_rng); anyone who knows the spec's "
-            "seed can remove it, so that epsilon holds for the simulation only (docs/noise.md)"
-        )
-    # In a terminal Rich fits the table to it; piped to a file or another program, nothing is cut.
-    Console(width=None if sys.stdout.isatty() else 220).print(table)
+    groups = group_runs(runs)
+    if format_ == "md":
+        command = " ".join(["fedkd report --format md", *(str(d) for d in run_dirs)])
+        sys.stdout.write(markdown(groups, command))
+    elif format_ == "csv":
+        sys.stdout.write(csv_text(groups))
+    else:
+        # In a terminal Rich fits the table to it; piped elsewhere, nothing is cut.
+        Console(width=None if sys.stdout.isatty() else 220).print(rich_table(groups))
     path = plot or Path(run_dirs[0]).parent / "report.png"
-    plot_comparison(curves, path)
-    console.print(f"plot: {path}", highlight=False)
+    plot_comparison({g.label: [r.rounds for r in g.runs] for g in groups}, path)
+    console.print(f"plot: {path} (mean over seeds, band ± sample sd)", highlight=False)
 
 
 @app.command()
