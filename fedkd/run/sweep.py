@@ -369,7 +369,8 @@ def select_by_validation(
         ``key=value,...``); ``seeds`` (completed runs of it); ``candidates`` (settings with a
         validation score); ``selected_by``; ``val_acc`` (its mean over seeds, the score the
         pick maximises; ties go to the first in grid order); ``test_acc`` and ``test_acc_sd``
-        (mean and sample sd over seeds of ``test_acc_at_best_val_round``); ``epsilon_max``
+        (mean and sample sd over seeds of ``test_acc_at_best_val_round``; no sd from one
+        seed); ``epsilon_max``
         (mean); and, as a diagnostic that took no part in the pick, ``test_selected_pick`` and
         ``test_selected_test_acc`` (the setting with the best mean test accuracy). Settings
         scored by different validation metrics are not compared: such a budget gets no pick.
@@ -399,7 +400,7 @@ def select_by_validation(
             seeds=len(settings[pick]),
             val_acc=val[pick],
             test_acc=_mean(tests),
-            test_acc_sd=_seed_sd(tests) if tests else None,
+            test_acc_sd=_seed_sd(tests) if len(tests) > 1 else None,
             epsilon_max=_mean(_values(settings[pick], "epsilon_max")),
         )
         tested = {
