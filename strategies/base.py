@@ -340,6 +340,7 @@ class Strategy:
         return self.server_student.accuracy(x, y)
 
     def server_test_acc(self) -> float | None:
+        """The global model on the global test set; None without one."""
         return self.global_model_accuracy(self.data.test_x, self.data.test_y)
 
     def server_val_acc(self) -> float | None:
