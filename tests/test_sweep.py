@@ -259,6 +259,7 @@ def test_selection_picks_by_validation_within_each_budget_never_by_test():
     assert first["test_selected_pick"] == "lr=0.5"
     assert first["test_selected_test_acc"] == pytest.approx(0.91)
     assert second["pick"] == "lr=0.1" and second["test_acc"] == pytest.approx(0.70)
+    assert second["seeds"] == 1 and second["test_acc_sd"] is None  # no spread from one seed
 
     # Unfinished points and points without a validation score take no part; scores of
     # different validation metrics are not compared.
@@ -275,7 +276,9 @@ def test_sweep_over_a_tiny_grid_selects_within_each_budget(tmp_path):
         tmp_path, '{ "privacy.noise_multiplier" = [1.0, "none"], "distill.lr" = [0.001, 0.1] }'
     )
     out = tmp_path / "out"
-    rows = run_sweep(spec, out, runner=InProcessRunner(), echo=lambda _: None)
+    # Named explicitly (the default would be the same key); the points' specs drop it.
+    within = ['sweep.select_within=["privacy.noise_multiplier"]']
+    rows = run_sweep(spec, out, overrides=within, runner=InProcessRunner(), echo=lambda _: None)
     for r in rows:  # every point reports its validation-selected round
         summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
         assert r["selected_by"] == summary["selected_by"] == "client_val_acc_mean"
