@@ -225,7 +225,6 @@ def build_federated_data(
             "enough for the clients"
         )
     _check_fraction("data.local_test_fraction", local_test_fraction)
-
     _check_fraction("data.validation_fraction", validation_fraction)
     if local_test_fraction + validation_fraction >= 1:
         raise DataError(
@@ -395,7 +394,9 @@ def _load_federated_data_cached(
     )
 
 
-def held_out_counts(n: int, test_fraction: float, validation_fraction: float) -> tuple[int, ...]:
+def held_out_counts(
+    n: int, test_fraction: float, validation_fraction: float
+) -> tuple[int, int, int]:
     """How a client's ``n`` shuffled examples divide into training, validation and local test.
 
     Parameters
