@@ -22,19 +22,21 @@ def plot_run(rounds: list[dict[str, Any]], out_dir: Path, title: str = "") -> li
     """accuracy.png, bytes.png and (with DP) epsilon.png for one run."""
     out: list[Path] = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (
-        ("server_test_acc", "server model"),
-        ("teacher_test_acc", "teacher (ensemble)"),
-        ("client_test_acc_mean", "clients (mean)"),
+    for key, label, style in (
+        ("server_test_acc", "server model", "-"),
+        ("teacher_test_acc", "teacher (ensemble)", "-"),
+        ("client_test_acc_mean", "clients (mean)", "-"),
+        ("server_val_acc", "server model, validation", "--"),
+        ("client_val_acc_mean", "clients (mean), validation", "--"),
     ):
         x, y = _series(rounds, key)
         if x:
-            ax.plot(x, y, marker="o", ms=3, label=label)
+            ax.plot(x, y, style, marker="o", ms=3, label=label)
     x, lo = _series(rounds, "client_test_acc_min")
     _, hi = _series(rounds, "client_test_acc_max")
     if x and len(lo) == len(hi):
         ax.fill_between(x, lo, hi, alpha=0.15, label="clients (min-max)")
-    ax.set(xlabel="round", ylabel="global test accuracy", title=f"{title}: accuracy")
+    ax.set(xlabel="round", ylabel="accuracy (test; dashed: validation)", title=f"{title}: accuracy")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     out.append(_save(fig, out_dir / "accuracy.png"))

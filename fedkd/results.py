@@ -3,7 +3,8 @@
 - ``spec.toml``: the spec exactly as run, defaults filled in.
 - ``metrics.jsonl``: one JSON object per round, appended and flushed as each round ends, so a
   crash never loses a finished round.
-- ``summary.json``: the last round's metrics and run totals.
+- ``summary.json``: the last round's metrics, run totals, and the round selected on validation
+  data with its test accuracy (the reported result).
 - ``*.png``: accuracy, bytes and (with DP) epsilon per round.
 """
 
@@ -37,6 +38,8 @@ ROUND_KEYS = (
     "clients_ok",
     "clients_failed",
     "wall_s",
+    "server_val_acc",
+    "client_val_acc_mean",
 )
 SUMMARY_KEYS = (
     "spec_name",
@@ -49,7 +52,60 @@ SUMMARY_KEYS = (
     "total_clients_failed",
     "wall_s",
     "fedkd_version",
+    "best_round_by_val",
+    "selected_by",
+    "best_val_acc",
+    "test_acc_at_best_val_round",
+    "test_acc_metric",
+    "best_server_test_acc_test_selected",
 )
+# Validation metrics a round is selected by, in order of preference (docs/validation.md).
+VALIDATION_KEYS = ("server_val_acc", "client_val_acc_mean")
+
+
+def select_round_by_validation(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round a run reports, chosen on validation data only.
+
+    Parameters
+    ----------
+    rounds : list of dict
+        The run's metrics rows.
+
+    Returns
+    -------
+    dict
+        ``selected_by``: ``server_val_acc`` where any round has it (the server's model on the
+        proxy validation slice), else ``client_val_acc_mean`` (the clients' students on their
+        own validation slices), else None; ``best_round_by_val``: the first round with the
+        highest value of it; ``best_val_acc``: that value; ``test_acc_metric``:
+        ``server_test_acc`` where the run has a global model, else ``client_test_acc_mean``;
+        ``test_acc_at_best_val_round``: that metric at the selected round. All None when no
+        round has a validation metric.
+    """
+    test_key = (
+        "server_test_acc"
+        if any(r.get("server_test_acc") is not None for r in rounds)
+        else "client_test_acc_mean"
+    )
+    out: dict[str, Any] = {
+        "best_round_by_val": None,
+        "selected_by": None,
+        "best_val_acc": None,
+        "test_acc_at_best_val_round": None,
+        "test_acc_metric": test_key,
+    }
+    for key in VALIDATION_KEYS:
+        scored = [r for r in rounds if r.get(key) is not None]
+        if scored:
+            best = max(scored, key=lambda r: r[key])  # the first of equals: the earliest round
+            out.update(
+                best_round_by_val=best["round"],
+                selected_by=key,
+                best_val_acc=best[key],
+                test_acc_at_best_val_round=best.get(test_key),
+            )
+            break
+    return out
 
 
 def default_run_dir(spec: Spec, root: str | Path = "runs") -> Path:
@@ -107,7 +163,10 @@ class RunRecorder:
             "status": status,
             "error": error,
             "final": self.rounds[-1] if self.rounds else None,
+            # Chosen by test accuracy: a diagnostic of how high the curve went, not a result
+            # (best_server_test_acc_test_selected is the same number under a name that says so).
             "best_server_test_acc": max(server_accs) if server_accs else None,
+            "best_server_test_acc_test_selected": max(server_accs) if server_accs else None,
             "total_bytes_up": sum(r["bytes_up"] for r in self.rounds),
             "total_bytes_down": sum(r["bytes_down"] for r in self.rounds),
             # Client-rounds lost to crashes, timeouts or non-finite uploads: a run that lost
@@ -119,6 +178,8 @@ class RunRecorder:
             # hold for the simulation only.
             "noise_rng": self.spec.privacy.noise,
             "provenance": self.provenance,
+            # The result: the round selected on validation data, and its test accuracy.
+            **select_round_by_validation(self.rounds),
         }
         self.write_extra("summary.json", summary)
         if self.spec.output.plots and self.rounds:

@@ -56,6 +56,12 @@ class DataSpec:
     classes_per_client: int = 2
     proxy_size: int = 500
     local_test_fraction: float = 0.1
+    # Each client's validation slice, taken from its training data (0 = none): rounds and
+    # hyperparameters are selected on it, never on a test set (docs/validation.md).
+    validation_fraction: float = 0.1
+    # Labelled proxy examples set aside to validate the server student, out of proxy_size and
+    # never proxy inputs (0 = none: the proxy set stays unlabelled).
+    proxy_validation_size: int = 0
 
 
 @dataclass
@@ -280,6 +286,9 @@ class SweepSpec:
     """
 
     grid: Any = field(default_factory=dict)
+    # Grid keys whose values make one privacy budget: `fedkd sweep` selects the other keys
+    # (seed aside) by validation accuracy within each (selection.csv). [] = the privacy.* keys.
+    select_within: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -394,6 +403,17 @@ def validate(spec: Spec) -> Spec:
     _positive("data.proxy_size", d.proxy_size, zero_ok=True)
     if not 0 <= d.local_test_fraction < 1:
         raise SpecError(f"data.local_test_fraction: must be in [0, 1), got {d.local_test_fraction}")
+    if not 0 <= d.validation_fraction < 1 - d.local_test_fraction:
+        raise SpecError(
+            f"data.validation_fraction: must be in [0, 1 - data.local_test_fraction) = "
+            f"[0, {1 - d.local_test_fraction:g}), got {d.validation_fraction}"
+        )
+    if not (d.proxy_validation_size == 0 or 0 < d.proxy_validation_size < d.proxy_size):
+        raise SpecError(
+            "data.proxy_validation_size: must be 0 (none) or a positive number below "
+            f"data.proxy_size ({d.proxy_size}; the slice comes out of the proxy set), got "
+            f"{d.proxy_validation_size}"
+        )
     if d.source == "npz":
         if not d.path:
             raise SpecError("data.path: required when data.source = 'npz' (path to an .npz file)")
@@ -666,6 +686,13 @@ def _validate_sweep(spec: Spec) -> None:
                 )
             _coerce(value, typ, f"sweep.grid.'{key}'")
     spec.sweep.grid = grid
+    choices = [k for k in grid if k != "seed"]
+    for key in spec.sweep.select_within:
+        if key not in choices:
+            raise SpecError(
+                f"sweep.select_within: '{key}' is not a key of sweep.grid (seed aside); "
+                f"choose among: {', '.join(choices) or 'none (the grid has no other key)'}"
+            )
 
 
 def _validate_students(students: Any, num_clients: int) -> None:

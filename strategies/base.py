@@ -346,10 +346,21 @@ class Strategy:
             )
         return metrics
 
-    def server_test_acc(self) -> float | None:
+    def global_model_accuracy(self, x: np.ndarray, y: np.ndarray) -> float | None:
+        """Accuracy of the global model (the server student) on ``x``; None without one."""
         if self.server_student is None:
             return None
-        return self.server_student.accuracy(self.data.test_x, self.data.test_y)
+        return self.server_student.accuracy(x, y)
+
+    def server_test_acc(self) -> float | None:
+        """The global model on the global test set; None without one."""
+        return self.global_model_accuracy(self.data.test_x, self.data.test_y)
+
+    def server_val_acc(self) -> float | None:
+        """The global model on the proxy set's validation slice; None without either."""
+        if len(self.data.proxy_val_y) == 0:
+            return None
+        return self.global_model_accuracy(self.data.proxy_val_x, self.data.proxy_val_y)
 
     def teacher_test_logits(
         self, test_logits: torch.Tensor, weights: torch.Tensor, client_ids: list[int]

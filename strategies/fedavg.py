@@ -55,5 +55,5 @@ class FedAvg(Strategy):
         }
         self.global_model.load_state_dict({k: torch.from_numpy(v) for k, v in averaged.items()})
 
-    def server_test_acc(self) -> float | None:
-        return accuracy(predict_logits(self.global_model, self.data.test_x), self.data.test_y)
+    def global_model_accuracy(self, x: np.ndarray, y: np.ndarray) -> float | None:
+        return accuracy(predict_logits(self.global_model, x), y)

@@ -147,7 +147,9 @@ def _digits_site_file(path: Path, n: int, with_test: bool, seed: int = 7) -> np.
 
 
 def test_site_file_replaces_the_node_partition_only(tmp_path: Path) -> None:
-    spec = load_spec(None, SPEC)
+    # No validation slice: the counts below are the site file's own (test_validation.py
+    # checks the slice a site holds out for validation).
+    spec = load_spec(None, [*SPEC, "data.validation_fraction=0"])
     data = federated_data(spec)
     assert node_data(spec, {"partition-id": 1, "num-partitions": 2}) is data
 

@@ -4,13 +4,21 @@ import csv
 import json
 import re
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedkd.apps.client_app import make_client_app
 from fedkd.apps.server_app import run_rounds
 from fedkd.results import RunRecorder
-from fedkd.run.sweep import SweepError, expand_grid, run_sweep, subprocess_runner
+from fedkd.run.sweep import (
+    SweepError,
+    expand_grid,
+    run_sweep,
+    select_by_validation,
+    subprocess_runner,
+)
 from fedkd.spec import SpecError, builtin_spec_path, load_spec
 from tests.inprocess import InProcessGrid
 
@@ -216,3 +224,70 @@ def test_the_subprocess_runner_passes_spec_and_overrides_to_fedkd_run(tmp_path):
     assert code == 2
     assert log.startswith(f"{sys.executable} -m fedkd.run.cli run {spec} --set rounds=0 --out")
     assert "rounds: must be > 0, got 0" in log
+
+
+def _point(status="completed", **values):
+    return {"status": status, "selected_by": "client_val_acc_mean", "epsilon_max": 1.0, **values}
+
+
+def test_selection_picks_by_validation_within_each_budget_never_by_test():
+    keys = ["privacy.target_epsilon", "train.lr", "seed"]
+
+    def point(eps, lr, seed, val, test):
+        return _point(
+            **{"privacy.target_epsilon": eps, "train.lr": lr, "seed": seed},
+            val_acc=val,
+            test_acc_at_best_val_round=test,
+        )
+
+    rows = [
+        # Budget 1: lr 0.1 is better on validation (mean over seeds 0.7), lr 0.5 on test.
+        point(1.0, 0.1, 0, 0.8, 0.60),
+        point(1.0, 0.1, 1, 0.6, 0.62),
+        point(1.0, 0.5, 0, 0.5, 0.90),
+        point(1.0, 0.5, 1, 0.7, 0.92),
+        # Budget 2: the two settings tie on validation: the first in grid order is picked.
+        point(2.0, 0.1, 0, 0.9, 0.70),
+        point(2.0, 0.5, 0, 0.9, 0.80),
+    ]
+    first, second = select_by_validation(rows, keys, ["privacy.target_epsilon"])
+    assert first["privacy.target_epsilon"] == 1.0
+    assert first["pick"] == "lr=0.1" and first["seeds"] == 2 and first["candidates"] == 2
+    assert first["val_acc"] == pytest.approx(0.7) and first["test_acc"] == pytest.approx(0.61)
+    assert first["test_acc_sd"] == pytest.approx(np.std([0.60, 0.62], ddof=1))
+    # What test accuracy would have picked is a diagnostic beside the pick, never the pick.
+    assert first["test_selected_pick"] == "lr=0.5"
+    assert first["test_selected_test_acc"] == pytest.approx(0.91)
+    assert second["pick"] == "lr=0.1" and second["test_acc"] == pytest.approx(0.70)
+    assert second["seeds"] == 1 and second["test_acc_sd"] is None  # no spread from one seed
+
+    # Unfinished points and points without a validation score take no part; scores of
+    # different validation metrics are not compared.
+    rows[2] = {**rows[2], "status": "failed"}
+    rows[3] = {**rows[3], "val_acc": None}
+    rows[5] = {**rows[5], "selected_by": "server_val_acc"}
+    first, second = select_by_validation(rows, keys, ["privacy.target_epsilon"])
+    assert first["candidates"] == 1 and first["test_selected_pick"] == "lr=0.1"
+    assert second["pick"] is None and second["selected_by"] == "client_val_acc_mean+server_val_acc"
+
+
+def test_sweep_over_a_tiny_grid_selects_within_each_budget(tmp_path):
+    spec = write_spec(
+        tmp_path, '{ "privacy.noise_multiplier" = [1.0, "none"], "distill.lr" = [0.001, 0.1] }'
+    )
+    out = tmp_path / "out"
+    # Named explicitly (the default would be the same key); the points' specs drop it.
+    within = ['sweep.select_within=["privacy.noise_multiplier"]']
+    rows = run_sweep(spec, out, overrides=within, runner=InProcessRunner(), echo=lambda _: None)
+    for r in rows:  # every point reports its validation-selected round
+        summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+        assert r["selected_by"] == summary["selected_by"] == "client_val_acc_mean"
+        assert r["val_acc"] == summary["best_val_acc"] is not None
+        assert r["test_acc_at_best_val_round"] == summary["test_acc_at_best_val_round"]
+    with open(out / "selection.csv") as fh:
+        selection = list(csv.DictReader(fh))
+    assert [s["privacy.noise_multiplier"] for s in selection] == ["1.0", "none"]
+    for s, budget in zip(selection, (rows[:2], rows[2:]), strict=True):
+        pick = max(budget, key=lambda r: r["val_acc"])
+        assert s["pick"] == f"lr={pick['distill.lr']}"
+        assert float(s["test_acc"]) == pytest.approx(pick["test_acc_at_best_val_round"])

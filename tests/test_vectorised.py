@@ -203,7 +203,11 @@ def test_class_logits_upload_and_fd_regulariser_match_the_loop(data):
     assert_same_states(data, cfg, sa, sb, atol=1e-5)
 
 
-def test_weights_upload_and_evaluation_match_the_loop(data):
+def test_weights_upload_and_evaluation_match_the_loop():
+    # With validation slices, so that every accuracy the evaluation reports is compared.
+    data = load_federated_data(
+        source="digits", num_clients=6, proxy_size=200, seed=0, validation_fraction=0.1
+    )
     cfg = config(epochs=1)
     test_idx = np.arange(0, 360, 3)
     results = []
@@ -214,7 +218,7 @@ def test_weights_upload_and_evaluation_match_the_loop(data):
         results.append((out, learner.evaluate(CLIENTS, test_idx)))
     (oa, ea), (ob, eb) = results
     assert_same_outputs([oa, ea], [ob, eb], atol=1e-5)
-    assert {"test_acc", "local_acc"} <= set(eb[0].metrics)
+    assert {"test_acc", "local_acc", "val_acc"} <= set(eb[0].metrics)
 
 
 def test_loop_and_vectorised_take_turns_on_the_same_bytes(data):

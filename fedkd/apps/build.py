@@ -48,6 +48,8 @@ def federated_data(spec: Spec) -> FederatedData:
         proxy_size=d.proxy_size,
         local_test_fraction=d.local_test_fraction,
         seed=spec.seed,
+        validation_fraction=d.validation_fraction,
+        proxy_validation_size=d.proxy_validation_size,
     )
     a = spec.audit
     if a.enabled and a.canaries > 0:
@@ -199,6 +201,7 @@ def node_data(spec: Spec, node_config: Mapping[str, Any]) -> FederatedData:
         input_std=data.input_std,
         local_test_fraction=spec.data.local_test_fraction,
         seed=spec.seed,
+        validation_fraction=spec.data.validation_fraction,
     )
     clients = list(data.clients)
     clients[cid] = site

@@ -4,7 +4,8 @@ In a multi-site deployment each SuperNode trains on data that never leaves its s
 public proxy set and the global test set are the spec's (every party holds them). The site file
 holds ``x_train`` and ``y_train`` and optionally ``x_test`` and ``y_test`` (the site's own
 held-out data); without them a ``local_test_fraction`` slice of the training data is held out,
-as for a spec partition.
+as for a spec partition. A ``validation_fraction`` slice of the training data is held out for
+validation in either case.
 
 Inputs must be in the units the spec's source has before standardisation (an ``npz`` source's
 raw values; ``uint8`` images are scaled to [0, 1] as there), because they are standardised with
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fedkd.data.sources import DataError, _channels_first, _labels, _scale_uint8
-from fedkd.data.splits import ClientData, _local_test_count
+from fedkd.data.splits import ClientData, held_out_counts
 
 SITE_KEY = "data-path"  # the SuperNode node-config key naming the site file
 _SITE_STREAM = 2  # a seed stream of its own (splits.py uses 0 and 1)
@@ -54,6 +55,7 @@ def load_site_data(
     input_std: float,
     local_test_fraction: float,
     seed: int,
+    validation_fraction: float = 0.0,
 ) -> ClientData:
     """One client's private data from a site-local ``.npz``.
 
@@ -72,12 +74,15 @@ def load_site_data(
     local_test_fraction : float
         Held-out fraction of ``x_train`` when the file has no ``x_test``.
     seed : int
-        Run seed (the held-out slice is drawn from it and the client id).
+        Run seed (the held-out slices are drawn from it and the client id).
+    validation_fraction : float, optional
+        Fraction of ``x_train`` held out as the site's validation slice.
 
     Returns
     -------
     ClientData
-        The site's training data and local held-out data, standardised like the proxy set.
+        The site's training, validation and local held-out data, standardised like the proxy
+        set.
 
     Raises
     ------
@@ -103,25 +108,32 @@ def load_site_data(
     y = _labels(arrays["y_train"], len(x), f"{what} y_train")
     if len(x) == 0:
         raise DataError(f"{what}: x_train is empty")
-    if "x_test" in arrays:
+    has_test = "x_test" in arrays
+    if has_test:
         x_test = _inputs(arrays["x_test"], input_shape, input_mean, input_std, f"{what} x_test")
         y_test = _labels(arrays["y_test"], len(x_test), f"{what} y_test")
-    else:
-        order = np.random.default_rng((seed, _SITE_STREAM, client_id)).permutation(len(x))
-        n_test = _local_test_count(len(x), local_test_fraction)
-        x, y = x[order], y[order]
-        x, x_test = x[: len(x) - n_test], x[len(x) - n_test :]
-        y, y_test = y[: len(y) - n_test], y[len(y) - n_test :]
-    top = max(int(y.max()), int(y_test.max()) if len(y_test) else -1)
+    top = max(int(y.max()), int(y_test.max()) if has_test and len(y_test) else -1)
     if top >= num_classes:
         raise DataError(
             f"{what}: has label {top}, but the spec's data has {num_classes} classes "
             f"(labels 0..{num_classes - 1})"
         )
+    n_train, n_val, _ = held_out_counts(
+        len(x), 0.0 if has_test else local_test_fraction, validation_fraction
+    )
+    if not has_test or n_val:
+        order = np.random.default_rng((seed, _SITE_STREAM, client_id)).permutation(len(x))
+        x, y = x[order], y[order]
+    x, x_val, x_held = np.split(x, [n_train, n_train + n_val])
+    y, y_val, y_held = np.split(y, [n_train, n_train + n_val])
+    if not has_test:
+        x_test, y_test = x_held, y_held
     return ClientData(
         client_id=client_id,
         x_train=x,
         y_train=y,
         x_local_test=x_test,
         y_local_test=y_test,
+        x_val=x_val,
+        y_val=y_val,
     )

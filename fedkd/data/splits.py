@@ -5,7 +5,10 @@ The training split of a source is divided, reproducibly from one seed, into
 - the proxy set: ``proxy_size`` examples drawn at random and removed from the pool, so that the
   public proxy inputs and the clients' private data are disjoint;
 - one partition of the remaining pool per client (see :func:`fedkd.data.partition_indices`),
-  each divided into a private training part and a local held-out slice.
+  each divided into a private training part, a validation slice (``validation_fraction``) and
+  a local held-out slice (``local_test_fraction``), pairwise disjoint;
+- optionally, a labelled validation slice of the proxy set (``proxy_validation_size``), taken
+  out of the proxy inputs: the server student is selected on it and never trains on it.
 
 The source's test split is the global test set.
 """
@@ -23,6 +26,7 @@ from fedkd.data.sources import ArrayDataset, DataError, load_source
 # Distinct streams of one seed, so that changing e.g. proxy_size leaves client shuffles alone.
 _PROXY_STREAM = 0
 _CLIENT_STREAM = 1
+_PROXY_VALIDATION_STREAM = 3  # (site.py uses 2)
 
 
 def _cached_partition(labels: np.ndarray, num_clients: int, scheme: str, **kwargs) -> list:
@@ -61,6 +65,11 @@ class ClientData:
         The client's own held-out inputs and labels.
     train_indices, local_test_indices : np.ndarray
         Positions of these examples in the source's ``x_train`` (bookkeeping).
+    x_val, y_val : np.ndarray or None
+        The client's validation slice, for selecting rounds and hyperparameters; None (the
+        default) means none, and becomes an empty slice shaped like ``x_train``.
+    val_indices : np.ndarray
+        Positions of the validation examples in the source's ``x_train`` (bookkeeping).
     """
 
     client_id: int
@@ -70,6 +79,13 @@ class ClientData:
     y_local_test: np.ndarray
     train_indices: np.ndarray = field(default_factory=_empty_index)
     local_test_indices: np.ndarray = field(default_factory=_empty_index)
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    val_indices: np.ndarray = field(default_factory=_empty_index)
+
+    def __post_init__(self) -> None:
+        if self.x_val is None:
+            self.x_val, self.y_val = self.x_train[:0], self.y_train[:0]
 
     @property
     def num_examples(self) -> int:
@@ -102,6 +118,12 @@ class FederatedData:
         Positions of the proxy examples in the source's ``x_train`` (bookkeeping).
     input_mean, input_std : float
         The source's standardisation statistics (see :class:`fedkd.data.sources.ArrayDataset`).
+    proxy_val_x, proxy_val_y : np.ndarray or None
+        The proxy set's labelled validation slice, disjoint from ``proxy_x``: the server
+        student is evaluated on it, never trained on it. None (the default) means none, and
+        becomes an empty slice shaped like ``proxy_x``.
+    proxy_val_indices : np.ndarray
+        Positions of the validation slice in the source's ``x_train`` (bookkeeping).
     """
 
     dataset_name: str
@@ -115,6 +137,13 @@ class FederatedData:
     proxy_indices: np.ndarray = field(default_factory=_empty_index)
     input_mean: float = 0.0
     input_std: float = 1.0
+    proxy_val_x: np.ndarray | None = None
+    proxy_val_y: np.ndarray | None = None
+    proxy_val_indices: np.ndarray = field(default_factory=_empty_index)
+
+    def __post_init__(self) -> None:
+        if self.proxy_val_x is None:
+            self.proxy_val_x, self.proxy_val_y = self.proxy_x[:0], self.proxy_y[:0]
 
     def pooled_train(self) -> tuple[np.ndarray, np.ndarray]:
         """All clients' private training data together (the centralised baseline).
@@ -140,6 +169,8 @@ def build_federated_data(
     proxy_size: int = 500,
     local_test_fraction: float = 0.1,
     seed: int = 0,
+    validation_fraction: float = 0.0,
+    proxy_validation_size: int = 0,
 ) -> FederatedData:
     """Split a data set into a proxy set and per-client private data.
 
@@ -162,6 +193,15 @@ def build_federated_data(
         a client with at least 2 examples keeps at least one for testing and one for training.
     seed : int, optional
         Seed of the proxy draw, the partition and the local splits.
+    validation_fraction : float, optional
+        Fraction of each client's partition held out as its validation slice, in ``[0, 1)``
+        with ``local_test_fraction + validation_fraction < 1``; a client keeps at least one
+        training example. Taken from the training part: the local test slice stays the same
+        examples whatever this fraction is.
+    proxy_validation_size : int, optional
+        Proxy examples (with labels) set aside as the server's validation slice and removed
+        from the proxy inputs; 0 for none, else less than ``proxy_size``. The rest of the
+        proxy set is the same whatever this size is.
 
     Returns
     -------
@@ -184,18 +224,29 @@ def build_federated_data(
             f"'{dataset.name}' ({pool_size} examples); use fewer than {pool_size}, leaving "
             "enough for the clients"
         )
-    if (
-        isinstance(local_test_fraction, bool)
-        or not isinstance(local_test_fraction, int | float | np.floating)
-        or not 0 <= local_test_fraction < 1
+    _check_fraction("data.local_test_fraction", local_test_fraction)
+    _check_fraction("data.validation_fraction", validation_fraction)
+    if local_test_fraction + validation_fraction >= 1:
+        raise DataError(
+            f"data.validation_fraction: with data.local_test_fraction it holds out "
+            f"{local_test_fraction + validation_fraction:g} of each client's data; together "
+            "they must stay below 1"
+        )
+    if not _is_int(proxy_validation_size) or not (
+        proxy_validation_size == 0 or 0 < proxy_validation_size < proxy_size
     ):
         raise DataError(
-            f"data.local_test_fraction: expected a number in [0, 1), got {local_test_fraction!r}"
+            f"data.proxy_validation_size: expected 0 (none) or an integer below data.proxy_size "
+            f"({proxy_size}), got {proxy_validation_size!r}"
         )
 
     proxy_rng = np.random.default_rng((seed, _PROXY_STREAM))
     proxy_idx = np.sort(proxy_rng.choice(pool_size, size=proxy_size, replace=False))
     pool_idx = np.setdiff1d(np.arange(pool_size), proxy_idx)
+    # Drawn from a stream of its own, so that the pool and the partition stay the same.
+    val_rng = np.random.default_rng((seed, _PROXY_VALIDATION_STREAM))
+    proxy_val_idx = np.sort(val_rng.choice(proxy_idx, size=proxy_validation_size, replace=False))
+    proxy_idx = np.setdiff1d(proxy_idx, proxy_val_idx)
     parts = _cached_partition(
         dataset.y_train[pool_idx],
         num_clients,
@@ -209,8 +260,8 @@ def build_federated_data(
     for cid, part in enumerate(parts):
         idx = pool_idx[part]
         idx = idx[np.random.default_rng((seed, _CLIENT_STREAM, cid)).permutation(len(idx))]
-        n_test = _local_test_count(len(idx), local_test_fraction)
-        train_idx, test_idx = idx[: len(idx) - n_test], idx[len(idx) - n_test :]
+        n_train, n_val, _ = held_out_counts(len(idx), local_test_fraction, validation_fraction)
+        train_idx, val_idx, test_idx = np.split(idx, [n_train, n_train + n_val])
         clients.append(
             ClientData(
                 client_id=cid,
@@ -220,6 +271,9 @@ def build_federated_data(
                 y_local_test=dataset.y_train[test_idx],
                 train_indices=train_idx,
                 local_test_indices=test_idx,
+                x_val=dataset.x_train[val_idx],
+                y_val=dataset.y_train[val_idx],
+                val_indices=val_idx,
             )
         )
     return FederatedData(
@@ -234,6 +288,9 @@ def build_federated_data(
         proxy_indices=proxy_idx,
         input_mean=dataset.input_mean,
         input_std=dataset.input_std,
+        proxy_val_x=dataset.x_train[proxy_val_idx],
+        proxy_val_y=dataset.y_train[proxy_val_idx],
+        proxy_val_indices=proxy_val_idx,
     )
 
 
@@ -251,6 +308,8 @@ def load_federated_data(
     proxy_size: int = 500,
     local_test_fraction: float = 0.1,
     seed: int = 0,
+    validation_fraction: float = 0.0,
+    proxy_validation_size: int = 0,
 ) -> FederatedData:
     """Load a source and split it, cached per process.
 
@@ -264,6 +323,8 @@ def load_federated_data(
         As in :func:`fedkd.data.load_source`.
     num_clients, partition, alpha, classes_per_client, proxy_size, local_test_fraction, seed
         As in :func:`build_federated_data`; ``seed`` also seeds the source.
+    validation_fraction, proxy_validation_size
+        As in :func:`build_federated_data`.
 
     Returns
     -------
@@ -289,6 +350,8 @@ def load_federated_data(
         proxy_size,
         local_test_fraction,
         seed,
+        validation_fraction,
+        proxy_validation_size,
     )
 
 
@@ -306,6 +369,8 @@ def _load_federated_data_cached(
     proxy_size: int,
     local_test_fraction: float,
     seed: int,
+    validation_fraction: float,
+    proxy_validation_size: int,
 ) -> FederatedData:
     dataset = load_source(
         source,
@@ -324,13 +389,49 @@ def _load_federated_data_cached(
         proxy_size=proxy_size,
         local_test_fraction=local_test_fraction,
         seed=seed,
+        validation_fraction=validation_fraction,
+        proxy_validation_size=proxy_validation_size,
     )
 
 
-def _local_test_count(n: int, fraction: float) -> int:
-    if fraction <= 0 or n < 2:
+def held_out_counts(
+    n: int, test_fraction: float, validation_fraction: float
+) -> tuple[int, int, int]:
+    """How a client's ``n`` shuffled examples divide into training, validation and local test.
+
+    Parameters
+    ----------
+    n : int
+        The client's examples.
+    test_fraction, validation_fraction : float
+        Fractions of ``n`` held out for the local test slice and the validation slice.
+
+    Returns
+    -------
+    tuple of int
+        ``(n_train, n_val, n_test)``, summing to ``n``: each slice asked for gets at least one
+        example while at least one is left for training; the test slice's size does not depend
+        on ``validation_fraction``.
+    """
+    n_test = _held_out(n, test_fraction)
+    n_val = _held_out(n - n_test, validation_fraction, of=n)
+    return n - n_test - n_val, n_val, n_test
+
+
+def _held_out(available: int, fraction: float, of: int | None = None) -> int:
+    """``fraction`` of ``of`` (default: ``available``), at least 1, leaving one of `available`."""
+    if fraction <= 0 or available < 2:
         return 0
-    return min(max(1, round(fraction * n)), n - 1)
+    return min(max(1, round(fraction * (available if of is None else of))), available - 1)
+
+
+def _check_fraction(key: str, value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float | np.floating)
+        or not 0 <= value < 1
+    ):
+        raise DataError(f"{key}: expected a number in [0, 1), got {value!r}")
 
 
 def _is_int(value: object) -> bool:

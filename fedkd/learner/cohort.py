@@ -319,18 +319,21 @@ class CohortLearner:
         return results
 
     def evaluate(self, client_ids: list[int], test_idx: np.ndarray) -> dict[int, ClientResult]:
-        """Accuracy on the global test subset and the local held-out slice, plus test logits."""
+        """Accuracy on the global test subset, the local held-out slice and the validation
+        slice (NaN where a slice is empty), plus test logits."""
         results = {}
         for cid in client_ids:
             state = self._load(cid)
             client = self.data.clients[cid]
             test_logits = predict_logits(state.model, self.data.test_x[test_idx])
             local_logits = predict_logits(state.model, client.x_local_test)
+            val_logits = predict_logits(state.model, client.x_val)
             results[cid] = ClientResult(
                 arrays={"test_logits": test_logits.numpy().astype(np.float32)},
                 metrics={
                     "test_acc": accuracy(test_logits, self.data.test_y[test_idx]),
                     "local_acc": accuracy(local_logits, client.y_local_test),
+                    "val_acc": accuracy(val_logits, client.y_val),
                 },
             )
         return results

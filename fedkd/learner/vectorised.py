@@ -319,12 +319,20 @@ class DeviceData:
         y = self._concat([c.y_train for c in cs], ())
         return x, y, self._offsets([len(c.y_train) for c in cs])
 
+    def _own_rows(self, x_of: str, y_of: str) -> tuple[Tensor, Tensor, np.ndarray]:
+        """One per-client slice (e.g. ``x_local_test``) of every client, concatenated."""
+        cs = self.data.clients
+        x = self._concat([getattr(c, x_of) for c in cs], self.data.input_shape)
+        y = self._concat([getattr(c, y_of) for c in cs], ())
+        return x, y, self._offsets([len(getattr(c, y_of)) for c in cs])
+
     @cached_property
     def local_test(self) -> tuple[Tensor, Tensor, np.ndarray]:
-        cs = self.data.clients
-        x = self._concat([c.x_local_test for c in cs], self.data.input_shape)
-        y = self._concat([c.y_local_test for c in cs], ())
-        return x, y, self._offsets([len(c.y_local_test) for c in cs])
+        return self._own_rows("x_local_test", "y_local_test")
+
+    @cached_property
+    def validation(self) -> tuple[Tensor, Tensor, np.ndarray]:
+        return self._own_rows("x_val", "y_val")
 
     @cached_property
     def proxy_x(self) -> Tensor:
@@ -968,26 +976,32 @@ class VectorisedCohortLearner(CohortLearner):
         return {cid: results[cid] for cid in client_ids}
 
     def evaluate(self, client_ids: list[int], test_idx: np.ndarray) -> dict[int, ClientResult]:
-        """Accuracy on the global test subset and the local held-out slice, plus test logits."""
+        """Accuracy on the global test subset, the local held-out slice and the validation
+        slice (NaN where a slice is empty), plus test logits."""
         dev = self.dev
         idx = torch.from_numpy(np.asarray(test_idx, dtype=np.int64)).to(self.device)
         test_x = dev.test_x[idx]
         test_y = torch.from_numpy(np.asarray(self.data.test_y)[np.asarray(test_idx)])
-        local_x, local_y, offsets = dev.local_test
+        local_x, _, local_offsets = dev.local_test
+        val_x, _, val_offsets = dev.validation
         results: dict[int, ClientResult] = {}
         for arch, cids in self._groups(client_ids):
             stack = self._load_stack(arch, cids)
             model = self._template(arch)
             with precision_context(self.precision, self.device):
                 test_logits = self._predict_shared(model, stack.params, test_x).cpu()
-                local = self._predict_own(model, stack.params, local_x, offsets, cids)
+                local = self._predict_own(model, stack.params, local_x, local_offsets, cids)
+                val = self._predict_own(model, stack.params, val_x, val_offsets, cids)
             for j, cid in enumerate(cids):
-                y_local = torch.from_numpy(self.data.clients[cid].y_local_test)
+                client = self.data.clients[cid]
                 results[cid] = ClientResult(
                     arrays={"test_logits": test_logits[j].numpy().astype(np.float32)},
                     metrics={
                         "test_acc": _accuracy(test_logits[j], test_y),
-                        "local_acc": _accuracy(local[j].cpu(), y_local),
+                        "local_acc": _accuracy(
+                            local[j].cpu(), torch.from_numpy(client.y_local_test)
+                        ),
+                        "val_acc": _accuracy(val[j].cpu(), torch.from_numpy(client.y_val)),
                     },
                 )
         return {cid: results[cid] for cid in client_ids}

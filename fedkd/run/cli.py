@@ -152,9 +152,18 @@ def run(
     acc_text = "n/a" if acc is None else f"{acc:.4f}"
     best = summary["best_server_test_acc"]
     best_text = "n/a" if best is None else f"{best:.4f}"
+    selected = "no validation metric to select a round by"
+    if summary.get("selected_by"):
+        from fedkd.run.report import fmt
+
+        selected = (
+            f"round {summary['best_round_by_val']} by {summary['selected_by']}: "
+            f"{summary['test_acc_metric']} {fmt(summary['test_acc_at_best_val_round'])}"
+        )
     console.print(
-        f"done in {summary['wall_s']:.1f} s: server_test_acc {acc_text} (best {best_text}), "
-        f"results in {escape(str(out_dir))}",
+        f"done in {summary['wall_s']:.1f} s: final server_test_acc {acc_text}; selected "
+        f"{selected} (test-selected best {best_text}: a diagnostic, not a result); results in "
+        f"{escape(str(out_dir))}",
         highlight=False,
     )
     if summary.get("total_clients_failed"):
@@ -291,14 +300,18 @@ def sweep(
     ] = None,
     set_: SetOption = None,
 ) -> None:
-    """Run every point of the spec's sweep grid; write sweep.csv and accuracy_vs_epsilon.png."""
-    from fedkd.run.sweep import SweepError, run_sweep, sweep_table
+    """Run every point of the spec's sweep grid; write sweep.csv and accuracy_vs_epsilon.png,
+    and selection.csv: per privacy budget, the setting picked by validation accuracy."""
+    from fedkd.run.sweep import SweepError, run_sweep, selection_of, sweep_table
 
     try:
         rows = run_sweep(spec, out, overrides=list(set_ or []), parallel=parallel, echo=print)
     except (SpecError, SweepError) as err:
         fail(str(err))
-    Console(width=None if sys.stdout.isatty() else 220).print(sweep_table(rows))
+    console = Console(width=None if sys.stdout.isatty() else 220)
+    console.print(sweep_table(rows))
+    selection = selection_of(load_spec(spec, list(set_ or [])), rows)
+    console.print(sweep_table(selection, "selected by validation accuracy (test: the pick's)"))
 
 
 @app.command()

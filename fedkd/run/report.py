@@ -71,6 +71,8 @@ class Metric:
 # The report's rows per group, in order: a new headline metric is one line here.
 METRICS = (
     Metric("server_test_acc", _final("server_test_acc")),
+    # The result: test accuracy at the round selected on validation data (summary.json).
+    Metric("test_acc_at_best_val_round", lambda run: run.summary.get("test_acc_at_best_val_round")),
     Metric("client_test_acc_mean", _final("client_test_acc_mean")),
     Metric("client_local_acc_mean", _final("client_local_acc_mean")),
     Metric("epsilon_max", _final("epsilon_max"), "eps"),

@@ -24,6 +24,13 @@ counts); an unfinished point folder is moved to ``OUT/_incomplete/`` and run aga
 ``sweep.csv`` (one row per point) and ``accuracy_vs_epsilon.png`` (final accuracy against the
 run's ``epsilon_max``, mean and standard deviation over seeds; points without DP as a
 horizontal band) are rewritten as points finish.
+
+Selection (``selection.csv``, written when the sweep ends): within each privacy budget (the
+values of ``sweep.select_within``, by default the grid's ``privacy.*`` keys), the setting of the
+other grid keys (``seed`` aside) with the best validation accuracy, averaged over seeds, and the
+test accuracy of that pick (each run at its round selected on validation: its summary's
+``test_acc_at_best_val_round``). Test accuracy never takes part in the pick; the setting that
+test accuracy would have picked is shown beside it as a diagnostic (docs/validation.md).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from typing import Any
 import numpy as np
 import tomli_w
 
-from fedkd.spec import SWEEP_NONE, SWEEP_NONE_MEANS, SpecError, load_spec, with_noise_rng
+from fedkd.spec import SWEEP_NONE, SWEEP_NONE_MEANS, Spec, SpecError, load_spec, with_noise_rng
 
 __all__ = [
     "CSV_KEYS",
@@ -54,6 +61,8 @@ __all__ = [
     "expand_grid",
     "plot_accuracy_vs_epsilon",
     "run_sweep",
+    "select_by_validation",
+    "selection_of",
     "subprocess_runner",
     "sweep_table",
 ]
@@ -67,6 +76,10 @@ CSV_KEYS = (
     "clients_failed",
     "wall_s",
     "run_dir",
+    "selected_by",
+    "best_round_by_val",
+    "val_acc",
+    "test_acc_at_best_val_round",
 )
 
 # (spec file, --set overrides, results folder) -> exit status of the run.
@@ -147,7 +160,11 @@ def expand_grid(grid: dict[str, list[Any]], name: str = "") -> list[SweepPoint]:
             else:
                 overrides.append(f"{key}={_toml_value(value)}")
         # A point is a plain run: its spec.toml carries no grid of its own.
-        overrides += ["sweep.grid={}", f"name={_toml_value(f'{name}-{point}' if name else point)}"]
+        overrides += [
+            "sweep.grid={}",
+            "sweep.select_within=[]",
+            f"name={_toml_value(f'{name}-{point}' if name else point)}",
+        ]
         points.append(SweepPoint(point, values, overrides))
     return points
 
@@ -215,13 +232,20 @@ def _row(point: SweepPoint, run_dir: Path, status: str | None = None) -> dict[st
             "clients_failed": summary.get("total_clients_failed"),
             "wall_s": summary.get("wall_s"),
             "run_dir": str(run_dir),
+            "selected_by": summary.get("selected_by"),
+            "best_round_by_val": summary.get("best_round_by_val"),
+            "val_acc": summary.get("best_val_acc"),
+            "test_acc_at_best_val_round": summary.get("test_acc_at_best_val_round"),
         }
     )
     return row
 
 
 def _write_csv(path: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
-    columns = ["point", *keys, *CSV_KEYS]
+    _write_table(path, ["point", *keys, *CSV_KEYS], rows)
+
+
+def _write_table(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
@@ -322,20 +346,122 @@ def plot_accuracy_vs_epsilon(rows: list[dict[str, Any]], keys: list[str], path: 
     return path
 
 
+def select_by_validation(
+    rows: list[dict[str, Any]], keys: list[str], within: list[str]
+) -> list[dict[str, Any]]:
+    """Per privacy budget, the grid setting with the best validation accuracy, and its test
+    accuracy.
+
+    Parameters
+    ----------
+    rows : list of dict
+        The sweep's rows (as in ``sweep.csv``), in grid order.
+    keys : list of str
+        The grid's keys.
+    within : list of str
+        The grid keys that make a budget; the others, ``seed`` aside, are the hyperparameters
+        selected over.
+
+    Returns
+    -------
+    list of dict
+        One row per budget, in grid order: the budget's values; ``pick`` (the selected setting,
+        ``key=value,...``); ``seeds`` (completed runs of it); ``candidates`` (settings with a
+        validation score); ``selected_by``; ``val_acc`` (its mean over seeds, the score the
+        pick maximises; ties go to the first in grid order); ``test_acc`` and ``test_acc_sd``
+        (mean and sample sd over seeds of ``test_acc_at_best_val_round``; no sd from one
+        seed); ``epsilon_max``
+        (mean); and, as a diagnostic that took no part in the pick, ``test_selected_pick`` and
+        ``test_selected_test_acc`` (the setting with the best mean test accuracy). Settings
+        scored by different validation metrics are not compared: such a budget gets no pick.
+    """
+    hyper = [k for k in keys if k not in within and k != "seed"]
+    short = _short_names(hyper)
+    budgets: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        budget = budgets.setdefault(tuple(r[k] for k in within), {})
+        if r["status"] == "completed" and r.get("val_acc") is not None:
+            setting = ",".join(f"{short[k]}={_label(r[k])}" for k in hyper)
+            budget.setdefault(setting, []).append(r)
+    out = []
+    for budget, settings in budgets.items():
+        metrics = sorted({r["selected_by"] for runs in settings.values() for r in runs})
+        row: dict[str, Any] = dict(zip(within, budget, strict=True))
+        row.update(dict.fromkeys(_SELECTION_COLUMNS), candidates=len(settings))
+        row["selected_by"] = "+".join(metrics) or None
+        out.append(row)
+        if len(metrics) != 1:  # nothing to pick from, or scores that are not comparable
+            continue
+        val = {s: _mean(_values(runs, "val_acc")) for s, runs in settings.items()}
+        pick = max(val, key=val.__getitem__)  # the first of equals, in grid order
+        tests = _values(settings[pick], "test_acc_at_best_val_round")
+        row.update(
+            pick=pick,
+            seeds=len(settings[pick]),
+            val_acc=val[pick],
+            test_acc=_mean(tests),
+            test_acc_sd=_seed_sd(tests) if len(tests) > 1 else None,
+            epsilon_max=_mean(_values(settings[pick], "epsilon_max")),
+        )
+        tested = {
+            s: _mean(_values(runs, "test_acc_at_best_val_round")) for s, runs in settings.items()
+        }
+        tested = {s: a for s, a in tested.items() if a is not None}
+        if tested:
+            oracle = max(tested, key=tested.__getitem__)
+            row.update(test_selected_pick=oracle, test_selected_test_acc=tested[oracle])
+    return out
+
+
+_SELECTION_COLUMNS = (
+    "pick",
+    "selected_by",
+    "val_acc",
+    "test_acc",
+    "test_acc_sd",
+    "seeds",
+    "candidates",
+    "epsilon_max",
+    "test_selected_pick",
+    "test_selected_test_acc",
+)
+
+
+def _values(runs: list[dict[str, Any]], key: str) -> list[float]:
+    return [r[key] for r in runs if r.get(key) is not None]
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def selection_within(spec: Spec) -> list[str]:
+    """The grid keys that make a budget: ``sweep.select_within``, else the ``privacy.*`` keys."""
+    return list(spec.sweep.select_within) or [
+        k for k in spec.sweep.grid if k.startswith("privacy.")
+    ]
+
+
+def selection_of(spec: Spec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`select_by_validation` for a (validated) sweep spec's rows."""
+    return select_by_validation(rows, list(spec.sweep.grid), selection_within(spec))
+
+
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def sweep_table(rows: list[dict[str, Any]]) -> Any:
-    """The rows of sweep.csv as a Rich table (without the run folders)."""
+def sweep_table(rows: list[dict[str, Any]], title: str = "fedkd sweep") -> Any:
+    """The rows of sweep.csv (or of the selection) as a Rich table (without the run folders)."""
     from rich.table import Table
 
-    table = Table(title="fedkd sweep")
+    table = Table(title=title)
     columns = [c for c in (rows[0] if rows else {}) if c != "run_dir"]
     for col in columns:
-        table.add_column(col, justify="right" if col in CSV_KEYS[1:] else "left")
+        numeric = isinstance(next((r[col] for r in rows if r[col] is not None), ""), float | int)
+        table.add_column(col, justify="right" if numeric else "left")
     digits = {"epsilon_max": 3, "wall_s": 1}
     for row in rows:
         table.add_row(*(_fmt(row[c], digits.get(c, 4)) for c in columns))
@@ -461,4 +587,6 @@ def run_sweep(
             _write_csv(out / "sweep.csv", keys, ordered())
     result = ordered()
     plot_accuracy_vs_epsilon(result, keys, out / "accuracy_vs_epsilon.png")
+    selection = selection_of(spec, result)
+    _write_table(out / "selection.csv", list(selection[0]) if selection else [], selection)
     return result
