@@ -1,6 +1,6 @@
 """What every fedkd strategy provides to the ServerApp's round loop.
 
-A round (DESIGN.md): the server plans the clients' local phase (`plan_local`), collects their
+A round: the server plans the clients' local phase (`plan_local`), collects their
 uploads and builds its knowledge (`aggregate`), sends clients something to digest
 (`digest_payload`), and reports the global model's accuracy (`server_test_acc`). Strategies work
 on numpy arrays and call the knowledge layer and the server student; they run no training loop
@@ -75,8 +75,8 @@ def surest_per_class(teacher: torch.Tensor, fraction: float) -> torch.Tensor:
     `fraction` (rounded, at least one) with the highest top probability.
 
     Per class rather than over all inputs: a skewed ensemble is surest of a few easy classes,
-    and a global cut kept as few as 11 of 495 inputs of one MNIST class (measured), which the
-    student then barely learns.
+    and a global cut can keep only a handful of the inputs of a hard class, which the student
+    then barely learns.
     """
     conf, label = torch.softmax(teacher, dim=1).max(dim=1)
     sure = torch.zeros(len(conf), dtype=torch.bool)

@@ -7,7 +7,7 @@ output on an example of class c towards the global average for c.
 
 The regulariser is bounded: KL between the student's tempered softmax and the softmax of the
 global class average. Applying cross-entropy to raw averaged logits, as one public
-implementation does, diverges to NaN by the second round on MNIST.
+implementation does, can diverge to NaN within a few rounds.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Message types:
 - ``query.hello``: which clients does this node host? (once, at the start)
 - ``train.round``: one message per node per round. It carries, in this order: the previous
-  round's teacher for its clients to digest (DESIGN.md's step 4, ``digest.*`` arrays, clients
+  round's teacher for its clients to digest (the round's last step, ``digest.*`` arrays, clients
   ``digest_ids``), their evaluation (``evaluate_ids``), then this round's local training and
-  upload (steps 1-2: logits on proxy indices, per-class logits, votes or weights; clients
+  upload (the round's first steps: logits on proxy indices, per-class logits, votes or weights; clients
   ``train_ids``). The proxy subset travels as indices, never as inputs. Folding step 4 into the
   next round's message halves the messages per round (each costs the engine's polling, and in
   deployment a ClientApp process); the math is unchanged because a client does nothing between
