@@ -1,4 +1,4 @@
-"""The results folder of a run (the results contract of docs/results-files.md; keep these names stable).
+"""The results folder of a run (docs/results-files.md: keep these names stable).
 
 - ``spec.toml``: the spec exactly as run, defaults filled in.
 - ``metrics.jsonl``: one JSON object per round, appended and flushed as each round ends, so a

@@ -5,8 +5,9 @@ Message types:
 - ``train.round``: one message per node per round. It carries, in this order: the previous
   round's teacher for its clients to digest (the round's last step, ``digest.*`` arrays, clients
   ``digest_ids``), their evaluation (``evaluate_ids``), then this round's local training and
-  upload (the round's first steps: logits on proxy indices, per-class logits, votes or weights; clients
-  ``train_ids``). The proxy subset travels as indices, never as inputs. Folding step 4 into the
+  upload (the round's first steps: logits on proxy indices, per-class logits, votes or
+  weights; clients ``train_ids``). The proxy subset travels as indices, never as inputs.
+  Folding the digest into the
   next round's message halves the messages per round (each costs the engine's polling, and in
   deployment a ClientApp process); the math is unchanged because a client does nothing between
   digesting a teacher and its next local training. After the last round the same message

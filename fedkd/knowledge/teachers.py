@@ -195,11 +195,12 @@ def pooled_likelihood(logits: Tensor, class_counts: Tensor, held_count: float = 
     square root of the client's count of that class, and returns ``softmax(l(x) + log pi(c))``
     with the pooled prior pi. Square root, not the count itself: a client's error on its own
     classes is mostly its model's bias (DP noise, few classes), which more data of one class does
-    not shrink, so count weights let one large client outvote the rest. Unlike `class_weighted_probs`, a client's confident vote for one of its
-    own classes on an input of a class it never saw is not averaged in as is: it only says that
-    class is likelier than the client's other classes, and the clients holding the input's class
-    outweigh it. The weighting is fixed by the counts, so one pseudo-inverse serves
-    every input (minimum-norm: exact for connected supports, deterministic otherwise).
+    not shrink, so count weights let one large client outvote the rest. Unlike
+    `class_weighted_probs`, a client's confident vote for one of its own classes on an input of
+    a class it never saw is not averaged in as is: it only says that class is likelier than the
+    client's other classes, and the clients holding the input's class outweigh it. The
+    weighting is fixed by the counts, so one pseudo-inverse serves every input
+    (minimum-norm: exact for connected supports, deterministic otherwise).
 
     Parameters
     ----------
@@ -256,11 +257,12 @@ def match_class_prior(
     known class prior (Sinkhorn-Knopp: alternately scale each class, then renormalise each input).
 
     A teacher from label-skewed clients can be biased towards one class on the inputs of two
-    classes that no client holds together (it calls most inputs of both the one class). When the proxy set is drawn like the private data, its class
-    totals should follow the pooled label prior; scaling each class by one factor keeps the
-    ranking of inputs within the class and moves the inputs the teacher hesitated on to their
-    next likeliest class. Post-processing of the teacher and of the
-    prior's source (released label histograms): no privacy cost.
+    classes that no client holds together (it calls most inputs of both the one class). When
+    the proxy set is drawn like the private data, its class totals should follow the pooled
+    label prior; scaling each class by one factor keeps the ranking of inputs within the class
+    and moves the inputs the teacher hesitated on to their next likeliest class.
+    Post-processing of the teacher and of the prior's source (released label histograms): no
+    privacy cost.
 
     Parameters
     ----------
