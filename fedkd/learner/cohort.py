@@ -40,6 +40,16 @@ from fedkd.privacy.ledger import DpSgdEvent
 UPLOADS = ("logits", "class_logits", "weights", "votes", "none")
 # Digest metric: distillation made the client's student non-finite, and the digest was undone.
 DIGEST_DIVERGED = "digest_diverged"
+# Result keys (arrays and metrics) whose values the client's student computes, besides its
+# weights: private only as far as the student is (DP-SGD makes them post-processing).
+STUDENT_OUTPUTS = (
+    "logits",
+    "class_logits",
+    "test_logits",
+    "test_acc",
+    "distill_loss",
+    DIGEST_DIVERGED,
+)
 
 
 @dataclass(frozen=True)
