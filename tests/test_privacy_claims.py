@@ -77,3 +77,36 @@ def test_dp_sgd_with_the_releases_stays_finite_and_is_not_charged_as_unprotected
         assert rows[-1]["epsilon"][cid] == pytest.approx(
             fresh_epsilon(ledger["events"], 1e-5), rel=0.01
         )
+
+
+def test_a_fixed_noise_budget_is_checked_before_round_1(tmp_path):
+    # Learn each client's first-round cost, then set a budget some first rounds exceed: those
+    # clients must never train (nothing foresaw round 1 before: they trained and went over).
+    fixed = [*DP, "privacy.noise_multiplier=1.0", "rounds=2"]
+    _, _, free, _ = run_inprocess(tmp_path, fixed, name="free")
+    first = free[0]["epsilon"]
+    budget = sorted(first.values())[len(first) // 2] * 0.999
+    over = {c for c, e in first.items() if e > budget}
+    assert over and len(over) < len(first)
+    _, _, rows, _ = run_inprocess(tmp_path, [*fixed, f"privacy.budget_epsilon={budget}"])
+    ledgers = _ledgers(tmp_path)
+    assert all(not ledgers[c]["events"] for c in over), "a client over budget in round 1 trained"
+    assert rows[0]["clients_ok"] == len(first) - len(over)
+    assert all(e <= budget for row in rows for e in row["epsilon"].values())
+
+
+def test_calibration_leaves_room_for_the_per_round_teacher_release(tmp_path):
+    spec = load_spec(None, [*SMALL, *DP, "privacy.target_epsilon=2.0", "privacy.release_noise=5"])
+    (release,) = dpsgd_settings(spec).other_releases
+    assert release.count == spec.rounds == 3  # a client may contribute to every round
+    _, _, rows, _ = run_inprocess(
+        tmp_path, [*DP, "privacy.target_epsilon=2.0", "privacy.release_noise=5"]
+    )
+    # Nobody is stopped mid-run by the budget (target_epsilon), and the run spends most of it.
+    assert all(r["clients_ok"] == 4 and r["clients_stopped"] == 0 for r in rows)
+    final = rows[-1]["epsilon"]
+    assert 1.9 < min(final.values()) and max(final.values()) <= 2.0
+    for cid, ledger in _ledgers(tmp_path).items():
+        kinds = [e["kind"] for e in ledger["events"]]
+        assert kinds == ["dp_sgd", "gaussian_release"] * 3
+        assert final[cid] == pytest.approx(fresh_epsilon(ledger["events"], 1e-5), rel=0.01)

@@ -251,10 +251,9 @@ def test_an_epoch_schedule_is_calibrated_for_and_budgeted_round_by_round(tmp_pat
     capped_book = json.loads((tmp_path / "capped" / "ledgers.json").read_text())
     assert int(cid) in capped_book["stopped"]
     assert _dp_sgd_rounds(capped_book["ledgers"][cid]) == [1]
-    # (A client whose first round alone exceeds the budget is over it: nothing foresees the
-    # first round's DP-SGD, as without a schedule.)
+    # The first round is checked too (its cost is foreseen from the client's size).
     for c, eps in capped[-1]["epsilon"].items():
-        assert eps <= budget or _dp_sgd_rounds(capped_book["ledgers"][c]) == [1], (c, eps, budget)
+        assert eps <= budget, (c, eps, budget)
 
 
 def test_budget_projection_scales_dp_sgd_steps_to_the_next_rounds_epochs():
