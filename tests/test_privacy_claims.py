@@ -110,3 +110,11 @@ def test_calibration_leaves_room_for_the_per_round_teacher_release(tmp_path):
         kinds = [e["kind"] for e in ledger["events"]]
         assert kinds == ["dp_sgd", "gaussian_release"] * 3
         assert final[cid] == pytest.approx(fresh_epsilon(ledger["events"], 1e-5), rel=0.01)
+
+
+def test_private_statistics_of_a_private_run_are_flagged_as_oracle_metrics(tmp_path):
+    _, _, rows, _ = run_inprocess(tmp_path, [*DP, "privacy.noise_multiplier=1.0", "rounds=1"])
+    assert rows[0]["oracle_metrics"] == ["client_local_acc_mean", "train_loss_mean"]
+    assert rows[0]["train_loss_mean"] > 0 and rows[0]["client_local_acc_mean"] is not None
+    _, _, plain, _ = run_inprocess(tmp_path, ["rounds=1"], name="plain")
+    assert "oracle_metrics" not in plain[0] and plain[0]["train_loss_mean"] > 0

@@ -202,9 +202,22 @@ def _peak(exchanges: list[Exchange], key: str) -> float | None:
     return max(values) if values else None
 
 
-def _client_metrics(results: dict[int, ClientResult]) -> dict[str, float | None]:
+def _statistic(results: dict[int, ClientResult], key: str) -> tuple[list[float], bool]:
+    """A private statistic of every client that sent it (a metric, or in the oracle channel),
+    and whether any came through the oracle channel (a value a deployment would not have)."""
+    values = [r.metrics.get(key, r.oracle.get(key)) for r in results.values()]
+    return [v for v in values if v is not None], any(key in r.oracle for r in results.values())
+
+
+def _oracle_fields(row: dict[str, Any], fields: list[str]) -> None:
+    """Name in ``row["oracle_metrics"]`` the fields measured through the oracle channel."""
+    if fields:
+        row["oracle_metrics"] = sorted({*row.get("oracle_metrics", []), *fields})
+
+
+def _client_metrics(results: dict[int, ClientResult]) -> dict[str, Any]:
     test = [r.metrics["test_acc"] for r in results.values() if "test_acc" in r.metrics]
-    local = [r.metrics["local_acc"] for r in results.values() if "local_acc" in r.metrics]
+    local, _ = _statistic(results, "local_acc")
     local = [a for a in local if math.isfinite(a)]
     return {
         "client_test_acc_mean": float(np.mean(test)) if test else None,
@@ -459,6 +472,8 @@ def _close_round(
         num_examples = {c: r.metrics.get("num_examples", 1.0) for c, r in open_round.ok.items()}
         row["teacher_test_acc"] = _teacher_acc(strategy, evaluated, test_y, num_examples)
     row.update(_client_metrics(evaluated))
+    if _statistic(evaluated, "local_acc")[1]:
+        _oracle_fields(row, ["client_local_acc_mean"])
     exchanges = open_round.exchanges
     row.update(
         {
@@ -599,7 +614,9 @@ def _run_rounds(
                 row["epsilon_data_independent_max"] = max(independent)
             row["clients_stopped"] = len(book.stopped)
             recorder.write_extra("ledgers.json", book.to_dict())
-        train_losses = [r.metrics["train_loss"] for r in ok.values() if "train_loss" in r.metrics]
+        train_losses, oracle = _statistic(ok, "train_loss")
+        if oracle:
+            _oracle_fields(row, ["train_loss_mean"])
         row.update(
             {
                 "bytes_up": bytes_up,

@@ -82,12 +82,31 @@ def dp_step_metrics(event: DpSgdEvent, steps_total: int) -> dict[str, float]:
     }
 
 
+# Metrics computed on a client's private examples with no mechanism behind them: its training
+# loss and its accuracy on its private held-out slice. Where a run claims privacy they never
+# travel as metrics (see `ClientResult.oracle` and docs/what-leaves-a-client.md).
+PRIVATE_STATISTICS = ("train_loss", "local_acc")
+
+
 @dataclass
 class ClientResult:
-    """One client's reply in one phase."""
+    """One client's reply in one phase.
+
+    ``oracle`` holds what a simulation measures beside the protocol (the `PRIVATE_STATISTICS`
+    of a run that claims privacy): a deployed node never sends it.
+    """
 
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    oracle: dict[str, float] = field(default_factory=dict)
+
+    def private_statistics_apart(self, keep: bool) -> ClientResult:
+        """This result with its `PRIVATE_STATISTICS` out of ``metrics``: into ``oracle`` if
+        `keep` (a simulation's oracle channel), else dropped."""
+        metrics = {k: v for k, v in self.metrics.items() if k not in PRIVATE_STATISTICS}
+        moved = {k: v for k, v in self.metrics.items() if k in PRIVATE_STATISTICS}
+        oracle = {**self.oracle, **moved} if keep else {}
+        return ClientResult(self.arrays, metrics, oracle)
 
 
 class CohortLearner:
