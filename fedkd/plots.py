@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from fedkd.stats import describe  # noqa: E402
 
 
 def _series(rounds: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    # Not plotted: null, and an infinite epsilon (an unprotected release; the run's files say so).
     pts = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
+    pts = [p for p in pts if not (isinstance(p[1], float) and not math.isfinite(p[1]))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 

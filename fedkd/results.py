@@ -113,12 +113,13 @@ def default_run_dir(spec: Spec, root: str | Path = "runs") -> Path:
     return Path(root) / f"{spec.name}-{stamp}"
 
 
-def _clean(value: Any) -> Any:
-    """JSON has no NaN: write null instead."""
+def _clean(value: Any, keep_inf: bool = False) -> Any:
+    """JSON has no NaN: write null instead. An infinite epsilon (an unprotected release) stays
+    infinite (``Infinity``, which Python's json reads back): null means "no DP", not this."""
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        return value if keep_inf and math.isinf(value) else None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: _clean(v, keep_inf or str(k).startswith("epsilon")) for k, v in value.items()}
     return value
 
 

@@ -160,7 +160,8 @@ class PrivacySpec:
     """Differential privacy for the clients' private data, accounted per client over the run."""
 
     # DP-SGD in local training (Opacus): noise from target_epsilon (calibrated once for the
-    # whole planned run: all rounds, all local steps) or a fixed noise_multiplier.
+    # whole planned run: all rounds, all local steps) or a fixed noise_multiplier. Off while
+    # another mechanism is on, the students' outputs leave clients unprotected: epsilon inf.
     dpsgd: bool = False
     target_epsilon: float = 0.0
     noise_multiplier: float = 0.0

@@ -251,10 +251,9 @@ def test_an_epoch_schedule_is_calibrated_for_and_budgeted_round_by_round(tmp_pat
     capped_book = json.loads((tmp_path / "capped" / "ledgers.json").read_text())
     assert int(cid) in capped_book["stopped"]
     assert _dp_sgd_rounds(capped_book["ledgers"][cid]) == [1]
-    # (A client whose first round alone exceeds the budget is over it: nothing foresees the
-    # first round's DP-SGD, as without a schedule.)
+    # The first round is checked too (its cost is foreseen from the client's size).
     for c, eps in capped[-1]["epsilon"].items():
-        assert eps <= budget or _dp_sgd_rounds(capped_book["ledgers"][c]) == [1], (c, eps, budget)
+        assert eps <= budget, (c, eps, budget)
 
 
 def test_budget_projection_scales_dp_sgd_steps_to_the_next_rounds_epochs():
@@ -271,13 +270,15 @@ def test_budget_projection_scales_dp_sgd_steps_to_the_next_rounds_epochs():
 
 
 def test_gaussian_release_charges_every_contributor_each_round(tmp_path):
-    _, _, rows, _ = run_inprocess(tmp_path, ["privacy.release_noise=5.0", "rounds=2"])
+    # With DP-SGD: without it the students' outputs leave unprotected (epsilon inf).
+    release = [*DP, "privacy.noise_multiplier=1.0", "privacy.release_noise=5.0", "rounds=2"]
+    _, _, rows, _ = run_inprocess(tmp_path, release)
     book = json.loads((tmp_path / "run" / "ledgers.json").read_text())
     for ledger in book["ledgers"].values():
         kinds = [e["kind"] for e in ledger["events"]]
-        assert kinds == ["gaussian_release", "gaussian_release"]
+        assert kinds == ["dp_sgd", "gaussian_release"] * 2
         # Example-level sensitivity of a clipped probability matrix is sqrt(2) * clip.
-        assert ledger["events"][0]["noise_multiplier"] == pytest.approx(5.0 / np.sqrt(2))
+        assert ledger["events"][1]["noise_multiplier"] == pytest.approx(5.0 / np.sqrt(2))
     assert rows[1]["epsilon_max"] > rows[0]["epsilon_max"] > 0
     assert np.isfinite(rows[-1]["server_test_acc"])
 

@@ -18,6 +18,7 @@ from fedkd.learner.cohort import CohortConfig
 from fedkd.learner.loop import PHASE_EVAL, OptimConfig, StepConfig, derive_seed
 from fedkd.learner.server_student import ServerStudent
 from fedkd.privacy.dpsgd import DpSgdSettings
+from fedkd.privacy.gaussian_release import gaussian_release_event
 from fedkd.privacy.label_histogram import label_histogram_event
 from fedkd.privacy.ledger import PrivacyEvent
 from fedkd.spec import Spec, resolve_path
@@ -109,15 +110,55 @@ def dpsgd_settings(spec: Spec) -> DpSgdSettings | None:
         noise_multiplier=p.noise_multiplier,
         target_epsilon=p.target_epsilon,
         planned_epochs=step_config(spec.train).epochs_through(spec.rounds),
-        other_releases=_one_time_releases(spec),
+        other_releases=_other_releases(spec),
     )
 
 
-def _one_time_releases(spec: Spec) -> tuple[PrivacyEvent, ...]:
-    """Releases charged once per client over the run, which DP-SGD's calibration leaves room
-    for (the label histogram of the class-weighted teacher)."""
+def _other_releases(spec: Spec) -> tuple[PrivacyEvent, ...]:
+    """A client's charges besides DP-SGD over the whole run, at their most (it may take part in
+    every round), which DP-SGD's calibration leaves room for: the label histogram of the
+    class-weighted teacher (once) and the Gaussian teacher release (every round)."""
+    events: list[PrivacyEvent] = []
     noise = label_histogram_noise(spec)
-    return (label_histogram_event(noise),) if noise else ()
+    if noise:
+        events.append(label_histogram_event(noise))
+    if spec.privacy.release_noise > 0:
+        events.append(gaussian_release_event(spec.privacy.release_noise, 0, count=spec.rounds))
+    return tuple(events)
+
+
+def unprotected_outputs(spec: Spec) -> list[str]:
+    """What the clients of a run that claims privacy send with no mechanism behind it.
+
+    With a mechanism on (a ledger book) but no DP-SGD, the students train on private data
+    unprotected, and every value they compute that leaves a client (uploads, test logits and
+    accuracy, exported weights) is an unprotected release: such a client's epsilon is infinite.
+
+    Parameters
+    ----------
+    spec : Spec
+        The run's spec.
+
+    Returns
+    -------
+    list of str
+        ``part.key`` names of those values; empty when the run has none (DP-SGD on, or no
+        mechanism and so no privacy claim).
+    """
+    p = spec.privacy
+    if p.dpsgd or not p.enabled(spec.algorithm.name):
+        return []
+    cls = STRATEGIES[spec.algorithm.name]
+    values = []
+    if cls.upload in ("logits", "class_logits"):
+        values.append(f"train.{cls.upload}")
+    elif cls.upload == "weights":
+        values.append("train.<student weights>")
+    if cls.uses_clients and cls.evaluates_clients:
+        values += ["evaluate.test_logits", "evaluate.test_acc"]
+    if spec.audit.enabled and cls.uses_clients:
+        values.append("export.<student weights>")
+    return values
 
 
 def ledger_book(spec: Spec) -> LedgerBook | None:

@@ -92,13 +92,24 @@ def _peak_memory_mb() -> dict[str, float]:
 
 
 def _reply(
-    parts: dict[str, dict[int, ClientResult]], started: float | None, msg: Message
+    spec: Spec,
+    parts: dict[str, dict[int, ClientResult]],
+    started: float | None,
+    msg: Message,
+    oracle: bool,
 ) -> Message:
     """The reply: results per part and client, and this node's learner seconds and memory.
 
     The server sums ``learner_s`` over nodes to split a round's wall time into learner time
-    and engine overhead (messaging, Ray, serialisation), which the benchmark reports.
+    and engine overhead (messaging, Ray, serialisation), which the benchmark reports. In a run
+    that claims privacy, the clients' private statistics are no metrics: they go into the
+    oracle channel where `oracle` (a simulation), else nowhere.
     """
+    if spec.privacy.enabled(spec.algorithm.name):
+        parts = {
+            part: {cid: res.private_statistics_apart(oracle) for cid, res in results.items()}
+            for part, results in parts.items()
+        }
     node = _peak_memory_mb()
     if started is not None:
         node["learner_s"] = time.perf_counter() - started
@@ -123,7 +134,7 @@ def handle_hello(spec: Spec, msg: Message, context: Context) -> Message:
     )
 
 
-def handle_round(spec: Spec, msg: Message, context: Context) -> Message:
+def handle_round(spec: Spec, msg: Message, context: Context, oracle: bool = False) -> Message:
     """``train.round``: digest the previous round's teacher, evaluate, then train and upload."""
     started = time.perf_counter()
     config, arrays = _parse(spec, msg, context)
@@ -165,14 +176,14 @@ def handle_round(spec: Spec, msg: Message, context: Context) -> Message:
             arrays.get("proxy_idx", np.empty(0, dtype=np.int64)).astype(np.int64),
             class_teacher,
         )
-    return _reply(parts, started, msg)
+    return _reply(spec, parts, started, msg, oracle)
 
 
-def handle_export(spec: Spec, msg: Message, context: Context) -> Message:
+def handle_export(spec: Spec, msg: Message, context: Context, oracle: bool = False) -> Message:
     """The audited clients' final student weights (``query.export``, end of an audited run)."""
     config, _ = _parse(spec, msg, context)
     results = _learner(spec, context).export(wire.part_ids(config, "export"))
-    return _reply({"export": results}, None, msg)
+    return _reply(spec, {"export": results}, None, msg, oracle)
 
 
 def in_simulation_engine() -> bool:
@@ -193,10 +204,16 @@ def spec_for_node(context: Context) -> Spec:
     return spec
 
 
-def make_client_app(spec: Spec | None = None) -> ClientApp:
-    """A ClientApp bound to `spec` (in-process simulation), or (None) reading the spec from
-    the run config (`flwr run`, deployments: see `spec_for_node`)."""
+def make_client_app(spec: Spec | None = None, oracle: bool | None = None) -> ClientApp:
+    """A ClientApp bound to `spec`, or (None) reading the spec from the run config.
+
+    `oracle`: whether its replies carry the oracle channel (private statistics a simulation
+    measures beside the protocol; see `fedkd.learner.cohort.ClientResult`). Default: with a
+    bound spec only, that is in `fedkd run`'s simulation; the `flwr run` app, which deployed
+    SuperNodes load, never sends it.
+    """
     app = ClientApp()
+    oracle = spec is not None if oracle is None else oracle
 
     def _spec(context: Context) -> Spec:
         return spec if spec is not None else spec_for_node(context)
@@ -207,11 +224,11 @@ def make_client_app(spec: Spec | None = None) -> ClientApp:
 
     @app.train("round")
     def round_(msg: Message, context: Context) -> Message:
-        return handle_round(_spec(context), msg, context)
+        return handle_round(_spec(context), msg, context, oracle)
 
     @app.query("export")
     def export(msg: Message, context: Context) -> Message:
-        return handle_export(_spec(context), msg, context)
+        return handle_export(_spec(context), msg, context, oracle)
 
     return app
 

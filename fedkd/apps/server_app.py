@@ -26,18 +26,20 @@ from flwr.serverapp import Grid, ServerApp
 from fedkd.apps import wire
 from fedkd.apps.build import (
     build_strategy,
+    dpsgd_settings,
     eval_test_indices,
     federated_data,
     ledger_book,
     step_config,
+    unprotected_outputs,
 )
 from fedkd.apps.run_config import spec_from_run_config
 from fedkd.audit.run_audit import audit_run, render_text, save_student, save_teachers
-from fedkd.learner.cohort import DIGEST_DIVERGED, ClientResult
+from fedkd.learner.cohort import DIGEST_DIVERGED, STUDENT_OUTPUTS, ClientResult
 from fedkd.learner.loop import PHASE_SAMPLE, accuracy, derive_seed
 from fedkd.privacy.book import LedgerBook
 from fedkd.privacy.gaussian_release import gaussian_release_event
-from fedkd.privacy.ledger import DpSgdEvent
+from fedkd.privacy.ledger import DpSgdEvent, PrivacyEvent, UnprotectedReleaseEvent
 from fedkd.results import RunRecorder, default_run_dir
 from fedkd.spec import Spec
 from strategies import Strategy
@@ -200,24 +202,39 @@ def _peak(exchanges: list[Exchange], key: str) -> float | None:
     return max(values) if values else None
 
 
-def _finite_mean(results: dict[int, ClientResult], key: str) -> float | None:
-    """Mean of one metric over the clients that report it finite (NaN: an empty slice)."""
-    values = [r.metrics[key] for r in results.values() if key in r.metrics]
-    values = [a for a in values if math.isfinite(a)]
-    return float(np.mean(values)) if values else None
+def _statistic(results: dict[int, ClientResult], key: str) -> tuple[list[float], bool]:
+    """A private statistic of every client that sent it (a metric, or in the oracle channel),
+    and whether any came through the oracle channel (a value a deployment would not have)."""
+    values = [r.metrics.get(key, r.oracle.get(key)) for r in results.values()]
+    return [v for v in values if v is not None], any(key in r.oracle for r in results.values())
 
 
-def _client_metrics(results: dict[int, ClientResult]) -> dict[str, float | None]:
+def _oracle_fields(row: dict[str, Any], fields: list[str]) -> None:
+    """Name in ``row["oracle_metrics"]`` the fields measured through the oracle channel."""
+    if fields:
+        row["oracle_metrics"] = sorted({*row.get("oracle_metrics", []), *fields})
+
+
+# Row fields that average a private statistic of the clients (`PRIVATE_STATISTICS`), by key.
+CLIENT_STATISTIC_FIELDS = {"local_acc": "client_local_acc_mean", "val_acc": "client_val_acc_mean"}
+
+
+def _client_metrics(results: dict[int, ClientResult], row: dict[str, Any]) -> dict[str, Any]:
+    """The clients' accuracies for `row`; fields read from the oracle channel are named in
+    ``row["oracle_metrics"]``. A NaN statistic (an empty slice) is left out of its mean."""
     test = [r.metrics["test_acc"] for r in results.values() if "test_acc" in r.metrics]
-    return {
+    metrics: dict[str, Any] = {
         "client_test_acc_mean": float(np.mean(test)) if test else None,
         "client_test_acc_min": float(np.min(test)) if test else None,
         "client_test_acc_max": float(np.max(test)) if test else None,
-        "client_local_acc_mean": _finite_mean(results, "local_acc"),
-        # Each client's student on its own validation slice (docs/validation.md: with DP on,
-        # an oracle of the simulation, like local_acc: it is not charged).
-        "client_val_acc_mean": _finite_mean(results, "val_acc"),
     }
+    for key, name in CLIENT_STATISTIC_FIELDS.items():
+        values, oracle = _statistic(results, key)
+        values = [v for v in values if math.isfinite(v)]
+        metrics[name] = float(np.mean(values)) if values else None
+        if oracle:
+            _oracle_fields(row, [name])
+    return metrics
 
 
 def _teacher_acc(
@@ -233,19 +250,36 @@ def _teacher_acc(
 
 
 def _admit_within_budget(
-    book: LedgerBook | None, spec: Spec, sampled: list[int], rnd: int
+    book: LedgerBook | None, spec: Spec, sampled: list[int], rnd: int, sizes: dict[int, int]
 ) -> list[int]:
-    """Drop sampled clients whose next round would exceed their privacy budget."""
+    """Drop sampled clients whose next round would exceed their privacy budget.
+
+    The check is on the round's worst case, from round 1 on: the Gaussian release, an
+    unprotected release where the run has one, and DP-SGD. A client's DP-SGD cost is its last
+    round's, scaled to this round's epochs; before it has taken part, the cost of this round
+    for `sizes` (the client's number of private examples, public by assumption: see
+    docs/what-leaves-a-client.md).
+    """
     if book is None or book.budget_epsilon is None:
         return sampled
-    extra = []
+    extra: list[PrivacyEvent] = []
     if spec.privacy.release_noise > 0:
         extra.append(gaussian_release_event(spec.privacy.release_noise, rnd))
-    epochs_in = step_config(spec.train).epochs_in  # DP-SGD steps scale with a round's epochs
+    unprotected = unprotected_outputs(spec)
+    if unprotected:
+        extra.append(UnprotectedReleaseEvent(", ".join(unprotected), rnd))
+    train = step_config(spec.train)
+    dp = dpsgd_settings(spec)
+    # A run calibrated to target_epsilon fits its whole run in it: no round alone exceeds a
+    # budget at least as large, and the (costly) calibration need not run on the server.
+    calibrated_within = dp is not None and 0 < dp.target_epsilon <= book.budget_epsilon
     admitted = []
     for cid in sampled:
+        first = list(extra)
+        if dp is not None and not calibrated_within:
+            first.append(dp.round_event(sizes[cid], train.batch_size, train.epochs_in(rnd), rnd))
         was_stopped = cid in book.stopped
-        if book.can_contribute(cid, book.planned_events(cid, rnd, extra, epochs_in)):
+        if book.can_contribute(cid, book.planned_events(cid, rnd, first, train.epochs_in)):
             admitted.append(cid)
         elif not was_stopped:
             log.warning(
@@ -256,6 +290,32 @@ def _admit_within_budget(
                 book.budget_epsilon,
             )
     return admitted
+
+
+def _record_unprotected(
+    book: LedgerBook | None, spec: Spec, upload: str, exchange: Exchange, rnd: int
+) -> None:
+    """Charge an unprotected release to every client that sent its (non-DP) student's outputs.
+
+    In a run that claims privacy (a ledger book) but trains students without DP-SGD, what a
+    student computes (uploads, test logits and accuracy, distillation loss, exported weights)
+    leaves the client with no mechanism behind it: its epsilon is infinite from then on. The
+    event is recorded once per client, in the round of its first such release.
+    """
+    if book is None or spec.privacy.dpsgd:
+        return
+    for part in wire.PARTS:
+        for cid, res in sorted({**exchange.rejected[part], **exchange.results[part]}.items()):
+            ledger = book.ledgers.get(cid)
+            if ledger is not None and ledger.has_unprotected:
+                continue
+            values = [
+                f"{part}.{k}" for k in sorted({**res.arrays, **res.metrics}) if k in STUDENT_OUTPUTS
+            ]
+            if part == "export" or (part == "train" and upload == "weights"):
+                values.append(f"{part}.<student weights>")
+            if values:
+                book.record(cid, UnprotectedReleaseEvent(", ".join(values), rnd), recurs=False)
 
 
 def _record_dpsgd(book: LedgerBook | None, results: dict[int, ClientResult], rnd: int) -> None:
@@ -336,13 +396,18 @@ def export_audited(
     recorder: RunRecorder,
     timeout: float,
     teachers: dict[int, dict[str, np.ndarray]],
+    book: LedgerBook | None = None,
 ) -> None:
-    """Keep the audited client's final student (asked from its node) and the digests it got."""
+    """Keep the audited client's final student (asked from its node) and the digests it got;
+    a student trained without DP-SGD in a run that claims privacy is charged as unprotected."""
     save_teachers(recorder.dir, teachers)
     cid = spec.audit.client
     outcome = run_exchange(
         grid, node_of, {"export": [cid]}, wire.MSG_EXPORT, {"round": spec.rounds}, {}, timeout
     )
+    _record_unprotected(book, spec, "none", outcome, spec.rounds)
+    if book is not None:
+        recorder.write_extra("ledgers.json", book.to_dict())
     if cid not in outcome.results["export"]:
         log.warning("audit: client %d did not send its final student; nothing to audit", cid)
         return
@@ -419,7 +484,7 @@ def _close_round(
     if open_round.evaluate:
         num_examples = {c: r.metrics.get("num_examples", 1.0) for c, r in open_round.ok.items()}
         row["teacher_test_acc"] = _teacher_acc(strategy, evaluated, test_y, num_examples)
-    row.update(_client_metrics(evaluated))
+    row.update(_client_metrics(evaluated, row))
     exchanges = open_round.exchanges
     row.update(
         {
@@ -455,6 +520,14 @@ def _run_rounds(
     test_idx = eval_test_indices(spec, len(data.test_y))
     test_y = data.test_y[test_idx]
     book = ledger_book(spec)
+    unprotected = unprotected_outputs(spec)
+    if unprotected:
+        log.warning(
+            "privacy: students train without DP-SGD, so %s leave clients unprotected: their "
+            "epsilon is reported as inf (set privacy.dpsgd = true for a finite guarantee)",
+            ", ".join(unprotected),
+        )
+    sizes = {cid: client.num_examples for cid, client in enumerate(data.clients)}
     audit_teachers: dict[int, dict[str, np.ndarray]] = {}
 
     def write(row: dict[str, Any]) -> None:
@@ -480,7 +553,7 @@ def _run_rounds(
         if not strategy.uses_clients:  # centralized: the server trains alone
             strategy.aggregate(rnd, {})
         else:
-            sampled = _admit_within_budget(book, spec, sample_clients(spec, rnd), rnd)
+            sampled = _admit_within_budget(book, spec, sample_clients(spec, rnd), rnd, sizes)
             plan = strategy.plan_local(rnd)
             plan_arrays: dict[str, np.ndarray] = {}
             if len(plan.proxy_idx):
@@ -505,6 +578,7 @@ def _run_rounds(
             exchanges.append(exchange)
             ok, failed = exchange.results["train"], exchange.failed_in("train") & set(sampled)
             _record_dpsgd(book, {**exchange.rejected["train"], **ok}, rnd)
+            _record_unprotected(book, spec, plan.upload, exchange, rnd)
             bytes_down += wire.payload_bytes(plan_arrays) * len(sampled)
             bytes_up = sum(wire.payload_bytes(r.arrays) for r in ok.values())
 
@@ -552,7 +626,9 @@ def _run_rounds(
                 row["epsilon_data_independent_max"] = max(independent)
             row["clients_stopped"] = len(book.stopped)
             recorder.write_extra("ledgers.json", book.to_dict())
-        train_losses = [r.metrics["train_loss"] for r in ok.values() if "train_loss" in r.metrics]
+        train_losses, oracle = _statistic(ok, "train_loss")
+        if oracle:
+            _oracle_fields(row, ["train_loss_mean"])
         row.update(
             {
                 "bytes_up": bytes_up,
@@ -590,9 +666,12 @@ def _run_rounds(
                 timeout,
             )
             open_round.exchanges.append(exchange)
+            _record_unprotected(book, spec, strategy.upload, exchange, spec.rounds)
+            if book is not None:
+                recorder.write_extra("ledgers.json", book.to_dict())
         write(_close_round(strategy, test_y, open_round, exchange, time.perf_counter()))
     if spec.audit.enabled and strategy.uses_clients:
-        export_audited(grid, node_of, spec, recorder, timeout, audit_teachers)
+        export_audited(grid, node_of, spec, recorder, timeout, audit_teachers, book)
     return recorder.finish()
 
 

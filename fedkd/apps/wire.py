@@ -15,7 +15,9 @@ Message types:
 - ``query.export``: the audited client's final student (end of an audited run).
 
 A reply holds one result per client per part (``digest``, ``evaluate``, ``train``, ``export``)
-and the node's own metrics (learner seconds, peak memory).
+and the node's own metrics (learner seconds, peak memory); in a simulation of a run that claims
+privacy, also ``<part>.oracle.<client>`` records: private statistics measured beside the
+protocol, which deployed nodes never send (docs/what-leaves-a-client.md lists every value).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ PARTS = ("digest", "evaluate", "train", "export")
 # proxy_idx); FedAvg's global weights carry WEIGHTS_PREFIX.
 DIGEST_PREFIX = "digest."
 WEIGHTS_PREFIX = "w."
+# Records of a reply that a simulation's nodes add beside the protocol (ClientResult.oracle).
+ORACLE = "oracle"
 
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -87,6 +91,8 @@ def results_to_record(
         for cid, res in results.items():
             content[f"{part}.arrays.{cid}"] = to_array_record(res.arrays)
             content[f"{part}.metrics.{cid}"] = MetricRecord(res.metrics)
+            if res.oracle:  # simulation only (see ClientResult.oracle)
+                content[f"{part}.{ORACLE}.{cid}"] = MetricRecord(res.oracle)
     return content
 
 
@@ -101,6 +107,7 @@ def record_to_results(
             cid: ClientResult(
                 arrays=from_array_record(content[f"{part}.arrays.{cid}"]),
                 metrics={k: float(v) for k, v in content[f"{part}.metrics.{cid}"].items()},
+                oracle={k: float(v) for k, v in content.get(f"{part}.{ORACLE}.{cid}", {}).items()},
             )
             for cid in part_ids(config, part)
         }

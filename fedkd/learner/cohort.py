@@ -41,6 +41,16 @@ from fedkd.privacy.noise import noise_source
 UPLOADS = ("logits", "class_logits", "weights", "votes", "none")
 # Digest metric: distillation made the client's student non-finite, and the digest was undone.
 DIGEST_DIVERGED = "digest_diverged"
+# Result keys (arrays and metrics) whose values the client's student computes, besides its
+# weights: private only as far as the student is (DP-SGD makes them post-processing).
+STUDENT_OUTPUTS = (
+    "logits",
+    "class_logits",
+    "test_logits",
+    "test_acc",
+    "distill_loss",
+    DIGEST_DIVERGED,
+)
 
 
 @dataclass(frozen=True)
@@ -75,12 +85,31 @@ def dp_step_metrics(event: DpSgdEvent, steps_total: int) -> dict[str, float]:
     }
 
 
+# Metrics computed on a client's private examples with no mechanism behind them: its training
+# loss and its accuracy on its private held-out slice. Where a run claims privacy they never
+# travel as metrics (see `ClientResult.oracle` and docs/what-leaves-a-client.md).
+PRIVATE_STATISTICS = ("train_loss", "local_acc", "val_acc")
+
+
 @dataclass
 class ClientResult:
-    """One client's reply in one phase."""
+    """One client's reply in one phase.
+
+    ``oracle`` holds what a simulation measures beside the protocol (the `PRIVATE_STATISTICS`
+    of a run that claims privacy): a deployed node never sends it.
+    """
 
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    oracle: dict[str, float] = field(default_factory=dict)
+
+    def private_statistics_apart(self, keep: bool) -> ClientResult:
+        """This result with its `PRIVATE_STATISTICS` out of ``metrics``: into ``oracle`` if
+        `keep` (a simulation's oracle channel), else dropped."""
+        metrics = {k: v for k, v in self.metrics.items() if k not in PRIVATE_STATISTICS}
+        moved = {k: v for k, v in self.metrics.items() if k in PRIVATE_STATISTICS}
+        oracle = {**self.oracle, **moved} if keep else {}
+        return ClientResult(self.arrays, metrics, oracle)
 
 
 class CohortLearner:

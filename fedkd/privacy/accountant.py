@@ -14,6 +14,10 @@ Two accountants run on the same events:
   dp-accounting's ``compute_epsilon`` (Balle et al. 2020 conversion).
 
 Everything is under the add-or-remove-one neighbouring relation, the one Opacus uses.
+
+An unprotected release (values computed from private data that left the client with no
+mechanism behind them) has no finite bound under any relation: a ledger holding one reports
+``epsilon = inf`` (method ``"unprotected"``), by both accountants.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from fedkd.privacy.ledger import (
     PateQueryEvent,
     PrivacyEvent,
     PrivacyLedger,
+    UnprotectedReleaseEvent,
 )
 
 __all__ = [
@@ -104,7 +109,8 @@ class EpsilonReport:
     delta : float
         The delta the epsilons are for.
     method : str
-        ``"pld"`` or ``"rdp"``: which accountant produced ``epsilon``.
+        ``"pld"`` or ``"rdp"``: which accountant produced ``epsilon``; ``"unprotected"`` when
+        the ledger holds an unprotected release (every epsilon is then ``inf``).
     epsilon_rdp_data_independent : float or None
         With PATE events: RDP epsilon using PATE's data-independent curves instead.
     rdp_order : float or None
@@ -198,6 +204,9 @@ def would_exceed_budget(ledger: PrivacyLedger, extra_events: list[PrivacyEvent])
 def _report(events: list[PrivacyEvent], delta: float) -> EpsilonReport:
     if not (0.0 < delta < 1.0):
         raise ValueError(f"delta must lie in (0, 1), got {delta!r}")
+    if any(isinstance(e, UnprotectedReleaseEvent) for e in events):
+        inf = math.inf
+        return EpsilonReport(inf, inf, inf, float(delta), "unprotected")
     sgd, releases, pate = _group(events)
     return _report_cached(sgd, releases, pate, float(delta))
 

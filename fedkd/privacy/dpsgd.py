@@ -63,6 +63,19 @@ class DpSgdSettings:
             self.other_releases,
         )
 
+    def round_event(
+        self, num_examples: int, batch_size: int, epochs: int, round_num: int = 0
+    ) -> DpSgdEvent:
+        """The DP-SGD cost of one round of `epochs` epochs on `num_examples` examples: what
+        `train_dpsgd` charges, known before training (the budget check plans with it)."""
+        sample_rate, steps_per_epoch = sample_rate_and_steps_per_epoch(num_examples, batch_size)
+        return DpSgdEvent(
+            sample_rate=sample_rate,
+            noise_multiplier=self.noise_for(sample_rate, steps_per_epoch),
+            steps=steps_per_epoch * epochs,
+            round=round_num,
+        )
+
 
 @functools.lru_cache(maxsize=1024)
 def _calibrated(
@@ -107,9 +120,8 @@ def train_dpsgd(
     y = torch.as_tensor(y)
     source = as_noise_source(generator)
     seeded = source.generator  # None: a secure source, fed to Opacus below
-    sample_rate, steps_per_epoch = sample_rate_and_steps_per_epoch(len(y), batch_size)
-    steps = steps_per_epoch * epochs
-    sigma = settings.noise_for(sample_rate, steps_per_epoch)
+    event = settings.round_event(len(y), batch_size, epochs, round_num)
+    sigma = event.noise_multiplier
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, generator=seeded)
     model.train()  # Opacus refuses a model left in eval mode (e.g. after computing logits)
     # Imported here: Opacus takes seconds to import, and a client without DP-SGD never needs it.
@@ -141,10 +153,7 @@ def train_dpsgd(
         for p in model.parameters():
             p.grad_sample = None
             p.grad = None
-    event = DpSgdEvent(
-        sample_rate=sample_rate, noise_multiplier=sigma, steps=steps, round=round_num
-    )
-    return {"loss": stats["loss"], "steps": float(steps)}, event
+    return {"loss": stats["loss"], "steps": float(event.steps)}, event
 
 
 def _draw_from(source: NoiseSource, optimizer: Any, loader: DataLoader) -> DataLoader:

@@ -26,6 +26,7 @@ __all__ = [
     "PateQueryEvent",
     "PrivacyEvent",
     "PrivacyLedger",
+    "UnprotectedReleaseEvent",
     "event_from_dict",
 ]
 
@@ -245,12 +246,48 @@ class PateQueryEvent:
         )
 
 
-PrivacyEvent = DpSgdEvent | GaussianReleaseEvent | PateQueryEvent
+@dataclass(frozen=True)
+class UnprotectedReleaseEvent:
+    """Values computed from the client's private data left it with no mechanism behind them.
+
+    Nothing bounds what such a release reveals, so the accountant composes it as an infinite
+    epsilon: a ledger that holds one reports ``epsilon = inf``, whatever else it holds.
+
+    Parameters
+    ----------
+    values : str
+        What left the client unprotected (e.g. ``"train.logits, evaluate.test_logits"``).
+    round : int, default 0
+        Federated round of the (first) release.
+    """
+
+    values: str
+    round: int = 0
+    kind: ClassVar[str] = "unprotected_release"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.values, str) or not self.values:
+            raise ValueError(f"values must name what was released, got {self.values!r}")
+        _check_round(self.round)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, with ``kind``."""
+        return {"kind": self.kind, "values": self.values, "round": int(self.round)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UnprotectedReleaseEvent:
+        """Inverse of :meth:`to_dict`."""
+        _expect_kind(d, cls.kind)
+        return cls(values=str(d["values"]), round=int(d.get("round", 0)))
+
+
+PrivacyEvent = DpSgdEvent | GaussianReleaseEvent | PateQueryEvent | UnprotectedReleaseEvent
 
 _EVENT_TYPES: dict[str, type] = {
     DpSgdEvent.kind: DpSgdEvent,
     GaussianReleaseEvent.kind: GaussianReleaseEvent,
     PateQueryEvent.kind: PateQueryEvent,
+    UnprotectedReleaseEvent.kind: UnprotectedReleaseEvent,
 }
 
 
@@ -325,6 +362,11 @@ class PrivacyLedger:
         return PrivacyLedger(self.client_id, list(self.events), self.budget_epsilon, self.delta)
 
     @property
+    def has_unprotected(self) -> bool:
+        """Whether an unprotected release is recorded (then epsilon is infinite)."""
+        return any(isinstance(e, UnprotectedReleaseEvent) for e in self.events)
+
+    @property
     def has_pate(self) -> bool:
         """Whether any PATE event is recorded (then epsilon is RDP-based)."""
         return any(isinstance(e, PateQueryEvent) for e in self.events)
@@ -334,19 +376,20 @@ class PrivacyLedger:
         return [e for e in self.events if isinstance(e, PateQueryEvent)]
 
     def dp_events(self) -> dp_accounting.DpEvent:
-        """The non-PATE events as one dp-accounting event, one sub-event per ledger event.
+        """The DP-SGD and Gaussian events as one dp-accounting event, one per ledger event.
 
         Returns
         -------
         dp_accounting.ComposedDpEvent
             ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)``
             per DP-SGD event and ``SelfComposedDpEvent(GaussianDpEvent(sigma), count)`` per
-            Gaussian release. PATE events are left out (no dp-accounting mechanism).
+            Gaussian release. PATE events (no dp-accounting mechanism) and unprotected releases
+            (no mechanism at all: see `has_unprotected`) are left out.
         """
         import dp_accounting
 
         return dp_accounting.ComposedDpEvent(
-            [e.dp_event() for e in self.events if not isinstance(e, PateQueryEvent)]
+            [e.dp_event() for e in self.events if isinstance(e, DpSgdEvent | GaussianReleaseEvent)]
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -379,5 +422,5 @@ class PrivacyLedger:
 
 
 def _check_event(event: object) -> None:
-    if not isinstance(event, DpSgdEvent | GaussianReleaseEvent | PateQueryEvent):
+    if not isinstance(event, tuple(_EVENT_TYPES.values())):
         raise TypeError(f"not a privacy event: {event!r}")
