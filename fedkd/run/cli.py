@@ -55,15 +55,31 @@ def _quiet_engine_logs() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
-def simulate(spec: Spec, out_dir: Path, show_progress: bool = True) -> dict[str, Any]:
-    """Run `spec` on Flower's simulation engine (Ray backend); return the summary."""
+def simulate(
+    spec: Spec,
+    out_dir: Path,
+    show_progress: bool = True,
+    recorder: Any = None,
+) -> dict[str, Any]:
+    """Run `spec` on Flower's simulation engine (Ray backend); return the summary.
+
+    Ctrl-C or SIGTERM stops the run cleanly (see `fedkd.run.stops`): the finished rounds and a
+    summary with ``"status": "interrupted"`` stay, Ray is shut down, and the process exits
+    with 130 or 143. `recorder` is the run's `RunRecorder` if the caller already claimed the
+    folder.
+    """
+    # Ray's C++ core otherwise catches SIGTERM itself, prints a stack and aborts the process
+    # before fedkd's handler can stop the run (set before Ray is imported).
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     from flwr.simulation import run_simulation
 
     from fedkd.apps.client_app import make_client_app
     from fedkd.apps.server_app import make_server_app
     from fedkd.results import RunRecorder
+    from fedkd.run.stops import StopSignals
 
-    recorder = RunRecorder(out_dir, spec)
+    if recorder is None:
+        recorder = RunRecorder(out_dir, spec)
     outcome: dict[str, Any] = {}
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -84,7 +100,14 @@ def simulate(spec: Spec, out_dir: Path, show_progress: bool = True) -> dict[str,
         text = f"{label} {acc:.4f}" if acc is not None else ""
         progress.update(task, completed=rnd, acc=text)
 
-    server_app = make_server_app(spec, recorder, on_round, outcome)
+    def say_stopping(name: str) -> None:
+        console.print(
+            f"{name}: stopping the run after the replies in flight (again to stop at once)",
+            highlight=False,
+        )
+
+    signals = StopSignals(on_first=say_stopping)
+    server_app = make_server_app(spec, recorder, on_round, outcome, signals.stop)
     backend_config = {
         "client_resources": {
             "num_cpus": spec.resources.num_cpus,
@@ -93,8 +116,10 @@ def simulate(spec: Spec, out_dir: Path, show_progress: bool = True) -> dict[str,
         "init_args": {"logging_level": logging.ERROR, "log_to_driver": False},
     }
     _quiet_engine_logs()
+    kept = f"finished rounds are kept in {out_dir}"
+    crash: BaseException | None = None
     try:
-        with progress:
+        with signals, progress:
             run_simulation(
                 server_app=server_app,
                 client_app=make_client_app(spec),
@@ -102,16 +127,40 @@ def simulate(spec: Spec, out_dir: Path, show_progress: bool = True) -> dict[str,
                 backend_name="ray",
                 backend_config=backend_config,
             )
-    except RuntimeError as err:  # the engine itself crashed (e.g. Ray could not start)
-        cause = err.__cause__ or err
-        fail(f"the simulation engine crashed: {cause} (finished rounds are kept in {out_dir})", 1)
+    except KeyboardInterrupt:  # a second signal: the engine unwound, the ServerApp may not have
+        recorder.finish(status="interrupted", error=f"stopped at once by a second {signals.name}")
+        _shut_ray_down()
+        console.print(f"[bold red]interrupted:[/] {kept}", highlight=False)
+        os._exit(signals.exit_code or 130)  # the ServerApp's thread may still wait for replies
+    except Exception as err:  # the ServerApp's own error is in `outcome`, and re-raised here
+        if "error" not in outcome:
+            crash = err.__cause__ or err  # the engine itself crashed (e.g. Ray could not start)
+    finally:
+        recorder.release()
+    if crash is not None:
+        recorder.finish(status="failed", error=f"the simulation engine crashed: {crash}")
+        fail(f"the simulation engine crashed: {crash} ({kept})", 1)
+    if "stopped" in outcome or (signals.signum is not None and not outcome.get("ok")):
+        recorder.finish(status="interrupted", error=f"stopped by {signals.name}")
+        fail(f"interrupted by {signals.name}: {kept}", code=signals.exit_code)
     if "error" in outcome:
-        fail(f"run failed: {outcome['error']} (finished rounds are kept in {out_dir})", code=1)
+        fail(f"run failed: {outcome['error']} ({kept})", code=1)
     if not outcome.get("ok"):
+        recorder.finish(status="failed", error="the simulation engine stopped before the run ended")
         fail(f"the simulation engine stopped before the run ended; see {out_dir}", code=1)
     from fedkd.results import read_run
 
     return read_run(out_dir)[0]
+
+
+def _shut_ray_down() -> None:
+    """End the run's Ray processes, whatever state the engine was left in."""
+    try:
+        import ray
+
+        ray.shutdown()
+    except Exception as err:  # exiting anyway: say what may be left
+        console.print(f"[yellow]warning:[/] Ray did not shut down cleanly ({err})")
 
 
 @app.command()
@@ -126,19 +175,26 @@ def run(
     quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
 ) -> None:
     """Run one experiment spec on Flower's simulation engine and write its results folder."""
-    from fedkd.results import default_run_dir
+    from fedkd.results import RunDirError, RunRecorder, default_run_dir
+    from fedkd.run.preflight import check_data, check_machine
 
     parsed = _load(spec, list(set_ or []))
     out_dir = Path(out or parsed.output.dir or default_run_dir(parsed))
-    if (out_dir / "metrics.jsonl").exists():
-        fail(f"{out_dir} already holds a run; pass another --out")
+    # Everything that can be checked before Ray starts is: a problem is one line, not a
+    # traceback from inside the engine (or a hang, for resources Ray can never give).
+    try:
+        check_machine(parsed)
+        check_data(parsed)
+        recorder = RunRecorder(out_dir, parsed)
+    except (SpecError, RunDirError) as err:
+        fail(str(err))
     console.print(
         f"fedkd: [bold]{escape(parsed.name)}[/] - {parsed.algorithm.name}, "
         f"{parsed.clients.num_clients} clients on {parsed.num_nodes} nodes, "
         f"{parsed.rounds} rounds, data {parsed.data.source} -> {escape(str(out_dir))}",
         highlight=False,
     )
-    summary = simulate(parsed, out_dir, show_progress=not quiet)
+    summary = simulate(parsed, out_dir, show_progress=not quiet, recorder=recorder)
     final = summary["final"] or {}
     acc = final.get("server_test_acc")
     acc_text = "n/a" if acc is None else f"{acc:.4f}"
@@ -181,7 +237,7 @@ def report(
 ) -> None:
     """Print a comparison table of runs and draw their accuracy curves on one plot."""
     from fedkd.plots import plot_comparison
-    from fedkd.results import read_run
+    from fedkd.results import RunDirError, read_run
 
     table = Table(title="fedkd runs")
     for col in (
@@ -203,7 +259,7 @@ def report(
     for run_dir in run_dirs:
         try:
             summary, rounds = read_run(run_dir)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, RunDirError) as err:
             fail(str(err))
         final = rounds[-1] if rounds else {}
         per_client = [r["bytes_up_per_client"] for r in rounds if r["clients_ok"]]
