@@ -281,8 +281,10 @@ def create_dev_certificates(
     if not all(given):
         raise CertificateError("--host: empty host name; give a host name or an IP address")
     hosts = list(dict.fromkeys([*given, *LOOPBACK_HOSTS]))
-    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 0:
-        raise CertificateError(f"--nodes: expected a non-negative integer, got {nodes!r}")
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise CertificateError(
+            f"--nodes: expected a positive integer (one key pair per SuperNode), got {nodes!r}"
+        )
     if isinstance(days, bool) or not isinstance(days, int) or days < 1:
         raise CertificateError(f"--days: expected a positive integer, got {days!r}")
     for host in hosts:  # validate every host before writing anything
@@ -309,7 +311,12 @@ def create_dev_certificates(
             f"{'...' if len(existing) > 4 else ''}; pass --force to replace them, or choose "
             "another folder"
         )
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CertificateError(
+            f"{folder}: cannot create the folder ({err.strerror}); pass a new or writable folder"
+        ) from None
 
     now = datetime.datetime.now(datetime.UTC)
     ca_key, ca_cert = _ca(now, days)

@@ -9,15 +9,50 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from fedkd.spec import Spec, SpecError, load_spec
 
+
+class OneLineErrors(TyperGroup):
+    """fedkd's commands: a wrong command line is one ``error:`` line too (exit 2), not a box.
+
+    Click and Typer show usage errors (an unknown option, a missing argument, a value of the
+    wrong type) as a usage line, a hint and a framed message; fedkd's rule is one line that
+    names the problem and the fix.
+    """
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as err:  # `fedkd` alone: the help
+            err.show()
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            where = err.ctx.command_path if getattr(err, "ctx", None) else "fedkd"
+            message = " ".join(err.format_message().split())
+            console.print(
+                f"[bold red]error:[/] {escape(where)}: {escape(message)} "
+                f"(see {escape(where)} --help)",
+                highlight=False,
+            )
+            sys.exit(err.exit_code)
+        except click.exceptions.Abort:
+            console.print("interrupted", highlight=False)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
