@@ -211,7 +211,7 @@ def run(
 ) -> None:
     """Run one experiment spec on Flower's simulation engine and write its results folder."""
     from fedkd.results import RunDirError, RunRecorder, default_run_dir
-    from fedkd.run.preflight import check_data, check_machine
+    from fedkd.run.preflight import check_data, check_machine, check_privacy
 
     parsed = _load(spec, list(set_ or []))
     out_dir = Path(out or parsed.output.dir or default_run_dir(parsed))
@@ -219,6 +219,7 @@ def run(
     # traceback from inside the engine (or a hang, for resources Ray can never give).
     try:
         check_machine(parsed)
+        check_privacy(parsed)
         check_data(parsed)
         recorder = RunRecorder(out_dir, parsed)
     except (SpecError, RunDirError) as err:

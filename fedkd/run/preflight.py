@@ -1,4 +1,5 @@
-"""Checks a `fedkd run` makes before it starts Ray: what the machine and the data can give.
+"""Checks a `fedkd run` makes before it starts Ray: what the machine, the data and the privacy
+budget can give.
 
 The spec layer checks a spec on its own (`fedkd.spec.validate`); these checks need the machine
 (CPUs, GPUs) or the data itself (a file's contents, a partition's feasibility), and would
@@ -12,7 +13,7 @@ import os
 
 from fedkd.spec import Spec, SpecError
 
-__all__ = ["check_data", "check_machine", "usable_cpus"]
+__all__ = ["check_data", "check_machine", "check_privacy", "usable_cpus"]
 
 
 def usable_cpus() -> int:
@@ -81,3 +82,26 @@ def check_data(spec: Spec) -> None:
         federated_data(spec)
     except DataError as err:
         raise SpecError(str(err)) from None
+
+
+def check_privacy(spec: Spec) -> None:
+    """Refuse a DP-SGD target that the client's other releases use up on their own.
+
+    Each client would find out while calibrating its noise, inside the engine; the check needs
+    no data (the other releases' cost depends on their noise only).
+
+    Raises
+    ------
+    SpecError
+        If nothing of ``privacy.target_epsilon`` is left for DP-SGD.
+    """
+    from fedkd.apps.build import dpsgd_settings
+    from fedkd.privacy.calibration import check_room_for_dpsgd
+
+    settings = dpsgd_settings(spec)
+    if settings is None or settings.target_epsilon <= 0:
+        return
+    try:
+        check_room_for_dpsgd(settings.target_epsilon, settings.delta, settings.other_releases)
+    except ValueError as err:
+        raise SpecError(f"privacy.target_epsilon: {err}") from None
