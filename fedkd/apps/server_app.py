@@ -394,6 +394,9 @@ def run_rounds(
         recorder.finish(status="interrupted", error=str(err))
         raise
     except Exception as err:
+        if stop is not None and stop.is_set():  # e.g. Ctrl-C in a terminal also hit the workers
+            recorder.finish(status="interrupted", error=f"stopped by a signal ({err})")
+            raise RunStopped("stopped by a signal") from err
         recorder.finish(status="failed", error=f"{type(err).__name__}: {err}")
         raise
     if spec.audit.enabled:

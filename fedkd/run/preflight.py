@@ -17,7 +17,16 @@ __all__ = ["check_data", "check_machine", "check_privacy", "usable_cpus"]
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which a container or taskset limits)."""
+    """CPUs Ray offers on this machine (its own count, which a container's quota limits).
+
+    Falls back to this process's affinity mask where Ray's count is unavailable.
+    """
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return max(1, int(get_num_cpus()))
+    except Exception:  # another Ray layout: the OS's view
+        pass
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
