@@ -177,6 +177,8 @@ class RunRecorder:
         A run that is stopped while its server still works may be finished from two places
         (the signal's and the round loop's); the summary written first stays.
         """
+        if status not in STATUSES:
+            raise ValueError(f"status {status!r} is not one of {STATUSES}")
         with self._finishing:
             if self.summary is None:
                 self.summary = self._finish(status, error)

@@ -91,7 +91,7 @@ class StoppableGrid:
             self.check()
             return replies
         waiting = set(self.grid.push_messages(messages))
-        end = time.monotonic() + (timeout or 0.0)
+        end = time.monotonic() + (math.inf if timeout is None else timeout)
         interval = getattr(self.grid, "pull_interval", SIMULATION_PULL_INTERVAL)
         replies: list[Message] = []
         while waiting and time.monotonic() < end:
@@ -746,8 +746,8 @@ def make_server_app(
     """A ServerApp bound to a spec and a results folder (the `fedkd run` path).
 
     The simulation engine only logs an exception raised by the ServerApp; `outcome` receives
-    ``ok``, ``error`` or ``stopped`` so that the caller can exit with the right status, and
-    ``done`` once the ServerApp has returned. Setting `stop` ends the run (see `run_rounds`).
+    ``ok``, ``error`` or ``stopped`` so that the caller can exit with the right status.
+    Setting `stop` ends the run (see `run_rounds`).
     """
     app = ServerApp()
     outcome = {} if outcome is None else outcome
@@ -762,8 +762,6 @@ def make_server_app(
         except Exception as err:
             outcome["error"] = f"{type(err).__name__}: {err}"
             raise
-        finally:
-            outcome["done"] = True
 
     return app
 

@@ -82,7 +82,13 @@ def _load(spec_path: str | None, overrides: list[str]) -> Spec:
 
 
 def _quiet_engine_logs() -> None:
-    """Flower and Ray log every message; the progress bar says what matters."""
+    """Flower and Ray log every message; the progress bar says what matters.
+
+    Call it before anything imports Ray: Ray reads its settings when imported.
+    """
+    # Ray's C++ core otherwise catches SIGTERM itself, prints a stack and aborts the process
+    # before fedkd's handler (fedkd.run.stops) can stop the run.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     logging.getLogger("flwr").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -103,9 +109,7 @@ def simulate(
     with 130 or 143. `recorder` is the run's `RunRecorder` if the caller already claimed the
     folder.
     """
-    # Ray's C++ core otherwise catches SIGTERM itself, prints a stack and aborts the process
-    # before fedkd's handler can stop the run (set before Ray is imported).
-    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    _quiet_engine_logs()
     from flwr.simulation import run_simulation
 
     from fedkd.apps.client_app import make_client_app
@@ -150,7 +154,6 @@ def simulate(
         },
         "init_args": {"logging_level": logging.ERROR, "log_to_driver": False},
     }
-    _quiet_engine_logs()
     kept = f"finished rounds are kept in {out_dir}"
     crash: BaseException | None = None
     try:
@@ -215,6 +218,7 @@ def run(
 
     parsed = _load(spec, list(set_ or []))
     out_dir = Path(out or parsed.output.dir or default_run_dir(parsed))
+    _quiet_engine_logs()  # before the checks below import Ray
     # Everything that can be checked before Ray starts is: a problem is one line, not a
     # traceback from inside the engine (or a hang, for resources Ray can never give).
     try:
