@@ -283,6 +283,8 @@ OTHER_CASES = {
     "sweep-parallel-text": ["sweep", "{files}/grid.toml", "--parallel", "two"],
     "sweep-bad-point": ["sweep", "{files}/grid.toml", "--set", "rounds=-1"],
     "sweep-grid-bad-key": ["sweep", "{files}/grid_bad_key.toml"],
+    "sweep-out-is-a-file": ["sweep", "{files}/grid.toml", "--out", "{files}/a_file"],
+    "sweep-out-under-a-file": ["sweep", "{files}/grid.toml", "--out", "{files}/a_file/s"],
     "audit-no-folder": ["audit", "{files}/nothing"],
     "audit-run-without-audit": ["audit", "{files}/a_run"],
     "audit-client-text": ["audit", "{files}/a_run", "--client", "x"],

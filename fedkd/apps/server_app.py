@@ -142,9 +142,10 @@ def discover_clients(grid: Grid, spec: Spec, timeout: float) -> dict[int, int]:
         if time.monotonic() > deadline:
             missing = sorted(set(range(spec.clients.num_clients)) - set(node_of))
             raise FederationError(
-                f"no node hosts clients {missing[:10]}{'...' if len(missing) > 10 else ''}: the "
-                f"spec needs {spec.num_nodes} nodes (clients.num_clients / "
-                "clients.clients_per_node); start that many SuperNodes or set num-supernodes"
+                f"no node hosts clients {missing[:10]}{'...' if len(missing) > 10 else ''} "
+                f"after {timeout:g} s (resources.round_timeout): the spec needs "
+                f"{spec.num_nodes} nodes (clients.num_clients / clients.clients_per_node); "
+                "start that many SuperNodes or set num-supernodes, or wait longer"
             )
         if len(node_of) < spec.clients.num_clients:
             time.sleep(0.5)

@@ -402,7 +402,12 @@ def run_sweep(
             raise SpecError(f"sweep point {point.name}: {err}") from None
 
     out = Path(out_dir) if out_dir else Path("runs") / f"{spec.name}-sweep"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SweepError(
+            f"--out {out}: cannot use it as the sweep folder ({err.strerror})"
+        ) from None
     rows: dict[str, dict[str, Any]] = {}
     todo: list[SweepPoint] = []
     for point in points:
