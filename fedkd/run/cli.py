@@ -81,19 +81,20 @@ def _load(spec_path: str | None, overrides: list[str]) -> Spec:
     raise AssertionError  # unreachable: fail() exits
 
 
-def _quiet_engine_logs() -> None:
-    """Flower and Ray log every message; the progress bar says what matters.
-
-    Call it before anything imports Ray: Ray reads its settings when imported.
-    """
+def _engine_environment() -> None:
+    """Ray's and Flower's settings; call before anything imports Ray (it reads them then)."""
     # Ray's C++ core otherwise catches SIGTERM itself, prints a stack and aborts the process
     # before fedkd's handler (fedkd.run.stops) can stop the run.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def _quiet_engine_logs() -> None:
+    """Flower and Ray log every message; the progress bar says what matters."""
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def simulate(
@@ -109,7 +110,7 @@ def simulate(
     with 130 or 143. `recorder` is the run's `RunRecorder` if the caller already claimed the
     folder.
     """
-    _quiet_engine_logs()
+    _engine_environment()
     from flwr.simulation import run_simulation
 
     from fedkd.apps.client_app import make_client_app
@@ -154,6 +155,7 @@ def simulate(
         },
         "init_args": {"logging_level": logging.ERROR, "log_to_driver": False},
     }
+    _quiet_engine_logs()  # after Flower's import, which sets its logger up
     kept = f"finished rounds are kept in {out_dir}"
     crash: BaseException | None = None
     try:
@@ -218,7 +220,7 @@ def run(
 
     parsed = _load(spec, list(set_ or []))
     out_dir = Path(out or parsed.output.dir or default_run_dir(parsed))
-    _quiet_engine_logs()  # before the checks below import Ray
+    _engine_environment()  # before the checks below import Ray
     # Everything that can be checked before Ray starts is: a problem is one line, not a
     # traceback from inside the engine (or a hang, for resources Ray can never give).
     try:
