@@ -65,6 +65,17 @@ class RunDirError(ValueError):
     """A results folder that a run cannot use, phrased as one line with the fix."""
 
 
+def make_folder(path: Path, what: str) -> None:
+    """Create `path` and its parents, or raise `RunDirError` naming `what` (e.g. ``--out``)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(
+            f"{what} {path}: cannot create the folder ({err.strerror}); pass a new or "
+            "writable folder"
+        ) from None
+
+
 def _lock_owner(lock: Path) -> str:
     try:
         pid = int(lock.read_text().split()[0])

@@ -276,6 +276,8 @@ def create_dev_certificates(
     ------
     CertificateError
         If an argument is out of range, a host is malformed, or files exist and not `force`.
+    RunDirError
+        If the folder cannot be created.
     """
     given = [h.strip() for h in hosts]
     if not all(given):
@@ -311,12 +313,9 @@ def create_dev_certificates(
             f"{'...' if len(existing) > 4 else ''}; pass --force to replace them, or choose "
             "another folder"
         )
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CertificateError(
-            f"{folder}: cannot create the folder ({err.strerror}); pass a new or writable folder"
-        ) from None
+    from fedkd.results import make_folder
+
+    make_folder(folder, "certificate folder")
 
     now = datetime.datetime.now(datetime.UTC)
     ca_key, ca_cert = _ca(now, days)

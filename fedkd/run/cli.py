@@ -346,10 +346,11 @@ def certs(
 ) -> None:
     """DEVELOPMENT ONLY: a CA, the SuperLink's TLS certificate and SuperNode key pairs."""
     from fedkd.deploy.certs import CertificateError, create_dev_certificates
+    from fedkd.results import RunDirError
 
     try:
         made = create_dev_certificates(out_dir, nodes, host or (), days, force)
-    except CertificateError as err:
+    except (CertificateError, RunDirError) as err:
         fail(str(err))
     console.print(
         f"wrote a development CA, the SuperLink certificate and {nodes} SuperNode key pairs to "
@@ -411,11 +412,12 @@ def sweep(
     set_: SetOption = None,
 ) -> None:
     """Run every point of the spec's sweep grid; write sweep.csv and accuracy_vs_epsilon.png."""
+    from fedkd.results import RunDirError
     from fedkd.run.sweep import SweepError, run_sweep, sweep_table
 
     try:
         rows = run_sweep(spec, out, overrides=list(set_ or []), parallel=parallel, echo=print)
-    except (SpecError, SweepError) as err:
+    except (SpecError, SweepError, RunDirError) as err:
         fail(str(err))
     Console(width=None if sys.stdout.isatty() else 220).print(sweep_table(rows))
 
