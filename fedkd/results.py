@@ -6,6 +6,7 @@
 - ``summary.json``: the last round's metrics, run totals, and the round selected on validation
   data with its test accuracy (the reported result).
 - ``*.png``: accuracy, bytes and (with DP) epsilon per round.
+- ``.fedkd.lock``: present while a run writes the folder (see `claim_run_dir`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,94 @@ def select_round_by_validation(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# Held while a run writes its folder: created atomically, so two runs never share one.
+LOCK_NAME = ".fedkd.lock"
+# What may be in a folder before its run starts: `fedkd sweep` writes a point's log first.
+PRE_RUN_FILES = frozenset({"run.log"})
+# Statuses of summary.json.
+STATUSES = ("completed", "failed", "interrupted")
+
+
+class RunDirError(ValueError):
+    """A results folder that a run cannot use, phrased as one line with the fix."""
+
+
+def make_folder(path: Path, what: str) -> None:
+    """Create `path` and its parents, or raise `RunDirError` naming `what` (e.g. ``--out``)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(
+            f"{what} {path}: cannot create the folder ({err.strerror}); pass a new or "
+            "writable folder"
+        ) from None
+
+
+def _lock_owner(lock: Path) -> str:
+    try:
+        pid = int(lock.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return "a fedkd run"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"fedkd run pid {pid}, which no longer runs (killed?): remove {lock} if so"
+    except PermissionError:
+        pass
+    return f"fedkd run pid {pid}"
+
+
+def claim_run_dir(path: str | Path) -> Path:
+    """Create `path` (if needed) and claim it for one run; return the lock file.
+
+    The lock is created with ``O_EXCL``, so of two runs started into the same folder exactly
+    one gets it. The folder must be new, empty, or hold only what a sweep writes before its
+    point runs; a folder holding a run, or anything else, is refused.
+
+    Parameters
+    ----------
+    path : str or Path
+        The run's results folder.
+
+    Returns
+    -------
+    Path
+        The lock file; `RunRecorder.finish` removes it.
+
+    Raises
+    ------
+    RunDirError
+        If the folder cannot be created or written, is in use, holds a run or other files.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"output folder {path}: is a file; pass a folder path to --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_NAME, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise RunDirError(
+            f"output folder {path} is in use by {_lock_owner(path / LOCK_NAME)}; pass another --out"
+        ) from None
+    except OSError as err:
+        raise RunDirError(
+            f"output folder {path}: cannot write there ({err.strerror}); pass a writable --out"
+        ) from None
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
+    lock = path / LOCK_NAME
+    others = sorted(p.name for p in path.iterdir() if p.name not in PRE_RUN_FILES | {LOCK_NAME})
+    if others:
+        lock.unlink()
+        if "metrics.jsonl" in others:
+            raise RunDirError(f"{path} already holds a run; pass another --out (or remove it)")
+        raise RunDirError(
+            f"output folder {path} is not empty and holds no run ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); pass a new or empty folder to --out"
+        )
+    return lock
+
+
 def default_run_dir(spec: Spec, root: str | Path = "runs") -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path(root) / f"{spec.name}-{stamp}"
@@ -128,12 +218,10 @@ class RunRecorder:
 
     def __init__(self, out_dir: str | Path, spec: Spec) -> None:
         self.dir = Path(out_dir)
-        if (self.dir / "metrics.jsonl").exists():
-            raise FileExistsError(
-                f"{self.dir} already holds a run; choose another output.dir (or remove it)"
-            )
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock: Path | None = claim_run_dir(self.dir)
         self.spec = with_noise_rng(spec)  # as run: an unset noise source is the simulation's
+        self.summary: dict[str, Any] | None = None
+        self._finishing = threading.Lock()
         self.rounds: list[dict[str, Any]] = []
         self.started = time.perf_counter()
         self.provenance = run_provenance()  # the code as the run starts (fedkd.provenance)
@@ -154,6 +242,19 @@ class RunRecorder:
         (self.dir / name).write_text(json.dumps(_clean(payload), indent=2))
 
     def finish(self, status: str = "completed", error: str | None = None) -> dict[str, Any]:
+        """Write summary.json and release the folder; the first call decides the status.
+
+        A run that is stopped while its server still works may be finished from two places
+        (the signal's and the round loop's); the summary written first stays.
+        """
+        if status not in STATUSES:
+            raise ValueError(f"status {status!r} is not one of {STATUSES}")
+        with self._finishing:
+            if self.summary is None:
+                self.summary = self._finish(status, error)
+        return self.summary
+
+    def _finish(self, status: str, error: str | None) -> dict[str, Any]:
         server_accs = [r["server_test_acc"] for r in self.rounds]
         server_accs = [a for a in server_accs if a is not None]
         summary = {
@@ -183,20 +284,70 @@ class RunRecorder:
             **select_round_by_validation(self.rounds),
         }
         self.write_extra("summary.json", summary)
-        if self.spec.output.plots and self.rounds:
-            from fedkd.plots import plot_run
+        try:
+            if self.spec.output.plots and self.rounds:
+                from fedkd.plots import plot_run
 
-            plot_run(self.rounds, self.dir, title=self.spec.name)
+                plot_run(self.rounds, self.dir, title=self.spec.name)
+        finally:
+            self.release()
         return summary
+
+    def release(self) -> None:
+        """Give the folder up (remove the lock); safe to call more than once."""
+        if self.lock is not None:
+            self.lock.unlink(missing_ok=True)
+            self.lock = None
 
 
 def read_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A run's summary and per-round metrics, for reports and scripts."""
+    """A run's summary and per-round metrics, for reports and scripts.
+
+    A last line without its newline is a row cut off by a killed run (each row is written and
+    flushed whole): it is left out, since its round never finished being recorded.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder holds no ``metrics.jsonl``.
+    RunDirError
+        If ``metrics.jsonl`` or ``summary.json`` is damaged.
+    """
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is this a fedkd run folder?)")
-    rounds = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    text = _read_text(metrics_path)
+    lines = text.split("\n")
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]  # the row a kill cut off
+    rounds = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            row = _parse_json(metrics_path, line, f"line {number}")
+            if not isinstance(row, dict):
+                raise RunDirError(f"{metrics_path}: line {number} is not a metrics row")
+            rounds.append(row)
+    summary = {}
+    if summary_path.is_file():
+        summary = _parse_json(summary_path, _read_text(summary_path), "the file")
+        if not isinstance(summary, dict):
+            raise RunDirError(f"{summary_path}: not a fedkd summary (a JSON object)")
     return summary, rounds
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise RunDirError(f"{path}: cannot read it ({err}); is this a fedkd run folder?") from None
+
+
+def _parse_json(path: Path, text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RunDirError(
+            f"{path}: {where} is not valid JSON ({err.msg}); the file was damaged or edited"
+        ) from None

@@ -36,6 +36,13 @@ NOISE_RNGS = ("seeded", "secure")
 SIMULATION_NOISE_RNG = "seeded"  # fedkd run, fedkd sweep, apps bound to a spec in-process
 DEPLOYMENT_NOISE_RNG = "secure"  # fedkd submit, flwr run: specs read from Flower's run config
 
+# Below this no node can answer a round (seconds): the value is a typo, not a deadline.
+MIN_ROUND_TIMEOUT = 1.0
+# Below this DP-SGD's calibration runs for many minutes per client or runs out of memory (the
+# accountant's grid is a fraction of the target), and the noise it finds, hundreds of times the
+# clipping norm, leaves a student that learns nothing.
+MIN_TARGET_EPSILON = 0.1
+
 # The default spec ships inside the package so `fedkd run` works from any directory.
 DEFAULT_SPEC_NAME = "quickstart"
 
@@ -347,6 +354,10 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     if typ is Any:
         return value
     if typ is float and isinstance(value, int | float) and not isinstance(value, bool):
+        # TOML reads inf and nan; no key means anything by them (a learning rate of inf
+        # makes every upload non-finite, a timeout of inf hangs on a dead node).
+        if not math.isfinite(value):
+            raise SpecError(f"{key}: must be a finite number, got {value}")
         return float(value)
     if typ is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -521,7 +532,11 @@ def validate(spec: Spec) -> Spec:
     _positive("resources.num_cpus", r.num_cpus)
     _positive("resources.num_gpus", r.num_gpus, zero_ok=True)
     _one_of("resources.device", r.device, ("auto", "cpu", "cuda"))
-    _positive("resources.round_timeout", r.round_timeout)
+    if r.round_timeout < MIN_ROUND_TIMEOUT:
+        raise SpecError(
+            f"resources.round_timeout: {r.round_timeout:g} s is too short for any node to "
+            f"reply; give at least {MIN_ROUND_TIMEOUT:g} (seconds per phase, default 600)"
+        )
     _positive("resources.num_threads", r.num_threads, zero_ok=True)
     _one_of("resources.learner", r.learner, LEARNERS)
     _one_of("resources.precision", r.precision, PRECISIONS)
@@ -549,6 +564,11 @@ def _validate_privacy(spec: Spec) -> None:
     ):
         _positive(f"privacy.{key}", getattr(p, key), zero_ok=True)
     _positive("privacy.release_clip", p.release_clip)
+    if 0 < p.target_epsilon < MIN_TARGET_EPSILON:
+        raise SpecError(
+            f"privacy.target_epsilon: {p.target_epsilon:g} is below {MIN_TARGET_EPSILON:g}, which "
+            "DP-SGD cannot be calibrated for; give a larger target (e.g. 1)"
+        )
     if p.dpsgd and p.target_epsilon == 0 and p.noise_multiplier == 0:
         raise SpecError(
             "privacy.dpsgd: set privacy.target_epsilon (noise calibrated for the whole run) "
@@ -795,9 +815,13 @@ def _read_raw(spec_path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if spec_path.resolve() in chain:
         raise SpecError(f"{spec_path}: 'extends' loops back to itself")
     try:
-        raw = tomllib.loads(spec_path.read_text())
+        raw = tomllib.loads(spec_path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"{spec_path}: not valid TOML ({err})") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{spec_path}: not UTF-8 text; save the spec as UTF-8 TOML") from None
+    except OSError as err:
+        raise SpecError(f"{spec_path}: cannot read it ({err.strerror})") from None
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
@@ -819,8 +843,14 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | None = None
     apply_overrides(raw, overrides or [])
     base_dir = spec_path.resolve().parent
     # data.path written in a base spec resolves from the base spec's folder.
-    data_path = raw.get("data", {}).get("path")
-    if data_path and not Path(data_path).is_absolute():
+    data = raw.get("data", {})
+    if not isinstance(data, dict):  # `data = "digits"`: the table's key is data.source
+        raise SpecError(
+            f"data: expected a table [data], got {data!r}; to choose a data set write "
+            "data.source, e.g. --set data.source=digits"
+        )
+    data_path = data.get("path")
+    if isinstance(data_path, str) and data_path and not Path(data_path).is_absolute():
         raw["data"]["path"] = str(
             (_origin_of_data_path(spec_path, overrides or []) / data_path).resolve()
         )

@@ -244,8 +244,17 @@ def test_dead_node_counts_as_failed_and_the_round_goes_on(tmp_path: Path, caplog
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["status"] == "completed"
     # Round 1's teacher reaches its clients with round 2's message, which the dead node misses:
-    # its client fails round 1's digest and round 2's local training.
-    assert [(r["clients_ok"], r["clients_failed"]) for r in rows] == [(2, 1), (2, 1)]
+    # its client's round-1 upload was used (ok, and in bytes_up), its round-1 digest is lost
+    # (counted apart), and it fails round 2's local training. A client counts either in the
+    # bytes and as ok, or as failed.
+    assert [(r["clients_ok"], r["clients_failed"]) for r in rows] == [(3, 0), (2, 1)]
+    assert [r["clients_digest_failed"] for r in rows] == [1, 0]
+    for row in rows:
+        assert row["bytes_up"] == row["clients_ok"] * row["bytes_up_per_client"]
+    # The loss is recorded once, in the round it happened in, with its cause.
+    assert rows[0]["clients_lost"] == []
+    [lost] = rows[1]["clients_lost"]
+    assert (lost["client"], lost["round"]) == (2, 2) and lost["cause"].startswith("node error")
     assert rows[-1]["server_test_acc"] is not None
     # The failure is pinned on the dead node, not on the SuperLink that answered for it.
     dead_node = 1000 + 7 * 2

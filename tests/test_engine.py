@@ -13,7 +13,7 @@ import torch
 from fedkd.apps.client_app import make_client_app
 from fedkd.apps.server_app import run_rounds, sample_clients
 from fedkd.apps.wire import MSG_HELLO, MSG_ROUND
-from fedkd.results import ROUND_KEYS, SUMMARY_KEYS, RunRecorder
+from fedkd.results import ROUND_KEYS, SUMMARY_KEYS, RunDirError, RunRecorder
 from fedkd.spec import ALGORITHMS, load_spec
 from strategies.base import surest_per_class
 from tests.inprocess import InProcessGrid
@@ -204,7 +204,7 @@ def test_client_sampling_is_seeded_and_respects_minimum():
 
 def test_recorder_refuses_to_overwrite_a_run(tmp_path):
     run_inprocess(tmp_path, [])
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(RunDirError, match="already holds a run"):
         RunRecorder(tmp_path / "run", load_spec())
 
 

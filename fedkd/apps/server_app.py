@@ -5,13 +5,15 @@ carries the previous round's teacher to digest and, on evaluation rounds, the ev
 `fedkd.apps.wire`), hand the valid uploads to the strategy, and write the previous round's
 metrics row. After the last round, one more exchange carries its digest and evaluation. A node
 that fails or times out, or a client whose upload is not finite, counts in ``clients_failed``
-and the round goes on with the others.
+(and once, with its cause, in ``clients_lost``) and the round goes on with the others; a round
+in which every sampled client fails stops the run, as does a dead simulation worker.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -53,6 +55,57 @@ class FederationError(RuntimeError):
     """The federation cannot run the spec (e.g. clients no node hosts)."""
 
 
+class RunStopped(RuntimeError):
+    """The run was asked to stop (Ctrl-C, SIGTERM) while it ran."""
+
+
+# How Ray names a simulation worker that died (killed, out of memory): Flower's engine keeps
+# handing it messages, so the nodes it served would fail every later round.
+DEAD_WORKER_MARK = "ActorDiedError"
+
+
+class StoppableGrid:
+    """A grid whose waits end as soon as `stop` is set (raising `RunStopped`).
+
+    Flower's ``send_and_receive`` waits up to the timeout for replies that an engine being
+    shut down never sends; this one pushes, then pulls in short steps and checks `stop`
+    between them. A grid without push/pull (the tests' in-process grid) is asked whole, with
+    `stop` checked before and after.
+    """
+
+    def __init__(self, grid: Grid, stop: threading.Event) -> None:
+        self.grid = grid
+        self.stop = stop
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise RunStopped("stopped by a signal")
+
+    def send_and_receive(
+        self, messages: list[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        self.check()
+        if not hasattr(self.grid, "pull_messages"):
+            replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+            self.check()
+            return replies
+        waiting = set(self.grid.push_messages(messages))
+        end = time.monotonic() + (math.inf if timeout is None else timeout)
+        interval = getattr(self.grid, "pull_interval", SIMULATION_PULL_INTERVAL)
+        replies: list[Message] = []
+        while waiting and time.monotonic() < end:
+            got = list(self.grid.pull_messages(waiting))
+            replies.extend(got)
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if waiting and self.stop.wait(interval):
+                break
+        self.check()
+        return replies
+
+
 def sample_clients(spec: Spec, round_num: int) -> list[int]:
     """This round's clients: a seeded draw of max(min_clients, fraction * N), sorted."""
     n = spec.clients.num_clients
@@ -91,9 +144,10 @@ def discover_clients(grid: Grid, spec: Spec, timeout: float) -> dict[int, int]:
         if time.monotonic() > deadline:
             missing = sorted(set(range(spec.clients.num_clients)) - set(node_of))
             raise FederationError(
-                f"no node hosts clients {missing[:10]}{'...' if len(missing) > 10 else ''}: the "
-                f"spec needs {spec.num_nodes} nodes (clients.num_clients / "
-                "clients.clients_per_node); start that many SuperNodes or set num-supernodes"
+                f"no node hosts clients {missing[:10]}{'...' if len(missing) > 10 else ''} "
+                f"after {timeout:g} s (resources.round_timeout): the spec needs "
+                f"{spec.num_nodes} nodes (clients.num_clients / clients.clients_per_node); "
+                "start that many SuperNodes or set num-supernodes, or wait longer"
             )
         if len(node_of) < spec.clients.num_clients:
             time.sleep(0.5)
@@ -129,6 +183,8 @@ class Exchange:
     )
     # Clients whose node failed or did not reply: every part they were asked for is lost.
     failed: set[int] = field(default_factory=set)
+    # Why each failed or rejected client failed (one line each).
+    causes: dict[int, str] = field(default_factory=dict)
     # Results that were not finite, per part: not used, but kept for their metrics (a client
     # whose upload is NaN still ran its DP-SGD steps, and the ledger charges them).
     rejected: dict[str, dict[int, ClientResult]] = field(default_factory=lambda: defaultdict(dict))
@@ -139,6 +195,20 @@ class Exchange:
 
     def failed_in(self, part: str) -> set[int]:
         return self.failed | set(self.rejected[part])
+
+    def fail(self, node_parts: dict[str, list[int]], cause: str) -> None:
+        """Every client a node was asked about failed, for `cause`."""
+        for ids in node_parts.values():
+            self.failed.update(ids)
+            for cid in ids:
+                self.causes.setdefault(cid, cause)
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    """One line of an error reason (a node's may hold a whole traceback)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    line = lines[0] if lines else "no reason given"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def run_exchange(
@@ -173,7 +243,7 @@ def run_exchange(
         replied.add(node)
         if reply.has_error():
             log.warning("node %s failed in %s: %s", node, message_type, reply.error.reason)
-            outcome.failed.update(c for ids in by_node.get(node, {}).values() for c in ids)
+            outcome.fail(by_node.get(node, {}), f"node error: {_first_line(reply.error.reason)}")
             continue
         node_parts, node_metrics = wire.record_to_results(reply.content)
         outcome.node_learner_s[node] = node_metrics.get("learner_s", 0.0)
@@ -187,9 +257,10 @@ def run_exchange(
                 else:
                     log.warning("client %s sent non-finite values (%s); ignored", cid, part)
                     outcome.rejected[part][cid] = res
+                    outcome.causes.setdefault(cid, f"non-finite values in its {part} reply")
     for node in set(by_node) - replied:
         log.warning("node %s sent no reply in %s within %.0f s", node, message_type, timeout)
-        outcome.failed.update(c for ids in by_node[node].values() for c in ids)
+        outcome.fail(by_node[node], f"no reply within resources.round_timeout ({timeout:g} s)")
     # Replies arrive in any order; float sums over clients (teachers, means) must not depend on
     # it, or the same seed gives last-digit differences between node layouts.
     for part in outcome.results:
@@ -372,16 +443,32 @@ def _poll_replies_faster(grid: Grid) -> None:
 
 
 def run_rounds(
-    grid: Grid, spec: Spec, recorder: RunRecorder, on_round: RoundCallback | None = None
+    grid: Grid,
+    spec: Spec,
+    recorder: RunRecorder,
+    on_round: RoundCallback | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
-    """The whole run; returns the summary. Finished rounds are on disk whatever happens."""
+    """The whole run; returns the summary. Finished rounds are on disk whatever happens.
+
+    Setting `stop` ends the run at its next wait for replies (or between rounds) with
+    `RunStopped` and ``"status": "interrupted"``; any other error ends it with ``"failed"``.
+    """
     _poll_replies_faster(grid)
     # The server student and the teachers compute here: the spec's thread count, not the
     # machine's or the environment's (see resources.num_threads).
     torch.set_num_threads(spec.resources.torch_threads)
+    if stop is not None:
+        grid = StoppableGrid(grid, stop)
     try:
         summary = _run_rounds(grid, spec, recorder, on_round)
+    except RunStopped as err:
+        recorder.finish(status="interrupted", error=str(err))
+        raise
     except Exception as err:
+        if stop is not None and stop.is_set():  # e.g. Ctrl-C in a terminal also hit the workers
+            recorder.finish(status="interrupted", error=f"stopped by a signal ({err})")
+            raise RunStopped("stopped by a signal") from err
         recorder.finish(status="failed", error=f"{type(err).__name__}: {err}")
         raise
     if spec.audit.enabled:
@@ -478,9 +565,13 @@ def _close_round(
                 row["round"],
                 cid,
             )
-    failed = open_round.failed | exchange.failed_in("digest")
-    evaluated = {c: r for c, r in exchange.results["evaluate"].items() if c not in failed}
-    failed |= set(open_round.evaluate_ids) & exchange.failed_in("evaluate")
+    # A client whose upload this round used counts as ok (its upload is in bytes_up) even if
+    # its digest or evaluation, which travel with the next exchange, is lost; those count
+    # apart, and the loss itself is recorded in the round it happened in.
+    digest_failed = (set(open_round.digest_ids) & exchange.failed_in("digest")) | (
+        set(open_round.evaluate_ids) & exchange.failed_in("evaluate")
+    )
+    evaluated = {c: r for c, r in exchange.results["evaluate"].items() if c not in digest_failed}
     if open_round.evaluate:
         num_examples = {c: r.metrics.get("num_examples", 1.0) for c, r in open_round.ok.items()}
         row["teacher_test_acc"] = _teacher_acc(strategy, evaluated, test_y, num_examples)
@@ -488,8 +579,9 @@ def _close_round(
     exchanges = open_round.exchanges
     row.update(
         {
-            "clients_ok": len(set(open_round.ok) - failed),
-            "clients_failed": len(failed),
+            "clients_ok": len(open_round.ok),
+            "clients_failed": len(open_round.failed),
+            "clients_digest_failed": len(digest_failed),
             "eval_bytes_up": sum(
                 r.arrays["test_logits"].nbytes
                 for r in evaluated.values()
@@ -508,6 +600,57 @@ def _close_round(
         }
     )
     return row
+
+
+def _record_losses(
+    lost: set[int], causes: dict[int, str], failed: set[int], ok: set[int], rnd: int
+) -> list[dict[str, Any]]:
+    """Clients that failed in round `rnd` and had not before, each once with its cause.
+
+    `lost` (the clients failed since their last good reply) is updated: a client that replies
+    again leaves it, and is recorded again if it fails again.
+    """
+    new = [{"client": c, "round": rnd, "cause": causes.get(c, "unknown")} for c in sorted(failed)]
+    new = [entry for entry in new if entry["client"] not in lost]
+    lost.update(failed)
+    lost.difference_update(ok)
+    return new
+
+
+# What a user can do about the most common cause of a round in which every client failed.
+_ALL_FAILED_HINTS = {
+    "non-finite": "the students diverge: lower train.lr (or distill.lr), or check the data",
+    "no reply": "raise resources.round_timeout, or give nodes more resources",
+    "node error": "the nodes' error is above; fix its cause",
+}
+
+
+def _check_round_survived(rnd: int, sampled: list[int], exchange: Exchange) -> None:
+    """Stop the run when no sampled client came through, or a simulation worker died.
+
+    A round without a single upload teaches nothing, and the next one fails the same way:
+    going on would write a "completed" run that never trained.
+    """
+    causes = exchange.causes
+    dead = sorted(c for c, cause in causes.items() if DEAD_WORKER_MARK in cause)
+    if dead:
+        raise FederationError(
+            f"round {rnd}: the simulation worker (Ray actor) serving clients {dead[:10]} died "
+            "(killed, or out of memory); the engine does not replace it, so its clients would "
+            "fail every round: rerun, with fewer nodes at a time (more resources.num_cpus "
+            "per node) if memory ran out"
+        )
+    if not sampled or exchange.results["train"]:
+        return
+    counts: dict[str, int] = defaultdict(int)
+    for cid in sampled:
+        counts[causes.get(cid, "unknown")] += 1
+    cause, count = max(counts.items(), key=lambda kv: kv[1])
+    hint = next((h for key, h in _ALL_FAILED_HINTS.items() if cause.startswith(key)), "")
+    raise FederationError(
+        f"round {rnd}: all {len(sampled)} sampled clients failed ({count} with {cause})"
+        + (f"; {hint}" if hint else "")
+    )
 
 
 def _run_rounds(
@@ -529,6 +672,7 @@ def _run_rounds(
         )
     sizes = {cid: client.num_examples for cid, client in enumerate(data.clients)}
     audit_teachers: dict[int, dict[str, np.ndarray]] = {}
+    lost: set[int] = set()
 
     def write(row: dict[str, Any]) -> None:
         recorder.record_round(row)
@@ -543,6 +687,7 @@ def _run_rounds(
         evaluate = rnd % spec.eval.every == 0 or rnd == spec.rounds
         row: dict[str, Any] = {"round": rnd, "teacher_test_acc": None, "epsilon_max": None}
         row["epsilon"] = None
+        row["clients_lost"] = []
         ok: dict[int, ClientResult] = {}
         failed: set[int] = set()
         exchanges: list[Exchange] = []
@@ -577,6 +722,10 @@ def _run_rounds(
                 write(_close_round(strategy, test_y, open_round, exchange, started))
             exchanges.append(exchange)
             ok, failed = exchange.results["train"], exchange.failed_in("train") & set(sampled)
+            row["clients_lost"] = _record_losses(
+                lost, exchange.causes, failed | exchange.failed, set(ok), rnd
+            )
+            _check_round_survived(rnd, sampled, exchange)
             _record_dpsgd(book, {**exchange.rejected["train"], **ok}, rnd)
             _record_unprotected(book, spec, plan.upload, exchange, rnd)
             bytes_down += wire.payload_bytes(plan_arrays) * len(sampled)
@@ -669,7 +818,11 @@ def _run_rounds(
             _record_unprotected(book, spec, strategy.upload, exchange, spec.rounds)
             if book is not None:
                 recorder.write_extra("ledgers.json", book.to_dict())
-        write(_close_round(strategy, test_y, open_round, exchange, time.perf_counter()))
+        last = _close_round(strategy, test_y, open_round, exchange, time.perf_counter())
+        last["clients_lost"] = last["clients_lost"] + _record_losses(
+            lost, exchange.causes, exchange.failed, set(), spec.rounds
+        )
+        write(last)
     if spec.audit.enabled and strategy.uses_clients:
         export_audited(grid, node_of, spec, recorder, timeout, audit_teachers, book)
     return recorder.finish()
@@ -680,11 +833,13 @@ def make_server_app(
     recorder: RunRecorder,
     on_round: RoundCallback | None = None,
     outcome: dict[str, Any] | None = None,
+    stop: threading.Event | None = None,
 ) -> ServerApp:
     """A ServerApp bound to a spec and a results folder (the `fedkd run` path).
 
     The simulation engine only logs an exception raised by the ServerApp; `outcome` receives
-    ``ok`` or ``error`` so that the caller can exit with the right status.
+    ``ok``, ``error`` or ``stopped`` so that the caller can exit with the right status.
+    Setting `stop` ends the run (see `run_rounds`).
     """
     app = ServerApp()
     outcome = {} if outcome is None else outcome
@@ -692,8 +847,10 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_rounds(grid, spec, recorder, on_round)
+            run_rounds(grid, spec, recorder, on_round, stop)
             outcome["ok"] = True
+        except RunStopped as err:
+            outcome["stopped"] = str(err)
         except Exception as err:
             outcome["error"] = f"{type(err).__name__}: {err}"
             raise

@@ -164,8 +164,10 @@ def _load_npz(path: str | None) -> ArrayDataset:
         with np.load(file, allow_pickle=False) as npz:
             files = list(npz.files)
             arrays = {key: npz[key] for key in _NPZ_KEYS if key in files}
-    except (OSError, ValueError) as err:
-        raise DataError(f"data.path: cannot read '{path}' as .npz ({err}); {hint}") from err
+    except (OSError, ValueError, EOFError) as err:  # EOFError: an empty file
+        raise DataError(
+            f"data.path: cannot read '{path}' as .npz ({err or 'empty file'}); {hint}"
+        ) from err
     missing = [key for key in _NPZ_KEYS if key not in arrays]
     if missing:
         raise DataError(

@@ -276,13 +276,17 @@ def create_dev_certificates(
     ------
     CertificateError
         If an argument is out of range, a host is malformed, or files exist and not `force`.
+    RunDirError
+        If the folder cannot be created.
     """
     given = [h.strip() for h in hosts]
     if not all(given):
         raise CertificateError("--host: empty host name; give a host name or an IP address")
     hosts = list(dict.fromkeys([*given, *LOOPBACK_HOSTS]))
-    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 0:
-        raise CertificateError(f"--nodes: expected a non-negative integer, got {nodes!r}")
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise CertificateError(
+            f"--nodes: expected a positive integer (one key pair per SuperNode), got {nodes!r}"
+        )
     if isinstance(days, bool) or not isinstance(days, int) or days < 1:
         raise CertificateError(f"--days: expected a positive integer, got {days!r}")
     for host in hosts:  # validate every host before writing anything
@@ -309,7 +313,9 @@ def create_dev_certificates(
             f"{'...' if len(existing) > 4 else ''}; pass --force to replace them, or choose "
             "another folder"
         )
-    folder.mkdir(parents=True, exist_ok=True)
+    from fedkd.results import make_folder
+
+    make_folder(folder, "certificate folder")
 
     now = datetime.datetime.now(datetime.UTC)
     ca_key, ca_cert = _ca(now, days)

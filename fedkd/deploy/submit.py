@@ -13,6 +13,8 @@ as part of the Flower App Bundle), ``overrides`` (``"key=value;key=value"``) and
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -190,6 +192,7 @@ def submit(
     if not (app_dir / "pyproject.toml").is_file():
         raise SubmitError(f"{app_dir} is not a Flower app folder (no pyproject.toml)", 2)
     config = run_config(spec_in_app(spec_path, app_dir), overrides, out_dir)
+    check_connection(connection)
     flwr = flwr_executable()
     with tempfile.TemporaryDirectory(prefix="fedkd-submit-") as tmp:
         # flwr treats a connection name that is also a folder in its cwd as a legacy app path:
@@ -241,6 +244,30 @@ def submit(
     return SubmittedRun(
         run_id=run_id, status=status, details=entry, results_dir=found[-1] if found else None
     )
+
+
+def check_connection(connection: str) -> None:
+    """Refuse a connection the Flower config does not define, before ``flwr run`` starts.
+
+    Raises
+    ------
+    SubmitError
+        ``code`` 2, in one line, if ``$FLWR_HOME/config.toml`` lacks `connection`.
+    """
+    import click
+    from flwr.cli.flower_config import read_superlink_connection
+
+    try:
+        # Flower says on stdout when it writes a default config: not fedkd's output.
+        with contextlib.redirect_stdout(io.StringIO()):
+            read_superlink_connection(connection)
+    except click.ClickException as err:
+        message = " ".join(err.format_message().split())
+        raise SubmitError(
+            f"--connection {connection}: {message} Add a [superlink.{connection}] table "
+            "there, or name one that exists",
+            code=2,
+        ) from None
 
 
 def _find_run_id(lines: Sequence[str]) -> str | None:

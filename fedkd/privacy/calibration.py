@@ -14,7 +14,7 @@ import warnings
 from fedkd.privacy.accountant import NEIGHBORING_RELATION, compute_epsilon
 from fedkd.privacy.ledger import DpSgdEvent, PrivacyEvent, PrivacyLedger
 
-__all__ = ["calibrate_noise_multiplier"]
+__all__ = ["calibrate_noise_multiplier", "check_room_for_dpsgd"]
 
 _log = logging.getLogger(__name__)
 
@@ -79,14 +79,7 @@ def calibrate_noise_multiplier(
     if accountant not in _OPACUS_ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {_OPACUS_ACCOUNTANTS}, got {accountant!r}")
 
-    if other_events:
-        alone = compute_epsilon(PrivacyLedger(0, list(other_events), None, delta)).epsilon
-        if alone >= target_epsilon:
-            raise ValueError(
-                f"the client's other releases alone spend epsilon {alone:.4g} of the "
-                f"target_epsilon={target_epsilon}: nothing is left for DP-SGD (add noise to "
-                "them, e.g. a larger privacy.histogram_noise)"
-            )
+    check_room_for_dpsgd(target_epsilon, delta, other_events)
 
     kwargs = {}
     if accountant == "prv":
@@ -147,6 +140,27 @@ def calibrate_noise_multiplier(
     raise ValueError(  # pragma: no cover - would mean the accountants disagree wildly
         f"calibrated noise multiplier does not reach target_epsilon={target_epsilon}"
     )
+
+
+def check_room_for_dpsgd(
+    target_epsilon: float, delta: float, other_events: tuple[PrivacyEvent, ...] | list[PrivacyEvent]
+) -> None:
+    """Raise unless the client's other releases leave part of `target_epsilon` for DP-SGD.
+
+    Raises
+    ------
+    ValueError
+        If the other releases alone spend the whole target.
+    """
+    if not other_events:
+        return
+    alone = compute_epsilon(PrivacyLedger(0, list(other_events), None, delta)).epsilon
+    if alone >= target_epsilon:
+        raise ValueError(
+            f"the client's other releases alone spend epsilon {alone:.4g} of the "
+            f"target_epsilon={target_epsilon}: nothing is left for DP-SGD (add noise to "
+            "them, e.g. a larger privacy.histogram_noise)"
+        )
 
 
 def _bisect_noise(run_epsilon, target_epsilon: float, too_small: float) -> float:

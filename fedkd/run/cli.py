@@ -9,14 +9,49 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperGroup
 
 from fedkd.spec import Spec, SpecError, load_spec, refuse_seeded_noise
 
+
+class OneLineErrors(TyperGroup):
+    """fedkd's commands: a wrong command line is one ``error:`` line too (exit 2), not a box.
+
+    Click and Typer show usage errors (an unknown option, a missing argument, a value of the
+    wrong type) as a usage line, a hint and a framed message; fedkd's rule is one line that
+    names the problem and the fix.
+    """
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as err:  # `fedkd` alone: the help
+            err.show()
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            where = err.ctx.command_path if getattr(err, "ctx", None) else "fedkd"
+            message = " ".join(err.format_message().split())
+            console.print(
+                f"[bold red]error:[/] {escape(where)}: {escape(message)} "
+                f"(see {escape(where)} --help)",
+                highlight=False,
+            )
+            sys.exit(err.exit_code)
+        except click.exceptions.Abort:
+            console.print("interrupted", highlight=False)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -45,27 +80,47 @@ def _load(spec_path: str | None, overrides: list[str]) -> Spec:
     raise AssertionError  # unreachable: fail() exits
 
 
-def _quiet_engine_logs() -> None:
-    """Flower and Ray log every message; the progress bar says what matters."""
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+def _engine_environment() -> None:
+    """Ray's and Flower's settings; call before anything imports Ray (it reads them then)."""
+    # Ray's C++ core otherwise catches SIGTERM itself, prints a stack and aborts the process
+    # before fedkd's handler (fedkd.run.stops) can stop the run.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
-def simulate(spec: Spec, out_dir: Path, show_progress: bool = True) -> dict[str, Any]:
+def _quiet_engine_logs() -> None:
+    """Flower and Ray log every message; the progress bar says what matters."""
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def simulate(
+    spec: Spec,
+    out_dir: Path,
+    show_progress: bool = True,
+    recorder: Any = None,
+) -> dict[str, Any]:
     """Run `spec` on Flower's simulation engine (Ray backend); return the summary.
 
     A spec that names no ``privacy.noise_rng`` runs with seeded noise (recorded in spec.toml).
+
+    Ctrl-C or SIGTERM stops the run cleanly (see `fedkd.run.stops`): the finished rounds and a
+    summary with ``"status": "interrupted"`` stay, Ray is shut down, and the process exits
+    with 130 or 143. `recorder` is the run's `RunRecorder` if the caller already claimed the
+    folder.
     """
+    _engine_environment()
     from flwr.simulation import run_simulation
 
     from fedkd.apps.client_app import make_client_app
     from fedkd.apps.server_app import make_server_app
     from fedkd.results import RunRecorder
+    from fedkd.run.stops import StopSignals
 
-    recorder = RunRecorder(out_dir, spec)
+    if recorder is None:
+        recorder = RunRecorder(out_dir, spec)
     outcome: dict[str, Any] = {}
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -86,7 +141,14 @@ def simulate(spec: Spec, out_dir: Path, show_progress: bool = True) -> dict[str,
         text = f"{label} {acc:.4f}" if acc is not None else ""
         progress.update(task, completed=rnd, acc=text)
 
-    server_app = make_server_app(spec, recorder, on_round, outcome)
+    def say_stopping(name: str) -> None:
+        console.print(
+            f"{name}: stopping the run after the replies in flight (again to stop at once)",
+            highlight=False,
+        )
+
+    signals = StopSignals(on_first=say_stopping)
+    server_app = make_server_app(spec, recorder, on_round, outcome, signals.stop)
     backend_config = {
         "client_resources": {
             "num_cpus": spec.resources.num_cpus,
@@ -94,9 +156,11 @@ def simulate(spec: Spec, out_dir: Path, show_progress: bool = True) -> dict[str,
         },
         "init_args": {"logging_level": logging.ERROR, "log_to_driver": False},
     }
-    _quiet_engine_logs()
+    _quiet_engine_logs()  # after Flower's import, which sets its logger up
+    kept = f"finished rounds are kept in {out_dir}"
+    crash: BaseException | None = None
     try:
-        with progress:
+        with signals, progress:
             run_simulation(
                 server_app=server_app,
                 client_app=make_client_app(spec),
@@ -104,16 +168,40 @@ def simulate(spec: Spec, out_dir: Path, show_progress: bool = True) -> dict[str,
                 backend_name="ray",
                 backend_config=backend_config,
             )
-    except RuntimeError as err:  # the engine itself crashed (e.g. Ray could not start)
-        cause = err.__cause__ or err
-        fail(f"the simulation engine crashed: {cause} (finished rounds are kept in {out_dir})", 1)
+    except KeyboardInterrupt:  # a second signal: the engine unwound, the ServerApp may not have
+        recorder.finish(status="interrupted", error=f"stopped at once by a second {signals.name}")
+        _shut_ray_down()
+        console.print(f"[bold red]interrupted:[/] {kept}", highlight=False)
+        os._exit(signals.exit_code or 130)  # the ServerApp's thread may still wait for replies
+    except Exception as err:  # the ServerApp's own error is in `outcome`, and re-raised here
+        if "error" not in outcome:
+            crash = err.__cause__ or err  # the engine itself crashed (e.g. Ray could not start)
+    finally:
+        recorder.release()
+    if crash is not None:
+        recorder.finish(status="failed", error=f"the simulation engine crashed: {crash}")
+        fail(f"the simulation engine crashed: {crash} ({kept})", 1)
+    if "stopped" in outcome or (signals.signum is not None and not outcome.get("ok")):
+        recorder.finish(status="interrupted", error=f"stopped by {signals.name}")
+        fail(f"interrupted by {signals.name}: {kept}", code=signals.exit_code)
     if "error" in outcome:
-        fail(f"run failed: {outcome['error']} (finished rounds are kept in {out_dir})", code=1)
+        fail(f"run failed: {outcome['error']} ({kept})", code=1)
     if not outcome.get("ok"):
+        recorder.finish(status="failed", error="the simulation engine stopped before the run ended")
         fail(f"the simulation engine stopped before the run ended; see {out_dir}", code=1)
     from fedkd.results import read_run
 
     return read_run(out_dir)[0]
+
+
+def _shut_ray_down() -> None:
+    """End the run's Ray processes, whatever state the engine was left in."""
+    try:
+        import ray
+
+        ray.shutdown()
+    except Exception as err:  # exiting anyway: say what may be left
+        console.print(f"[yellow]warning:[/] Ray did not shut down cleanly ({err})")
 
 
 @app.command()
@@ -128,12 +216,21 @@ def run(
     quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
 ) -> None:
     """Run one experiment spec on Flower's simulation engine and write its results folder."""
-    from fedkd.results import default_run_dir
+    from fedkd.results import RunDirError, RunRecorder, default_run_dir
+    from fedkd.run.preflight import check_data, check_machine, check_privacy
 
     parsed = _load(spec, list(set_ or []))
     out_dir = Path(out or parsed.output.dir or default_run_dir(parsed))
-    if (out_dir / "metrics.jsonl").exists():
-        fail(f"{out_dir} already holds a run; pass another --out")
+    _engine_environment()  # before the checks below import Ray
+    # Everything that can be checked before Ray starts is: a problem is one line, not a
+    # traceback from inside the engine (or a hang, for resources Ray can never give).
+    try:
+        check_machine(parsed)
+        check_privacy(parsed)
+        check_data(parsed)
+        recorder = RunRecorder(out_dir, parsed)
+    except (SpecError, RunDirError) as err:
+        fail(str(err))
     console.print(
         f"fedkd: [bold]{escape(parsed.name)}[/] - {parsed.algorithm.name}, "
         f"{parsed.clients.num_clients} clients on {parsed.num_nodes} nodes, "
@@ -146,7 +243,7 @@ def run(
             'this simulation only; privacy.noise_rng = "secure" draws secret noise)',
             highlight=False,
         )
-    summary = simulate(parsed, out_dir, show_progress=not quiet)
+    summary = simulate(parsed, out_dir, show_progress=not quiet, recorder=recorder)
     final = summary["final"] or {}
     acc = final.get("server_test_acc")
     acc_text = "n/a" if acc is None else f"{acc:.4f}"
@@ -191,6 +288,7 @@ def report(
     """Group runs that differ only by seed; print each group's mean, sd and 95% CI per metric
     with its commits, and draw the mean accuracy curves with a band of one sd."""
     from fedkd.plots import plot_comparison
+    from fedkd.results import RunDirError
     from fedkd.run.report import csv_text, group_runs, load_run, markdown, rich_table
 
     if format_ not in REPORT_FORMATS:
@@ -199,7 +297,7 @@ def report(
     for run_dir in run_dirs:
         try:
             runs.append(load_run(run_dir))
-        except FileNotFoundError as err:
+        except (FileNotFoundError, RunDirError) as err:
             fail(str(err))
     groups = group_runs(runs)
     if format_ == "md":
@@ -232,10 +330,11 @@ def certs(
 ) -> None:
     """DEVELOPMENT ONLY: a CA, the SuperLink's TLS certificate and SuperNode key pairs."""
     from fedkd.deploy.certs import CertificateError, create_dev_certificates
+    from fedkd.results import RunDirError
 
     try:
         made = create_dev_certificates(out_dir, nodes, host or (), days, force)
-    except CertificateError as err:
+    except (CertificateError, RunDirError) as err:
         fail(str(err))
     console.print(
         f"wrote a development CA, the SuperLink certificate and {nodes} SuperNode key pairs to "
@@ -302,11 +401,12 @@ def sweep(
 ) -> None:
     """Run every point of the spec's sweep grid; write sweep.csv and accuracy_vs_epsilon.png,
     and selection.csv: per privacy budget, the setting picked by validation accuracy."""
+    from fedkd.results import RunDirError
     from fedkd.run.sweep import SweepError, run_sweep, selection_of, sweep_table
 
     try:
         rows = run_sweep(spec, out, overrides=list(set_ or []), parallel=parallel, echo=print)
-    except (SpecError, SweepError) as err:
+    except (SpecError, SweepError, RunDirError) as err:
         fail(str(err))
     console = Console(width=None if sys.stdout.isatty() else 220)
     console.print(sweep_table(rows))

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import tomli_w
 
+from fedkd.results import make_folder
 from fedkd.spec import SWEEP_NONE, SWEEP_NONE_MEANS, Spec, SpecError, load_spec, with_noise_rng
 
 __all__ = [
@@ -506,6 +507,8 @@ def run_sweep(
         If the spec, its grid or any point's spec is invalid (nothing has run then).
     SweepError
         If a finished point in ``out_dir`` was run with a different spec.
+    RunDirError
+        If ``out_dir`` cannot be created.
     """
     spec_path = Path(spec_path)
     base = list(overrides or [])
@@ -530,7 +533,7 @@ def run_sweep(
             raise SpecError(f"sweep point {point.name}: {err}") from None
 
     out = Path(out_dir) if out_dir else Path("runs") / f"{spec.name}-sweep"
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "sweep folder")
     rows: dict[str, dict[str, Any]] = {}
     todo: list[SweepPoint] = []
     for point in points:
