@@ -17,9 +17,10 @@ with PATE" (ICLR 2018):
   answered queries add the GNMax bound with ``sigma2``.
 
 Caveat: the data-dependent epsilon is itself a function of the private votes. The paper
-releases it through smooth sensitivity; fedkd does not, and reports it as the paper's
-data-dependent epsilon with the data-independent one beside it (both are in the
-:class:`~fedkd.privacy.ledger.PateQueryEvent` and in the accountant's report).
+releases it through smooth sensitivity; fedkd does not, so the guarantee it reports (and
+budgets with) is the data-independent one; the data-dependent figure stays beside it as
+``epsilon_data_dependent_unreleased``, not a guarantee (both curves are in the
+:class:`~fedkd.privacy.ledger.PateQueryEvent`, both epsilons in the accountant's report).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "gnmax_aggregate",
     "log_q_gnmax",
     "pate_query_event",
+    "pate_worst_case_event",
     "rdp_gnmax_data_dependent",
     "rdp_gnmax_data_independent",
     "rdp_threshold_data_dependent",
@@ -424,5 +426,50 @@ def pate_query_event(
         data_independent_rdp=ind.tolist(),
         answered=n_answered,
         queries=n_queries,
+        round=round,
+    )
+
+
+def pate_worst_case_event(
+    queries: int,
+    sigma1: float | None,
+    sigma2: float,
+    orders: Sequence[float] | None = None,
+    round: int = 0,
+) -> PateQueryEvent:
+    """The most a batch of `queries` (Confident-)GNMax queries can be charged, before any vote.
+
+    Every query pays the threshold check (if ``sigma1`` is given) and, at worst, is answered
+    and pays GNMax; both curves of the event are this data-independent bound, which the event
+    of the real batch (:func:`pate_query_event`) never exceeds.
+
+    Parameters
+    ----------
+    queries : int
+        Queries the batch will ask.
+    sigma1 : float or None
+        Threshold noise std; ``None`` for plain GNMax.
+    sigma2 : float
+        GNMax noise std.
+    orders : sequence of float, optional
+        Rényi orders (> 1); defaults to the accountant's ``RDP_ORDERS``.
+    round : int, default 0
+        Federated round.
+
+    Returns
+    -------
+    PateQueryEvent
+        With ``answered == queries``.
+    """
+    lam = _orders_array(orders)
+    rdp = queries * rdp_gnmax_data_independent(sigma2, lam)
+    if sigma1 is not None:
+        rdp = rdp + queries * rdp_threshold_data_independent(sigma1, lam)
+    return PateQueryEvent(
+        orders=lam.tolist(),
+        rdp=rdp.tolist(),
+        data_independent_rdp=rdp.tolist(),
+        answered=queries,
+        queries=queries,
         round=round,
     )
