@@ -12,7 +12,8 @@ example alone (`fedkd.privacy.teacher_shards`), so adding or removing one exampl
 changes one teacher's vote, and every contributing client is charged the same Renyi-DP curve
 per batch of queries. The guarantee is the data-independent bound; the data-dependent bound of
 Papernot et al. 2018 (Theorem 6 with Proposition 7) is reported beside it, not as a guarantee.
-The budget check plans every round with all its queries answered, so it cannot overshoot.
+That charge is fixed by the number of queries before any vote, so the budget check plans each
+round with it and cannot overshoot.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class PATE(Strategy):
         return LocalPlan(upload=self.upload, proxy_idx=self._proxy_idx)
 
     def planned_release_events(self, round_num: int) -> list[PrivacyEvent]:
-        """Every query of the round answered: the most its release can charge."""
+        """The data-independent charge of the round's queries, known before any vote."""
         sigma1 = self.sigma_threshold if self.threshold > 0 else None
         queries = len(self._sample_proxy(round_num))
         return [pate_worst_case_event(queries, sigma1, self.sigma, round=round_num)]

@@ -63,9 +63,9 @@ class LedgerBook:
         """What one more round would cost: the client's last round's events again, or (before
         its first round) `first_round`, the cost the server can foresee. With `epochs_in` (a
         round's local epochs), DP-SGD steps scale from the last round's epochs to this one's.
-        `worst_case`: events whose bound the server knows before the round (PATE's queries, all
-        answered); they are planned from round 1 on and replace the last round's events of the
-        same kind, whose cost depended on that round's votes."""
+        `worst_case`: events whose bound the server knows before the round (PATE's queries);
+        they are planned from round 1 on and replace the last round's events of the same kind,
+        which need not cost the same again."""
         worst_case = list(worst_case or [])
         bounded = {type(e) for e in worst_case}
         last = self._last_round.get(client_id)

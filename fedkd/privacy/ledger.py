@@ -180,7 +180,8 @@ class PateQueryEvent:
         min'ed with the data-independent bound per query). A function of the private votes:
         the accountant reports it only as ``epsilon_data_dependent_unreleased``.
     data_independent_rdp : tuple of float
-        Data-independent RDP of the same batch at ``orders``: what the guarantee composes.
+        Data-independent RDP of the same batch at ``orders`` (every query asked pays the
+        threshold check and GNMax): what the guarantee composes.
     answered : int
         Number of queries that passed the threshold (labels released).
     queries : int
