@@ -550,7 +550,9 @@ def _run_rounds(
                 # The data-dependent figure, computed from private votes and not released
                 # through a mechanism: not a guarantee, reported under a name that says so.
                 dependent = {
-                    str(c): r.epsilon_data_dependent_unreleased for c, r in reports.items()
+                    str(c): r.epsilon_data_dependent_unreleased
+                    for c, r in reports.items()
+                    if r.epsilon_data_dependent_unreleased is not None
                 }
                 row["epsilon_data_dependent_unreleased"] = dependent
                 row["epsilon_data_dependent_unreleased_max"] = max(dependent.values())
