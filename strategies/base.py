@@ -304,6 +304,12 @@ class Strategy:
         histograms, _ = stack_uploads(updates, "label_histogram")
         return histograms
 
+    def planned_release_events(self, round_num: int) -> list[PrivacyEvent]:
+        """A bound, known before the round, on what its aggregation will charge each
+        contributing client (the budget check plans with it); [] when the strategy has none
+        (the check then projects the client's last round)."""
+        return []
+
     def release_events(self, round_num: int) -> dict[int, list[PrivacyEvent]]:
         """Privacy events this round's aggregation charged, per client (then cleared)."""
         events, self._release_events = self._release_events, {}

@@ -4,9 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from dp_accounting.rdp import compute_epsilon as rdp_to_epsilon
 
-from fedkd.privacy.accountant import compute_epsilon
+from fedkd.privacy.accountant import RDP_ORDERS, compute_epsilon
 from fedkd.privacy.ledger import PrivacyLedger
+from fedkd.privacy.pate import rdp_gnmax_data_independent, rdp_threshold_data_independent
 from tests.test_engine import run_inprocess
 
 PATE = [
@@ -95,3 +97,41 @@ def test_self_training_labels_unanswered_inputs_each_iteration(tmp_path):
     # Same released labels (the votes do not depend on the student); more self-training.
     assert [r["pate_answered"] for r in once] == [r["pate_answered"] for r in thrice]
     assert thrice[-1]["server_test_acc"] != once[-1]["server_test_acc"]
+
+
+def _fresh_data_independent_epsilon(ledger: PrivacyLedger) -> float:
+    """The guarantee, recomposed here from the ledger's data-independent PATE curves."""
+    events = ledger.events
+    total = np.sum([e.data_independent_rdp for e in events], axis=0)
+    return rdp_to_epsilon(list(events[0].orders), list(total), ledger.delta)[0]
+
+
+def test_budget_is_never_exceeded_by_the_guarantee(tmp_path):
+    # A budget just above what one round can cost at most (every query answered): round 1 fits,
+    # a second round of the same kind cannot, whatever the votes.
+    sigma1, sigma2, queries = 4.0, 2.0, 100
+    worst = queries * (rdp_threshold_data_independent(sigma1) + rdp_gnmax_data_independent(sigma2))
+    budget = 1.01 * rdp_to_epsilon(list(RDP_ORDERS), list(worst), 1e-5)[0]
+    _, _, rows, _ = run_inprocess(
+        tmp_path,
+        [
+            *PATE,
+            "rounds=3",
+            "algorithm.pate_threshold=12",
+            f"algorithm.pate_sigma_threshold={sigma1}",
+            f"algorithm.pate_sigma={sigma2}",
+            f"privacy.budget_epsilon={budget}",
+        ],
+    )
+    assert rows[0]["pate_answered"] > 0  # the clients did contribute
+    book = json.loads((tmp_path / "run" / "ledgers.json").read_text())
+    assert sorted(book["ledgers"]) == ["0", "1", "2", "3"]
+    for cid, saved in book["ledgers"].items():
+        ledger = PrivacyLedger.from_dict(saved)
+        guarantee = _fresh_data_independent_epsilon(ledger)
+        assert guarantee <= budget
+        # The reported epsilon is that guarantee.
+        assert rows[-1]["epsilon"][cid] == pytest.approx(guarantee, rel=1e-9)
+    assert rows[-1]["epsilon_max"] <= budget
+    assert rows[-1]["clients_stopped"] == 4
+    assert rows[-1]["epsilon_data_dependent_unreleased_max"] <= rows[-1]["epsilon_max"]

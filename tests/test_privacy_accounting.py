@@ -29,6 +29,7 @@ from fedkd.privacy import (
     label_histogram_event,
     log_q_gnmax,
     pate_query_event,
+    pate_worst_case_event,
     private_mean_teacher,
     private_sum_of_probabilities,
     rdp_gnmax_data_dependent,
@@ -241,16 +242,25 @@ def test_pate_event_curves_and_composition():
     answered = np.array([True, True, True, False])
     ev = pate_query_event(votes, answered, sigma1=150.0, sigma2=40.0, round=2)
     assert (ev.answered, ev.queries) == (3, 4)
-    expect_ind = 4 * orders / (2 * 150.0**2) + 3 * orders / 40.0**2
+    # The guarantee charges GNMax for every query asked, answered or not.
+    expect_ind = 4 * orders / (2 * 150.0**2) + 4 * orders / 40.0**2
     np.testing.assert_allclose(ev.data_independent_rdp, expect_ind, rtol=1e-12)
     assert np.all(np.asarray(ev.rdp) <= np.asarray(ev.data_independent_rdp) + 1e-15)
 
     ledger = PrivacyLedger(client_id=0, events=[ev], delta=DELTA)
     report = compute_epsilon(ledger)
     assert report.method == "rdp" and report.epsilon_pld is None
-    assert report.epsilon < report.epsilon_rdp_data_independent
+    # The reported epsilon is the guarantee: a fresh composition of the data-independent
+    # curves. The data-dependent figure (a function of the votes) is only reported beside it.
     expect, _ = rdp_to_epsilon(orders, expect_ind, DELTA)
-    assert report.epsilon_rdp_data_independent == pytest.approx(expect, rel=1e-12)
+    assert report.epsilon == pytest.approx(expect, rel=1e-12)
+    assert report.epsilon_rdp == report.epsilon == report.epsilon_rdp_data_independent
+    expect_dep, _ = rdp_to_epsilon(orders, np.asarray(ev.rdp), DELTA)
+    assert report.epsilon_data_dependent_unreleased == pytest.approx(expect_dep, rel=1e-12)
+    assert report.epsilon_data_dependent_unreleased < report.epsilon
+    # What the budget plans before the votes: the same guarantee.
+    worst = pate_worst_case_event(4, sigma1=150.0, sigma2=40.0)
+    assert worst.data_independent_rdp == worst.rdp == ev.data_independent_rdp
 
     # Plain GNMax on split votes charges lambda/sigma^2 per query: the RDP of a Gaussian
     # mechanism with noise multiplier sigma/sqrt(2). Composed with DP-SGD by the ledger, it

@@ -26,6 +26,7 @@ from fedkd.learner.loop import (
     ClientState,
     StepConfig,
     accuracy,
+    derive_seed,
     distill,
     init_student,
     make_optimizer,
@@ -37,6 +38,7 @@ from fedkd.privacy.dpsgd import DpSgdSettings, train_dpsgd
 from fedkd.privacy.label_histogram import released_label_histogram
 from fedkd.privacy.ledger import DpSgdEvent
 from fedkd.privacy.noise import noise_source
+from fedkd.privacy.teacher_shards import teacher_shards
 
 UPLOADS = ("logits", "class_logits", "weights", "votes", "none")
 # Digest metric: distillation made the client's student non-finite, and the digest was undone.
@@ -65,7 +67,8 @@ class CohortConfig:
     distill_temperature: float = 1.0
     # DP-SGD for private training (None: plain SGD); distillation is never charged.
     dp: DpSgdSettings | None = None
-    # PATE: teachers each client hosts, on disjoint shards of its private data.
+    # PATE: teachers each client hosts, on disjoint shards of its private data (each example's
+    # teacher is a keyed hash of the example, `fedkd.privacy.teacher_shards`).
     teachers_per_client: int = 1
     # Class-weighted teacher: noise std of the label histogram each client sends with its
     # logits (None: no histogram; 0: exact counts, only when nothing is private).
@@ -268,20 +271,25 @@ class CohortLearner:
             for model, opt, sd in zip(teachers, opts, saved["teachers"], strict=True):
                 model.load_state_dict(sd["model"])
                 opt.load_state_dict(sd["opt"])
-        order = torch.randperm(
-            client.num_examples, generator=seeded_generator(cfg.seed, cid, PHASE_INIT, -1)
+        # Each example's teacher is a function of the example alone: adding or removing one
+        # changes one teacher's data, the relation PATE's accounting charges for.
+        shards = teacher_shards(
+            client.x_train,
+            client.y_train,
+            cfg.teachers_per_client,
+            derive_seed(cfg.seed, cid, PHASE_INIT, -1),
         )
         x_proxy = self.data.proxy_x[proxy_idx]
         votes = np.zeros((len(proxy_idx), self.data.num_classes), dtype=np.float32)
         private = cfg.private.for_round(round_num)
         losses = []
-        for t, (model, opt) in enumerate(zip(teachers, opts, strict=True)):
-            shard = order[t :: cfg.teachers_per_client].numpy()
-            gen = seeded_generator(cfg.seed, round_num, cid, PHASE_TRAIN, t)
-            stats = train_supervised(
-                model, opt, client.x_train[shard], client.y_train[shard], private, gen
-            )
-            losses.append(stats["loss"])
+        for t, (model, opt, shard) in enumerate(zip(teachers, opts, shards, strict=True)):
+            if len(shard):  # a teacher with no examples votes as initialised
+                gen = seeded_generator(cfg.seed, round_num, cid, PHASE_TRAIN, t)
+                stats = train_supervised(
+                    model, opt, client.x_train[shard], client.y_train[shard], private, gen
+                )
+                losses.append(stats["loss"])
             preds = predict_logits(model, x_proxy).argmax(dim=1).numpy()
             votes[np.arange(len(preds)), preds] += 1
         buf = io.BytesIO()

@@ -8,10 +8,13 @@ Two accountants run on the same events:
   dp-accounting offers for Poisson-subsampled Gaussians (RDP over-reports by ~10-15% in the
   usual regimes; e.g. 2.150 vs 1.880 on the reference composition).
 * **RDP** (``dp_accounting.rdp.RdpAccountant``), always computed beside it as a cross-check.
-  When the ledger holds PATE events it is the primary number: PATE's data-dependent bound
-  (Papernot et al. 2018) is an RDP curve with no PLD counterpart, so the PATE curves are added
-  to the RDP of the other events at the same orders and converted to (epsilon, delta) with
-  dp-accounting's ``compute_epsilon`` (Balle et al. 2020 conversion).
+  When the ledger holds PATE events it is the primary number: PATE's curves are RDP curves
+  with no PLD counterpart, so they are added to the RDP of the other events at the same orders
+  and converted to (epsilon, delta) with dp-accounting's ``compute_epsilon`` (Balle et al. 2020
+  conversion). The guarantee uses PATE's data-independent curves. The data-dependent bound of
+  Papernot et al. 2018 is itself a function of the private votes; fedkd does not release it
+  through the paper's smooth-sensitivity step, so it is reported beside the guarantee as
+  ``epsilon_data_dependent_unreleased`` and never drives a budget.
 
 Everything is under the add-or-remove-one neighbouring relation, the one Opacus uses.
 
@@ -100,23 +103,28 @@ class EpsilonReport:
     Attributes
     ----------
     epsilon : float
-        The reported epsilon: ``epsilon_pld`` when the ledger has no PATE events, else
-        ``epsilon_rdp`` (PATE's data-dependent RDP cannot go through PLD).
+        The reported epsilon, a guarantee: ``epsilon_pld`` when the ledger has no PATE events,
+        else ``epsilon_rdp`` (PATE's curves cannot go through PLD).
     epsilon_pld : float or None
         PLD epsilon of the non-PATE events; ``None`` when PATE events are present.
     epsilon_rdp : float
-        RDP epsilon of all events (PATE with its data-dependent curve).
+        RDP epsilon of all events (PATE with its data-independent curve).
     delta : float
         The delta the epsilons are for.
     method : str
         ``"pld"`` or ``"rdp"``: which accountant produced ``epsilon``; ``"unprotected"`` when
         the ledger holds an unprotected release (every epsilon is then ``inf``).
     epsilon_rdp_data_independent : float or None
-        With PATE events: RDP epsilon using PATE's data-independent curves instead.
+        With PATE events: RDP epsilon using PATE's data-independent curves (equal to
+        ``epsilon``).
     rdp_order : float or None
         The Rényi order at which ``epsilon_rdp`` was attained.
     pld_discretization : float or None
         The PLD value discretisation interval used.
+    epsilon_data_dependent_unreleased : float or None
+        With PATE events: RDP epsilon using PATE's data-dependent curves (Papernot et al. 2018).
+        Not a guarantee: it is computed from the private votes and not released through a
+        private mechanism.
     """
 
     epsilon: float
@@ -127,6 +135,7 @@ class EpsilonReport:
     epsilon_rdp_data_independent: float | None = None
     rdp_order: float | None = None
     pld_discretization: float | None = None
+    epsilon_data_dependent_unreleased: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -339,16 +348,17 @@ def _report_cached(sgd: tuple, releases: tuple, pate: tuple, delta: float) -> Ep
     rdp_dp = _rdp_of(sgd, releases, orders)
     if pate:
         dep, ind = _pate_sum(pate, orders)
-        eps_rdp, order = _rdp_epsilon(orders, rdp_dp + dep, delta)
-        eps_ind, _ = _rdp_epsilon(orders, rdp_dp + ind, delta)
+        eps_ind, order = _rdp_epsilon(orders, rdp_dp + ind, delta)
+        eps_dep, _ = _rdp_epsilon(orders, rdp_dp + dep, delta)
         return EpsilonReport(
-            epsilon=eps_rdp,
+            epsilon=eps_ind,
             epsilon_pld=None,
-            epsilon_rdp=eps_rdp,
+            epsilon_rdp=eps_ind,
             delta=delta,
             method="rdp",
             epsilon_rdp_data_independent=eps_ind,
             rdp_order=order,
+            epsilon_data_dependent_unreleased=eps_dep,
         )
     eps_rdp, order = _rdp_epsilon(orders, rdp_dp, delta)
     eps_pld, interval = _pld_epsilon(_dp_event(sgd, releases), delta)

@@ -64,15 +64,23 @@ class LedgerBook:
         round_num: int,
         first_round: list[PrivacyEvent] | None = None,
         epochs_in: Callable[[int], int] | None = None,
+        worst_case: list[PrivacyEvent] | None = None,
     ) -> list[PrivacyEvent]:
         """What one more round would cost: the client's last round's events again, or (before
         its first round) `first_round`, the cost the server can foresee. With `epochs_in` (a
-        round's local epochs), DP-SGD steps scale from the last round's epochs to this one's."""
+        round's local epochs), DP-SGD steps scale from the last round's epochs to this one's.
+        `worst_case`: events whose bound the server knows before the round (PATE's queries);
+        they are planned from round 1 on and replace the last round's events of the same kind,
+        which need not cost the same again."""
+        worst_case = list(worst_case or [])
+        bounded = {type(e) for e in worst_case}
         last = self._last_round.get(client_id)
         if not last:
-            return list(first_round or [])
-        planned = []
+            return list(first_round or []) + worst_case
+        planned = [dataclasses.replace(e, round=round_num) for e in worst_case]
         for event in last:
+            if type(event) in bounded:
+                continue
             if isinstance(event, DpSgdEvent) and epochs_in is not None:
                 then, now = epochs_in(event.round), epochs_in(round_num)
                 if then > 0:  # steps = batches per epoch x epochs, so this divides exactly

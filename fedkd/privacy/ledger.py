@@ -178,9 +178,11 @@ class PateQueryEvent:
         Rényi orders (all > 1).
     rdp : tuple of float
         Data-dependent RDP of the whole batch at ``orders`` (Theorem 6 + Proposition 7,
-        min'ed with the data-independent bound per query).
+        min'ed with the data-independent bound per query). A function of the private votes:
+        the accountant reports it only as ``epsilon_data_dependent_unreleased``.
     data_independent_rdp : tuple of float
-        Data-independent RDP of the same batch at ``orders``.
+        Data-independent RDP of the same batch at ``orders`` (every query asked pays the
+        threshold check and GNMax): what the guarantee composes.
     answered : int
         Number of queries that passed the threshold (labels released).
     queries : int

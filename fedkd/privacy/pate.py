@@ -13,13 +13,16 @@ with PATE" (ICLR 2018):
   ``lambda < mu1`` and when ``q <= e^{(mu2-1) eps2} / (mu1/(mu1-1) * mu2/(mu2-1))^{mu2}``;
   elsewhere (and always as a cap) the data-independent value is used.
 * Confident-GNMax: answer only if ``max_j n_j + N(0, sigma1^2) >= T``. The max vote has
-  sensitivity 1, so the check costs ``lambda / (2 sigma1^2)`` per query, answered or not;
-  answered queries add the GNMax bound with ``sigma2``.
+  sensitivity 1, so the check costs ``lambda / (2 sigma1^2)`` per query, answered or not.
+  The paper charges GNMax (``sigma2``) for the answered queries only; fedkd's guarantee
+  charges it for every query asked, because which queries are answered is itself an output of
+  the check (see :func:`pate_query_event`).
 
 Caveat: the data-dependent epsilon is itself a function of the private votes. The paper
-releases it through smooth sensitivity; fedkd does not, and reports it as the paper's
-data-dependent epsilon with the data-independent one beside it (both are in the
-:class:`~fedkd.privacy.ledger.PateQueryEvent` and in the accountant's report).
+releases it through smooth sensitivity; fedkd does not, so the guarantee it reports (and
+budgets with) is the data-independent one; the data-dependent figure stays beside it as
+``epsilon_data_dependent_unreleased``, not a guarantee (both curves are in the
+:class:`~fedkd.privacy.ledger.PateQueryEvent`, both epsilons in the accountant's report).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ __all__ = [
     "gnmax_aggregate",
     "log_q_gnmax",
     "pate_query_event",
+    "pate_worst_case_event",
     "rdp_gnmax_data_dependent",
     "rdp_gnmax_data_independent",
     "rdp_threshold_data_dependent",
@@ -354,8 +358,14 @@ def pate_query_event(
 ) -> PateQueryEvent:
     """Ledger event for a batch of (Confident-)GNMax queries.
 
-    Every query pays for the threshold check (if ``sigma1`` is given); answered queries also
-    pay for GNMax with ``sigma2``. RDP adds up over queries.
+    Data-independent curve (the guarantee): every query asked pays for the threshold check (if
+    ``sigma1`` is given) and for GNMax with ``sigma2``, answered or not. Which queries are
+    answered is an output of the threshold check, and composition needs each step's cost fixed
+    before its input is seen; a cost that depends on outputs (GNMax charged only where
+    answered) is a pay-as-you-go reading that needs a privacy filter or odometer to be a
+    guarantee (Rogers et al. 2016). Data-dependent curve (Papernot et al. 2018, not a
+    guarantee): the threshold check per query and GNMax's Theorem 6 bound for the answered
+    queries. RDP adds up over queries.
 
     Parameters
     ----------
@@ -402,12 +412,9 @@ def pate_query_event(
     n_answered = int(answered.sum())
 
     dep = np.zeros_like(lam)
-    ind = np.zeros_like(lam)
     if sigma1 is not None:
-        thr_ind = rdp_threshold_data_independent(sigma1, lam)
-        ind += n_queries * thr_ind
         if threshold_bound == "data_independent":
-            dep += n_queries * thr_ind
+            dep += n_queries * rdp_threshold_data_independent(sigma1, lam)
         elif threshold_bound == "data_dependent":
             if threshold is None:
                 raise ValueError("threshold is required for threshold_bound='data_dependent'")
@@ -419,13 +426,66 @@ def pate_query_event(
                 f"got {threshold_bound!r}"
             )
     if n_answered:
-        ind += n_answered * rdp_gnmax_data_independent(sigma2, lam)
         dep += rdp_gnmax_data_dependent(v[answered], sigma2, lam).sum(axis=0)
     return PateQueryEvent(
         orders=lam.tolist(),
         rdp=dep.tolist(),
-        data_independent_rdp=ind.tolist(),
+        data_independent_rdp=_data_independent_rdp(n_queries, sigma1, sigma2, lam).tolist(),
         answered=n_answered,
         queries=n_queries,
+        round=round,
+    )
+
+
+def _data_independent_rdp(
+    queries: int, sigma1: float | None, sigma2: float, orders: np.ndarray
+) -> np.ndarray:
+    """Every query pays the threshold check (if any) and GNMax: fixed before any vote."""
+    rdp = queries * rdp_gnmax_data_independent(sigma2, orders)
+    if sigma1 is not None:
+        rdp = rdp + queries * rdp_threshold_data_independent(sigma1, orders)
+    return rdp
+
+
+def pate_worst_case_event(
+    queries: int,
+    sigma1: float | None,
+    sigma2: float,
+    orders: Sequence[float] | None = None,
+    round: int = 0,
+) -> PateQueryEvent:
+    """The most a batch of `queries` (Confident-)GNMax queries can be charged, before any vote.
+
+    Both curves are the batch's data-independent curve (every query pays the threshold check,
+    if ``sigma1`` is given, and GNMax): the event of the real batch
+    (:func:`pate_query_event`) has the same data-independent curve and a data-dependent one
+    never above it. The budget check plans a round with it.
+
+    Parameters
+    ----------
+    queries : int
+        Queries the batch will ask.
+    sigma1 : float or None
+        Threshold noise std; ``None`` for plain GNMax.
+    sigma2 : float
+        GNMax noise std.
+    orders : sequence of float, optional
+        Rényi orders (> 1); defaults to the accountant's ``RDP_ORDERS``.
+    round : int, default 0
+        Federated round.
+
+    Returns
+    -------
+    PateQueryEvent
+        With ``answered == queries``.
+    """
+    lam = _orders_array(orders)
+    curve = _data_independent_rdp(queries, sigma1, sigma2, lam).tolist()
+    return PateQueryEvent(
+        orders=lam.tolist(),
+        rdp=curve,
+        data_independent_rdp=curve,
+        answered=queries,
+        queries=queries,
         round=round,
     )
