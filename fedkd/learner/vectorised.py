@@ -289,6 +289,18 @@ def _num_clients(params: Params) -> int:
     return next(iter(params.values())).shape[0]
 
 
+def _prefix(state: dict[str, Any], a: int) -> dict[str, Any]:
+    """An optimizer state (``{key: {param index: (K, ...)}}``) of the first `a` clients (views)."""
+    return {key: {i: t[:a] for i, t in per_param.items()} for key, per_param in state.items()}
+
+
+def _write_prefix(state: dict[str, Any], new: dict[str, Any], a: int) -> None:
+    """Write `new`, the state of the first `a` clients, into `state` in place."""
+    for key, per_param in new.items():
+        for i, t in per_param.items():
+            state[key][i][:a] = t
+
+
 # -- data on the device, cached per process ----------------------------------------------------
 class DeviceData:
     """A `FederatedData` as device tensors: every client's rows concatenated, plus offsets.
@@ -468,6 +480,9 @@ class BatchPlan:
     weight: Tensor  # (T, K, B) float32
     size: Tensor  # (T, K) int64
     width: list[int] = field(default_factory=list)  # longest batch of each step
+    # Per step: how many clients take it when they are the first ones of the stack (clients
+    # ordered by step count), else None (the steppers are scattered: mask the whole stack).
+    active: list[int | None] = field(default_factory=list)
 
     @property
     def steps(self) -> int:
@@ -510,7 +525,10 @@ def plan_batches(
             weight[t, j, : len(c)] = 1.0 / len(c)
             size[t, j] = len(c)
     widths = [max(1, int(size[t].max())) for t in range(steps)]
-    return BatchPlan(index.to(device), weight.to(device), size.to(device), widths)
+    stepping = size > 0
+    counts = stepping.sum(1).tolist()
+    active = [a if bool(stepping[t, :a].all()) else None for t, a in enumerate(counts)]
+    return BatchPlan(index.to(device), weight.to(device), size.to(device), widths, active)
 
 
 # -- stacked client states ---------------------------------------------------------------------
@@ -592,11 +610,18 @@ class VectorisedCohortLearner(CohortLearner):
         return device_data(self.data, self.device)
 
     def _groups(self, client_ids: list[int]) -> Iterator[tuple[str, list[int]]]:
-        """Clients by architecture (first-seen order), in chunks of at most `max_chunk`."""
+        """Clients by architecture (first-seen order), in chunks of at most `max_chunk`.
+
+        Within an architecture, clients are ordered by private training set size, largest
+        first (stable): a chunk holds clients with similar numbers of training steps, and in
+        each step the clients that still have a batch are the first ones of the stack, so
+        `_run_steps` computes on them alone instead of padding everyone to the largest client.
+        """
         by_arch: dict[str, list[int]] = {}
         for cid in client_ids:
             by_arch.setdefault(self.config.arch_of(cid), []).append(cid)
         for arch, cids in by_arch.items():
+            cids = sorted(cids, key=lambda c: -len(self.data.clients[c].y_train))
             for start in range(0, len(cids), self.max_chunk):
                 yield arch, cids[start : start + self.max_chunk]
 
@@ -836,18 +861,38 @@ class VectorisedCohortLearner(CohortLearner):
         """Apply `plan`'s steps; a client whose batch is empty keeps weights and state."""
         opt = self.private_opt if which == "private" else self.distill_opt
         state = stack.private_state if which == "private" else stack.distill_state
-        params = stack.params
+        params = dict(stack.params)
         k = len(stack.client_ids)
         total = torch.zeros(k, dtype=torch.float64, device=self.device)
+        active = plan.active
         with precision_context(self.precision, self.device):
             for t in range(plan.steps):
+                a = active[t]
+                if a == 0:
+                    continue
                 width = plan.width[t]
-                idx = plan.index[t, :, :width]
-                w = plan.weight[t, :, :width]
-                size = plan.size[t]
-                grads, loss = step_fn(params, x_all[idx], targets[idx], w)
-                params, state = opt.step(params, grads, state, size > 0)
-                total += loss.double() * size
+                if a is None or a == k:
+                    # Every client steps (or the steppers are not a prefix): the whole stack,
+                    # clients without a batch masked out of the update.
+                    idx = plan.index[t, :, :width]
+                    size = plan.size[t]
+                    grads, loss = step_fn(
+                        params, x_all[idx], targets[idx], plan.weight[t, :, :width]
+                    )
+                    params, state = opt.step(params, grads, state, size > 0)
+                    total += loss.double() * size
+                    continue
+                # Clients are ordered by step count: only the first `a` still have batches, so
+                # only they are computed (no rows of clients that have finished), in place.
+                idx = plan.index[t, :a, :width]
+                size = plan.size[t, :a]
+                sub = {n: p[:a] for n, p in params.items()}
+                grads, loss = step_fn(sub, x_all[idx], targets[idx], plan.weight[t, :a, :width])
+                new_sub, new_state = opt.step(sub, grads, _prefix(state, a), size > 0)
+                for n, p in new_sub.items():
+                    params[n][:a] = p
+                _write_prefix(state, new_state, a)
+                total[:a] += loss.double() * size
         stack.params = params
         if which == "private":
             stack.private_state = state
