@@ -244,13 +244,18 @@ def test_weights_upload_and_evaluation_match_the_loop():
     cfg = config(epochs=1)
     test_idx = np.arange(0, 360, 3)
     results = []
-    # predict_rows=50: 8 rows per forward pass for 6 clients, so logits come in many passes.
+    # predict_rows=50: logits come in many passes; one client at a time (a CPU's default) and
+    # all stacked clients per vmapped pass (a GPU's), 8 rows each for 6 clients.
     for cls, kw in ((CohortLearner, {}), (VectorisedCohortLearner, {"predict_rows": 50})):
-        learner = cls(data, cfg, {}, **kw)
-        out = learner.local_round(1, CLIENTS, "weights", PROXY)
-        results.append((out, learner.evaluate(CLIENTS, test_idx)))
-    (oa, ea), (ob, eb) = results
+        for per_client in (True, False) if kw else (None,):
+            learner = cls(data, cfg, {}, **kw)
+            if per_client is not None:
+                learner.per_client_predict = per_client
+            out = learner.local_round(1, CLIENTS, "weights", PROXY)
+            results.append((out, learner.evaluate(CLIENTS, test_idx)))
+    (oa, ea), (ob, eb), (oc, ec) = results
     assert_same_outputs([oa, ea], [ob, eb], atol=1e-5)
+    assert_same_outputs([oa, ea], [oc, ec], atol=1e-5)
     assert {"test_acc", "local_acc", "val_acc"} <= set(eb[0].metrics)
 
 

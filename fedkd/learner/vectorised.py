@@ -572,9 +572,12 @@ class VectorisedCohortLearner(CohortLearner):
         At most this many clients are stacked at once (bounds memory; numbers do not depend
         on it, each client's computation is independent). None: 64 on CPU, where larger
         stacks fall out of the caches and get slower, 1024 on a GPU.
-    predict_rows : int, default 32768
-        Client-rows per forward pass when computing logits (rows per pass = this divided by
-        the number of stacked clients), which bounds activation memory for large cohorts.
+    predict_rows : int or None, default None
+        Bounds the activation memory of logits. On a GPU: client-rows per forward pass (rows
+        per pass = this divided by the number of stacked clients); None: 32768. On a CPU,
+        logits are computed one client at a time (a plain forward pass at a large batch is
+        faster there than ``vmap``'s batched convolutions) in passes of this many rows; None:
+        1024, the loop's batch.
     """
 
     def __init__(
@@ -587,7 +590,7 @@ class VectorisedCohortLearner(CohortLearner):
         device: str = "auto",
         precision: str = "fp32",
         max_chunk: int | None = None,
-        predict_rows: int = 32768,
+        predict_rows: int | None = None,
     ) -> None:
         super().__init__(data, config, states, released)
         if precision not in PRECISIONS:
@@ -599,6 +602,9 @@ class VectorisedCohortLearner(CohortLearner):
             raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
         self.precision = precision
         self.max_chunk = max_chunk
+        self.per_client_predict = self.device.type == "cpu"
+        if predict_rows is None:
+            predict_rows = 1024 if self.per_client_predict else 32768
         self.predict_rows = predict_rows
         self.private_opt = functional_optimizer(config.private.optim)
         self.distill_opt = functional_optimizer(config.distill.optim)
@@ -719,13 +725,25 @@ class VectorisedCohortLearner(CohortLearner):
     def _rows_per_pass(self, num_clients: int) -> int:
         return max(1, self.predict_rows // max(num_clients, 1))
 
+    def _predict_one(self, model: nn.Module, params: Params, j: int, x: Tensor) -> Tensor:
+        """(N, C) logits of stacked client `j` on `x`, `predict_rows` rows per pass."""
+        own = {n: p[j] for n, p in params.items()}
+        forward = self._forward(model)
+        step = self.predict_rows
+        passes = [forward(own, x[i : i + step]) for i in range(0, len(x), step)]
+        if not passes:
+            return torch.zeros((0, self.data.num_classes), device=self.device)
+        return torch.cat(passes)
+
     @torch.no_grad()
     def _predict_shared(self, model: nn.Module, params: Params, x: Tensor) -> Tensor:
         """(K, N, C) logits of every client on the same inputs."""
-        fwd = vmap(self._forward(model), in_dims=(0, None))
         k = _num_clients(params)
         if len(x) == 0:
             return torch.zeros((k, 0, self.data.num_classes), device=self.device)
+        if self.per_client_predict:
+            return torch.stack([self._predict_one(model, params, j, x) for j in range(k)])
+        fwd = vmap(self._forward(model), in_dims=(0, None))
         return torch.cat(
             [
                 fwd(params, x[i : i + self._rows_per_pass(k)])
@@ -739,6 +757,11 @@ class VectorisedCohortLearner(CohortLearner):
         self, model: nn.Module, params: Params, x: Tensor, offsets: np.ndarray, cids: list[int]
     ) -> list[Tensor]:
         """Each client's logits on its own rows of `x` (rows ``offsets[c]:offsets[c+1]``)."""
+        if self.per_client_predict:
+            return [
+                self._predict_one(model, params, j, x[int(offsets[c]) : int(offsets[c + 1])])
+                for j, c in enumerate(cids)
+            ]
         lengths = [int(offsets[c + 1] - offsets[c]) for c in cids]
         longest = max(lengths, default=0)
         k = len(cids)
