@@ -10,9 +10,14 @@ reference loop) and computes the same numbers up to float rounding, many clients
 - Each client sees exactly the minibatches the loop would show it: the same
   ``torch.randperm(n, generator=seeded_generator(seed, round, cid, phase))`` per epoch, split
   into ``batch_size`` chunks, the last one shorter. Clients of different sizes are aligned step
-  by step: a short batch is padded with weight-0 rows and averaged over its true size, and a
-  client that has run out of steps is masked out of the update (its weights and optimizer state
-  are left untouched).
+  by step: a short batch is padded with weight-0 rows and averaged over its true size. Clients
+  are stacked largest first, so the clients that still have a batch at a step are the first
+  ones of the stack and the step computes on them alone; a client that has run out of steps
+  keeps its weights and optimizer state untouched (masked out, where the steppers are not the
+  first ones of the stack).
+- Logits (uploads, evaluation) on a CPU come from one client at a time at the loop's batch
+  size, which is faster there than ``vmap``'s batched convolutions and keeps the loop's memory;
+  on a GPU, from ``vmap`` over the stack.
 - Client states are read and written through the same bytes as `ClientState` (the model's
   ``state_dict`` and both optimizers' ``state_dict`` in torch's format), so the loop and the
   vectorised learner can take turns on the same clients between rounds.
