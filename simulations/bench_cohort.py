@@ -3,12 +3,19 @@
 Usage::
 
     python simulations/bench_cohort.py [--clients 10 100 1000] [--quick] [--out table.md]
+    python simulations/bench_cohort.py --phases [--quick]   # only the per-phase breakdown
 
 Every configuration runs the real engine (`fedkd.run.cli.simulate`: Flower's ServerApp and
 ClientApp on the Ray backend) in a fresh subprocess, for two warm-up rounds (Ray actors start, data
 load; the second exchange is the first to carry a digest), the measured rounds, and one
 last round left out of the means: its row also holds the run's final exchange (its digest and
-evaluation), a cost paid once per run, not per round. All numbers come from the same invocation:
+evaluation), a cost paid once per run, not per round. All numbers come from the same invocation.
+After the layout table comes a per-phase breakdown of one cohort node on the full-size workload
+(`phase_table`: real 28x28 MNIST, 20 clients, Dirichlet 0.1, loop against vectorised, each in a
+fresh process): seconds and samples/s of private training with the logit upload, distillation
+and evaluation, the part spent (de)serialising client states, the process's peak RSS after each
+phase, and the rows private training computes with and without padding to the largest client.
+``--quick`` profiles a quarter of the node's clients. The layout table's columns:
 
 - round s: mean ``wall_s`` of the measured rounds (server's view: one exchange per round, which
   carries the previous round's distillation + evaluation and this round's local training +
@@ -153,6 +160,162 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# -- per-phase breakdown of one node (in process, no Flower) ---------------------------------
+PHASE_SPEC = REPO / "simulations" / "mnist_dirichlet.toml"
+PHASE_LEARNERS = ("loop", "vectorised")
+
+
+def _timed(fn: Any, totals: dict[str, float], key: str) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[key] = totals.get(key, 0.0) + time.perf_counter() - started
+
+    return wrapper
+
+
+def padded_rows(lengths: list[int], batch: int, epochs: int) -> tuple[int, int, int]:
+    """Rows of private training: real, computed when every client is padded to the largest
+    one's steps, and computed when each step covers only the clients that still have a batch
+    (a client's last short batch padded to the longest batch of that step)."""
+    steps = [epochs * math.ceil(n / batch) for n in lengths]
+    padded = max(steps, default=0) * len(lengths) * min(batch, max(lengths, default=1))
+    widths: dict[int, int] = {}  # step -> longest batch of the clients that take it
+    counts: dict[int, int] = {}
+    for n, k in zip(lengths, steps, strict=True):
+        per_epoch = math.ceil(n / batch)
+        for t in range(k):
+            last = t % per_epoch == per_epoch - 1
+            size = n - batch * (per_epoch - 1) if last else batch
+            widths[t] = max(widths.get(t, 0), size)
+            counts[t] = counts.get(t, 0) + 1
+    bucketed = sum(widths[t] * counts[t] for t in widths)
+    return sum(lengths) * epochs, padded, bucketed
+
+
+def phase_one(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One node of the full-size MNIST workload (20 clients, Dirichlet 0.1, two cohort nodes):
+    seconds per phase of one learner, state (de)serialisation, data to the device, peak RSS."""
+    import resource
+
+    import torch
+
+    from fedkd.apps.build import cohort_config, eval_test_indices, federated_data, hosted_clients
+    from fedkd.learner.cohort import CohortLearner
+    from fedkd.learner.loop import make_optimizer
+    from fedkd.learner.vectorised import VectorisedCohortLearner
+    from fedkd.spec import load_spec
+
+    torch.set_num_threads(1)  # as one node (Ray actor) runs
+
+    def rss_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    spec = load_spec(
+        PHASE_SPEC,
+        [f'clients.students=["{cfg["arch"]}"]', "clients.clients_per_node=10", "rounds=1"],
+    )
+    data = federated_data(spec)
+    cids = hosted_clients(spec, 0, spec.num_nodes)
+    if cfg["quick"]:
+        cids = cids[:: max(1, len(cids) // 4)]
+    config, states = cohort_config(spec), {}
+    proxy = np.arange(spec.distill.proxy_per_round, dtype=np.int64)
+    test_idx = eval_test_indices(spec, len(data.test_y))
+    times: dict[str, float] = {}
+    # Once per process: the first torch.optim optimizer imports torch._dynamo (both learners
+    # create one), which would otherwise count as the first client's state.
+    started = time.perf_counter()
+    make_optimizer([torch.zeros(1, requires_grad=True)], config.private.optim)
+    times["process warm-up"] = time.perf_counter() - started
+    started = time.perf_counter()
+    if cfg["learner"] == "loop":
+        learner = CohortLearner(data, config, states)
+        learner._load = _timed(learner._load, times, "state")
+        learner._save = _timed(learner._save, times, "state")
+    else:
+        learner = VectorisedCohortLearner(data, config, states, device="cpu")
+        learner._load_stack = _timed(learner._load_stack, times, "state")
+        learner._save_stack = _timed(learner._save_stack, times, "state")
+        dev = learner.dev
+        for part in ("train", "local_test", "validation", "proxy_x", "test_x"):
+            getattr(dev, part)
+    times["data to device"] = time.perf_counter() - started
+    rss = {"start": rss_mb()}
+    teacher = np.random.default_rng(0).normal(size=(len(proxy), data.num_classes))
+    for phase, call in (
+        ("train + logits", lambda: learner.local_round(1, cids, "logits", proxy)),
+        ("distill", lambda: learner.digest(1, cids, proxy, teacher.astype(np.float32))),
+        ("evaluate", lambda: learner.evaluate(cids, test_idx)),
+    ):
+        before = times.get("state", 0.0)
+        t0 = time.perf_counter()
+        call()
+        times[phase] = time.perf_counter() - t0
+        times[f"{phase}: state"] = times.get("state", 0.0) - before
+        rss[phase] = rss_mb()
+    lengths = [len(data.clients[c].y_train) for c in cids]
+    real, padded, bucketed = padded_rows(lengths, spec.train.batch_size, spec.train.epochs)
+    evaluated = len(cids) * len(test_idx)
+    evaluated += sum(len(data.clients[c].y_local_test) + len(data.clients[c].y_val) for c in cids)
+    return {
+        "times": times,
+        "rss": rss,
+        "clients": len(cids),
+        "examples": sum(lengths),
+        "distilled": len(cids) * len(proxy) * spec.distill.epochs,
+        "evaluated": evaluated,
+        "rows": {"real": real, "padded": padded, "bucketed": bucketed},
+    }
+
+
+def phase_table(archs: list[str], quick: bool) -> str:
+    """The per-phase breakdown of one node, loop against vectorised, each in a fresh process."""
+    cols = ["model", "learner", "phase", "s", "of which state s", "samples/s", "peak RSS MiB"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    notes = []
+    for arch in archs:
+        for learner in PHASE_LEARNERS:
+            res = _subprocess({"phase": True, "arch": arch, "learner": learner, "quick": quick})
+            t, rss = res["times"], res["rss"]
+            work = {
+                "train + logits": res["examples"],
+                "distill": res["distilled"],
+                "evaluate": res["evaluated"],
+            }
+            for once in ("process warm-up", "data to device"):
+                lines.append(
+                    f"| {arch} | {learner} | {once} | {t[once]:.2f} | - | - | {rss['start']:,.0f} |"
+                )
+            for phase, n in work.items():
+                lines.append(
+                    f"| {arch} | {learner} | {phase} | {t[phase]:.2f} | "
+                    f"{t[f'{phase}: state']:.2f} | {n / t[phase]:,.0f} | {rss[phase]:,.0f} |"
+                )
+        rows = res["rows"]
+        notes.append(
+            f"{arch}: {res['clients']} clients, {res['examples']:,} private examples; rows "
+            f"computed in private training when padded to the largest client: {rows['padded']:,} "
+            f"({rows['padded'] / rows['real']:.2f}x the real rows); by step count: "
+            f"{rows['bucketed']:,} ({rows['bucketed'] / rows['real']:.2f}x)."
+        )
+    header = [
+        "Per-phase breakdown of one cohort node (in process, 1 torch thread): full-size MNIST, "
+        "20 clients, Dirichlet 0.1, the clients of node 0 of 2 (balanced by examples)"
+        + (", a quarter of them (--quick)" if quick else "")
+        + "; 1 epoch at batch 32; distillation on 1,000 proxy examples, 2 epochs at batch 64; "
+        "evaluation on 2,000 test examples plus each client's local test and validation rows. "
+        "samples/s counts rows trained on (train: private examples; distill: proxy rows x "
+        "epochs) or evaluated. Peak RSS is the process's peak after the phase. Process "
+        "warm-up: the first torch.optim optimizer of a process (it imports torch._dynamo). "
+        f"Load average: {os.getloadavg()[0]:.2f}.",
+        "",
+    ]
+    return "\n".join([*header, *lines, "", *notes])
+
+
 # -- the one-model ceiling -------------------------------------------------------------------
 def ceiling(npz: str, batch: int = 4096, steps: int = 5) -> float:
     """Samples/s of one cnn_small trained with SGD at batch `batch` on this machine's cores."""
@@ -264,11 +427,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-per-client", type=int, default=32)
     parser.add_argument("--mnist", type=Path, default=DEFAULT_MNIST)
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="only the per-phase breakdown of one node on full-size MNIST (loop vs vectorised)",
+    )
+    parser.add_argument("--no-phases", action="store_true", help="leave the breakdown out")
+    parser.add_argument(
+        "--phase-models", nargs="+", default=["cnn_small", "cnn_large"], help="for --phases"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config (JSON)
     args = parser.parse_args(argv)
 
     if args.one:
-        print("BENCH_RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
+        cfg = json.loads(args.one)
+        result = phase_one(cfg) if cfg.get("phase") else run_one(cfg)
+        print("BENCH_RESULT " + json.dumps(result), flush=True)
+        return
+    if args.phases:
+        table = phase_table(args.phase_models, args.quick)
+        print(table)
+        if args.out:
+            args.out.write_text(table + "\n")
         return
 
     clients = args.clients or ([10, 100] if args.quick else [10, 100, 1000])
@@ -326,6 +506,8 @@ def main(argv: list[str] | None = None) -> None:
         "s) per exchange; x vs 1/node = speed-up of the round over one client per node.",
     ]
     table = format_table(results, ceiling_sps, header)
+    if not args.no_phases:
+        table += "\n\n" + phase_table(args.phase_models, args.quick)
     print(table)
     if args.out:
         args.out.write_text(table + "\n")
@@ -344,7 +526,7 @@ def _subprocess(cfg: dict[str, Any]) -> dict[str, Any]:
         if line.startswith("BENCH_RESULT "):
             return json.loads(line[len("BENCH_RESULT ") :])
     raise RuntimeError(
-        f"benchmark run {cfg['clients']} clients / {cfg['layout']} / {cfg['learner']} failed:\n"
+        f"benchmark run {cfg.get('clients')} / {cfg.get('layout')} / {cfg['learner']} failed:\n"
         + proc.stderr[-3000:]
     )
 

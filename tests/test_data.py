@@ -125,6 +125,30 @@ def test_npz_grayscale(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.y_test, y_test)
 
 
+def test_npz_is_standardised_once_and_reread_from_the_cache(tmp_path, monkeypatch) -> None:
+    """Every process of a run loads the file: the standardised arrays come back from the
+    cache, identical; a rewritten file is read again, never served stale."""
+    monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path / "cache"))
+    rng = np.random.default_rng(1)
+    file = tmp_path / "tiny.npz"
+
+    def write(high: int, n: int) -> None:
+        x = rng.integers(0, high, size=(n, 6, 5), dtype=np.uint8)
+        y = np.arange(n) % 3
+        np.savez(file, x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
+
+    write(256, 40)
+    first = load_source("npz", path=str(file))
+    assert len(list((tmp_path / "cache").glob("npz-*.npz"))) == 1
+    again = load_source("npz", path=str(file))
+    for key in ("x_train", "y_train", "x_test", "y_test", "num_classes", "input_mean"):
+        np.testing.assert_array_equal(getattr(again, key), getattr(first, key))
+    assert again.x_train.dtype == np.float32 and again.y_train.dtype == np.int64
+    write(16, 41)
+    changed = load_source("npz", path=str(file))
+    assert changed.input_mean != first.input_mean
+
+
 def test_npz_channels_last_becomes_channels_first(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     x_train = rng.normal(size=(30, 4, 5, 3)).astype(np.float32)

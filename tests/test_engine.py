@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedkd.apps.build import federated_data, hosted_clients
 from fedkd.apps.client_app import make_client_app
 from fedkd.apps.server_app import run_rounds, sample_clients
 from fedkd.apps.wire import MSG_HELLO, MSG_ROUND
@@ -124,6 +125,22 @@ def test_cohorts_give_the_same_metrics_as_one_client_per_node(tmp_path):
     _, _, cohort, g2 = run_inprocess(tmp_path, ["clients.clients_per_node=3"], name="cohort")
     assert len(g1.contexts) == 4 and len(g2.contexts) == 2
     assert _comparable(single) == _comparable(cohort)
+
+
+def test_cohort_nodes_are_balanced_by_example_count():
+    """8 clients of 38 to 167 examples on 2 nodes: by id parity one node would train on
+    251 examples and the other on 496; balanced, they differ by less than the smallest client."""
+    spec = load_spec(
+        None, ["clients.num_clients=8", "clients.clients_per_node=4", "data.alpha=0.2"]
+    )
+    sizes = [c.num_examples for c in federated_data(spec).clients]
+    nodes = [hosted_clients(spec, p, 2) for p in range(2)]
+    assert sorted(nodes[0] + nodes[1]) == list(range(8))
+    assert [len(n) for n in nodes] == [4, 4]
+    totals = [sum(sizes[c] for c in n) for n in nodes]
+    assert abs(totals[0] - totals[1]) < min(sizes)
+    # One client per node: node i hosts client i (a deployment's site i is client i).
+    assert [hosted_clients(spec, p, 8) for p in range(8)] == [[p] for p in range(8)]
 
 
 def test_proxy_travels_as_indices_never_inputs(tmp_path):

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedkd.audit.canary import with_canaries
+from fedkd.data.placement import balanced_groups
 from fedkd.data.site import SITE_KEY, load_site_data
 from fedkd.data.sources import DataError
 from fedkd.data.splits import FederatedData, load_federated_data
@@ -173,8 +174,17 @@ def ledger_book(spec: Spec) -> LedgerBook | None:
 
 
 def hosted_clients(spec: Spec, partition_id: int, num_partitions: int) -> list[int]:
-    """Clients node `partition_id` of `num_partitions` hosts: ids congruent to it."""
-    return [c for c in range(spec.clients.num_clients) if c % num_partitions == partition_id]
+    """Clients node `partition_id` of `num_partitions` hosts.
+
+    One client per node: client `partition_id`. Cohorts: groups balanced by training
+    examples (`balanced_groups` over the run's partition), so that no node waits on a busier
+    one; every node computes the same split from the spec.
+    """
+    n = spec.clients.num_clients
+    if num_partitions >= n:
+        return [partition_id] if partition_id < n else []
+    sizes = [c.num_examples for c in federated_data(spec).clients]
+    return balanced_groups(sizes, num_partitions)[partition_id]
 
 
 def node_clients(spec: Spec, node_config: Mapping[str, Any]) -> list[int]:

@@ -10,9 +10,14 @@ reference loop) and computes the same numbers up to float rounding, many clients
 - Each client sees exactly the minibatches the loop would show it: the same
   ``torch.randperm(n, generator=seeded_generator(seed, round, cid, phase))`` per epoch, split
   into ``batch_size`` chunks, the last one shorter. Clients of different sizes are aligned step
-  by step: a short batch is padded with weight-0 rows and averaged over its true size, and a
-  client that has run out of steps is masked out of the update (its weights and optimizer state
-  are left untouched).
+  by step: a short batch is padded with weight-0 rows and averaged over its true size. Clients
+  are stacked largest first, so the clients that still have a batch at a step are the first
+  ones of the stack and the step computes on them alone; a client that has run out of steps
+  keeps its weights and optimizer state untouched (masked out, where the steppers are not the
+  first ones of the stack).
+- Logits (uploads, evaluation) on a CPU come from one client at a time at the loop's batch
+  size, which is faster there than ``vmap``'s batched convolutions and keeps the loop's memory;
+  on a GPU, from ``vmap`` over the stack.
 - Client states are read and written through the same bytes as `ClientState` (the model's
   ``state_dict`` and both optimizers' ``state_dict`` in torch's format), so the loop and the
   vectorised learner can take turns on the same clients between rounds.
@@ -289,6 +294,18 @@ def _num_clients(params: Params) -> int:
     return next(iter(params.values())).shape[0]
 
 
+def _prefix(state: dict[str, Any], a: int) -> dict[str, Any]:
+    """An optimizer state (``{key: {param index: (K, ...)}}``) of the first `a` clients (views)."""
+    return {key: {i: t[:a] for i, t in per_param.items()} for key, per_param in state.items()}
+
+
+def _write_prefix(state: dict[str, Any], new: dict[str, Any], a: int) -> None:
+    """Write `new`, the state of the first `a` clients, into `state` in place."""
+    for key, per_param in new.items():
+        for i, t in per_param.items():
+            state[key][i][:a] = t
+
+
 # -- data on the device, cached per process ----------------------------------------------------
 class DeviceData:
     """A `FederatedData` as device tensors: every client's rows concatenated, plus offsets.
@@ -468,6 +485,9 @@ class BatchPlan:
     weight: Tensor  # (T, K, B) float32
     size: Tensor  # (T, K) int64
     width: list[int] = field(default_factory=list)  # longest batch of each step
+    # Per step: how many clients take it when they are the first ones of the stack (clients
+    # ordered by step count), else None (the steppers are scattered: mask the whole stack).
+    active: list[int | None] = field(default_factory=list)
 
     @property
     def steps(self) -> int:
@@ -510,7 +530,10 @@ def plan_batches(
             weight[t, j, : len(c)] = 1.0 / len(c)
             size[t, j] = len(c)
     widths = [max(1, int(size[t].max())) for t in range(steps)]
-    return BatchPlan(index.to(device), weight.to(device), size.to(device), widths)
+    stepping = size > 0
+    counts = stepping.sum(1).tolist()
+    active = [a if bool(stepping[t, :a].all()) else None for t, a in enumerate(counts)]
+    return BatchPlan(index.to(device), weight.to(device), size.to(device), widths, active)
 
 
 # -- stacked client states ---------------------------------------------------------------------
@@ -554,9 +577,12 @@ class VectorisedCohortLearner(CohortLearner):
         At most this many clients are stacked at once (bounds memory; numbers do not depend
         on it, each client's computation is independent). None: 64 on CPU, where larger
         stacks fall out of the caches and get slower, 1024 on a GPU.
-    predict_rows : int, default 32768
-        Client-rows per forward pass when computing logits (rows per pass = this divided by
-        the number of stacked clients), which bounds activation memory for large cohorts.
+    predict_rows : int or None, default None
+        Bounds the activation memory of logits. On a GPU: client-rows per forward pass (rows
+        per pass = this divided by the number of stacked clients); None: 32768. On a CPU,
+        logits are computed one client at a time (a plain forward pass at a large batch is
+        faster there than ``vmap``'s batched convolutions) in passes of this many rows; None:
+        1024, the loop's batch.
     """
 
     def __init__(
@@ -569,7 +595,7 @@ class VectorisedCohortLearner(CohortLearner):
         device: str = "auto",
         precision: str = "fp32",
         max_chunk: int | None = None,
-        predict_rows: int = 32768,
+        predict_rows: int | None = None,
     ) -> None:
         super().__init__(data, config, states, released)
         if precision not in PRECISIONS:
@@ -581,6 +607,9 @@ class VectorisedCohortLearner(CohortLearner):
             raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
         self.precision = precision
         self.max_chunk = max_chunk
+        self.per_client_predict = self.device.type == "cpu"
+        if predict_rows is None:
+            predict_rows = 1024 if self.per_client_predict else 32768
         self.predict_rows = predict_rows
         self.private_opt = functional_optimizer(config.private.optim)
         self.distill_opt = functional_optimizer(config.distill.optim)
@@ -592,11 +621,18 @@ class VectorisedCohortLearner(CohortLearner):
         return device_data(self.data, self.device)
 
     def _groups(self, client_ids: list[int]) -> Iterator[tuple[str, list[int]]]:
-        """Clients by architecture (first-seen order), in chunks of at most `max_chunk`."""
+        """Clients by architecture (first-seen order), in chunks of at most `max_chunk`.
+
+        Within an architecture, clients are ordered by private training set size, largest
+        first (stable): a chunk holds clients with similar numbers of training steps, and in
+        each step the clients that still have a batch are the first ones of the stack, so
+        `_run_steps` computes on them alone instead of padding everyone to the largest client.
+        """
         by_arch: dict[str, list[int]] = {}
         for cid in client_ids:
             by_arch.setdefault(self.config.arch_of(cid), []).append(cid)
         for arch, cids in by_arch.items():
+            cids = sorted(cids, key=lambda c: -len(self.data.clients[c].y_train))
             for start in range(0, len(cids), self.max_chunk):
                 yield arch, cids[start : start + self.max_chunk]
 
@@ -694,13 +730,25 @@ class VectorisedCohortLearner(CohortLearner):
     def _rows_per_pass(self, num_clients: int) -> int:
         return max(1, self.predict_rows // max(num_clients, 1))
 
+    def _predict_one(self, model: nn.Module, params: Params, j: int, x: Tensor) -> Tensor:
+        """(N, C) logits of stacked client `j` on `x`, `predict_rows` rows per pass."""
+        own = {n: p[j] for n, p in params.items()}
+        forward = self._forward(model)
+        step = self.predict_rows
+        passes = [forward(own, x[i : i + step]) for i in range(0, len(x), step)]
+        if not passes:
+            return torch.zeros((0, self.data.num_classes), device=self.device)
+        return torch.cat(passes)
+
     @torch.no_grad()
     def _predict_shared(self, model: nn.Module, params: Params, x: Tensor) -> Tensor:
         """(K, N, C) logits of every client on the same inputs."""
-        fwd = vmap(self._forward(model), in_dims=(0, None))
         k = _num_clients(params)
         if len(x) == 0:
             return torch.zeros((k, 0, self.data.num_classes), device=self.device)
+        if self.per_client_predict:
+            return torch.stack([self._predict_one(model, params, j, x) for j in range(k)])
+        fwd = vmap(self._forward(model), in_dims=(0, None))
         return torch.cat(
             [
                 fwd(params, x[i : i + self._rows_per_pass(k)])
@@ -714,6 +762,11 @@ class VectorisedCohortLearner(CohortLearner):
         self, model: nn.Module, params: Params, x: Tensor, offsets: np.ndarray, cids: list[int]
     ) -> list[Tensor]:
         """Each client's logits on its own rows of `x` (rows ``offsets[c]:offsets[c+1]``)."""
+        if self.per_client_predict:
+            return [
+                self._predict_one(model, params, j, x[int(offsets[c]) : int(offsets[c + 1])])
+                for j, c in enumerate(cids)
+            ]
         lengths = [int(offsets[c + 1] - offsets[c]) for c in cids]
         longest = max(lengths, default=0)
         k = len(cids)
@@ -836,18 +889,38 @@ class VectorisedCohortLearner(CohortLearner):
         """Apply `plan`'s steps; a client whose batch is empty keeps weights and state."""
         opt = self.private_opt if which == "private" else self.distill_opt
         state = stack.private_state if which == "private" else stack.distill_state
-        params = stack.params
+        params = dict(stack.params)
         k = len(stack.client_ids)
         total = torch.zeros(k, dtype=torch.float64, device=self.device)
+        active = plan.active
         with precision_context(self.precision, self.device):
             for t in range(plan.steps):
+                a = active[t]
+                if a == 0:
+                    continue
                 width = plan.width[t]
-                idx = plan.index[t, :, :width]
-                w = plan.weight[t, :, :width]
-                size = plan.size[t]
-                grads, loss = step_fn(params, x_all[idx], targets[idx], w)
-                params, state = opt.step(params, grads, state, size > 0)
-                total += loss.double() * size
+                if a is None or a == k:
+                    # Every client steps (or the steppers are not a prefix): the whole stack,
+                    # clients without a batch masked out of the update.
+                    idx = plan.index[t, :, :width]
+                    size = plan.size[t]
+                    grads, loss = step_fn(
+                        params, x_all[idx], targets[idx], plan.weight[t, :, :width]
+                    )
+                    params, state = opt.step(params, grads, state, size > 0)
+                    total += loss.double() * size
+                    continue
+                # Clients are ordered by step count: only the first `a` still have batches, so
+                # only they are computed (no rows of clients that have finished), in place.
+                idx = plan.index[t, :a, :width]
+                size = plan.size[t, :a]
+                sub = {n: p[:a] for n, p in params.items()}
+                grads, loss = step_fn(sub, x_all[idx], targets[idx], plan.weight[t, :a, :width])
+                new_sub, new_state = opt.step(sub, grads, _prefix(state, a), size > 0)
+                for n, p in new_sub.items():
+                    params[n][:a] = p
+                _write_prefix(state, new_state, a)
+                total[:a] += loss.double() * size
         stack.params = params
         if which == "private":
             stack.private_state = state
