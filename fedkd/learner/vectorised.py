@@ -378,9 +378,9 @@ def device_data(data: FederatedData, device: torch.device) -> DeviceData:
 class _StateUnpickler(pickle.Unpickler):
     """Python's C unpickler, allowed to build only what a `ClientState` blob holds.
 
-    ``torch.load(weights_only=True)`` runs a pure-Python unpickler (about 5 ms per client
-    state); this one is as restrictive for these blobs (tensors, dicts, numbers, strings) and
-    several times faster. torch resolves storage types before calling `find_class`.
+    ``torch.load(weights_only=True)`` runs a pure-Python unpickler, slow when every client's
+    state is read each round; this one is as restrictive for these blobs (tensors, dicts,
+    numbers, strings) and runs in C. torch resolves storage types before calling `find_class`.
     """
 
     ALLOWED = frozenset({("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict")})
