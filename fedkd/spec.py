@@ -623,10 +623,10 @@ def _validate_privacy(spec: Spec) -> None:
             "data runs outside DP-SGD)"
         )
     if p.release_noise > 0:
-        if not caps.logit_teacher:
+        if not caps.teacher_release:
             raise SpecError(
                 "privacy.release_noise: the Gaussian release needs a logit teacher "
-                f"({_algorithms_with('logit_teacher')}), not '{name}'"
+                f"({_algorithms_with('teacher_release')}), not '{name}'"
             )
         if teacher in ("median", "trimmed_mean"):
             raise SpecError(

@@ -456,7 +456,7 @@ class LogitTeacherStrategy(Strategy):
 
     Params: ClassVar[type[AlgorithmParams]] = TeacherParams
     capabilities: ClassVar[Capabilities] = Capabilities(
-        upload="logits", needs_proxy=True, logit_teacher=True
+        upload="logits", needs_proxy=True, logit_teacher=True, teacher_release=True
     )
 
     @classmethod

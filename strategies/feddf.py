@@ -44,7 +44,11 @@ class FedDFLogit(LogitTeacherStrategy):
     name = "feddf"
     Params = FedDFParams
     capabilities = Capabilities(
-        upload="logits", needs_proxy=True, server_student="required", logit_teacher=True
+        upload="logits",
+        needs_proxy=True,
+        server_student="required",
+        logit_teacher=True,
+        teacher_release=True,
     )
 
     def __init__(

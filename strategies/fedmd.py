@@ -24,7 +24,11 @@ class FedMD(LogitTeacherStrategy):
 
     name = "fedmd"
     capabilities = Capabilities(
-        upload="logits", needs_proxy=True, logit_teacher=True, default_distill_loss="mae"
+        upload="logits",
+        needs_proxy=True,
+        logit_teacher=True,
+        teacher_release=True,
+        default_distill_loss="mae",
     )
 
     def __init__(self, *args, teacher: str = "mean_logits", **kwargs) -> None:

@@ -120,8 +120,11 @@ class Capabilities:
         one; ``"required"``: the algorithm needs ``server.student``; ``"own"``: the algorithm
         trains the global model itself like a client's (on ``train``'s settings).
     logit_teacher : bool, default False
-        Builds a teacher from the clients' logits on proxy inputs: the Gaussian release of the
-        teacher, the label-histogram teachers and the confident-labels server student apply.
+        Builds a teacher from the clients' logits on proxy inputs (its accuracy is reported, and
+        the confident-labels server student applies).
+    teacher_release : bool, default False
+        Its teacher can be released through the client-level Gaussian mechanism (a noisy mean
+        of the clients' probabilities, ``privacy.release_noise``).
     supports_dpsgd : bool, default True
         Its clients' training on private data can run under DP-SGD.
     always_private : bool, default False
@@ -136,6 +139,7 @@ class Capabilities:
     needs_proxy: bool = False
     server_student: str = "optional"
     logit_teacher: bool = False
+    teacher_release: bool = False
     supports_dpsgd: bool = True
     always_private: bool = False
     default_distill_loss: str = "kl"
