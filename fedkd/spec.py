@@ -23,11 +23,10 @@ from fedkd.knowledge import HISTOGRAM_TEACHERS
 from fedkd.models import MODEL_NAMES as MODELS
 from strategies.base import Strategy
 from strategies.params import AlgorithmParams, Capabilities, ParamError, teacher_kind
-from strategies.registry import BUILTIN, AlgorithmNotFound, algorithm_class
+from strategies.registry import BUILTIN, DEFAULT_ALGORITHM, AlgorithmNotFound, algorithm_class
 
 # The built-in algorithms' names (`strategies.registry`; a spec may also name an import path).
 ALGORITHMS = tuple(BUILTIN)
-DEFAULT_ALGORITHM = "dsfl"
 # The [algorithm] keys of the flat table every spec.toml held before each algorithm declared
 # its own parameters, with their defaults then: a key the chosen algorithm does not have is
 # still accepted at this value, so that old runs' spec.toml files keep loading.

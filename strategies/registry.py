@@ -36,6 +36,8 @@ BUILTIN: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (DSFL, FedMD, FedDFLogit, FD, FedAvg, LocalOnly, Centralized, PATE)
 }
 
+# What a spec that names no algorithm runs.
+DEFAULT_ALGORITHM = DSFL.name
 ENTRY_POINT_GROUP = "fedkd.algorithms"
 
 
