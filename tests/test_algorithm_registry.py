@@ -17,6 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from fedkd.apps.client_app import make_client_app
 from fedkd.apps.server_app import run_rounds
@@ -166,3 +167,16 @@ def test_the_example_copied_elsewhere_runs_with_fedkd_run(tmp_path):
     summary = json.loads((folder / "out" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 1
     assert summary["algorithm"] == "entropy_weighted:EntropyWeightedDSFL"
+
+
+def test_a_sweep_point_run_before_the_change_still_counts_as_done(tmp_path):
+    from fedkd.run.sweep import _spec_mismatch
+
+    now = load_spec(None, ["rounds=2"]).to_dict()
+    before = {**now, "algorithm": {"name": "dsfl", **LEGACY_ALGORITHM_DEFAULTS}}
+    saved = tmp_path / "spec.toml"
+    saved.write_text(tomli_w.dumps(before))
+    assert _spec_mismatch(saved, now) == []
+    before["algorithm"]["fd_weight"] = 0.5  # a value that did not come from the defaults
+    saved.write_text(tomli_w.dumps(before))
+    assert _spec_mismatch(saved, now) == ["algorithm.fd_weight"]
