@@ -523,7 +523,10 @@ def validate(spec: Spec) -> Spec:
         raise SpecError(
             f"server.confident_fraction: must be in [0, 1], got {spec.server.confident_fraction}"
         )
-    caps = spec.algorithm.capabilities
+    try:  # a spec built in code names its algorithm unchecked
+        caps = spec.algorithm.capabilities
+    except AlgorithmNotFound as err:
+        raise SpecError(f"algorithm.name: {err}") from None
     if spec.server.confident_fraction > 0 and (not spec.server.student or not caps.logit_teacher):
         raise SpecError(
             "server.confident_fraction: needs a server student (server.student) and a logit "

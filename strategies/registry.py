@@ -41,6 +41,10 @@ DEFAULT_ALGORITHM = DSFL.name
 ENTRY_POINT_GROUP = "fedkd.algorithms"
 
 
+# Entry points found so far: name -> import path.
+_ENTRY_POINTS: dict[str, str] = {}
+
+
 class AlgorithmNotFound(ValueError):
     """An ``algorithm.name`` that names no algorithm, phrased as one line."""
 
@@ -76,9 +80,13 @@ def algorithm_class(name: str, search_dir: str | Path | None = None) -> type[Str
         return BUILTIN[name]
     if ":" in name:
         return _from_import_path(name, str(search_dir) if search_dir else "")
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name == name:
-            return _from_import_path(ep.value, "", f"entry point '{name}' ({ep.value})")
+    if name not in _ENTRY_POINTS:  # metadata is scanned once per name found
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name == name:
+                _ENTRY_POINTS[name] = ep.value
+    if name in _ENTRY_POINTS:
+        value = _ENTRY_POINTS[name]
+        return _from_import_path(value, "", f"entry point '{name}' ({value})")
     registered = ", ".join((*BUILTIN, *entry_point_names()))
     raise AlgorithmNotFound(
         f"'{name}' is not one of {registered}, nor an import path 'package.module:ClassName'"

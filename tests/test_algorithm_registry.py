@@ -23,7 +23,7 @@ from fedkd.apps.client_app import make_client_app
 from fedkd.apps.server_app import run_rounds
 from fedkd.results import RunRecorder
 from fedkd.spec import LEGACY_ALGORITHM_DEFAULTS, SpecError, load_spec
-from strategies import STRATEGIES, Strategy
+from strategies import STRATEGIES, Strategy, registry
 from strategies.fd import FDParams
 from strategies.params import Capabilities
 from strategies.registry import ENTRY_POINT_GROUP, algorithm_class
@@ -124,6 +124,7 @@ def test_an_entry_point_registers_an_algorithm(monkeypatch):
         return real(**kwargs)
 
     monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(registry, "_ENTRY_POINTS", {})
     spec = load_spec(None, ["algorithm.name=sharp", "algorithm.sharpness=4"])
     assert spec.algorithm.cls is SharpDSFL and spec.algorithm.params.sharpness == 4
     with pytest.raises(SpecError, match="is not one of dsfl, .*, pate, sharp, nor an import"):
