@@ -20,11 +20,31 @@ from fedkd.data import PARTITION_SCHEMES as PARTITIONS
 from fedkd.data import SOURCES
 from fedkd.knowledge import DISTILL_LOSSES as LOSSES
 from fedkd.knowledge import HISTOGRAM_TEACHERS
-from fedkd.knowledge import TEACHER_KINDS as TEACHERS
 from fedkd.models import MODEL_NAMES as MODELS
+from strategies.base import Strategy
+from strategies.params import AlgorithmParams, Capabilities, ParamError, teacher_kind
+from strategies.registry import BUILTIN, DEFAULT_ALGORITHM, AlgorithmNotFound, algorithm_class
 
-# The registry in strategies/__init__.py maps these names to classes (tests check they agree).
-ALGORITHMS = ("dsfl", "fedmd", "feddf", "fd", "fedavg", "local_only", "centralized", "pate")
+# The built-in algorithms' names (`strategies.registry`; a spec may also name an import path).
+ALGORITHMS = tuple(BUILTIN)
+# The [algorithm] keys of the flat table every spec.toml held before each algorithm declared
+# its own parameters, with their defaults then: a key the chosen algorithm does not have is
+# still accepted at this value, so that old runs' spec.toml files keep loading.
+LEGACY_ALGORITHM_DEFAULTS: dict[str, Any] = {
+    "teacher": "",
+    "era_temperature": 0.1,
+    "trim_fraction": 0.2,
+    "held_class_count": 100.0,
+    "match_class_prior": False,
+    "client_teacher": "ensemble",
+    "fd_weight": 1.0,
+    "teachers_per_client": 1,
+    "pate_threshold": 0.0,
+    "pate_sigma_threshold": 150.0,
+    "pate_sigma": 40.0,
+    "self_training_confidence": 0.0,
+    "self_training_iterations": 1,
+}
 OPTIMIZERS = ("sgd", "adam")
 # Cohort learners (fedkd.learner: the per-client loop, or torch.func over stacked clients) and
 # the vectorised learner's numerics (fedkd.learner.vectorised.PRECISIONS; tests check they agree).
@@ -113,29 +133,25 @@ class DistillSpec:
 
 @dataclass
 class AlgorithmSpec:
-    name: str = "dsfl"
-    teacher: str = ""  # "" = the algorithm's own default
-    era_temperature: float = 0.1
-    trim_fraction: float = 0.2
-    # Teacher "pooled_likelihood": a client holds a class when its released count of it is
-    # above this (about twice privacy.histogram_noise).
-    held_class_count: float = 100.0
-    # Histogram teachers: rescale the teacher so its class totals on the inputs it labels follow
-    # the pooled prior of the released label histograms.
-    match_class_prior: bool = False
-    # FedDF-logit: clients distill from "ensemble" or "server_student".
-    client_teacher: str = "ensemble"
-    # FD: weight of the distillation regulariser in local training.
-    fd_weight: float = 1.0
-    # PATE: teachers per client (disjoint shards), Confident-GNMax threshold (0 = plain
-    # GNMax), noise of the threshold check and of the argmax, and the server student's
-    # self-training confidence on unanswered inputs (0 = off).
-    teachers_per_client: int = 1
-    pate_threshold: float = 0.0
-    pate_sigma_threshold: float = 150.0
-    pate_sigma: float = 40.0
-    self_training_confidence: float = 0.0
-    self_training_iterations: int = 1
+    """The ``[algorithm]`` table: ``name`` chooses the algorithm (a built-in name, an import
+    path ``"package.module:ClassName"`` or an entry point, `strategies.registry`), every other
+    key is one of its parameters (its class's ``Params`` dataclass, with the defaults there)."""
+
+    name: str = DEFAULT_ALGORITHM
+    params: AlgorithmParams = field(default=None, metadata={"internal": True})  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.params is None:
+            self.params = self.cls.Params()
+
+    @property
+    def cls(self) -> type[Strategy]:
+        """The algorithm's class."""
+        return algorithm_class(self.name)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.cls.capabilities
 
 
 @dataclass
@@ -193,9 +209,13 @@ class PrivacySpec:
     noise_rng: str = ""
 
     def enabled(self, algorithm: str) -> bool:
-        """Whether any mechanism is on (PATE's noisy votes always are)."""
+        """Whether any mechanism is on (an `always_private` algorithm's, e.g. PATE's noisy
+        votes, always is); `algorithm` is the spec's ``algorithm.name``."""
         return (
-            self.dpsgd or self.release_noise > 0 or self.histogram_noise > 0 or algorithm == "pate"
+            self.dpsgd
+            or self.release_noise > 0
+            or self.histogram_noise > 0
+            or algorithm_class(algorithm).capabilities.always_private
         )
 
     @property
@@ -331,6 +351,8 @@ class Spec:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("base_dir")
+        algorithm = out["algorithm"]
+        out["algorithm"] = {"name": algorithm["name"], **algorithm["params"]}
         return out
 
     def to_toml(self) -> str:
@@ -372,7 +394,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     raise SpecError(f"{key}: expected {name}, got {value!r}")
 
 
-def _build_section(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+def _build_section(cls: type, raw: dict[str, Any], prefix: str, base_dir: str = "") -> Any:
     hints = _section_types(cls)
     allowed = [f.name for f in fields(cls) if not f.metadata.get("internal")]
     kwargs: dict[str, Any] = {}
@@ -387,10 +409,45 @@ def _build_section(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(typ):
             if not isinstance(value, dict):
                 raise SpecError(f"{full}: expected a table [{full}], got {value!r}")
-            kwargs[key] = _build_section(typ, value, f"{full}.")
+            if typ is AlgorithmSpec:
+                kwargs[key] = _build_algorithm(value, base_dir)
+            else:
+                kwargs[key] = _build_section(typ, value, f"{full}.")
         else:
             kwargs[key] = _coerce(value, typ, full)
     return cls(**kwargs)
+
+
+def _build_algorithm(raw: dict[str, Any], base_dir: str = "") -> AlgorithmSpec:
+    """The [algorithm] table: the class ``name`` means, and its parameters read into its
+    ``Params`` (a key of the old flat table at its old default is accepted and dropped)."""
+    name = _coerce(raw.get("name", DEFAULT_ALGORITHM), str, "algorithm.name")
+    try:
+        cls = algorithm_class(name, base_dir or None)
+    except AlgorithmNotFound as err:
+        raise SpecError(f"algorithm.name: {err}") from None
+    own = [f.name for f in fields(cls.Params)]
+    table = {}
+    for key, value in raw.items():
+        if key == "name" or (key not in own and LEGACY_ALGORITHM_DEFAULTS.get(key, ...) == value):
+            continue
+        if key not in own:
+            raise SpecError(
+                f"unknown key 'algorithm.{key}' in spec; allowed in [algorithm] for '{name}': "
+                f"{', '.join(['name', *own])}"
+            )
+        table[key] = value
+    params = _build_section(cls.Params, table, "algorithm.")
+    try:
+        params.check()
+    except ParamError as err:
+        raise SpecError(f"algorithm.{err}") from None
+    return AlgorithmSpec(name=name, params=params)
+
+
+def _algorithms_with(capability: str) -> str:
+    """The built-in algorithms whose `Capabilities` has `capability` set, for messages."""
+    return ", ".join(n for n, c in BUILTIN.items() if getattr(c.capabilities, capability))
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -466,12 +523,14 @@ def validate(spec: Spec) -> Spec:
         raise SpecError(
             f"server.confident_fraction: must be in [0, 1], got {spec.server.confident_fraction}"
         )
-    if spec.server.confident_fraction > 0 and (
-        not spec.server.student or spec.algorithm.name not in ("dsfl", "fedmd", "feddf")
-    ):
+    try:  # a spec built in code names its algorithm unchecked
+        caps = spec.algorithm.capabilities
+    except AlgorithmNotFound as err:
+        raise SpecError(f"algorithm.name: {err}") from None
+    if spec.server.confident_fraction > 0 and (not spec.server.student or not caps.logit_teacher):
         raise SpecError(
             "server.confident_fraction: needs a server student (server.student) and a logit "
-            f"teacher (dsfl, fedmd, feddf), not '{spec.algorithm.name}'"
+            f"teacher ({_algorithms_with('logit_teacher')}), not '{spec.algorithm.name}'"
         )
     _positive("distill.temperature", spec.distill.temperature)
     _positive("server.temperature", spec.server.temperature)
@@ -489,38 +548,22 @@ def validate(spec: Spec) -> Spec:
     _positive("server.augment_shift", spec.server.augment_shift, zero_ok=True)
 
     a = spec.algorithm
-    _one_of("algorithm.name", a.name, ALGORITHMS)
-    if a.teacher:
-        _one_of("algorithm.teacher", a.teacher, TEACHERS)
-    _positive("algorithm.era_temperature", a.era_temperature)
-    if not 0 <= a.trim_fraction < 0.5:
-        raise SpecError(f"algorithm.trim_fraction: must be in [0, 0.5), got {a.trim_fraction}")
-    if a.held_class_count < 0:
+    try:  # a spec built in code, not read by _build_algorithm
+        a.params.check()
+    except ParamError as err:
+        raise SpecError(f"algorithm.{err}") from None
+    if caps.server_student == "required" and not spec.server.student:
         raise SpecError(
-            f"algorithm.held_class_count: must be >= 0 (a count), got {a.held_class_count}"
+            f"algorithm.name = '{a.name}' needs server.student (the global model it trains)"
         )
-    _one_of("algorithm.client_teacher", a.client_teacher, ("ensemble", "server_student"))
-    _positive("algorithm.fd_weight", a.fd_weight, zero_ok=True)
-    if a.client_teacher == "server_student" and not spec.server.student:
-        raise SpecError("algorithm.client_teacher = 'server_student' needs server.student set")
-    _positive("algorithm.teachers_per_client", a.teachers_per_client)
-    _positive("algorithm.pate_threshold", a.pate_threshold, zero_ok=True)
-    _positive("algorithm.pate_sigma_threshold", a.pate_sigma_threshold)
-    _positive("algorithm.pate_sigma", a.pate_sigma)
-    _positive("algorithm.self_training_iterations", a.self_training_iterations)
-    confidence = a.self_training_confidence
-    if not 0 <= confidence <= 1:
-        raise SpecError(f"algorithm.self_training_confidence: must be in [0, 1], got {confidence}")
-    if a.name == "pate" and not spec.server.student:
-        raise SpecError("algorithm.name = 'pate' needs server.student (it learns the labels)")
-    if a.name in ("dsfl", "fedmd", "feddf", "pate") and d.proxy_size == 0:
+    if caps.needs_proxy and d.proxy_size == 0:
         raise SpecError(f"data.proxy_size: algorithm '{a.name}' needs a proxy set (size > 0)")
-    if a.name == "fedavg":
+    if caps.upload == "weights":
         archs = {spec.student_for(i) for i in range(c.num_clients)}
         if len(archs) > 1:
             raise SpecError(
-                "clients.students: fedavg averages weights and needs one architecture for all "
-                f"clients, got {', '.join(sorted(archs))}"
+                f"clients.students: {a.name} averages weights and needs one architecture for "
+                f"all clients, got {', '.join(sorted(archs))}"
             )
 
     _validate_privacy(spec)
@@ -574,46 +617,37 @@ def _validate_privacy(spec: Spec) -> None:
             "privacy.dpsgd: set privacy.target_epsilon (noise calibrated for the whole run) "
             "or privacy.noise_multiplier"
         )
-    if p.dpsgd and spec.algorithm.name in ("fd", "centralized", "pate"):
+    name, caps = spec.algorithm.name, spec.algorithm.capabilities
+    teacher = teacher_kind(spec.algorithm.params)
+    if p.dpsgd and not caps.supports_dpsgd:
         raise SpecError(
-            f"privacy.dpsgd: not supported with algorithm '{spec.algorithm.name}' (fd's "
-            "regulariser, PATE's teachers and the centralized bound train outside DP-SGD)"
+            f"privacy.dpsgd: not supported with algorithm '{name}' (its training on private "
+            "data runs outside DP-SGD)"
         )
     if p.release_noise > 0:
-        if spec.algorithm.name not in ("dsfl", "fedmd", "feddf"):
+        if not caps.teacher_release:
             raise SpecError(
                 "privacy.release_noise: the Gaussian release needs a logit teacher "
-                f"(dsfl, fedmd, feddf), not '{spec.algorithm.name}'"
+                f"({_algorithms_with('teacher_release')}), not '{name}'"
             )
-        if spec.algorithm.teacher in ("median", "trimmed_mean"):
+        if teacher in ("median", "trimmed_mean"):
             raise SpecError(
                 "privacy.release_noise: the release is a noisy mean; "
-                f"algorithm.teacher '{spec.algorithm.teacher}' cannot be released this way"
+                f"algorithm.teacher '{teacher}' cannot be released this way"
             )
 
-    teacher = spec.algorithm.teacher
-    if spec.algorithm.match_class_prior and teacher not in HISTOGRAM_TEACHERS:
-        raise SpecError(
-            "algorithm.match_class_prior: the prior comes from the clients' label histograms; "
-            "set algorithm.teacher to class_weighted or pooled_likelihood, or remove it"
-        )
     if p.histogram_noise > 0 and teacher not in HISTOGRAM_TEACHERS:
         raise SpecError(
             "privacy.histogram_noise: only the class_weighted and pooled_likelihood teachers "
             "release label histograms; set algorithm.teacher to one of them or remove it"
         )
     if teacher in HISTOGRAM_TEACHERS:
-        if spec.algorithm.name not in ("dsfl", "fedmd", "feddf"):
-            raise SpecError(
-                f"algorithm.teacher = '{teacher}' needs a logit teacher (dsfl, fedmd, "
-                f"feddf), not '{spec.algorithm.name}'"
-            )
         if p.release_noise > 0:
             raise SpecError(
                 f"algorithm.teacher = '{teacher}' cannot be combined with "
                 "privacy.release_noise (the release is a noisy plain mean)"
             )
-        if p.enabled(spec.algorithm.name) and p.histogram_noise == 0:
+        if p.enabled(name) and p.histogram_noise == 0:
             raise SpecError(
                 f"algorithm.teacher = '{teacher}': the clients' exact label counts are "
                 "private; set privacy.histogram_noise (noise std per count, e.g. 50)"
@@ -635,18 +669,24 @@ def _validate_audit(spec: Spec) -> None:
         raise SpecError(f"audit.confidence: must be in (0, 1), got {a.confidence}")
     if a.canaries > 0 and not a.enabled:
         raise SpecError("audit.canaries: canaries are only inserted with audit.enabled = true")
-    if a.enabled and spec.algorithm.name in ("centralized", "pate"):
+    caps = spec.algorithm.capabilities
+    if a.enabled and not (caps.uses_clients and caps.client_students):
         raise SpecError(
             f"audit.enabled: algorithm '{spec.algorithm.name}' has no client student to audit"
         )
 
 
-def _spec_key_type(key: str) -> Any:
-    """The declared type of a dotted spec key, or SpecError naming what is allowed."""
+def _spec_key_type(key: str, spec: Spec) -> Any:
+    """The declared type of a dotted spec key, or SpecError naming what is allowed (the
+    [algorithm] keys are `spec`'s algorithm's)."""
     cls: Any = Spec
     parts = key.split(".")
     for depth, part in enumerate(parts):
+        if cls is AlgorithmSpec and part != "name":
+            cls = spec.algorithm.cls.Params
         allowed = [f.name for f in fields(cls) if not f.metadata.get("internal")]
+        if cls is spec.algorithm.cls.Params:
+            allowed = ["name", *allowed]
         if cls is Spec:
             allowed = [k for k in allowed if k not in ("sweep", "name", "output")]
         if part not in allowed:
@@ -683,7 +723,7 @@ def _validate_sweep(spec: Spec) -> None:
         raise SpecError(f"sweep.grid: expected a table of key = [values], got {grid!r}")
     grid = _flat_grid(grid)
     for key, values in grid.items():
-        typ = _spec_key_type(key)
+        typ = _spec_key_type(key, spec)
         if not isinstance(values, list) or not values:
             raise SpecError(f"sweep.grid.'{key}': expected a non-empty list of values")
         for value in values:
@@ -762,7 +802,7 @@ def resolve_path(spec: Spec, path: str) -> Path:
 
 
 def spec_from_dict(raw: dict[str, Any], base_dir: str = "") -> Spec:
-    spec = _build_section(Spec, raw, "")
+    spec = _build_section(Spec, raw, "", base_dir)
     spec.base_dir = base_dir
     return validate(spec)
 

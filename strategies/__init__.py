@@ -1,6 +1,6 @@
-"""Server-side algorithms, one per file (like Flower's strategies)."""
+"""Server-side algorithms, one per file (like Flower's strategies), and their registry."""
 
-from strategies.base import DigestPayload, LocalPlan, Strategy
+from strategies.base import BuildContext, DigestPayload, LocalPlan, Strategy
 from strategies.centralized import Centralized
 from strategies.dsfl import DSFL
 from strategies.fd import FD
@@ -8,17 +8,31 @@ from strategies.fedavg import FedAvg
 from strategies.feddf import FedDFLogit
 from strategies.fedmd import FedMD
 from strategies.local_only import LocalOnly
+from strategies.params import AlgorithmParams, Capabilities, ParamError
 from strategies.pate import PATE
+from strategies.registry import BUILTIN, AlgorithmNotFound, algorithm_class
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (DSFL, FedMD, FedDFLogit, FD, FedAvg, LocalOnly, Centralized, PATE)
-}
+# The built-in algorithms by name (`strategies.registry` also resolves import paths and
+# entry points).
+STRATEGIES: dict[str, type[Strategy]] = BUILTIN
 
 __all__ = [
     "STRATEGIES",
+    "AlgorithmNotFound",
+    "AlgorithmParams",
+    "BuildContext",
+    "Capabilities",
     "DigestPayload",
     "LocalPlan",
+    "DSFL",
+    "FD",
     "PATE",
+    "Centralized",
+    "FedAvg",
+    "FedDFLogit",
+    "FedMD",
+    "LocalOnly",
+    "ParamError",
     "Strategy",
-    *(c.__name__ for c in STRATEGIES.values()),
+    "algorithm_class",
 ]

@@ -10,6 +10,7 @@ of their own and never see Flower messages.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from fedkd.privacy.gaussian_release import gaussian_release_event, private_mean_
 from fedkd.privacy.label_histogram import label_histogram_event
 from fedkd.privacy.ledger import PrivacyEvent
 from fedkd.privacy.noise import NoiseSource, noise_source
+from strategies.params import AlgorithmParams, Capabilities, SelfTrainingParams, TeacherParams
 
 
 @dataclass
@@ -60,6 +62,43 @@ class DigestPayload:
         if self.teacher_logits is not None:
             out["teacher_logits"] = self.teacher_logits
         return out
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What the assembly hands an algorithm to build its server side, besides its parameters.
+
+    Parameters
+    ----------
+    data : FederatedData
+        The run's data.
+    seed : int
+        The run's seed.
+    client_arch : str
+        Client 0's architecture (the one every client shares where the upload is weights).
+    server_student : ServerStudent or None, default None
+        The global model, built as the algorithm's `Capabilities.server_student` asks.
+    proxy_per_round : int, default 0
+        Proxy inputs per round (0: the whole proxy set).
+    noise_rng : str, default "seeded"
+        Where the server's releases draw their noise from (`fedkd.privacy.noise`).
+    release : GaussianRelease or None, default None
+        The Gaussian release of a logit teacher, if the spec asks for it.
+    histogram_noise : float or None, default None
+        Noise std of the clients' label histograms, where the teacher uses them.
+    confident_fraction : float, default 0.0
+        The confident-labels server student (the spec's ``server.confident_fraction``).
+    """
+
+    data: FederatedData
+    seed: int
+    client_arch: str
+    server_student: ServerStudent | None = None
+    proxy_per_round: int = 0
+    noise_rng: str = "seeded"
+    release: GaussianRelease | None = None
+    histogram_noise: float | None = None
+    confident_fraction: float = 0.0
 
 
 def stack_uploads(updates: dict[int, ClientResult], key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,12 +176,9 @@ class Strategy:
     """
 
     name = "base"
-    upload = "logits"
-    uses_clients = True
-    # False for strategies whose knowledge is not a teacher over inputs (FD, FedAvg, baselines).
-    has_teacher = True
-    # False where clients hold no single student to evaluate (PATE's teacher ensembles).
-    evaluates_clients = True
+    # The spec's [algorithm] table is read into this (every key but name).
+    Params: ClassVar[type[AlgorithmParams]] = AlgorithmParams
+    capabilities: ClassVar[Capabilities] = Capabilities(upload="logits")
 
     def __init__(
         self,
@@ -190,6 +226,26 @@ class Strategy:
         self.server_student = server_student
         self._proxy_idx = np.empty(0, dtype=np.int64)
         self._teacher_logits: np.ndarray | None = None
+
+    @classmethod
+    def from_params(cls, params: AlgorithmParams, context: BuildContext) -> Strategy:
+        """The algorithm's server side, built from its parameters and the run's context."""
+        return cls(context.data, context.seed, **cls.init_kwargs(params, context))
+
+    @classmethod
+    def init_kwargs(cls, params: AlgorithmParams, context: BuildContext) -> dict[str, Any]:
+        """Keyword arguments of the constructor (besides data and seed) for `from_params`."""
+        return {
+            "proxy_per_round": context.proxy_per_round,
+            "server_student": context.server_student,
+            "noise_rng": context.noise_rng,
+        }
+
+    @classmethod
+    def cohort_options(cls, params: AlgorithmParams) -> dict[str, Any]:
+        """Fields of the clients' `fedkd.learner.cohort.CohortConfig` that the algorithm's
+        parameters set (none by default)."""
+        return {}
 
     # -- helpers shared by the logit-exchanging strategies --------------------------------------
     def _sample_proxy(self, round_num: int) -> np.ndarray:
@@ -323,13 +379,14 @@ class Strategy:
 
     # -- the interface the round loop calls -----------------------------------------------------
     def plan_local(self, round_num: int) -> LocalPlan:
-        if self.upload != "logits":
-            return LocalPlan(upload=self.upload)
+        upload = self.capabilities.upload
+        if upload != "logits":
+            return LocalPlan(upload=upload)
         self._proxy_idx = self._sample_proxy(round_num)
-        return LocalPlan(upload=self.upload, proxy_idx=self._proxy_idx)
+        return LocalPlan(upload=upload, proxy_idx=self._proxy_idx)
 
     def aggregate(self, round_num: int, updates: dict[int, ClientResult]) -> None:
-        if self.upload == "logits":
+        if self.capabilities.upload == "logits":
             self._ensemble(round_num, updates)
 
     def digest_payload(self, round_num: int) -> DigestPayload | None:
@@ -340,7 +397,7 @@ class Strategy:
     def round_metrics(self) -> dict[str, float]:
         """Strategy-specific extras for this round's metrics row: the accuracy of this round's
         teacher on its proxy inputs (a diagnostic: the proxy's labels reach no learner)."""
-        if self._teacher_logits is None or not self.has_teacher:
+        if self._teacher_logits is None or not self.capabilities.logit_teacher:
             return {}
         truth = self.data.proxy_y[self._proxy_idx]
         metrics = {"teacher_proxy_acc": float((self._teacher_logits.argmax(1) == truth).mean())}
@@ -373,10 +430,52 @@ class Strategy:
     ) -> torch.Tensor | None:
         """The teacher built from clients' logits on the test set (stacked in `client_ids`
         order); None if it has no teacher, or (class-weighted) a client's histogram is unknown."""
-        if not self.has_teacher:
+        if not self.capabilities.logit_teacher:
             return None
         if self.teacher in HISTOGRAM_TEACHERS:
             if any(c not in self._histograms for c in client_ids):
                 return None
             weights = torch.from_numpy(np.stack([self._histograms[c] for c in client_ids]))
         return self.build_teacher(test_logits, weights)
+
+
+def self_training_kwargs(params: SelfTrainingParams) -> dict[str, Any]:
+    """The server student's self-training settings as constructor arguments ({}: off)."""
+    if params.self_training_confidence <= 0:
+        return {}
+    return {
+        "self_training_confidence": params.self_training_confidence,
+        "self_training_iterations": params.self_training_iterations,
+    }
+
+
+class LogitTeacherStrategy(Strategy):
+    """An algorithm whose knowledge is a teacher built from the clients' logits on proxy
+    inputs (DS-FL, FedMD, FedDF-logit): `TeacherParams`, and the teacher's release, label
+    histograms and confident-labels server student from the context."""
+
+    Params: ClassVar[type[AlgorithmParams]] = TeacherParams
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        upload="logits", needs_proxy=True, logit_teacher=True, teacher_release=True
+    )
+
+    @classmethod
+    def init_kwargs(cls, params: AlgorithmParams, context: BuildContext) -> dict[str, Any]:
+        assert isinstance(params, TeacherParams)
+        kwargs = super().init_kwargs(params, context)
+        kwargs.update(
+            era_temperature=params.era_temperature,
+            trim_fraction=params.trim_fraction,
+            held_class_count=params.held_class_count,
+            match_class_prior=params.match_class_prior,
+            **self_training_kwargs(params),
+        )
+        if params.teacher:
+            kwargs["teacher"] = params.teacher
+        if context.release is not None:
+            kwargs["release"] = context.release
+        if context.histogram_noise is not None:
+            kwargs["histogram_noise"] = context.histogram_noise
+        if context.confident_fraction > 0:
+            kwargs["confident_fraction"] = context.confident_fraction
+        return kwargs

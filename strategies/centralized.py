@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fedkd.learner.cohort import ClientResult
 from strategies.base import Strategy
+from strategies.params import Capabilities
 
 
 class Centralized(Strategy):
@@ -21,9 +22,14 @@ class Centralized(Strategy):
     """
 
     name = "centralized"
-    upload = "none"
-    uses_clients = False
-    has_teacher = False
+    # The upper bound trains outside DP-SGD, like a client would, on the pooled private data.
+    capabilities = Capabilities(
+        upload="none",
+        uses_clients=False,
+        client_students=False,
+        server_student="own",
+        supports_dpsgd=False,
+    )
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

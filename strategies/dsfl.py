@@ -8,21 +8,21 @@ the server student distill from the sharpened soft labels.
 
 from __future__ import annotations
 
-from strategies.base import Strategy
+from strategies.base import LogitTeacherStrategy
 
 
-class DSFL(Strategy):
+class DSFL(LogitTeacherStrategy):
     """DS-FL with ERA.
 
     Parameters
     ----------
     **kwargs
         See `strategies.base.Strategy`; ``teacher`` defaults to ``"era"`` and
-        ``era_temperature`` (0.1 in the paper) sets the sharpening.
+        ``era_temperature`` (0.1 in the paper) sets the sharpening. Spec parameters:
+        `strategies.params.TeacherParams`.
     """
 
     name = "dsfl"
-    upload = "logits"
 
     def __init__(self, *args, teacher: str = "era", **kwargs) -> None:
         super().__init__(*args, teacher=teacher, **kwargs)

@@ -12,11 +12,27 @@ implementation does, can diverge to NaN within a few rounds.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 from fedkd.knowledge.teachers import aggregate_per_class
 from fedkd.learner.cohort import ClientResult
 from strategies.base import LocalPlan, Strategy, stack_uploads
+from strategies.params import AlgorithmParams, Capabilities, check_positive
+
+
+@dataclass
+class FDParams(AlgorithmParams):
+    """FD's parameters."""
+
+    # Weight of the distillation regulariser in the clients' local training.
+    fd_weight: float = 1.0
+
+    def check(self) -> None:
+        super().check()
+        check_positive("fd_weight", self.fd_weight, zero_ok=True)
 
 
 class FD(Strategy):
@@ -31,8 +47,11 @@ class FD(Strategy):
     """
 
     name = "fd"
-    upload = "class_logits"
-    has_teacher = False
+    Params = FDParams
+    # The regulariser's training runs outside DP-SGD.
+    capabilities = Capabilities(
+        upload="class_logits", server_student="unused", supports_dpsgd=False
+    )
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -40,9 +59,14 @@ class FD(Strategy):
         self._class_logits: np.ndarray | None = None
         self._class_present: np.ndarray | None = None
 
+    @classmethod
+    def cohort_options(cls, params: AlgorithmParams) -> dict[str, Any]:
+        assert isinstance(params, FDParams)
+        return {"class_teacher_weight": params.fd_weight}
+
     def plan_local(self, round_num: int) -> LocalPlan:
         return LocalPlan(
-            upload=self.upload,
+            upload=self.capabilities.upload,
             class_logits=self._class_logits,
             class_present=self._class_present,
         )

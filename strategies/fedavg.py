@@ -8,12 +8,15 @@ it locally and upload their weights, and the server averages them weighted by ex
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 from fedkd.learner.cohort import ClientResult
 from fedkd.learner.loop import PHASE_INIT, accuracy, init_student, predict_logits
-from strategies.base import LocalPlan, Strategy
+from strategies.base import BuildContext, LocalPlan, Strategy
+from strategies.params import AlgorithmParams, Capabilities
 
 
 class FedAvg(Strategy):
@@ -28,8 +31,8 @@ class FedAvg(Strategy):
     """
 
     name = "fedavg"
-    upload = "weights"
-    has_teacher = False
+    # Weights as the upload: every client shares one architecture (the spec checks it).
+    capabilities = Capabilities(upload="weights", server_student="unused")
 
     def __init__(self, *args, arch: str, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -38,9 +41,13 @@ class FedAvg(Strategy):
             arch, self.data.input_shape, self.data.num_classes, self.seed, -2, PHASE_INIT
         )
 
+    @classmethod
+    def init_kwargs(cls, params: AlgorithmParams, context: BuildContext) -> dict[str, Any]:
+        return {**super().init_kwargs(params, context), "arch": context.client_arch}
+
     def plan_local(self, round_num: int) -> LocalPlan:
         weights = {k: v.detach().numpy().copy() for k, v in self.global_model.state_dict().items()}
-        return LocalPlan(upload=self.upload, global_weights=weights)
+        return LocalPlan(upload=self.capabilities.upload, global_weights=weights)
 
     def aggregate(self, round_num: int, updates: dict[int, ClientResult]) -> None:
         ids = sorted(updates)

@@ -8,12 +8,29 @@ from the ensemble or from the server student's logits.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
-from strategies.base import DigestPayload, Strategy
+from strategies.base import BuildContext, DigestPayload, LogitTeacherStrategy
+from strategies.params import AlgorithmParams, Capabilities, TeacherParams, check_one_of
+
+CLIENT_TEACHERS = ("ensemble", "server_student")
 
 
-class FedDFLogit(Strategy):
+@dataclass
+class FedDFParams(TeacherParams):
+    """FedDF-logit's parameters: the teacher's, and what clients distill from."""
+
+    client_teacher: str = "ensemble"  # one of CLIENT_TEACHERS
+
+    def check(self) -> None:
+        super().check()
+        check_one_of("client_teacher", self.client_teacher, CLIENT_TEACHERS)
+
+
+class FedDFLogit(LogitTeacherStrategy):
     """FedDF with a logit ensemble.
 
     Parameters
@@ -25,7 +42,14 @@ class FedDFLogit(Strategy):
     """
 
     name = "feddf"
-    upload = "logits"
+    Params = FedDFParams
+    capabilities = Capabilities(
+        upload="logits",
+        needs_proxy=True,
+        server_student="required",
+        logit_teacher=True,
+        teacher_release=True,
+    )
 
     def __init__(
         self, *args, client_teacher: str = "ensemble", teacher: str = "mean_logits", **kwargs
@@ -34,6 +58,11 @@ class FedDFLogit(Strategy):
         if self.server_student is None:
             raise ValueError("feddf needs a server student (spec: server.student)")
         self.client_teacher = client_teacher
+
+    @classmethod
+    def init_kwargs(cls, params: AlgorithmParams, context: BuildContext) -> dict[str, Any]:
+        assert isinstance(params, FedDFParams)
+        return {**super().init_kwargs(params, context), "client_teacher": params.client_teacher}
 
     def digest_payload(self, round_num: int) -> DigestPayload | None:
         payload = super().digest_payload(round_num)

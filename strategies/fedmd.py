@@ -8,21 +8,28 @@ starts with the revisit, so the cycle is the same with the private training firs
 
 from __future__ import annotations
 
-from strategies.base import Strategy
+from strategies.base import LogitTeacherStrategy
+from strategies.params import Capabilities
 
 
-class FedMD(Strategy):
+class FedMD(LogitTeacherStrategy):
     """FedMD consensus on logits; clients digest with MAE (spec: ``distill.loss``).
 
     Parameters
     ----------
     **kwargs
         See `strategies.base.Strategy`; ``teacher`` defaults to ``"mean_logits"`` (consensus).
+        Spec parameters: `strategies.params.TeacherParams`.
     """
 
     name = "fedmd"
-    upload = "logits"
-    default_distill_loss = "mae"
+    capabilities = Capabilities(
+        upload="logits",
+        needs_proxy=True,
+        logit_teacher=True,
+        teacher_release=True,
+        default_distill_loss="mae",
+    )
 
     def __init__(self, *args, teacher: str = "mean_logits", **kwargs) -> None:
         super().__init__(*args, teacher=teacher, **kwargs)

@@ -18,6 +18,9 @@ round with it and cannot overshoot.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -29,7 +32,27 @@ from fedkd.privacy.pate import (
     pate_query_event,
     pate_worst_case_event,
 )
-from strategies.base import LocalPlan, Strategy
+from strategies.base import BuildContext, LocalPlan, Strategy, self_training_kwargs
+from strategies.params import AlgorithmParams, Capabilities, SelfTrainingParams, check_positive
+
+
+@dataclass
+class PATEParams(SelfTrainingParams):
+    """PATE's parameters: teachers per client (disjoint shards), the Confident-GNMax threshold
+    (0 = plain GNMax), the noise of the threshold check and of the argmax, and the server
+    student's self-training on unanswered inputs."""
+
+    teachers_per_client: int = 1
+    pate_threshold: float = 0.0
+    pate_sigma_threshold: float = 150.0
+    pate_sigma: float = 40.0
+
+    def check(self) -> None:
+        super().check()
+        check_positive("teachers_per_client", self.teachers_per_client)
+        check_positive("pate_threshold", self.pate_threshold, zero_ok=True)
+        check_positive("pate_sigma_threshold", self.pate_sigma_threshold)
+        check_positive("pate_sigma", self.pate_sigma)
 
 
 class PATE(Strategy):
@@ -56,9 +79,17 @@ class PATE(Strategy):
     """
 
     name = "pate"
-    upload = "votes"
-    has_teacher = False
-    evaluates_clients = False  # clients hold teacher ensembles, not one student
+    Params = PATEParams
+    # Clients hold teacher ensembles, not one student; the teachers train outside DP-SGD and
+    # the noisy votes are always a privacy mechanism.
+    capabilities = Capabilities(
+        upload="votes",
+        client_students=False,
+        needs_proxy=True,
+        server_student="required",
+        supports_dpsgd=False,
+        always_private=True,
+    )
 
     def __init__(
         self,
@@ -79,9 +110,25 @@ class PATE(Strategy):
         self.queries = 0
         self.pseudo_labelled = 0  # unanswered inputs the student labelled itself (last fit)
 
+    @classmethod
+    def init_kwargs(cls, params: AlgorithmParams, context: BuildContext) -> dict[str, Any]:
+        assert isinstance(params, PATEParams)
+        return {
+            **super().init_kwargs(params, context),
+            **self_training_kwargs(params),
+            "threshold": params.pate_threshold,
+            "sigma_threshold": params.pate_sigma_threshold,
+            "sigma": params.pate_sigma,
+        }
+
+    @classmethod
+    def cohort_options(cls, params: AlgorithmParams) -> dict[str, Any]:
+        assert isinstance(params, PATEParams)
+        return {"teachers_per_client": params.teachers_per_client}
+
     def plan_local(self, round_num: int) -> LocalPlan:
         self._proxy_idx = self._sample_proxy(round_num)
-        return LocalPlan(upload=self.upload, proxy_idx=self._proxy_idx)
+        return LocalPlan(upload=self.capabilities.upload, proxy_idx=self._proxy_idx)
 
     def planned_release_events(self, round_num: int) -> list[PrivacyEvent]:
         """The data-independent charge of the round's queries, known before any vote."""

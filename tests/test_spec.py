@@ -79,7 +79,8 @@ def test_bad_values_name_the_key(override, message):
         ),
         (
             ["algorithm.name=fd", "algorithm.teacher=class_weighted"],
-            "'class_weighted' needs a logit teacher",
+            "unknown key 'algorithm.teacher' in spec; allowed in [algorithm] for 'fd': name, "
+            "fd_weight",
         ),
         (
             ["algorithm.teacher=pooled_likelihood", "privacy.release_noise=5"],

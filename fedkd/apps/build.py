@@ -23,8 +23,9 @@ from fedkd.privacy.gaussian_release import gaussian_release_event
 from fedkd.privacy.label_histogram import label_histogram_event
 from fedkd.privacy.ledger import PrivacyEvent
 from fedkd.spec import Spec, resolve_path
-from strategies import STRATEGIES, Strategy
-from strategies.base import GaussianRelease
+from strategies import Strategy
+from strategies.base import BuildContext, GaussianRelease
+from strategies.params import teacher_kind
 
 if TYPE_CHECKING:
     from fedkd.privacy.book import LedgerBook
@@ -78,7 +79,7 @@ def distill_loss(spec: Spec) -> str:
     """The clients' distillation loss: the spec's, else the algorithm's own default."""
     if spec.distill.loss:
         return spec.distill.loss
-    return getattr(STRATEGIES[spec.algorithm.name], "default_distill_loss", "kl")
+    return spec.algorithm.capabilities.default_distill_loss
 
 
 def cohort_config(spec: Spec) -> CohortConfig:
@@ -90,15 +91,16 @@ def cohort_config(spec: Spec) -> CohortConfig:
         distill_loss=distill_loss(spec),
         distill_temperature=spec.distill.temperature,
         dp=dpsgd_settings(spec),
-        teachers_per_client=spec.algorithm.teachers_per_client,
         label_histogram_noise=label_histogram_noise(spec),
         noise_rng=spec.privacy.noise,
+        **spec.algorithm.cls.cohort_options(spec.algorithm.params),
     )
 
 
 def label_histogram_noise(spec: Spec) -> float | None:
     """Noise std of the clients' label histograms; None where the teacher needs none."""
-    return spec.privacy.histogram_noise if spec.algorithm.teacher in HISTOGRAM_TEACHERS else None
+    teacher = teacher_kind(spec.algorithm.params)
+    return spec.privacy.histogram_noise if teacher in HISTOGRAM_TEACHERS else None
 
 
 def dpsgd_settings(spec: Spec) -> DpSgdSettings | None:
@@ -149,15 +151,15 @@ def unprotected_outputs(spec: Spec) -> list[str]:
     p = spec.privacy
     if p.dpsgd or not p.enabled(spec.algorithm.name):
         return []
-    cls = STRATEGIES[spec.algorithm.name]
+    caps = spec.algorithm.capabilities
     values = []
-    if cls.upload in ("logits", "class_logits"):
-        values.append(f"train.{cls.upload}")
-    elif cls.upload == "weights":
+    if caps.upload in ("logits", "class_logits"):
+        values.append(f"train.{caps.upload}")
+    elif caps.upload == "weights":
         values.append("train.<student weights>")
-    if cls.uses_clients and cls.evaluates_clients:
+    if caps.uses_clients and caps.client_students:
         values += ["evaluate.test_logits", "evaluate.test_acc"]
-    if spec.audit.enabled and cls.uses_clients:
+    if spec.audit.enabled and caps.uses_clients:
         values.append("export.<student weights>")
     return values
 
@@ -275,16 +277,21 @@ def eval_test_indices(spec: Spec, num_test: int) -> np.ndarray:
 
 
 def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
-    name = spec.algorithm.name
-    cls = STRATEGIES[name]
-    server_arch = spec.server.student or spec.student_for(0)
+    """The algorithm's server side, built by its class from its parameters and the run's
+    context (the server student as its capabilities ask, the proxy sampling, the releases)."""
+    algorithm = spec.algorithm
+    role = algorithm.capabilities.server_student
     server_student = None
-    if name == "centralized":
-        # The upper bound trains like a client would, on the pooled private data.
+    if role == "own":
+        # Trained like a client would be, on the clients' training settings.
         server_student = ServerStudent(
-            server_arch, data.input_shape, data.num_classes, spec.seed, step_config(spec.train)
+            spec.server.student or spec.student_for(0),
+            data.input_shape,
+            data.num_classes,
+            spec.seed,
+            step_config(spec.train),
         )
-    elif spec.server.student:
+    elif role != "unused" and spec.server.student:
         server_student = ServerStudent(
             spec.server.student,
             data.input_shape,
@@ -296,35 +303,20 @@ def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
             proxy_size=len(data.proxy_x),
             augment_shift=spec.server.augment_shift,
         )
-    kwargs = {
-        "proxy_per_round": spec.distill.proxy_per_round,
-        "era_temperature": spec.algorithm.era_temperature,
-        "trim_fraction": spec.algorithm.trim_fraction,
-        "held_class_count": spec.algorithm.held_class_count,
-        "match_class_prior": spec.algorithm.match_class_prior,
-        "server_student": server_student,
-        "noise_rng": spec.privacy.noise,
-    }
+    release = None
     if spec.privacy.release_noise > 0:
-        kwargs["release"] = GaussianRelease(
+        release = GaussianRelease(
             clip_norm=spec.privacy.release_clip, noise_multiplier=spec.privacy.release_noise
         )
-    if spec.algorithm.teacher:
-        kwargs["teacher"] = spec.algorithm.teacher
-    if label_histogram_noise(spec) is not None:
-        kwargs["histogram_noise"] = label_histogram_noise(spec)
-    if name == "feddf":
-        kwargs["client_teacher"] = spec.algorithm.client_teacher
-    if name == "fedavg":
-        kwargs["arch"] = spec.student_for(0)
-    if spec.server.confident_fraction > 0:
-        kwargs["confident_fraction"] = spec.server.confident_fraction
-    if spec.algorithm.self_training_confidence > 0:
-        kwargs["self_training_confidence"] = spec.algorithm.self_training_confidence
-        kwargs["self_training_iterations"] = spec.algorithm.self_training_iterations
-    if name == "pate":
-        a = spec.algorithm
-        kwargs.update(
-            threshold=a.pate_threshold, sigma_threshold=a.pate_sigma_threshold, sigma=a.pate_sigma
-        )
-    return cls(data, spec.seed, **kwargs)
+    context = BuildContext(
+        data=data,
+        seed=spec.seed,
+        client_arch=spec.student_for(0),
+        server_student=server_student,
+        proxy_per_round=spec.distill.proxy_per_round,
+        noise_rng=spec.privacy.noise,
+        release=release,
+        histogram_noise=label_histogram_noise(spec),
+        confident_fraction=spec.server.confident_fraction,
+    )
+    return algorithm.cls.from_params(algorithm.params, context)

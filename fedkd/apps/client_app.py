@@ -163,7 +163,7 @@ def handle_round(spec: Spec, msg: Message, context: Context, oracle: bool = Fals
             class_teacher = ClassTeacher(
                 logits=torch.from_numpy(arrays["class_logits"]),
                 present=torch.from_numpy(arrays["class_present"].astype(bool)),
-                weight=spec.algorithm.fd_weight,
+                weight=learner.config.class_teacher_weight,
                 temperature=spec.distill.temperature,
             )
         weights = wire.without_prefix(arrays, wire.WEIGHTS_PREFIX)

@@ -666,7 +666,7 @@ def _run_rounds(
     data = federated_data(spec)
     strategy = build_strategy(spec, data)
     timeout = spec.resources.round_timeout
-    node_of = discover_clients(grid, spec, timeout) if strategy.uses_clients else {}
+    node_of = discover_clients(grid, spec, timeout) if strategy.capabilities.uses_clients else {}
     test_idx = eval_test_indices(spec, len(data.test_y))
     test_y = data.test_y[test_idx]
     book = ledger_book(spec)
@@ -702,7 +702,7 @@ def _run_rounds(
         targets: list[int] = []
         digest_arrays: dict[str, np.ndarray] = {}
         evaluate_clients = False
-        if not strategy.uses_clients:  # centralized: the server trains alone
+        if not strategy.capabilities.uses_clients:  # centralized: the server trains alone
             strategy.aggregate(rnd, {})
         else:
             sampled = _admit_within_budget(
@@ -764,7 +764,7 @@ def _run_rounds(
                 )
             payload = strategy.digest_payload(rnd) if enough else None
             targets = sorted(ok)
-            evaluate_clients = evaluate and strategy.evaluates_clients
+            evaluate_clients = evaluate and strategy.capabilities.client_students
             if payload is not None and targets:
                 digest_arrays = payload.arrays()
                 if "proxy_idx" in digest_arrays:
@@ -820,7 +820,7 @@ def _run_rounds(
             evaluate_ids=targets if evaluate_clients else [],
             exchanges=exchanges,
         )
-        if not strategy.uses_clients:  # nothing travels with a next exchange
+        if not strategy.capabilities.uses_clients:  # nothing travels with a next exchange
             write(_close_round(strategy, test_y, open_round, Exchange(), time.perf_counter()))
             open_round = None
 
@@ -838,7 +838,7 @@ def _run_rounds(
                 timeout,
             )
             open_round.exchanges.append(exchange)
-            _record_unprotected(book, spec, strategy.upload, exchange, spec.rounds)
+            _record_unprotected(book, spec, strategy.capabilities.upload, exchange, spec.rounds)
             if book is not None:
                 recorder.write_extra("ledgers.json", book.to_dict())
         last = _close_round(strategy, test_y, open_round, exchange, time.perf_counter())
@@ -846,7 +846,7 @@ def _run_rounds(
             lost, exchange.causes, exchange.failed, set(), spec.rounds
         )
         write(last)
-    if spec.audit.enabled and strategy.uses_clients:
+    if spec.audit.enabled and strategy.capabilities.uses_clients:
         export_audited(grid, node_of, spec, recorder, timeout, audit_teachers, book)
     return recorder.finish()
 

@@ -70,6 +70,8 @@ class CohortConfig:
     # PATE: teachers each client hosts, on disjoint shards of its private data (each example's
     # teacher is a keyed hash of the example, `fedkd.privacy.teacher_shards`).
     teachers_per_client: int = 1
+    # A per-class teacher's regulariser (FD): its weight in local training.
+    class_teacher_weight: float = 1.0
     # Class-weighted teacher: noise std of the label histogram each client sends with its
     # logits (None: no histogram; 0: exact counts, only when nothing is private).
     label_histogram_noise: float | None = None
