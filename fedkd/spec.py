@@ -47,7 +47,7 @@ LEGACY_ALGORITHM_DEFAULTS: dict[str, Any] = {
 }
 OPTIMIZERS = ("sgd", "adam")
 # Cohort learners (fedkd.learner: the per-client loop, or torch.func over stacked clients) and
-# the vectorised learner's numerics (fedkd.learner.vectorised.PRECISIONS; tests check they agree).
+# the vectorised learner's numerics (fedkd.learner.device.PRECISIONS; tests check they agree).
 LEARNERS = ("loop", "vectorised")
 PRECISIONS = ("fp32", "tf32", "bf16")
 # Sources of the privacy mechanisms' noise (fedkd.privacy.noise.NOISE_RNGS; tests check they

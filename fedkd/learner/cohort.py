@@ -8,7 +8,6 @@ the round and the run seed, so one client per node and cohorts give the same num
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 
@@ -34,6 +33,7 @@ from fedkd.learner.loop import (
     seeded_generator,
     train_supervised,
 )
+from fedkd.learner.state_codec import decode_teachers, encode_teachers
 from fedkd.privacy.dpsgd import DpSgdSettings, train_dpsgd
 from fedkd.privacy.label_histogram import released_label_histogram
 from fedkd.privacy.ledger import DpSgdEvent
@@ -269,8 +269,7 @@ class CohortLearner:
         opts = [make_optimizer(m.parameters(), cfg.private.optim) for m in teachers]
         blob = self.states.get(cid)
         if blob is not None:
-            saved = torch.load(io.BytesIO(blob), weights_only=True)
-            for model, opt, sd in zip(teachers, opts, saved["teachers"], strict=True):
+            for model, opt, sd in zip(teachers, opts, decode_teachers(blob), strict=True):
                 model.load_state_dict(sd["model"])
                 opt.load_state_dict(sd["opt"])
         # Each example's teacher is a function of the example alone: adding or removing one
@@ -294,17 +293,12 @@ class CohortLearner:
                 losses.append(stats["loss"])
             preds = predict_logits(model, x_proxy).argmax(dim=1).numpy()
             votes[np.arange(len(preds)), preds] += 1
-        buf = io.BytesIO()
-        torch.save(
-            {
-                "teachers": [
-                    {"model": m.state_dict(), "opt": o.state_dict()}
-                    for m, o in zip(teachers, opts, strict=True)
-                ]
-            },
-            buf,
+        self.states[cid] = encode_teachers(
+            [
+                {"model": m.state_dict(), "opt": o.state_dict()}
+                for m, o in zip(teachers, opts, strict=True)
+            ]
         )
-        self.states[cid] = buf.getvalue()
         return ClientResult(
             arrays={"votes": votes},
             metrics={

@@ -7,7 +7,6 @@ or cohort runs it.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fedkd.knowledge.losses import distillation_loss, kl_distillation_loss, soft_targets
+from fedkd.learner.state_codec import SavedClientState, decode_client_state, encode_client_state
 from fedkd.models.zoo import build_model
 
 # Phase codes mixed into seeds so that each phase draws its own stream.
@@ -125,33 +125,31 @@ class ClientState:
         )
 
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        torch.save(
-            {
-                "client_id": self.client_id,
-                "arch": self.arch,
-                "model": self.model.state_dict(),
-                "private_opt": self.private_opt.state_dict(),
-                "distill_opt": self.distill_opt.state_dict(),
-                "rounds_trained": self.rounds_trained,
-                "dp_steps": self.dp_steps,
-            },
-            buf,
+        """The client's state in the one client-state format (`fedkd.learner.state_codec`)."""
+        return encode_client_state(
+            SavedClientState(
+                client_id=self.client_id,
+                arch=self.arch,
+                model=self.model.state_dict(),
+                private_opt=self.private_opt.state_dict(),
+                distill_opt=self.distill_opt.state_dict(),
+                rounds_trained=self.rounds_trained,
+                dp_steps=self.dp_steps,
+            )
         )
-        return buf.getvalue()
 
     def load_bytes(self, blob: bytes) -> None:
-        saved = torch.load(io.BytesIO(blob), weights_only=True)
-        if saved["arch"] != self.arch:
+        """Load a state written by `to_bytes` (or by the vectorised learner) into this one."""
+        saved = decode_client_state(blob)
+        if saved.arch != self.arch:
             raise ValueError(
-                f"client {self.client_id}: saved student is '{saved['arch']}', spec says "
-                f"'{self.arch}'"
+                f"client {self.client_id}: saved student is '{saved.arch}', spec says '{self.arch}'"
             )
-        self.model.load_state_dict(saved["model"])
-        self.private_opt.load_state_dict(saved["private_opt"])
-        self.distill_opt.load_state_dict(saved["distill_opt"])
-        self.rounds_trained = saved["rounds_trained"]
-        self.dp_steps = saved["dp_steps"]
+        self.model.load_state_dict(saved.model)
+        self.private_opt.load_state_dict(saved.private_opt)
+        self.distill_opt.load_state_dict(saved.distill_opt)
+        self.rounds_trained = saved.rounds_trained
+        self.dp_steps = saved.dp_steps
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[Tensor]:

@@ -6,7 +6,7 @@ reference loop) and computes the same numbers up to float rounding, many clients
 - Clients of a node are grouped by architecture (``config.arch_of``); a group's weights are
   stacked along a leading client dimension and every step is one ``vmap(grad(...))`` over
   ``functional_call``, followed by a functional SGD or Adam update that reproduces
-  ``torch.optim.SGD`` / ``torch.optim.Adam`` exactly (see `FunctionalSGD`, `FunctionalAdam`).
+  ``torch.optim.SGD`` / ``torch.optim.Adam`` exactly (`fedkd.learner.functional_optim`).
 - Each client sees exactly the minibatches the loop would show it: the same
   ``torch.randperm(n, generator=seeded_generator(seed, round, cid, phase))`` per epoch, split
   into ``batch_size`` chunks, the last one shorter. Clients of different sizes are aligned step
@@ -14,15 +14,16 @@ reference loop) and computes the same numbers up to float rounding, many clients
   are stacked largest first, so the clients that still have a batch at a step are the first
   ones of the stack and the step computes on them alone; a client that has run out of steps
   keeps its weights and optimizer state untouched (masked out, where the steppers are not the
-  first ones of the stack).
+  first ones of the stack; `fedkd.learner.batch_plans`).
 - Logits (uploads, evaluation) on a CPU come from one client at a time at the loop's batch
   size, which is faster there than ``vmap``'s batched convolutions and keeps the loop's memory;
   on a GPU, from ``vmap`` over the stack.
-- Client states are read and written through the same bytes as `ClientState` (the model's
-  ``state_dict`` and both optimizers' ``state_dict`` in torch's format), so the loop and the
-  vectorised learner can take turns on the same clients between rounds.
-- Data lives on the learner's device, cached once per process.
-
+- Client states are read and written through `fedkd.learner.state_codec`, the format the loop's
+  `ClientState` uses too (the model's ``state_dict`` and both optimizers' ``state_dict`` in
+  torch's format), so the loop and the vectorised learner can take turns on the same clients
+  between rounds.
+- Data and model templates live on the learner's device, cached once per process
+  (`fedkd.learner.device`).
 - DP-SGD (a config with ``dp`` set) runs `fedkd.privacy.vectorised_dpsgd`: Opacus's math
   (Poisson sampling, per-example clipping, Gaussian noise, the expected batch size as divisor)
   with per-sample gradients by nested ``vmap``, the same sample rate, steps and calibrated noise
@@ -34,16 +35,10 @@ reference loop) and computes the same numbers up to float rounding, many clients
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
-import pickle
-import types
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, MutableMapping, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,6 +49,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from fedkd.data.splits import FederatedData
 from fedkd.knowledge.losses import distillation_loss, soft_targets
 from fedkd.knowledge.teachers import per_class_mean_logits
+from fedkd.learner.batch_plans import BatchPlan, most_steps_first, plan_batches
 from fedkd.learner.cohort import (
     DIGEST_DIVERGED,
     UPLOADS,
@@ -62,6 +58,21 @@ from fedkd.learner.cohort import (
     CohortLearner,
     dp_step_metrics,
 )
+from fedkd.learner.device import (
+    PRECISIONS,
+    DeviceData,
+    device_data,
+    model_template,
+    precision_context,
+    resolve_device,
+)
+from fedkd.learner.functional_optim import (
+    Params,
+    functional_optimizer,
+    num_clients,
+    state_prefix,
+    write_state_prefix,
+)
 from fedkd.learner.loop import (
     PHASE_DISTILL,
     PHASE_INIT,
@@ -69,471 +80,15 @@ from fedkd.learner.loop import (
     ClassTeacher,
     OptimConfig,
     StepConfig,
+    accuracy,
     derive_seed,
     init_student,
     make_optimizer,
     seeded_generator,
 )
-from fedkd.models.zoo import build_model
+from fedkd.learner.state_codec import SavedClientState, decode_client_state, encode_client_state
 from fedkd.privacy.ledger import DpSgdEvent
 from fedkd.privacy.noise import noise_source
-
-PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
-
-Params = dict[str, Tensor]  # parameter name -> (K, *shape), K clients stacked
-
-
-# -- device and precision ----------------------------------------------------------------------
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA when available (the GPU Ray assigned to this actor), else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("resources.device = 'cuda' but no CUDA device is visible here")
-    return torch.device(name)
-
-
-@contextlib.contextmanager
-def precision_context(precision: str, device: torch.device) -> Iterator[None]:
-    """Numerics for one phase: strict fp32, TF32 matmuls/convolutions, or bf16 autocast.
-
-    The global backend flags are restored afterwards, so the setting never leaks into other
-    code of the process (the server student, the loop learner).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    tf32 = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if precision == "bf16"
-        else contextlib.nullcontext()
-    )
-    try:
-        with autocast:
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-# -- functional optimizers ---------------------------------------------------------------------
-def _per_client(mask: Tensor, like: Tensor) -> Tensor:
-    """A (K,) tensor reshaped to broadcast against a (K, *shape) tensor."""
-    return mask.view(-1, *([1] * (like.dim() - 1)))
-
-
-class FunctionalOptimizer(Protocol):
-    """An optimizer over stacked parameters whose state converts to/from torch's format."""
-
-    def init(self, params: Params) -> dict[str, Any]: ...
-
-    def step(
-        self, params: Params, grads: Params, state: dict[str, Any], active: Tensor
-    ) -> tuple[Params, dict[str, Any]]: ...
-
-    def from_torch(
-        self, client_states: Sequence[dict[int, dict[str, Tensor]]], params: Params
-    ) -> dict[str, Any]: ...
-
-    def to_torch(self, state: dict[str, Any], k: int) -> dict[int, dict[str, Tensor]]: ...
-
-
-@dataclass(frozen=True)
-class FunctionalSGD:
-    """``torch.optim.SGD(lr, momentum, weight_decay)`` (dampening 0, no Nesterov), stacked.
-
-    torch's update, per parameter: ``g = grad + wd * p``; the momentum buffer is ``g.clone()``
-    on the parameter's first step and ``buf * momentum + g`` afterwards; ``p -= lr * buf``. The
-    buffer exists per parameter only after a step, so a per-client flag says whether it has
-    been created (torch's state dict then holds ``{"momentum_buffer": buf}`` for that index).
-    """
-
-    lr: float
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-
-    def init(self, params: Params) -> dict[str, Any]:
-        return self.from_torch([{} for _ in range(_num_clients(params))], params)
-
-    def step(
-        self, params: Params, grads: Params, state: dict[str, Any], active: Tensor
-    ) -> tuple[Params, dict[str, Any]]:
-        new_params, bufs, has = {}, {}, {}
-        for i, (name, p) in enumerate(params.items()):
-            act = _per_client(active, p)
-            g = grads[name]
-            if self.weight_decay != 0:
-                g = torch.add(g, p, alpha=self.weight_decay)
-            if self.momentum != 0:
-                started = state["has_buffer"][i]
-                buf = state["momentum_buffer"][i]
-                # First step: buf = g (torch clones the gradient); later: buf * m + g.
-                upd = torch.where(_per_client(started, p), buf.mul(self.momentum).add(g), g)
-                bufs[i] = torch.where(act, upd, buf)
-                has[i] = started | active
-                g = upd
-            new_params[name] = torch.where(act, torch.add(p, g, alpha=-self.lr), p)
-        if self.momentum != 0:
-            state = {"momentum_buffer": bufs, "has_buffer": has}
-        return new_params, state
-
-    def from_torch(
-        self, client_states: Sequence[dict[int, dict[str, Tensor]]], params: Params
-    ) -> dict[str, Any]:
-        if self.momentum == 0:
-            return {}  # torch keeps no state for plain SGD
-        bufs, has = {}, {}
-        for i, p in enumerate(params.values()):
-            flags = [s.get(i, {}).get("momentum_buffer") is not None for s in client_states]
-            rows = [
-                s[i]["momentum_buffer"] if flag else torch.zeros(p.shape[1:])
-                for s, flag in zip(client_states, flags, strict=True)
-            ]
-            bufs[i] = torch.stack(rows).to(device=p.device, dtype=p.dtype)
-            has[i] = torch.tensor(flags, dtype=torch.bool, device=p.device)
-        return {"momentum_buffer": bufs, "has_buffer": has}
-
-    def to_torch(self, state: dict[str, Any], k: int) -> dict[int, dict[str, Tensor]]:
-        if self.momentum == 0:
-            return {}
-        return {
-            i: {"momentum_buffer": buf[k].detach().clone()}
-            for i, buf in state["momentum_buffer"].items()
-            if bool(state["has_buffer"][i][k])
-        }
-
-
-@dataclass(frozen=True)
-class FunctionalAdam:
-    """``torch.optim.Adam(lr, weight_decay)`` with default betas and eps, no AMSGrad, stacked.
-
-    torch's update (single-tensor path), per parameter: ``step += 1``; ``g = grad + wd * p``;
-    ``m = lerp(m, g, 1 - b1)``; ``v = v * b2 + (1 - b2) * g * g``;
-    ``p += -(lr / (1 - b1^step)) * m / (sqrt(v) / sqrt(1 - b2^step) + eps)``. The bias
-    corrections use each client's own step count (in float64, as torch does in Python), so
-    clients with different numbers of steps stay exact. State per parameter index in torch's
-    format: ``{"step": float32 scalar, "exp_avg", "exp_avg_sq"}``, absent before the first step.
-    """
-
-    lr: float
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-
-    def init(self, params: Params) -> dict[str, Any]:
-        return self.from_torch([{} for _ in range(_num_clients(params))], params)
-
-    def step(
-        self, params: Params, grads: Params, state: dict[str, Any], active: Tensor
-    ) -> tuple[Params, dict[str, Any]]:
-        new_params: Params = {}
-        new_state: dict[str, dict[int, Tensor]] = {"step": {}, "exp_avg": {}, "exp_avg_sq": {}}
-        for i, (name, p) in enumerate(params.items()):
-            act = _per_client(active, p)
-            steps = state["step"][i] + active.to(torch.float64)
-            g = grads[name]
-            if self.weight_decay != 0:
-                g = torch.add(g, p, alpha=self.weight_decay)
-            m = torch.lerp(state["exp_avg"][i], g, 1 - self.beta1)
-            v = state["exp_avg_sq"][i].mul(self.beta2).addcmul(g, g, value=1 - self.beta2)
-            # Inactive clients may still be at step 0; clamp so their (discarded) update is finite.
-            safe = steps.clamp(min=1)
-            step_size = self.lr / (1 - self.beta1**safe)
-            bc2_sqrt = (1 - self.beta2**safe).sqrt()
-            denom = (v.sqrt() / _per_client(bc2_sqrt.to(p.dtype), p)).add(self.eps)
-            # addcdiv computes p + (m * value) / denom, the order torch's kernel uses.
-            upd = torch.addcdiv(p, m * _per_client((-step_size).to(p.dtype), p), denom)
-            new_params[name] = torch.where(act, upd, p)
-            new_state["step"][i] = steps
-            new_state["exp_avg"][i] = torch.where(act, m, state["exp_avg"][i])
-            new_state["exp_avg_sq"][i] = torch.where(act, v, state["exp_avg_sq"][i])
-        return new_params, new_state
-
-    def from_torch(
-        self, client_states: Sequence[dict[int, dict[str, Tensor]]], params: Params
-    ) -> dict[str, Any]:
-        state: dict[str, dict[int, Tensor]] = {"step": {}, "exp_avg": {}, "exp_avg_sq": {}}
-        for i, p in enumerate(params.values()):
-            zeros = torch.zeros(p.shape[1:])
-            entries = [s.get(i) for s in client_states]
-            state["step"][i] = torch.tensor(
-                [float(e["step"]) if e else 0.0 for e in entries],
-                dtype=torch.float64,
-                device=p.device,
-            )
-            for key in ("exp_avg", "exp_avg_sq"):
-                rows = [e[key] if e else zeros for e in entries]
-                state[key][i] = torch.stack(rows).to(device=p.device, dtype=p.dtype)
-        return state
-
-    def to_torch(self, state: dict[str, Any], k: int) -> dict[int, dict[str, Tensor]]:
-        out = {}
-        for i, steps in state["step"].items():
-            step = float(steps[k])
-            if step == 0:
-                continue  # torch creates the state lazily at the first step
-            out[i] = {
-                "step": torch.tensor(step, dtype=torch.float32),
-                "exp_avg": state["exp_avg"][i][k].detach().clone(),
-                "exp_avg_sq": state["exp_avg_sq"][i][k].detach().clone(),
-            }
-        return out
-
-
-def functional_optimizer(cfg: OptimConfig) -> FunctionalSGD | FunctionalAdam:
-    """The functional twin of `fedkd.learner.loop.make_optimizer`."""
-    if cfg.optimizer == "adam":
-        return FunctionalAdam(lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return FunctionalSGD(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def _num_clients(params: Params) -> int:
-    return next(iter(params.values())).shape[0]
-
-
-def _prefix(state: dict[str, Any], a: int) -> dict[str, Any]:
-    """An optimizer state (``{key: {param index: (K, ...)}}``) of the first `a` clients (views)."""
-    return {key: {i: t[:a] for i, t in per_param.items()} for key, per_param in state.items()}
-
-
-def _write_prefix(state: dict[str, Any], new: dict[str, Any], a: int) -> None:
-    """Write `new`, the state of the first `a` clients, into `state` in place."""
-    for key, per_param in new.items():
-        for i, t in per_param.items():
-            state[key][i][:a] = t
-
-
-# -- data on the device, cached per process ----------------------------------------------------
-class DeviceData:
-    """A `FederatedData` as device tensors: every client's rows concatenated, plus offsets.
-
-    Built lazily, one attribute at a time, and cached per (data, device) by `device_data`, so
-    every round after the first gathers batches straight from device memory.
-    """
-
-    def __init__(self, data: FederatedData, device: torch.device) -> None:
-        self.data = data
-        self.device = device
-
-    def _put(self, array: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
-
-    def _concat(self, xs: list[np.ndarray], shape: tuple[int, ...]) -> Tensor:
-        # np.concatenate of zero-length parts keeps their trailing shape and dtype.
-        return self._put(np.concatenate(xs) if xs else np.zeros((0, *shape), np.float32))
-
-    @staticmethod
-    def _offsets(lengths: list[int]) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-
-    @cached_property
-    def train(self) -> tuple[Tensor, Tensor, np.ndarray]:
-        cs = self.data.clients
-        x = self._concat([c.x_train for c in cs], self.data.input_shape)
-        y = self._concat([c.y_train for c in cs], ())
-        return x, y, self._offsets([len(c.y_train) for c in cs])
-
-    def _own_rows(self, x_of: str, y_of: str) -> tuple[Tensor, Tensor, np.ndarray]:
-        """One per-client slice (e.g. ``x_local_test``) of every client, concatenated."""
-        cs = self.data.clients
-        x = self._concat([getattr(c, x_of) for c in cs], self.data.input_shape)
-        y = self._concat([getattr(c, y_of) for c in cs], ())
-        return x, y, self._offsets([len(getattr(c, y_of)) for c in cs])
-
-    @cached_property
-    def local_test(self) -> tuple[Tensor, Tensor, np.ndarray]:
-        return self._own_rows("x_local_test", "y_local_test")
-
-    @cached_property
-    def validation(self) -> tuple[Tensor, Tensor, np.ndarray]:
-        return self._own_rows("x_val", "y_val")
-
-    @cached_property
-    def proxy_x(self) -> Tensor:
-        return self._put(self.data.proxy_x)
-
-    @cached_property
-    def test_x(self) -> Tensor:
-        return self._put(self.data.test_x)
-
-
-_DEVICE_DATA: dict[tuple[int, str], DeviceData] = {}
-
-
-def device_data(data: FederatedData, device: torch.device) -> DeviceData:
-    """The process-wide `DeviceData` of `data` on `device` (the data objects are cached too)."""
-    key = (id(data), str(device))
-    cached = _DEVICE_DATA.get(key)
-    if cached is None or cached.data is not data:
-        if len(_DEVICE_DATA) >= 4:  # a process rarely sees more than one data set
-            _DEVICE_DATA.pop(next(iter(_DEVICE_DATA)))
-        cached = _DEVICE_DATA[key] = DeviceData(data, device)
-    return cached
-
-
-# -- client state bytes ------------------------------------------------------------------------
-class _StateUnpickler(pickle.Unpickler):
-    """Python's C unpickler, allowed to build only what a `ClientState` blob holds.
-
-    ``torch.load(weights_only=True)`` runs a pure-Python unpickler, slow when every client's
-    state is read each round; this one is as restrictive for these blobs (tensors, dicts,
-    numbers, strings) and runs in C. torch resolves storage types before calling `find_class`.
-    """
-
-    ALLOWED = frozenset({("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict")})
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(
-                f"a client state never holds '{module}.{name}'; refusing to load it"
-            )
-        return super().find_class(module, name)
-
-
-_STATE_PICKLE = types.ModuleType("fedkd_state_pickle")  # what torch.load wants of pickle
-_STATE_PICKLE.__dict__.update(
-    {k: getattr(pickle, k) for k in ("load", "loads", "Pickler", "UnpicklingError")}
-)
-_STATE_PICKLE.Unpickler = _StateUnpickler  # type: ignore[attr-defined]
-
-
-class StateCache:
-    """Decoded client states by content hash: this process's own recent writes.
-
-    A node's blobs come back unchanged in the next phase (digest after local training,
-    evaluation after digest) and, when the same Ray actor serves the node, in the next round;
-    a hit skips unpickling. Keyed by a hash of the bytes, so a stale entry can never be used.
-    """
-
-    def __init__(self, max_bytes: int = 1 << 30) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[bytes, tuple[dict[str, Any], int]] = OrderedDict()
-        self._size = 0
-
-    @staticmethod
-    def key(blob: bytes) -> bytes:
-        return hashlib.blake2b(blob, digest_size=16).digest()
-
-    def get(self, blob: bytes) -> dict[str, Any] | None:
-        hit = self._entries.get(self.key(blob))
-        return None if hit is None else hit[0]
-
-    def put(self, blob: bytes, saved: dict[str, Any]) -> None:
-        key = self.key(blob)
-        if key in self._entries:
-            return
-        self._entries[key] = (saved, len(blob))
-        self._size += len(blob)
-        while self._size > self.max_bytes and self._entries:
-            _, (_, size) = self._entries.popitem(last=False)
-            self._size -= size
-
-
-_STATE_CACHE = StateCache()
-
-
-def decode_state(blob: bytes) -> dict[str, Any]:
-    """A `ClientState.to_bytes` blob as its dict (model and optimizer state dicts), cached.
-
-    The result is shared: callers copy tensors before changing them (stacking does).
-    """
-    saved = _STATE_CACHE.get(blob)
-    if saved is None:
-        saved = torch.load(io.BytesIO(blob), weights_only=False, pickle_module=_STATE_PICKLE)
-        _STATE_CACHE.put(blob, saved)
-    return saved
-
-
-def encode_state(saved: dict[str, Any]) -> bytes:
-    """`ClientState.to_bytes`'s format; the decoded form is remembered for the next load."""
-    buf = io.BytesIO()
-    torch.save(saved, buf)
-    blob = buf.getvalue()
-    _STATE_CACHE.put(blob, saved)
-    return blob
-
-
-# -- model templates ---------------------------------------------------------------------------
-_TEMPLATES: dict[tuple[str, tuple[int, ...], int, str], nn.Module] = {}
-
-
-def model_template(
-    arch: str, input_shape: tuple[int, ...], num_classes: int, device: torch.device
-) -> nn.Module:
-    """A module whose structure `functional_call` uses; its own weights are never read."""
-    key = (arch, tuple(input_shape), int(num_classes), str(device))
-    if key not in _TEMPLATES:
-        with torch.random.fork_rng(devices=[]):
-            _TEMPLATES[key] = build_model(arch, input_shape, num_classes).to(device).eval()
-    return _TEMPLATES[key]
-
-
-# -- batch plans -------------------------------------------------------------------------------
-@dataclass
-class BatchPlan:
-    """Aligned minibatches of K clients: step t of client k uses rows ``index[t, k, :size]``.
-
-    ``index`` is padded (with a valid row) to the longest batch of each step; ``weight`` is
-    ``1 / size`` on a client's real rows and 0 on padding, so a weighted sum of per-example
-    losses is the mean over the true batch; ``size`` 0 means the client takes no step.
-    """
-
-    index: Tensor  # (T, K, B) int64, rows of the concatenated data
-    weight: Tensor  # (T, K, B) float32
-    size: Tensor  # (T, K) int64
-    width: list[int] = field(default_factory=list)  # longest batch of each step
-    # Per step: how many clients take it when they are the first ones of the stack (clients
-    # ordered by step count), else None (the steppers are scattered: mask the whole stack).
-    active: list[int | None] = field(default_factory=list)
-
-    @property
-    def steps(self) -> int:
-        return len(self.width)
-
-
-def plan_batches(
-    lengths: Sequence[int],
-    offsets: Sequence[int],
-    epochs: int,
-    batch_size: int,
-    generators: Sequence[torch.Generator],
-    device: torch.device,
-) -> BatchPlan:
-    """The loop's minibatches of every client (see `fedkd.learner.loop.train_supervised`).
-
-    One ``randperm(n, generator)`` per client per epoch, in epoch order, split into
-    ``batch_size`` chunks: the same draws the loop makes, so the same examples in the same
-    batches. Client k's steps are laid end to end over its epochs; steps are aligned by index.
-    """
-    per_client: list[list[Tensor]] = []
-    for n, off, gen in zip(lengths, offsets, generators, strict=True):
-        chunks: list[Tensor] = []
-        for _ in range(epochs):
-            chunks.extend(
-                c + int(off) for c in torch.randperm(int(n), generator=gen).split(batch_size)
-            )
-        per_client.append(chunks)
-    steps = max((len(c) for c in per_client), default=0)
-    k = len(per_client)
-    width = max(1, min(batch_size, max(lengths, default=1)))
-    index = torch.zeros((steps, k, width), dtype=torch.int64)
-    weight = torch.zeros((steps, k, width), dtype=torch.float32)
-    size = torch.zeros((steps, k), dtype=torch.int64)
-    for j, chunks in enumerate(per_client):
-        # Padding points at the client's first row, so it is always a real, finite example.
-        index[:, j, :] = int(offsets[j]) if lengths[j] else 0
-        for t, c in enumerate(chunks):
-            index[t, j, : len(c)] = c
-            weight[t, j, : len(c)] = 1.0 / len(c)
-            size[t, j] = len(c)
-    widths = [max(1, int(size[t].max())) for t in range(steps)]
-    stepping = size > 0
-    counts = stepping.sum(1).tolist()
-    active = [a if bool(stepping[t, :a].all()) else None for t, a in enumerate(counts)]
-    return BatchPlan(index.to(device), weight.to(device), size.to(device), widths, active)
 
 
 # -- stacked client states ---------------------------------------------------------------------
@@ -632,7 +187,7 @@ class VectorisedCohortLearner(CohortLearner):
         for cid in client_ids:
             by_arch.setdefault(self.config.arch_of(cid), []).append(cid)
         for arch, cids in by_arch.items():
-            cids = sorted(cids, key=lambda c: -len(self.data.clients[c].y_train))
+            cids = most_steps_first(cids, lambda c: len(self.data.clients[c].y_train))
             for start in range(0, len(cids), self.max_chunk):
                 yield arch, cids[start : start + self.max_chunk]
 
@@ -667,18 +222,19 @@ class VectorisedCohortLearner(CohortLearner):
                 pgroups.append(self._fresh_groups(arch, cfg.private.optim))
                 dgroups.append(self._fresh_groups(arch, cfg.distill.optim))
                 continue
-            saved = decode_state(blob)
-            if saved["arch"] != arch:
+            # Shared with the process's state cache: stacking below copies every tensor.
+            saved = decode_client_state(blob, shared=True)
+            if saved.arch != arch:
                 raise ValueError(
-                    f"client {cid}: saved student is '{saved['arch']}', spec says '{arch}'"
+                    f"client {cid}: saved student is '{saved.arch}', spec says '{arch}'"
                 )
-            models.append(saved["model"])
-            private.append(saved["private_opt"]["state"])
-            distill.append(saved["distill_opt"]["state"])
-            rounds.append(int(saved["rounds_trained"]))
-            dp_steps.append(int(saved["dp_steps"]))
-            pgroups.append(saved["private_opt"]["param_groups"])
-            dgroups.append(saved["distill_opt"]["param_groups"])
+            models.append(saved.model)
+            private.append(saved.private_opt["state"])
+            distill.append(saved.distill_opt["state"])
+            rounds.append(int(saved.rounds_trained))
+            dp_steps.append(int(saved.dp_steps))
+            pgroups.append(saved.private_opt["param_groups"])
+            dgroups.append(saved.distill_opt["param_groups"])
         names = [n for n, _ in self._template(arch).named_parameters()]
         params = {n: torch.stack([m[n] for m in models]).to(self.device) for n in names}
         return StackedStates(
@@ -694,30 +250,32 @@ class VectorisedCohortLearner(CohortLearner):
         )
 
     def _save_stack(self, stack: StackedStates, keep: list[bool] | None = None) -> None:
-        """Write each client (each with `keep[k]` true) back in `ClientState.to_bytes`'s format."""
+        """Write each client (each with `keep[k]` true) back as its state's bytes."""
         cpu = {n: p.detach().cpu() for n, p in stack.params.items()}
         private = {k: _to_cpu(v) for k, v in stack.private_state.items()}
         distill = {k: _to_cpu(v) for k, v in stack.distill_state.items()}
         for k, cid in enumerate(stack.client_ids):
             if keep is not None and not keep[k]:
                 continue
-            self.states[cid] = encode_state(
-                {
-                    "client_id": cid,
-                    "arch": stack.arch,
+            # Remembered as decoded: every tensor below is a fresh copy nothing else holds.
+            self.states[cid] = encode_client_state(
+                SavedClientState(
+                    client_id=cid,
+                    arch=stack.arch,
                     # clone: a view would serialise the whole stacked storage
-                    "model": OrderedDict((n, p[k].clone()) for n, p in cpu.items()),
-                    "private_opt": {
+                    model=OrderedDict((n, p[k].clone()) for n, p in cpu.items()),
+                    private_opt={
                         "state": self.private_opt.to_torch(private, k),
                         "param_groups": stack.private_groups[k],
                     },
-                    "distill_opt": {
+                    distill_opt={
                         "state": self.distill_opt.to_torch(distill, k),
                         "param_groups": stack.distill_groups[k],
                     },
-                    "rounds_trained": stack.rounds_trained[k],
-                    "dp_steps": stack.dp_steps[k],
-                }
+                    rounds_trained=stack.rounds_trained[k],
+                    dp_steps=stack.dp_steps[k],
+                ),
+                remember=True,
             )
 
     # -- kernels -------------------------------------------------------------------------------
@@ -743,7 +301,7 @@ class VectorisedCohortLearner(CohortLearner):
     @torch.no_grad()
     def _predict_shared(self, model: nn.Module, params: Params, x: Tensor) -> Tensor:
         """(K, N, C) logits of every client on the same inputs."""
-        k = _num_clients(params)
+        k = num_clients(params)
         if len(x) == 0:
             return torch.zeros((k, 0, self.data.num_classes), device=self.device)
         if self.per_client_predict:
@@ -916,10 +474,10 @@ class VectorisedCohortLearner(CohortLearner):
                 size = plan.size[t, :a]
                 sub = {n: p[:a] for n, p in params.items()}
                 grads, loss = step_fn(sub, x_all[idx], targets[idx], plan.weight[t, :a, :width])
-                new_sub, new_state = opt.step(sub, grads, _prefix(state, a), size > 0)
+                new_sub, new_state = opt.step(sub, grads, state_prefix(state, a), size > 0)
                 for n, p in new_sub.items():
                     params[n][:a] = p
-                _write_prefix(state, new_state, a)
+                write_state_prefix(state, new_state, a)
                 total[:a] += loss.double() * size
         stack.params = params
         if which == "private":
@@ -1070,20 +628,14 @@ class VectorisedCohortLearner(CohortLearner):
                 results[cid] = ClientResult(
                     arrays={"test_logits": test_logits[j].numpy().astype(np.float32)},
                     metrics={
-                        "test_acc": _accuracy(test_logits[j], test_y),
-                        "local_acc": _accuracy(
+                        "test_acc": accuracy(test_logits[j], test_y),
+                        "local_acc": accuracy(
                             local[j].cpu(), torch.from_numpy(client.y_local_test)
                         ),
-                        "val_acc": _accuracy(val[j].cpu(), torch.from_numpy(client.y_val)),
+                        "val_acc": accuracy(val[j].cpu(), torch.from_numpy(client.y_val)),
                     },
                 )
         return {cid: results[cid] for cid in client_ids}
-
-
-def _accuracy(logits: Tensor, y: Tensor) -> float:
-    if len(y) == 0:
-        return float("nan")
-    return float((logits.argmax(dim=1) == y).float().mean())
 
 
 def _to_cpu(value: Any) -> Any:
@@ -1094,16 +646,4 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
-__all__ = [
-    "PRECISIONS",
-    "BatchPlan",
-    "DeviceData",
-    "FunctionalAdam",
-    "FunctionalSGD",
-    "VectorisedCohortLearner",
-    "device_data",
-    "functional_optimizer",
-    "plan_batches",
-    "precision_context",
-    "resolve_device",
-]
+__all__ = ["StackedStates", "VectorisedCohortLearner"]

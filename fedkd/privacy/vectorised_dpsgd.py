@@ -270,7 +270,7 @@ def train_dp_sgd(
 
     Each client samples at rate ``1 / ceil(n / batch_size)`` for that many steps per epoch
     (Opacus's Poisson loader); a client that has taken its steps is masked out of the update.
-    `optimizer` is a functional optimizer of `fedkd.learner.vectorised` (``step(params,
+    `optimizer` is a functional optimizer of `fedkd.learner.functional_optim` (``step(params,
     grads, state, active)``). `noise_multiplier` is one value, one per client, or a function of
     a client's ``(sample_rate, steps_per_epoch)`` (`fedkd.privacy.dpsgd.DpSgdSettings.noise_for`:
     noise calibrated for the client's whole run, as the Opacus path does).

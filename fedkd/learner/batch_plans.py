@@ -1,0 +1,89 @@
+"""Batch plans: the per-client minibatches of a stack of clients, aligned step by step.
+
+Each client of a stack must see exactly the minibatches the per-client loop would show it, in
+the same order. A plan lays each client's batches end to end over its epochs and aligns the
+clients' steps by index; a short batch is padded with weight-0 rows. Stacking clients in
+order of their step counts, most first, makes the clients that still have a batch at any step
+the first ones of the stack, so a step computes on them alone (`BatchPlan.active`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class BatchPlan:
+    """Aligned minibatches of K clients: step t of client k uses rows ``index[t, k, :size]``.
+
+    ``index`` is padded (with a valid row) to the longest batch of each step; ``weight`` is
+    ``1 / size`` on a client's real rows and 0 on padding, so a weighted sum of per-example
+    losses is the mean over the true batch; ``size`` 0 means the client takes no step.
+    """
+
+    index: Tensor  # (T, K, B) int64, rows of the concatenated data
+    weight: Tensor  # (T, K, B) float32
+    size: Tensor  # (T, K) int64
+    width: list[int] = field(default_factory=list)  # longest batch of each step
+    # Per step: how many clients take it when they are the first ones of the stack (clients
+    # ordered by step count), else None (the steppers are scattered: mask the whole stack).
+    active: list[int | None] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.width)
+
+
+def plan_batches(
+    lengths: Sequence[int],
+    offsets: Sequence[int],
+    epochs: int,
+    batch_size: int,
+    generators: Sequence[torch.Generator],
+    device: torch.device,
+) -> BatchPlan:
+    """The loop's minibatches of every client (see `fedkd.learner.loop.train_supervised`).
+
+    One ``randperm(n, generator)`` per client per epoch, in epoch order, split into
+    ``batch_size`` chunks: the same draws the loop makes, so the same examples in the same
+    batches. Client k's steps are laid end to end over its epochs; steps are aligned by index.
+    """
+    per_client: list[list[Tensor]] = []
+    for n, off, gen in zip(lengths, offsets, generators, strict=True):
+        chunks: list[Tensor] = []
+        for _ in range(epochs):
+            chunks.extend(
+                c + int(off) for c in torch.randperm(int(n), generator=gen).split(batch_size)
+            )
+        per_client.append(chunks)
+    steps = max((len(c) for c in per_client), default=0)
+    k = len(per_client)
+    width = max(1, min(batch_size, max(lengths, default=1)))
+    index = torch.zeros((steps, k, width), dtype=torch.int64)
+    weight = torch.zeros((steps, k, width), dtype=torch.float32)
+    size = torch.zeros((steps, k), dtype=torch.int64)
+    for j, chunks in enumerate(per_client):
+        # Padding points at the client's first row, so it is always a real, finite example.
+        index[:, j, :] = int(offsets[j]) if lengths[j] else 0
+        for t, c in enumerate(chunks):
+            index[t, j, : len(c)] = c
+            weight[t, j, : len(c)] = 1.0 / len(c)
+            size[t, j] = len(c)
+    widths = [max(1, int(size[t].max())) for t in range(steps)]
+    stepping = size > 0
+    counts = stepping.sum(1).tolist()
+    active = [a if bool(stepping[t, :a].all()) else None for t, a in enumerate(counts)]
+    return BatchPlan(index.to(device), weight.to(device), size.to(device), widths, active)
+
+
+def most_steps_first(client_ids: Sequence[int], num_examples: Callable[[int], int]) -> list[int]:
+    """`client_ids` ordered by training set size, largest first (stable): the stacking order
+    under which each step's steppers are a prefix of the stack (see `BatchPlan.active`)."""
+    return sorted(client_ids, key=lambda c: -num_examples(c))
+
+
+__all__ = ["BatchPlan", "most_steps_first", "plan_batches"]
