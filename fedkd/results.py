@@ -7,6 +7,8 @@
   data with its test accuracy (the reported result).
 - ``*.png``: accuracy, bytes and (with DP) epsilon per round.
 - ``.fedkd.lock``: present while a run writes the folder (see `claim_run_dir`).
+- ``audit/``: with ``[audit] enabled = true``, the audited client's final student and the
+  teachers it distilled from (`save_student`, `save_teachers`), which `fedkd.audit` reads.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import fedkd
 from fedkd.provenance import run_provenance
@@ -298,6 +302,65 @@ class RunRecorder:
         if self.lock is not None:
             self.lock.unlink(missing_ok=True)
             self.lock = None
+
+
+# -- what an audited run keeps for `fedkd audit` -----------------------------------------------
+
+
+def student_path(run_dir: str | Path, client_id: int) -> Path:
+    """Where a run keeps an audited client's final student."""
+    return Path(run_dir) / "audit" / f"client-{client_id}.pt"
+
+
+def save_student(
+    run_dir: str | Path,
+    client_id: int,
+    arch: str,
+    state: dict[str, np.ndarray],
+    rounds_trained: int,
+) -> Path:
+    """Write a client's final student (weights as sent by its node) into the run folder."""
+    path = student_path(run_dir, client_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import torch  # here only: reading a results folder (fedkd report) needs no torch
+
+    torch.save(
+        {
+            "client_id": int(client_id),
+            "arch": arch,
+            "rounds_trained": int(rounds_trained),
+            "model": {k: torch.from_numpy(np.array(v)) for k, v in state.items()},
+        },
+        path,
+    )
+    return path
+
+
+def save_teachers(run_dir: str | Path, teachers: dict[int, dict[str, np.ndarray]]) -> Path:
+    """Keep the digests the audited client distilled from (round -> proxy_idx, teacher_logits).
+
+    Only logit teachers are kept (other digests, e.g. FedAvg's weights, are not replayed).
+    """
+    path = Path(run_dir) / "audit" / "teachers.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        f"{rnd}.{key}": teachers[rnd][key]
+        for rnd in sorted(teachers)
+        if {"proxy_idx", "teacher_logits"} <= set(teachers[rnd])
+        for key in ("proxy_idx", "teacher_logits")
+    }
+    np.savez(path, **arrays)
+    return path
+
+
+def load_teachers(run_dir: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The kept digests in round order, as (proxy indices, teacher logits); [] if none."""
+    path = Path(run_dir) / "audit" / "teachers.npz"
+    if not path.is_file():
+        return []
+    with np.load(path) as npz:
+        rounds = sorted({int(k.split(".")[0]) for k in npz.files})
+        return [(npz[f"{r}.proxy_idx"], npz[f"{r}.teacher_logits"]) for r in rounds]
 
 
 def read_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

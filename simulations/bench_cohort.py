@@ -139,7 +139,7 @@ def spec_overrides(cfg: dict[str, Any]) -> list[str]:
 
 def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run one layout on the real engine; return per-round rows and what the table needs."""
-    from fedkd.apps.build import federated_data
+    from fedkd.assembly import federated_data
     from fedkd.run.cli import simulate
     from fedkd.spec import load_spec
 
@@ -202,7 +202,7 @@ def phase_one(cfg: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from fedkd.apps.build import cohort_config, eval_test_indices, federated_data, hosted_clients
+    from fedkd.assembly import cohort_config, eval_test_indices, federated_data, hosted_clients
     from fedkd.learner.cohort import CohortLearner
     from fedkd.learner.loop import make_optimizer
     from fedkd.learner.vectorised import VectorisedCohortLearner

@@ -9,27 +9,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fedkd.apps.build import federated_data
 from fedkd.apps.client_app import make_client_app
 from fedkd.apps.server_app import run_rounds
 from fedkd.apps.wire import MSG_ROUND
-from fedkd.audit.canary import (
-    audit_canaries,
-    make_canaries,
-    one_run_epsilon_lower_bound,
-    one_run_p_value,
-)
+from fedkd.assembly import federated_data
+from fedkd.audit.canary import audit_canaries, one_run_epsilon_lower_bound, one_run_p_value
 from fedkd.audit.mia import attack_summary, lira_offline_scores, match_by_class
-from fedkd.audit.run_audit import (
-    AuditError,
-    audit_run,
-    load_student,
-    load_teachers,
-    student_path,
-)
+from fedkd.audit.run_audit import AuditError, audit_finished_run, audit_run, load_student
+from fedkd.data.canaries import make_canaries
 from fedkd.learner.loop import ClientState, OptimConfig, init_student, seeded_generator
 from fedkd.privacy.dpsgd import DpSgdSettings, train_dpsgd
-from fedkd.results import RunRecorder
+from fedkd.results import RunRecorder, load_teachers, student_path
 from fedkd.run.cli import app
 from fedkd.spec import SpecError, load_spec
 from tests.inprocess import InProcessGrid
@@ -63,7 +53,7 @@ STRONG_DP = [
 def _run(path, overrides):
     spec = load_spec(None, overrides)
     grid = InProcessGrid(make_client_app(spec), spec.num_nodes)
-    run_rounds(grid, spec, RunRecorder(path, spec))
+    run_rounds(grid, spec, RunRecorder(path, spec), after_run=audit_finished_run)
     return spec, grid
 
 

@@ -30,10 +30,10 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from typer.testing import CliRunner
 
-from fedkd.apps.build import federated_data, node_data
 from fedkd.apps.client_app import make_client_app
 from fedkd.apps.server_app import FederationError, run_rounds
 from fedkd.apps.wire import MSG_HELLO, MSG_ROUND
+from fedkd.assembly import federated_data, node_data
 from fedkd.data.sources import DataError
 from fedkd.results import RunRecorder
 from fedkd.run.cli import app as fedkd_cli

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedkd.apps.build import federated_data, hosted_clients
 from fedkd.apps.client_app import make_client_app
 from fedkd.apps.server_app import run_rounds, sample_clients
 from fedkd.apps.wire import MSG_HELLO, MSG_ROUND
+from fedkd.assembly import federated_data, hosted_clients
 from fedkd.results import ROUND_KEYS, SUMMARY_KEYS, RunDirError, RunRecorder
 from fedkd.spec import ALGORITHMS, load_spec
 from strategies.base import surest_per_class

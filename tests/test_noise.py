@@ -21,9 +21,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from fedkd import spec as spec_module
-from fedkd.apps.build import build_strategy, cohort_config, federated_data, ledger_book
 from fedkd.apps.client_app import spec_for_node
 from fedkd.apps.run_config import spec_from_run_config
+from fedkd.assembly import build_strategy, cohort_config, federated_data, ledger_book
 from fedkd.data import load_federated_data
 from fedkd.learner.cohort import ClientResult, CohortConfig, CohortLearner
 from fedkd.learner.loop import OptimConfig, StepConfig, seeded_generator

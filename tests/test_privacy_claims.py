@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from fedkd.apps.build import dpsgd_settings, unprotected_outputs
+from fedkd.assembly import dpsgd_settings, unprotected_outputs
 from fedkd.privacy.accountant import compute_epsilon, would_exceed_budget
 from fedkd.privacy.ledger import (
     DpSgdEvent,

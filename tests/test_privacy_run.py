@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import strategies.base
-from fedkd.apps.build import federated_data
+from fedkd.assembly import federated_data
 from fedkd.data import load_federated_data
 from fedkd.knowledge import match_class_prior
 from fedkd.learner.loop import OptimConfig, init_student, make_optimizer, seeded_generator

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from fedkd.apps.build import cohort_config, federated_data
 from fedkd.apps.client_app import make_client_app
 from fedkd.apps.server_app import run_rounds
+from fedkd.assembly import cohort_config, federated_data
 from fedkd.data import ArrayDataset, DataError, build_federated_data, load_source
 from fedkd.data.site import load_site_data
 from fedkd.learner.cohort import CohortLearner

@@ -15,9 +15,9 @@ import pytest
 from flwr.app import Message
 
 from fedkd.apps import wire
-from fedkd.apps.build import federated_data
 from fedkd.apps.client_app import make_client_app
 from fedkd.apps.server_app import run_rounds
+from fedkd.assembly import federated_data
 from fedkd.learner.loop import init_student
 from fedkd.results import RunRecorder
 from fedkd.spec import ALGORITHMS, load_spec

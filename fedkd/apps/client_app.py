@@ -23,8 +23,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedkd.apps import wire
-from fedkd.apps.build import cohort_config, eval_test_indices, hosted_clients, node_data
 from fedkd.apps.run_config import spec_from_run_config
+from fedkd.assembly import cohort_config, eval_test_indices, hosted_clients, node_data
 from fedkd.learner.cohort import ClientResult, CohortLearner
 from fedkd.learner.loop import ClassTeacher
 from fedkd.learner.vectorised import VectorisedCohortLearner

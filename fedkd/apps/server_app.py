@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,8 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedkd.apps import wire
-from fedkd.apps.build import (
+from fedkd.apps.run_config import spec_from_run_config
+from fedkd.assembly import (
     build_strategy,
     dpsgd_settings,
     eval_test_indices,
@@ -35,20 +37,21 @@ from fedkd.apps.build import (
     step_config,
     unprotected_outputs,
 )
-from fedkd.apps.run_config import spec_from_run_config
-from fedkd.audit.run_audit import audit_run, render_text, save_student, save_teachers
 from fedkd.learner.cohort import DIGEST_DIVERGED, STUDENT_OUTPUTS, ClientResult
 from fedkd.learner.loop import PHASE_SAMPLE, accuracy, derive_seed
 from fedkd.privacy.book import LedgerBook
 from fedkd.privacy.gaussian_release import gaussian_release_event
 from fedkd.privacy.ledger import DpSgdEvent, PrivacyEvent, UnprotectedReleaseEvent
-from fedkd.results import RunRecorder, default_run_dir
+from fedkd.results import RunRecorder, default_run_dir, save_student, save_teachers
 from fedkd.spec import Spec
 from strategies import Strategy
 
 log = logging.getLogger("fedkd")
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
+# Called with the spec and the results folder once a run has completed: the run layer passes the
+# end-of-run audit here, which this layer does not import (it sits above the apps).
+AfterRun = Callable[[Spec, Path], None]
 
 
 class FederationError(RuntimeError):
@@ -455,11 +458,13 @@ def run_rounds(
     recorder: RunRecorder,
     on_round: RoundCallback | None = None,
     stop: threading.Event | None = None,
+    after_run: AfterRun | None = None,
 ) -> dict[str, Any]:
     """The whole run; returns the summary. Finished rounds are on disk whatever happens.
 
     Setting `stop` ends the run at its next wait for replies (or between rounds) with
     `RunStopped` and ``"status": "interrupted"``; any other error ends it with ``"failed"``.
+    `after_run` runs once the run has completed (e.g. `fedkd.audit.run_audit.audit_finished_run`).
     """
     _poll_replies_faster(grid)
     # The server student and the teachers compute here: the spec's thread count, not the
@@ -478,8 +483,8 @@ def run_rounds(
             raise RunStopped("stopped by a signal") from err
         recorder.finish(status="failed", error=f"{type(err).__name__}: {err}")
         raise
-    if spec.audit.enabled:
-        audit_at_end(recorder)
+    if after_run is not None:
+        after_run(spec, recorder.dir)
     return summary
 
 
@@ -513,16 +518,6 @@ def export_audited(
         res.arrays,
         int(res.metrics.get("rounds_trained", spec.rounds)),
     )
-
-
-def audit_at_end(recorder: RunRecorder) -> None:
-    """Run `fedkd audit` on the finished run; a failed audit never fails the run."""
-    try:
-        result = audit_run(recorder.dir)
-    except Exception as err:  # the run's results are complete; say why the audit is missing
-        log.warning("audit failed: %s: %s", type(err).__name__, err)
-        return
-    log.warning("%s\n(audit.json in %s)", render_text(result), recorder.dir)
 
 
 @dataclass
@@ -857,12 +852,13 @@ def make_server_app(
     on_round: RoundCallback | None = None,
     outcome: dict[str, Any] | None = None,
     stop: threading.Event | None = None,
+    after_run: AfterRun | None = None,
 ) -> ServerApp:
     """A ServerApp bound to a spec and a results folder (the `fedkd run` path).
 
     The simulation engine only logs an exception raised by the ServerApp; `outcome` receives
     ``ok``, ``error`` or ``stopped`` so that the caller can exit with the right status.
-    Setting `stop` ends the run (see `run_rounds`).
+    Setting `stop` ends the run, and `after_run` follows a completed one (see `run_rounds`).
     """
     app = ServerApp()
     outcome = {} if outcome is None else outcome
@@ -870,7 +866,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_rounds(grid, spec, recorder, on_round, stop)
+            run_rounds(grid, spec, recorder, on_round, stop, after_run)
             outcome["ok"] = True
         except RunStopped as err:
             outcome["stopped"] = str(err)
@@ -881,17 +877,22 @@ def make_server_app(
     return app
 
 
-# `flwr run .` loads this (pyproject: [tool.flwr.app.components]); the spec comes from the
-# run config (`spec`, `overrides`, `out-dir`).
-app = ServerApp()
+def make_flwr_server_app(after_run: AfterRun | None = None) -> ServerApp:
+    """The ServerApp that `flwr run .` loads (through `fedkd.run.flwr_app`).
 
+    The spec comes from the run config (`spec`, `overrides`, `out-dir`); `after_run` follows a
+    completed run (see `run_rounds`).
+    """
+    app = ServerApp()
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    spec = spec_from_run_config(context.run_config)
-    recorder = RunRecorder(spec.output.dir or default_run_dir(spec), spec)
-    summary = run_rounds(grid, spec, recorder, _log_round)
-    log.warning("fedkd run finished: results in %s (%s)", recorder.dir, summary["status"])
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        spec = spec_from_run_config(context.run_config)
+        recorder = RunRecorder(spec.output.dir or default_run_dir(spec), spec)
+        summary = run_rounds(grid, spec, recorder, _log_round, after_run=after_run)
+        log.warning("fedkd run finished: results in %s (%s)", recorder.dir, summary["status"])
+
+    return app
 
 
 def _log_round(rnd: int, row: dict[str, Any]) -> None:

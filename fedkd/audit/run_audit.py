@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -19,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedkd.apps.build import distill_loss, dpsgd_settings, federated_data, step_config
-from fedkd.audit.canary import audit_canaries, make_canaries, real_examples
+from fedkd.assembly import distill_loss, dpsgd_settings, federated_data, step_config
+from fedkd.audit.canary import audit_canaries
 from fedkd.audit.mia import (
     ShadowRecipe,
     attack_summary,
@@ -30,23 +31,24 @@ from fedkd.audit.mia import (
     match_by_class,
     shadow_confidences,
 )
+from fedkd.data.canaries import make_canaries, real_examples
 from fedkd.learner.loop import predict_logits
 from fedkd.models.zoo import build_model
 from fedkd.privacy.accountant import compute_epsilon
 from fedkd.privacy.dpsgd import DpSgdSettings
 from fedkd.privacy.ledger import DpSgdEvent, PrivacyLedger
+from fedkd.results import load_teachers, student_path
 from fedkd.spec import Spec, SpecError, load_spec
 
 __all__ = [
     "AuditError",
+    "audit_finished_run",
     "audit_run",
     "load_student",
-    "load_teachers",
     "render_text",
-    "save_student",
-    "save_teachers",
-    "student_path",
 ]
+
+log = logging.getLogger("fedkd")
 
 # Seed streams of the audit's own draws (targets, shadow data), apart from the run's.
 _TARGET_STREAM, _SHADOW_STREAM = 102, 103
@@ -54,60 +56,6 @@ _TARGET_STREAM, _SHADOW_STREAM = 102, 103
 
 class AuditError(RuntimeError):
     """The run folder cannot be audited; the message says why and what to do."""
-
-
-def student_path(run_dir: str | Path, client_id: int) -> Path:
-    """Where a run keeps an audited client's final student."""
-    return Path(run_dir) / "audit" / f"client-{client_id}.pt"
-
-
-def save_student(
-    run_dir: str | Path,
-    client_id: int,
-    arch: str,
-    state: dict[str, np.ndarray],
-    rounds_trained: int,
-) -> Path:
-    """Write a client's final student (weights as sent by its node) into the run folder."""
-    path = student_path(run_dir, client_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "client_id": int(client_id),
-            "arch": arch,
-            "rounds_trained": int(rounds_trained),
-            "model": {k: torch.from_numpy(np.array(v)) for k, v in state.items()},
-        },
-        path,
-    )
-    return path
-
-
-def save_teachers(run_dir: str | Path, teachers: dict[int, dict[str, np.ndarray]]) -> Path:
-    """Keep the digests the audited client distilled from (round -> proxy_idx, teacher_logits).
-
-    Only logit teachers are kept (other digests, e.g. FedAvg's weights, are not replayed).
-    """
-    path = Path(run_dir) / "audit" / "teachers.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        f"{rnd}.{key}": teachers[rnd][key]
-        for rnd in sorted(teachers)
-        if {"proxy_idx", "teacher_logits"} <= set(teachers[rnd])
-        for key in ("proxy_idx", "teacher_logits")
-    }
-    np.savez(path, **arrays)
-    return path
-
-
-def load_teachers(run_dir: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The kept digests in round order, as (proxy indices, teacher logits); [] if none."""
-    path = Path(run_dir) / "audit" / "teachers.npz"
-    if not path.is_file():
-        return []
-    with np.load(path) as npz:
-        rounds = sorted({int(k.split(".")[0]) for k in npz.files})
-        return [(npz[f"{r}.proxy_idx"], npz[f"{r}.teacher_logits"]) for r in rounds]
 
 
 def load_student(
@@ -283,6 +231,28 @@ def audit_run(
     if write:
         (run_dir / "audit.json").write_text(json.dumps(_json_safe(result), indent=2))
     return result
+
+
+def audit_finished_run(spec: Spec, run_dir: str | Path) -> None:
+    """End-of-run hook of `fedkd run` and `flwr run`: with ``[audit] enabled``, audit the run.
+
+    The result goes to the log (and ``audit.json``); a failed audit never fails the run.
+
+    Parameters
+    ----------
+    spec : Spec
+        The run's spec.
+    run_dir : str or Path
+        The finished run's results folder.
+    """
+    if not spec.audit.enabled:
+        return
+    try:
+        result = audit_run(run_dir)
+    except Exception as err:  # the run's results are complete; say why the audit is missing
+        log.warning("audit failed: %s: %s", type(err).__name__, err)
+        return
+    log.warning("%s\n(audit.json in %s)", render_text(result), run_dir)
 
 
 def _json_safe(value: Any) -> Any:

@@ -33,7 +33,8 @@ from fedkd.apps.run_config import APP_DIR
 
 COMPLETED = "finished:completed"
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
-# The ServerApp's last log line (fedkd.apps.server_app.main) names the results folder.
+# The ServerApp's last log line (fedkd.apps.server_app.make_flwr_server_app) names the results
+# folder.
 _RESULTS = re.compile(r"fedkd run finished: results in (.+) \((\w+)\)\s*$")
 
 

@@ -116,6 +116,7 @@ def simulate(
 
     from fedkd.apps.client_app import make_client_app
     from fedkd.apps.server_app import make_server_app
+    from fedkd.audit.run_audit import audit_finished_run
     from fedkd.results import RunRecorder
     from fedkd.run.stops import StopSignals
 
@@ -148,7 +149,9 @@ def simulate(
         )
 
     signals = StopSignals(on_first=say_stopping)
-    server_app = make_server_app(spec, recorder, on_round, outcome, signals.stop)
+    server_app = make_server_app(
+        spec, recorder, on_round, outcome, signals.stop, after_run=audit_finished_run
+    )
     backend_config = {
         "client_resources": {
             "num_cpus": spec.resources.num_cpus,

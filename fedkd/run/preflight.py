@@ -74,7 +74,7 @@ def check_machine(spec: Spec) -> None:
 def check_data(spec: Spec) -> None:
     """Load and split the run's data once, so that a data problem stops the run before Ray.
 
-    The result stays in this process's cache (`fedkd.apps.build.federated_data`), where the
+    The result stays in this process's cache (`fedkd.assembly.federated_data`), where the
     ServerApp, which `fedkd run` runs in this process, finds it; the nodes' processes read the
     partitions from the on-disk cache.
 
@@ -84,7 +84,7 @@ def check_data(spec: Spec) -> None:
         With the data layer's one-line message (the file, its contents, the partition or the
         proxy set).
     """
-    from fedkd.apps.build import federated_data
+    from fedkd.assembly import federated_data
     from fedkd.data import DataError
 
     try:
@@ -104,7 +104,7 @@ def check_privacy(spec: Spec) -> None:
     SpecError
         If nothing of ``privacy.target_epsilon`` is left for DP-SGD.
     """
-    from fedkd.apps.build import dpsgd_settings
+    from fedkd.assembly import dpsgd_settings
     from fedkd.privacy.calibration import check_room_for_dpsgd
 
     settings = dpsgd_settings(spec)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedkd.audit.canary import with_canaries
+from fedkd.data.canaries import with_canaries
 from fedkd.data.placement import balanced_groups
 from fedkd.data.site import SITE_KEY, load_site_data
 from fedkd.data.sources import DataError
