@@ -137,6 +137,18 @@ def make_folder(path: Path, what: str) -> None:
         ) from None
 
 
+def _lock_pid_gone(lock: Path) -> bool:
+    """Whether `lock` names a process that no longer runs (a killed run's stale lock)."""
+    try:
+        pid = int(lock.read_text().split()[0])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
 def _lock_owner(lock: Path) -> str:
     try:
         pid = int(lock.read_text().split()[0])
@@ -217,19 +229,67 @@ def _clean(value: Any, keep_inf: bool = False) -> Any:
     return value
 
 
-class RunRecorder:
-    """Writes one run's results folder as the run goes."""
+def reclaim_run_dir(path: str | Path) -> Path:
+    """Claim a folder that holds an unfinished run, to resume it; return the lock file.
 
-    def __init__(self, out_dir: str | Path, spec: Spec) -> None:
+    A lock left by a killed run (its process no longer runs) is removed first; a live run's
+    lock is refused like `claim_run_dir`'s.
+    """
+    path = Path(path)
+    lock = path / LOCK_NAME
+    if lock.exists() and _lock_pid_gone(lock):
+        lock.unlink(missing_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise RunDirError(f"run folder {path} is in use by {_lock_owner(lock)}") from None
+    except OSError as err:
+        raise RunDirError(f"run folder {path}: cannot write there ({err.strerror})") from None
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
+    return lock
+
+
+class RunRecorder:
+    """Writes one run's results folder as the run goes.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        The results folder (claimed with `claim_run_dir`).
+    spec : Spec
+        The spec as run.
+    keep_rows : int or None, default None
+        Resume the run already in `out_dir` (`reclaim_run_dir`): keep its first `keep_rows`
+        rows of ``metrics.jsonl`` (those a checkpoint has behind it), drop later ones, and
+        append from there.
+    """
+
+    def __init__(self, out_dir: str | Path, spec: Spec, keep_rows: int | None = None) -> None:
         self.dir = Path(out_dir)
-        self.lock: Path | None = claim_run_dir(self.dir)
         self.spec = with_noise_rng(spec)  # as run: an unset noise source is the simulation's
         self.summary: dict[str, Any] | None = None
         self._finishing = threading.Lock()
         self.rounds: list[dict[str, Any]] = []
         self.started = time.perf_counter()
         self.provenance = run_provenance()  # the code as the run starts (fedkd.provenance)
-        (self.dir / "spec.toml").write_text(self.spec.to_toml())
+        if keep_rows is None:
+            self.lock: Path | None = claim_run_dir(self.dir)
+            (self.dir / "spec.toml").write_text(self.spec.to_toml())
+        else:
+            self.lock = reclaim_run_dir(self.dir)
+            self._keep_rows(keep_rows)
+
+    def _keep_rows(self, count: int) -> None:
+        """Cut ``metrics.jsonl`` to its first `count` rows (a resumed run writes the rest)."""
+        path = self.dir / "metrics.jsonl"
+        lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+        kept = [line for line in lines if line.endswith("\n")][:count]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self.rounds = [json.loads(line) for line in kept]
+        (self.dir / "summary.json").unlink(missing_ok=True)  # written again when it ends
 
     def record_round(self, metrics: dict[str, Any]) -> None:
         missing = [k for k in ROUND_KEYS if k not in metrics]

@@ -39,7 +39,15 @@ from fedkd.learner.cohort import DIGEST_DIVERGED, ClientResult
 from fedkd.learner.loop import PHASE_SAMPLE, accuracy, derive_seed
 from fedkd.results import RunRecorder, default_run_dir
 from fedkd.rounds.audit_capture import AuditCaptureHook
-from fedkd.rounds.hooks import HookChain, MetricsRowHook, Replies, RoundHook, RoundState
+from fedkd.rounds.checkpoint import CHECKPOINTS, CheckpointHook
+from fedkd.rounds.hooks import (
+    HookChain,
+    LoopState,
+    MetricsRowHook,
+    Replies,
+    RoundHook,
+    RoundState,
+)
 from fedkd.rounds.ledger import LedgerHook
 from fedkd.spec import Spec
 from strategies import Strategy
@@ -347,8 +355,12 @@ def run_rounds(
     on_round: RoundCallback | None = None,
     stop: threading.Event | None = None,
     after_run: AfterRun | None = None,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
     """The whole run; returns the summary. Finished rounds are on disk whatever happens.
+
+    `resume`: a checkpoint folder (`fedkd.rounds.checkpoint.last_checkpoint`) to continue
+    from, into a `recorder` that holds the run's rows up to it (`RunRecorder.resume`).
 
     Setting `stop` ends the run at its next wait for replies (or between rounds) with
     `RunStopped` and ``"status": "interrupted"``; any other error ends it with ``"failed"``.
@@ -361,7 +373,7 @@ def run_rounds(
     if stop is not None:
         grid = StoppableGrid(grid, stop)
     try:
-        summary = _run_rounds(grid, spec, recorder, on_round)
+        summary = _run_rounds(grid, spec, recorder, on_round, resume)
     except RunStopped as err:
         recorder.finish(status="interrupted", error=str(err))
         raise
@@ -517,8 +529,9 @@ def _build_hooks(
     strategy: Strategy,
     data: Any,
     node_of: dict[int, int],
-) -> HookChain:
-    """The run's round hooks, in the order they run: ledger, audit, metrics rows."""
+    loop: LoopState,
+) -> tuple[HookChain, CheckpointHook]:
+    """The run's round hooks, in the order they run: audit, ledger, metrics rows, checkpoint."""
     hooks: list[RoundHook] = []
     book = ledger_book(spec)
     if book is not None:
@@ -542,12 +555,23 @@ def _build_hooks(
         # Before the ledger: its export's charges are in the ledger's last ledgers.json.
         hooks.insert(0, AuditCaptureHook(spec, recorder, export))
     hooks.append(MetricsRowHook(recorder, on_round))
-    chain = HookChain(hooks)
-    return chain
+    # Last: it keeps what the others left after the round.
+    checkpoint = CheckpointHook(checkpoint_root(recorder), strategy, list(hooks), loop, recorder)
+    chain = HookChain([*hooks, checkpoint])
+    return chain, checkpoint
+
+
+def checkpoint_root(recorder: RunRecorder) -> Path:
+    """Where a run's checkpoints go (absolute: the nodes' processes may run elsewhere)."""
+    return (recorder.dir / CHECKPOINTS).resolve()
 
 
 def _run_rounds(
-    grid: Grid, spec: Spec, recorder: RunRecorder, on_round: RoundCallback | None
+    grid: Grid,
+    spec: Spec,
+    recorder: RunRecorder,
+    on_round: RoundCallback | None,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
     data = federated_data(spec)
     strategy = build_strategy(spec, data)
@@ -562,15 +586,29 @@ def _run_rounds(
             "epsilon is reported as inf (set privacy.dpsgd = true for a finite guarantee)",
             ", ".join(unprotected),
         )
-    hooks = _build_hooks(grid, spec, recorder, on_round, strategy, data, node_of)
+    loop = LoopState()
+    hooks, checkpoint = _build_hooks(grid, spec, recorder, on_round, strategy, data, node_of, loop)
+    if resume is not None:
+        loop = checkpoint.restore(resume)
+        log.warning("resuming after round %d from %s", loop.round, resume)
     hooks.on_run_start()
-    lost: set[int] = set()
+    lost = loop.lost
+    # Every node keeps its clients' states beside the run (simulation; a deployed site in its
+    # own folder), and on resume takes them back as of the checkpoint's round.
+    node_checkpoints = {
+        "checkpoint_dir": str(checkpoint_root(recorder)),
+        "restore_round": loop.round,
+    }
 
     # One exchange per round (wire.MSG_ROUND): round r's digest and evaluation travel with
     # round r+1's local training, so round r's row is final after round r+1's exchange.
-    open_round: _OpenRound | None = None
-    for rnd in range(1, spec.rounds + 1):
+    open_round: _OpenRound | None = loop.open_round
+    for rnd in range(loop.round + 1, spec.rounds + 1):
         started = time.perf_counter()
+        if open_round is not None and not strategy.capabilities.uses_clients:
+            # Nothing travels with a next exchange: the previous row is final now.
+            hooks.on_row(_close_round(strategy, test_y, open_round, Exchange(), started))
+            open_round = None
         evaluate = rnd % spec.eval.every == 0 or rnd == spec.rounds
         row: dict[str, Any] = {"round": rnd, "teacher_test_acc": None, "epsilon_max": None}
         row["epsilon"] = None
@@ -599,7 +637,7 @@ def _run_rounds(
                 node_of,
                 {**parts, "train": sampled},
                 wire.MSG_ROUND,
-                {**config, "round": rnd, "upload": plan.upload},
+                {**config, **node_checkpoints, "round": rnd, "upload": plan.upload},
                 {**arrays, **plan_arrays},
                 timeout,
             )
@@ -655,13 +693,9 @@ def _run_rounds(
                 "train_loss_mean": float(np.mean(train_losses)) if train_losses else None,
             }
         )
-        hooks.after_round(rnd, row, state)
         open_round = _OpenRound(row, started, evaluate, state, exchanges)
-        if not strategy.capabilities.uses_clients:  # nothing travels with a next exchange
-            hooks.on_row(
-                _close_round(strategy, test_y, open_round, Exchange(), time.perf_counter())
-            )
-            open_round = None
+        loop.round, loop.open_round = rnd, open_round
+        hooks.after_round(rnd, row, state)
 
     if open_round is not None:  # the last round's digest and evaluation
         parts, config, arrays = _digest_request(open_round)
@@ -672,7 +706,7 @@ def _run_rounds(
                 node_of,
                 parts,
                 wire.MSG_ROUND,
-                {**config, "round": spec.rounds + 1},
+                {**config, **node_checkpoints, "round": spec.rounds + 1},
                 arrays,
                 timeout,
             )

@@ -47,6 +47,12 @@ class AuditCaptureHook(RoundHook):
         if state.digest_arrays and self.spec.audit.client in state.digest_ids:
             self.teachers[rnd] = state.digest_arrays  # the audit's shadows replay this digest
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"teachers": self.teachers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.teachers = state["teachers"]
+
     def on_run_end(self) -> None:
         save_teachers(self.recorder.dir, self.teachers)
         cid = self.spec.audit.client

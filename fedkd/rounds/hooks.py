@@ -53,6 +53,25 @@ class RoundState:
     evaluate_ids: list[int] = field(default_factory=list)
 
 
+@dataclass
+class LoopState:
+    """The round loop's own bookkeeping that later rounds depend on (a checkpoint keeps it).
+
+    Attributes
+    ----------
+    round : int
+        The last round whose server side is done (0 before the first).
+    lost : set of int
+        Clients failed since their last good reply (each loss is recorded once).
+    open_round : object or None
+        The round whose row waits for the next exchange (the loop's own type).
+    """
+
+    round: int = 0
+    lost: set[int] = field(default_factory=set)
+    open_round: Any = None
+
+
 class RoundHook(Protocol):
     """Side work at fixed points of the round loop; every method defaults to doing nothing.
 
@@ -60,6 +79,7 @@ class RoundHook(Protocol):
     may take part), `after_exchange` for every exchange with the nodes, `after_round` once the
     server side of the round is done (its row still open: the next exchange brings its
     digest and evaluation), `on_row` when a round's row is final; and `on_run_end` once.
+    A hook whose work depends on earlier rounds returns that state from `state_dict`.
     """
 
     def on_run_start(self) -> None:
@@ -80,6 +100,13 @@ class RoundHook(Protocol):
 
     def on_run_end(self) -> None:
         """Every round is done."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the hook carries from round to round (a checkpoint keeps it; none by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what `state_dict` returned (on resume)."""
 
 
 class HookChain:

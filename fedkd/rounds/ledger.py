@@ -75,6 +75,12 @@ class LedgerHook(RoundHook):
     def on_run_end(self) -> None:
         self.recorder.write_extra(LEDGERS_FILE, self.book.to_dict())
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"book": self.book}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.book = state["book"]
+
 
 def epsilon_fields(book: LedgerBook) -> dict[str, Any]:
     """A row's privacy fields: each client's cumulative epsilon, their largest, and (PATE) the

@@ -1,0 +1,129 @@
+"""Checkpoints after every round, and resuming a run from the last one (docs/errors-and-stops.md).
+
+A run stopped after round r and resumed must write the same metrics as a run that never
+stopped (timings aside): the strategy, the server student, the ledgers, the clients' states
+and the round loop's bookkeeping all come back from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedkd.apps.client_app import make_client_app
+from fedkd.apps.server_app import run_rounds
+from fedkd.results import RunRecorder
+from fedkd.rounds.checkpoint import (
+    CHECKPOINTS,
+    checkpoint_info,
+    complete_rounds,
+    last_checkpoint,
+    round_dir,
+)
+from fedkd.spec import load_spec
+from tests.inprocess import InProcessGrid
+
+TIMINGS = ("wall_s", "learner_s", "learner_max_s", "peak_rss_mb", "peak_gpu_mb")
+
+# A small quickstart: mixed students, 3 of 5 clients a round, 4 rounds.
+SMALL = [
+    "rounds=4",
+    "clients.num_clients=5",
+    "clients.fraction=0.6",
+    "clients.min_clients=2",
+    "data.proxy_size=150",
+    "train.epochs=1",
+    "distill.epochs=1",
+    "server.epochs=1",
+]
+
+CASES = {
+    "loop": [],
+    "vectorised": ["resources.learner=vectorised", "clients.students=cnn_small"],
+    # DP-SGD, noisy label histograms charged once, ledgers and epsilon per round.
+    "dp_ledger": [
+        "algorithm.teacher=class_weighted",
+        "privacy.dpsgd=true",
+        "privacy.noise_multiplier=1.0",
+        "privacy.histogram_noise=20",
+        "privacy.noise_rng=seeded",
+    ],
+    # Two clients per node, every round's evaluation, and the audit's capture and export.
+    "cohort_audit": ["clients.clients_per_node=2", "audit.enabled=true", "audit.client=1"],
+    "centralized": ["algorithm.name=centralized"],
+}
+
+
+class Killed(Exception):
+    """Stands for a kill: the run stops without any of its own clean-up."""
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in lines]
+
+
+def straight_run(spec, run_dir: Path) -> list[dict]:
+    grid = InProcessGrid(make_client_app(spec), spec.num_nodes)
+    run_rounds(grid, spec, RunRecorder(run_dir, spec))
+    return rows_of(run_dir)
+
+
+def stop_after_row(spec, run_dir: Path, row: int) -> None:
+    """Run until round `row`'s metrics row is on disk, then stop as a kill would."""
+
+    def kill(rnd: int, _row: dict) -> None:
+        if rnd == row:
+            raise Killed
+
+    grid = InProcessGrid(make_client_app(spec), spec.num_nodes)
+    with pytest.raises(Killed):
+        run_rounds(grid, spec, RunRecorder(run_dir, spec), on_round=kill)
+    (run_dir / "summary.json").unlink()  # a kill writes none
+
+
+def resume(spec, run_dir: Path) -> list[dict]:
+    """Resume `run_dir` from its last checkpoint with fresh nodes (empty node state)."""
+    checkpoint = last_checkpoint(run_dir)
+    assert checkpoint is not None
+    recorder = RunRecorder(run_dir, spec, keep_rows=checkpoint_info(checkpoint)["rows"])
+    grid = InProcessGrid(make_client_app(spec), spec.num_nodes)
+    run_rounds(grid, spec, recorder, resume=checkpoint)
+    return rows_of(run_dir)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_resumed_run_writes_the_straight_runs_metrics(tmp_path, case):
+    spec = load_spec(None, SMALL + CASES[case])
+    expected = straight_run(spec, tmp_path / "straight")
+    stop_after_row(spec, tmp_path / "resumed", 2)
+    assert len(rows_of(tmp_path / "resumed")) == 2
+    assert resume(spec, tmp_path / "resumed") == expected
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == spec.rounds
+    if case == "dp_ledger":
+        ledgers = [
+            json.loads((tmp_path / d / "ledgers.json").read_text()) for d in ("straight", "resumed")
+        ]
+        assert ledgers[0] == ledgers[1]
+        assert expected[-1]["epsilon_max"] > 0
+
+
+def test_a_half_written_checkpoint_is_ignored_and_only_the_last_two_are_kept(tmp_path):
+    spec = load_spec(None, SMALL)
+    expected = straight_run(spec, tmp_path / "straight")
+    assert complete_rounds(tmp_path / "straight" / CHECKPOINTS) == [3, 4]
+    run_dir = tmp_path / "resumed"
+    stop_after_row(spec, run_dir, 2)
+    root = run_dir / CHECKPOINTS
+    assert complete_rounds(root) == [1, 2]
+    # A kill during the write of round 3's checkpoint: its folder holds a cut-off file and
+    # no COMPLETE marker (or is still the temporary folder).
+    (round_dir(root, 3)).mkdir()
+    (round_dir(root, 3) / "server.pt").write_bytes(b"cut off")
+    (root / ".round-0004.tmp").mkdir()
+    assert last_checkpoint(run_dir) == round_dir(root, 2)
+    assert resume(spec, run_dir) == expected
+    assert complete_rounds(root) == [3, 4]
