@@ -8,13 +8,17 @@ and the round loop's bookkeeping all come back from the checkpoint.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from fedkd.apps.client_app import make_client_app
 from fedkd.apps.server_app import run_rounds
-from fedkd.results import RunRecorder
+from fedkd.results import LOCK_NAME, RunRecorder
 from fedkd.rounds.checkpoint import (
     CHECKPOINTS,
     checkpoint_info,
@@ -22,6 +26,7 @@ from fedkd.rounds.checkpoint import (
     last_checkpoint,
     round_dir,
 )
+from fedkd.run import cli
 from fedkd.spec import load_spec
 from tests.inprocess import InProcessGrid
 
@@ -127,3 +132,87 @@ def test_a_half_written_checkpoint_is_ignored_and_only_the_last_two_are_kept(tmp
     assert last_checkpoint(run_dir) == round_dir(root, 2)
     assert resume(spec, run_dir) == expected
     assert complete_rounds(root) == [3, 4]
+
+
+# -- fedkd run --resume: what the command line refuses, and what it hands the engine ----------
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory) -> Path:
+    """A 4-round run stopped (as by a kill) once round 2's row was written."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    stop_after_row(load_spec(None, SMALL), run_dir, 2)
+    return run_dir
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    """Stands in for the simulation: records what it was asked to resume."""
+    calls = []
+
+    def simulate(spec, out_dir, show_progress, recorder, resume):
+        calls.append((spec, out_dir, recorder, resume))
+        recorder.release()
+        return {"final": {}, "best_server_test_acc": None, "wall_s": 0.0}
+
+    monkeypatch.setattr(cli, "simulate", simulate)
+    return calls
+
+
+def one_line_error(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    return lines[0]
+
+
+def test_resume_continues_from_the_last_checkpoint_with_the_runs_spec(stopped_run, engine):
+    result = CliRunner().invoke(cli.app, ["run", "--resume", str(stopped_run), "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    ((spec, out_dir, recorder, checkpoint),) = engine
+    assert checkpoint == round_dir(stopped_run / CHECKPOINTS, 2) and out_dir == stopped_run
+    assert spec == load_spec(stopped_run / "spec.toml") and spec.rounds == 4
+    assert [r["round"] for r in recorder.rounds] == [1]  # round 2's row is written again
+    assert len(rows_of(stopped_run)) == 1
+
+
+def test_resume_with_a_changed_spec_is_refused_naming_the_key(stopped_run, engine):
+    args = ["run", "--resume", str(stopped_run), "--set", "rounds=6"]
+    assert "spec key rounds differs" in one_line_error(CliRunner().invoke(cli.app, args))
+    args = ["run", "--set", "train.lr=0.5", "--resume", str(stopped_run)]
+    assert "train.lr" in one_line_error(CliRunner().invoke(cli.app, args))
+    assert not engine
+
+
+def test_resume_without_a_checkpoint_or_a_run_is_refused(tmp_path, engine):
+    run_dir = tmp_path / "no_checkpoint"
+    run_dir.mkdir()
+    (run_dir / "spec.toml").write_text("rounds = 2\n")
+    (run_dir / "metrics.jsonl").write_text("")
+    args = ["run", "--resume", str(run_dir)]
+    assert "no complete checkpoint" in one_line_error(CliRunner().invoke(cli.app, args))
+    args = ["run", "--resume", str(tmp_path / "nowhere")]
+    assert "no spec.toml" in one_line_error(CliRunner().invoke(cli.app, args))
+    assert not engine
+
+
+def test_resuming_a_completed_run_says_so_and_exits_0(tmp_path, engine):
+    spec = load_spec(None, [*SMALL, "rounds=1"])
+    straight_run(spec, tmp_path / "done")
+    result = CliRunner().invoke(cli.app, ["run", "--resume", str(tmp_path / "done")])
+    assert result.exit_code == 0 and "has completed" in result.stderr + result.stdout
+    assert not engine
+
+
+def test_a_killed_runs_lock_does_not_block_resume_but_a_live_one_does(stopped_run, engine):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (stopped_run / LOCK_NAME).write_text(f"{dead.pid}\n")
+    result = CliRunner().invoke(cli.app, ["run", "--resume", str(stopped_run), "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    (stopped_run / LOCK_NAME).write_text(f"{os.getpid()}\n")  # a live process holds it
+    try:
+        args = ["run", "--resume", str(stopped_run)]
+        assert "in use" in one_line_error(CliRunner().invoke(cli.app, args))
+    finally:
+        (stopped_run / LOCK_NAME).unlink()

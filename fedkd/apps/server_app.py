@@ -728,12 +728,14 @@ def make_server_app(
     outcome: dict[str, Any] | None = None,
     stop: threading.Event | None = None,
     after_run: AfterRun | None = None,
+    resume: Path | None = None,
 ) -> ServerApp:
     """A ServerApp bound to a spec and a results folder (the `fedkd run` path).
 
     The simulation engine only logs an exception raised by the ServerApp; `outcome` receives
     ``ok``, ``error`` or ``stopped`` so that the caller can exit with the right status.
-    Setting `stop` ends the run, and `after_run` follows a completed one (see `run_rounds`).
+    Setting `stop` ends the run, `after_run` follows a completed one, and `resume` continues
+    from a checkpoint (see `run_rounds`).
     """
     app = ServerApp()
     outcome = {} if outcome is None else outcome
@@ -741,7 +743,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_rounds(grid, spec, recorder, on_round, stop, after_run)
+            run_rounds(grid, spec, recorder, on_round, stop, after_run, resume)
             outcome["ok"] = True
         except RunStopped as err:
             outcome["stopped"] = str(err)

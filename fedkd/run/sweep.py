@@ -205,7 +205,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 _NOT_COMPARED = frozenset({"name", "output", "sweep"})
 
 
-def _spec_mismatch(saved_toml: Path, expected: dict[str, Any]) -> list[str]:
+def spec_mismatch(saved_toml: Path, expected: dict[str, Any]) -> list[str]:
     """Keys where a finished point's spec.toml differs from the point's spec now.
 
     The run's name, its output settings and a ``[sweep]`` table change nothing a run computes,
@@ -556,7 +556,7 @@ def run_sweep(
         run_dir = out / point.name
         summary = _summary(run_dir)
         if summary is not None and summary.get("status") == "completed":
-            diff = _spec_mismatch(run_dir / "spec.toml", expected[point.name])
+            diff = spec_mismatch(run_dir / "spec.toml", expected[point.name])
             if diff:
                 raise SweepError(
                     f"{run_dir} was completed with a different spec ({', '.join(diff[:5])} "
