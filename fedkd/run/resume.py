@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedkd.results import RunDirError
 from fedkd.rounds.checkpoint import CHECKPOINTS, checkpoint_info, last_checkpoint
-from fedkd.run.sweep import spec_mismatch
+from fedkd.run.sweep import read_summary, spec_mismatch
 from fedkd.spec import Spec, load_spec, with_noise_rng
 
 
@@ -23,10 +22,7 @@ class ResumePoint:
 
 def run_status(run_dir: Path) -> str | None:
     """The status a run folder's ``summary.json`` records, or None (no summary)."""
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (read_summary(run_dir) or {}).get("status")
 
 
 def resume_point(run_dir: Path, spec_path: str | None, overrides: list[str]) -> ResumePoint:
