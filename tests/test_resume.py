@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,9 @@ from fedkd.rounds.checkpoint import (
 )
 from fedkd.run import cli
 from fedkd.spec import load_spec
+from tests.conftest import REPO
 from tests.inprocess import InProcessGrid
+from tests.test_stops import process_tree, still_running, wait_for
 
 TIMINGS = ("wall_s", "learner_s", "learner_max_s", "peak_rss_mb", "peak_gpu_mb")
 
@@ -43,6 +46,9 @@ SMALL = [
     "distill.epochs=1",
     "server.epochs=1",
 ]
+
+# For the Ray test: short rounds, 6 of them.
+RAY_RUN = ["clients.num_clients=4", "data.proxy_size=300", "rounds=6", "train.epochs=1"]
 
 CASES = {
     "loop": [],
@@ -216,3 +222,52 @@ def test_a_killed_runs_lock_does_not_block_resume_but_a_live_one_does(stopped_ru
         assert "in use" in one_line_error(CliRunner().invoke(cli.app, args))
     finally:
         (stopped_run / LOCK_NAME).unlink()
+
+
+# -- the real thing: fedkd run on Ray, killed with SIGKILL, resumed ----------------------------
+
+
+def fedkd_run(*args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "fedkd.run.cli", "run", "--quiet", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_straight_runs_metrics(tmp_path):
+    sets = [f"--set={item}" for item in RAY_RUN]
+    straight = fedkd_run(*sets, "--out", str(tmp_path / "straight"))
+    _, stderr = straight.communicate(timeout=600)
+    assert straight.returncode == 0, stderr[-3000:]
+
+    run_dir = tmp_path / "killed"
+    proc = fedkd_run(*sets, "--out", str(run_dir))
+    tree: dict[int, int] = {}
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        wait_for(
+            lambda: (
+                proc.poll() is not None
+                or (metrics.is_file() and metrics.read_text().count("\n") >= 2)
+            ),
+            300,
+            "round 2's metrics row",
+        )
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        tree = process_tree(proc.pid)
+        proc.kill()  # kill -9: no clean-up of its own, its lock stays
+        proc.wait(timeout=60)
+    finally:
+        for pid in still_running(tree):  # Ray's processes, orphaned by the kill
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    assert (run_dir / LOCK_NAME).exists() and not (run_dir / "summary.json").exists()
+    assert 2 <= len(rows_of(run_dir)) < 6
+
+    resumed = fedkd_run("--resume", str(run_dir))
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert "resuming from" in stderr
+    assert rows_of(run_dir) == rows_of(tmp_path / "straight")
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
