@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from flwr.app import Context, RecordDict
 from typer.testing import CliRunner
 
-from fedkd.apps.client_app import make_client_app
+from fedkd.apps.client_app import _checkpoint_folder, make_client_app
 from fedkd.apps.server_app import run_rounds
 from fedkd.results import LOCK_NAME, RunRecorder
 from fedkd.rounds.checkpoint import (
@@ -31,21 +32,11 @@ from fedkd.run import cli
 from fedkd.spec import load_spec
 from tests.conftest import REPO
 from tests.inprocess import InProcessGrid
+from tests.test_algorithm_fingerprints import TIMINGS, TINY
 from tests.test_stops import process_tree, still_running, wait_for
 
-TIMINGS = ("wall_s", "learner_s", "learner_max_s", "peak_rss_mb", "peak_gpu_mb")
-
-# A small quickstart: mixed students, 3 of 5 clients a round, 4 rounds.
-SMALL = [
-    "rounds=4",
-    "clients.num_clients=5",
-    "clients.fraction=0.6",
-    "clients.min_clients=2",
-    "data.proxy_size=150",
-    "train.epochs=1",
-    "distill.epochs=1",
-    "server.epochs=1",
-]
+# The fingerprints' tiny quickstart (mixed students, 3 of 5 clients a round), for 4 rounds.
+SMALL = [*TINY, "rounds=4"]
 
 # For the Ray test: short rounds, 6 of them.
 RAY_RUN = ["clients.num_clients=4", "data.proxy_size=300", "rounds=6", "train.epochs=1"]
@@ -271,3 +262,14 @@ def test_a_run_killed_with_sigkill_resumes_to_the_straight_runs_metrics(tmp_path
     assert "resuming from" in stderr
     assert rows_of(run_dir) == rows_of(tmp_path / "straight")
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_deployed_site_keeps_client_states_only_in_its_own_folder(tmp_path):
+    """A simulated node writes where the server says (beside the run); a deployed one never
+    does, and keeps its clients' states only in its node config's ``checkpoint-dir``."""
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    config = {"checkpoint_dir": str(tmp_path / "server-says")}
+    assert _checkpoint_folder(config, context, simulated=True) == tmp_path / "server-says"
+    assert _checkpoint_folder(config, context, simulated=False) is None
+    context.node_config["checkpoint-dir"] = str(tmp_path / "site")
+    assert _checkpoint_folder(config, context, simulated=False) == tmp_path / "site"

@@ -50,7 +50,7 @@ from fedkd.rounds.hooks import (
 )
 from fedkd.rounds.ledger import LedgerHook
 from fedkd.spec import Spec
-from strategies import Strategy
+from strategies import LocalPlan, Strategy
 
 log = logging.getLogger("fedkd")
 
@@ -566,6 +566,73 @@ def checkpoint_root(recorder: RunRecorder) -> Path:
     return (recorder.dir / CHECKPOINTS).resolve()
 
 
+def _plan_arrays(plan: LocalPlan) -> dict[str, np.ndarray]:
+    """The arrays of a round's plan, as the clients receive them."""
+    plan_arrays: dict[str, np.ndarray] = {}
+    if len(plan.proxy_idx):
+        plan_arrays["proxy_idx"] = plan.proxy_idx.astype(np.int32)
+    if plan.class_logits is not None:
+        plan_arrays["class_logits"] = plan.class_logits.astype(np.float32)
+        plan_arrays["class_present"] = plan.class_present.astype(np.uint8)
+    if plan.global_weights is not None:
+        plan_arrays.update(wire.with_prefix(plan.global_weights, wire.WEIGHTS_PREFIX))
+    return plan_arrays
+
+
+def _aggregate(strategy: Strategy, spec: Spec, state: RoundState) -> None:
+    """The strategy's knowledge from the round's uploads (given at least
+    ``clients.min_clients``), and the payload that the clients who uploaded digest."""
+    rnd, ok = state.round, state.ok
+    state.aggregated = len(ok) >= spec.clients.min_clients
+    if not state.aggregated:
+        log.warning(
+            "round %d: %d clients replied, fewer than clients.min_clients=%d; "
+            "nothing aggregated this round",
+            rnd,
+            len(ok),
+            spec.clients.min_clients,
+        )
+        return
+    strategy.aggregate(rnd, ok)
+    payload = strategy.digest_payload(rnd)
+    if payload is not None and ok:
+        digest_arrays = payload.arrays()
+        if "proxy_idx" in digest_arrays:
+            digest_arrays["proxy_idx"] = digest_arrays["proxy_idx"].astype(np.int32)
+        state.digest_ids = sorted(ok) if digest_arrays else []
+        state.digest_arrays = digest_arrays
+
+
+def _server_metrics(
+    strategy: Strategy,
+    evaluate: bool,
+    state: RoundState,
+    bytes_up: int,
+    bytes_down: int,
+    row: dict[str, Any],
+) -> dict[str, Any]:
+    """A round's fields known at the server once it is done: the global model's accuracy,
+    the strategy's own metrics, traffic and the mean training loss (fields measured through
+    the oracle channel are named in `row`)."""
+    metrics: dict[str, Any] = {
+        "server_test_acc": strategy.server_test_acc() if evaluate else None,
+        "server_val_acc": strategy.server_val_acc() if evaluate else None,
+        **strategy.round_metrics(),
+    }
+    train_losses, oracle = _statistic(state.ok, "train_loss")
+    if oracle:
+        _oracle_fields(row, ["train_loss_mean"])
+    metrics.update(
+        {
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "bytes_up_per_client": bytes_up / len(state.ok) if state.ok else 0.0,
+            "train_loss_mean": float(np.mean(train_losses)) if train_losses else None,
+        }
+    )
+    return metrics
+
+
 def _run_rounds(
     grid: Grid,
     spec: Spec,
@@ -622,14 +689,7 @@ def _run_rounds(
             # 1. sample the clients (those the hooks admit, e.g. within their privacy budget)
             sampled = hooks.admit(rnd, sample_clients(spec, rnd))
             plan = strategy.plan_local(rnd)
-            plan_arrays: dict[str, np.ndarray] = {}
-            if len(plan.proxy_idx):
-                plan_arrays["proxy_idx"] = plan.proxy_idx.astype(np.int32)
-            if plan.class_logits is not None:
-                plan_arrays["class_logits"] = plan.class_logits.astype(np.float32)
-                plan_arrays["class_present"] = plan.class_present.astype(np.uint8)
-            if plan.global_weights is not None:
-                plan_arrays.update(wire.with_prefix(plan.global_weights, wire.WEIGHTS_PREFIX))
+            plan_arrays = _plan_arrays(plan)
             # 2. local training and uploads (with the previous round's digest and evaluation)
             parts, config, arrays = _digest_request(open_round)
             exchange = run_exchange(
@@ -644,55 +704,24 @@ def _run_rounds(
             if open_round is not None:
                 hooks.on_row(_close_round(strategy, test_y, open_round, exchange, started))
             exchanges.append(exchange)
-            ok, failed = exchange.results["train"], exchange.failed_in("train") & set(sampled)
-            state.ok, state.failed = ok, failed
+            state.ok = exchange.results["train"]
+            state.failed = exchange.failed_in("train") & set(sampled)
             row["clients_lost"] = _record_losses(
-                lost, exchange.causes, failed | exchange.failed, set(ok), rnd
+                lost, exchange.causes, state.failed | exchange.failed, set(state.ok), rnd
             )
             _check_round_survived(rnd, sampled, exchange)
             hooks.after_exchange(rnd, exchange.replies(), plan.upload)
             bytes_down += wire.payload_bytes(plan_arrays) * len(sampled)
-            bytes_up = sum(wire.payload_bytes(r.arrays) for r in ok.values())
+            bytes_up = sum(wire.payload_bytes(r.arrays) for r in state.ok.values())
 
             # 3. the strategy's knowledge from the uploads, and what clients digest
-            state.aggregated = len(ok) >= spec.clients.min_clients
-            if state.aggregated:
-                strategy.aggregate(rnd, ok)
-            else:
-                log.warning(
-                    "round %d: %d clients replied, fewer than clients.min_clients=%d; "
-                    "nothing aggregated this round",
-                    rnd,
-                    len(ok),
-                    spec.clients.min_clients,
-                )
-            payload = strategy.digest_payload(rnd) if state.aggregated else None
-            targets = sorted(ok)
-            if payload is not None and targets:
-                digest_arrays = payload.arrays()
-                if "proxy_idx" in digest_arrays:
-                    digest_arrays["proxy_idx"] = digest_arrays["proxy_idx"].astype(np.int32)
-                state.digest_ids = targets if digest_arrays else []
-                state.digest_arrays = digest_arrays
-                bytes_down += wire.payload_bytes(digest_arrays) * len(targets)
+            _aggregate(strategy, spec, state)
+            bytes_down += wire.payload_bytes(state.digest_arrays) * len(state.digest_ids)
             if evaluate and strategy.capabilities.client_students:
-                state.evaluate_ids = targets
+                state.evaluate_ids = sorted(state.ok)
 
         # 4. evaluation of the global model; the hooks' fields (epsilon) join the row
-        row["server_test_acc"] = strategy.server_test_acc() if evaluate else None
-        row["server_val_acc"] = strategy.server_val_acc() if evaluate else None
-        row.update(strategy.round_metrics())
-        train_losses, oracle = _statistic(state.ok, "train_loss")
-        if oracle:
-            _oracle_fields(row, ["train_loss_mean"])
-        row.update(
-            {
-                "bytes_up": bytes_up,
-                "bytes_down": bytes_down,
-                "bytes_up_per_client": bytes_up / len(state.ok) if state.ok else 0.0,
-                "train_loss_mean": float(np.mean(train_losses)) if train_losses else None,
-            }
-        )
+        row.update(_server_metrics(strategy, evaluate, state, bytes_up, bytes_down, row))
         open_round = _OpenRound(row, started, evaluate, state, exchanges)
         loop.round, loop.open_round = rnd, open_round
         hooks.after_round(rnd, row, state)
