@@ -454,7 +454,8 @@ def read_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     FileNotFoundError
         If the folder holds no ``metrics.jsonl``.
     RunDirError
-        If ``metrics.jsonl`` or ``summary.json`` is damaged.
+        If ``metrics.jsonl`` or ``summary.json`` is damaged (a row without its round number
+        included).
     """
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
@@ -471,6 +472,8 @@ def read_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
             row = _parse_json(metrics_path, line, f"line {number}")
             if not isinstance(row, dict):
                 raise RunDirError(f"{metrics_path}: line {number} is not a metrics row")
+            if not isinstance(row.get("round"), int):  # every row names its round
+                raise RunDirError(f"{metrics_path}: line {number} has no round number")
             rounds.append(row)
     summary = {}
     if summary_path.is_file():

@@ -1,4 +1,4 @@
-"""`fedkd report --plot PATH`: the plot's folder is created; a path it cannot use is one line."""
+"""`fedkd report`: the --plot folder is created; a bad path or a damaged row is one line."""
 
 from typer.testing import CliRunner
 
@@ -25,3 +25,11 @@ def test_a_plot_path_it_cannot_write_is_one_line_exit_2(tmp_path):
         result = CliRunner().invoke(app, ["report", str(run), "--plot", str(plot)])
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_metrics_row_without_its_round_is_one_line_exit_2(tmp_path):
+    run = fake_run(tmp_path, "a-run")
+    (run / "metrics.jsonl").write_text('{"round": 1}\n{"server_test_acc": 0.5}\n')
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 2, result.output
+    assert "line 2 has no round number" in result.output
