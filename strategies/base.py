@@ -357,6 +357,13 @@ class Strategy:
         the strategy has none (the check then projects the client's last round)."""
         return [] if self.release is None else self.release.planned_events(round_num)
 
+    def planned_once_events(self, round_num: int) -> list[PrivacyEvent]:
+        """What a client is charged once, the first round it contributes (its label
+        histogram's release), which the budget check adds to the plan of that round."""
+        if self.label_histograms is None:
+            return []
+        return self.label_histograms.planned_events(round_num)
+
     def release_events(self, round_num: int) -> dict[int, list[PrivacyEvent]]:
         """Privacy events this round's aggregation charged, per client (then cleared)."""
         events, self._release_events = self._release_events, {}

@@ -3,6 +3,7 @@ the ledger event it costs; the assembly builds them from the spec and strategies
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -21,6 +22,9 @@ from fedkd.privacy.label_histogram import LabelHistogramRelease, label_histogram
 from fedkd.privacy.ledger import GaussianReleaseEvent
 from fedkd.privacy.pate import confident_gnmax, gnmax_aggregate, pate_worst_case_event
 from fedkd.spec import load_spec
+from tests.test_engine import run_inprocess
+from tests.test_privacy_claims import HISTOGRAM
+from tests.test_privacy_run import DP, fresh_epsilon
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -131,3 +135,24 @@ def test_a_strategy_charges_what_the_mechanism_it_is_given_says():
     assert strategy.planned_release_events(2) == [
         GaussianReleaseEvent(noise_multiplier=2.0, count=1, round=2)
     ]
+
+
+def test_the_budget_plans_a_clients_histogram_release_before_its_first_round(tmp_path):
+    """A client's first round costs DP-SGD and its label histogram's release; the plan used to
+    hold DP-SGD only, so a client whose histogram took it over the budget still trained."""
+    fixed = [*DP, "privacy.noise_multiplier=2.0", "rounds=1", *HISTOGRAM]
+    _, _, free, _ = run_inprocess(tmp_path, fixed, name="free")
+    ledgers = json.loads((tmp_path / "free" / "ledgers.json").read_text())["ledgers"]
+    first = free[0]["epsilon"]
+    dp_only = {
+        int(c): fresh_epsilon([e for e in ledger["events"] if e["kind"] == "dp_sgd"], 1e-5)
+        for c, ledger in ledgers.items()
+    }
+    # A budget between one client's DP-SGD cost and its DP-SGD + histogram cost.
+    client = sorted(first, key=first.get)[len(first) // 2]
+    budget = (dp_only[int(client)] + first[client]) / 2
+    over = {c for c, e in first.items() if e > budget}
+    _, _, rows, _ = run_inprocess(tmp_path, [*fixed, f"privacy.budget_epsilon={budget}"])
+    assert client not in rows[0]["epsilon"] or rows[0]["epsilon"][client] == 0
+    assert rows[0]["clients_ok"] == len(first) - len(over)
+    assert all(e <= budget for e in rows[0]["epsilon"].values())

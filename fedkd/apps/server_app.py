@@ -329,12 +329,15 @@ def _admit_within_budget(
     rnd: int,
     sizes: dict[int, int],
     worst_case: list[PrivacyEvent] | None = None,
+    first_time: list[PrivacyEvent] | None = None,
 ) -> list[int]:
     """Drop sampled clients whose next round would exceed their privacy budget.
 
     The check is on the round's worst case, from round 1 on: an unprotected release where the
-    run has one, DP-SGD, and `worst_case`, the strategy's bound on what this round's release
-    charges (`Strategy.planned_release_events`: its mechanisms' planned events). A client's DP-SGD
+    run has one, DP-SGD, `worst_case`, the strategy's bound on what this round's release
+    charges (`Strategy.planned_release_events`: its mechanisms' planned events), and before a
+    client's first round `first_time`, what it is charged once (`Strategy.planned_once_events`:
+    its label histogram). A client's DP-SGD
     cost is its last round's, scaled to this round's epochs; before it has taken part, the cost
     of this round for `sizes` (the client's number of private examples, public by assumption:
     see docs/what-leaves-a-client.md).
@@ -352,7 +355,7 @@ def _admit_within_budget(
     calibrated_within = dp is not None and 0 < dp.target_epsilon <= book.budget_epsilon
     admitted = []
     for cid in sampled:
-        first = list(extra)
+        first = [*extra, *(first_time or [])]
         if dp is not None and not calibrated_within:
             first.append(dp.round_event(sizes[cid], train.batch_size, train.epochs_in(rnd), rnd))
         was_stopped = cid in book.stopped
@@ -704,6 +707,7 @@ def _run_rounds(
                 rnd,
                 sizes,
                 strategy.planned_release_events(rnd),
+                strategy.planned_once_events(rnd),
             )
             plan = strategy.plan_local(rnd)
             plan_arrays: dict[str, np.ndarray] = {}

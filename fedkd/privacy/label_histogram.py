@@ -103,6 +103,11 @@ class LabelHistogramRelease:
         """The ledger event of one release."""
         return label_histogram_event(self.noise_std, round_num)
 
+    def planned_events(self, round_num: int) -> list[PrivacyEvent]:
+        """The most a client's first release costs (nothing for exact counts); resending it
+        later costs nothing, so the budget plans it once, before the client's first round."""
+        return [self.event(round_num)] if self.noise_std > 0 else []
+
     def charges(
         self, round_num: int, received: np.ndarray, before: np.ndarray | None
     ) -> list[PrivacyEvent]:
