@@ -14,12 +14,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ import numpy as np
 import fedkd
 from fedkd.provenance import run_provenance
 from fedkd.spec import Spec, with_noise_rng
+
+log = logging.getLogger("fedkd")
 
 # Per-round keys every metrics.jsonl line carries (null where not applicable).
 ROUND_KEYS = (
@@ -217,11 +219,10 @@ def _take_over_stale_lock(lock: Path) -> bool:
     finally:
         marker.unlink(missing_ok=True)
     pid, _ = _parse_lock(stale_text)
-    warnings.warn(
-        f"output folder {lock.parent}: took over the lock of fedkd run pid {pid}, which no "
-        "longer runs (killed?)",
-        UserWarning,
-        stacklevel=3,
+    log.warning(
+        "output folder %s: took over the lock of fedkd run pid %s, which no longer runs (killed?)",
+        lock.parent,
+        pid,
     )
     return True
 
