@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -203,10 +204,11 @@ def test_resuming_a_completed_run_says_so_and_exits_0(tmp_path, engine):
 def test_a_killed_runs_lock_does_not_block_resume_but_a_live_one_does(stopped_run, engine):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (stopped_run / LOCK_NAME).write_text(f"{dead.pid}\n")
+    (stopped_run / LOCK_NAME).write_text(f"{dead.pid}\n{socket.gethostname()}\n")
     result = CliRunner().invoke(cli.app, ["run", "--resume", str(stopped_run), "--quiet"])
     assert result.exit_code == 0, result.stderr
-    (stopped_run / LOCK_NAME).write_text(f"{os.getpid()}\n")  # a live process holds it
+    # A live process holds it.
+    (stopped_run / LOCK_NAME).write_text(f"{os.getpid()}\n{socket.gethostname()}\n")
     try:
         args = ["run", "--resume", str(stopped_run)]
         assert "in use" in one_line_error(CliRunner().invoke(cli.app, args))

@@ -35,7 +35,7 @@ from fedkd.learner.loop import (
 )
 from fedkd.learner.state_codec import decode_teachers, encode_teachers
 from fedkd.privacy.dpsgd import DpSgdSettings, train_dpsgd
-from fedkd.privacy.label_histogram import released_label_histogram
+from fedkd.privacy.label_histogram import LabelHistogramRelease
 from fedkd.privacy.ledger import DpSgdEvent
 from fedkd.privacy.noise import noise_source
 from fedkd.privacy.teacher_shards import teacher_shards
@@ -242,10 +242,9 @@ class CohortLearner:
         if kept is not None:
             return {"label_histogram": np.frombuffer(kept, dtype=np.float32).copy()}
         cfg = self.config
-        counts = released_label_histogram(
+        counts = LabelHistogramRelease(noise).release(
             self.data.clients[cid].y_train,
             self.data.num_classes,
-            noise,
             noise_source(cfg.noise_rng, lambda: seeded_generator(cfg.seed, cid, PHASE_HISTOGRAM)),
         )
         self.released[cid] = counts.tobytes()

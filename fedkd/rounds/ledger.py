@@ -9,7 +9,6 @@ from typing import Any
 from fedkd.assembly import dpsgd_settings, step_config, unprotected_outputs
 from fedkd.learner.cohort import STUDENT_OUTPUTS, ClientResult
 from fedkd.privacy.book import LedgerBook
-from fedkd.privacy.gaussian_release import gaussian_release_event
 from fedkd.privacy.ledger import DpSgdEvent, PrivacyEvent, UnprotectedReleaseEvent
 from fedkd.results import RunRecorder
 from fedkd.rounds.hooks import Replies, RoundHook, RoundState
@@ -54,8 +53,15 @@ class LedgerHook(RoundHook):
         self.sizes = sizes
 
     def admit(self, rnd: int, sampled: list[int]) -> list[int]:
-        planned = self.strategy.planned_release_events(rnd)
-        return admit_within_budget(self.book, self.spec, sampled, rnd, self.sizes, planned)
+        return admit_within_budget(
+            self.book,
+            self.spec,
+            sampled,
+            rnd,
+            self.sizes,
+            self.strategy.planned_release_events(rnd),
+            self.strategy.planned_once_events(rnd),
+        )
 
     def after_exchange(self, rnd: int, replies: Replies, upload: str) -> None:
         record_dpsgd(self.book, replies.get("train", {}), rnd)
@@ -115,12 +121,15 @@ def admit_within_budget(
     rnd: int,
     sizes: dict[int, int],
     worst_case: list[PrivacyEvent] | None = None,
+    first_time: list[PrivacyEvent] | None = None,
 ) -> list[int]:
     """Drop sampled clients whose next round would exceed their privacy budget.
 
-    The check is on the round's worst case, from round 1 on: the Gaussian release, an
-    unprotected release where the run has one, DP-SGD, and `worst_case`, the strategy's bound
-    on what this round's release charges (`Strategy.planned_release_events`). A client's DP-SGD
+    The check is on the round's worst case, from round 1 on: an unprotected release where the
+    run has one, DP-SGD, `worst_case`, the strategy's bound on what this round's release
+    charges (`Strategy.planned_release_events`: its mechanisms' planned events), and before a
+    client's first round `first_time`, what it is charged once (`Strategy.planned_once_events`:
+    its label histogram). A client's DP-SGD
     cost is its last round's, scaled to this round's epochs; before it has taken part, the cost
     of this round for `sizes` (the client's number of private examples, public by assumption:
     see docs/what-leaves-a-client.md).
@@ -128,8 +137,6 @@ def admit_within_budget(
     if book.budget_epsilon is None:
         return sampled
     extra: list[PrivacyEvent] = []
-    if spec.privacy.release_noise > 0:
-        extra.append(gaussian_release_event(spec.privacy.release_noise, rnd))
     unprotected = unprotected_outputs(spec)
     if unprotected:
         extra.append(UnprotectedReleaseEvent(", ".join(unprotected), rnd))
@@ -140,7 +147,7 @@ def admit_within_budget(
     calibrated_within = dp is not None and 0 < dp.target_epsilon <= book.budget_epsilon
     admitted = []
     for cid in sampled:
-        first = list(extra)
+        first = [*extra, *(first_time or [])]
         if dp is not None and not calibrated_within:
             first.append(dp.round_event(sizes[cid], train.batch_size, train.epochs_in(rnd), rnd))
         was_stopped = cid in book.stopped
