@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -301,15 +302,7 @@ def load_federated_data(
     hf_name: str | None = None,
     image_key: str | None = None,
     label_key: str | None = None,
-    num_clients: int,
-    partition: str = "dirichlet",
-    alpha: float = 0.5,
-    classes_per_client: int = 2,
-    proxy_size: int = 500,
-    local_test_fraction: float = 0.1,
-    seed: int = 0,
-    validation_fraction: float = 0.0,
-    proxy_validation_size: int = 0,
+    **split: Any,
 ) -> FederatedData:
     """Load a source and split it, cached per process.
 
@@ -321,10 +314,9 @@ def load_federated_data(
     ----------
     source, path, hf_name, image_key, label_key
         As in :func:`fedkd.data.load_source`.
-    num_clients, partition, alpha, classes_per_client, proxy_size, local_test_fraction, seed
-        As in :func:`build_federated_data`; ``seed`` also seeds the source.
-    validation_fraction, proxy_validation_size
-        As in :func:`build_federated_data`.
+    **split
+        The keyword arguments of :func:`build_federated_data` (``num_clients``, ``partition``,
+        ...); ``seed`` also seeds the source.
 
     Returns
     -------
@@ -336,22 +328,9 @@ def load_federated_data(
     DataError
         If the configuration is invalid.
     """
-    # Positional call: lru_cache keys on argument order, and keyword order varies by caller.
+    # Sorted items: lru_cache keys on argument order, and keyword order varies by caller.
     return _load_federated_data_cached(
-        source,
-        path,
-        hf_name,
-        image_key,
-        label_key,
-        num_clients,
-        partition,
-        alpha,
-        classes_per_client,
-        proxy_size,
-        local_test_fraction,
-        seed,
-        validation_fraction,
-        proxy_validation_size,
+        source, path, hf_name, image_key, label_key, tuple(sorted(split.items()))
     )
 
 
@@ -362,36 +341,18 @@ def _load_federated_data_cached(
     hf_name: str | None,
     image_key: str | None,
     label_key: str | None,
-    num_clients: int,
-    partition: str,
-    alpha: float,
-    classes_per_client: int,
-    proxy_size: int,
-    local_test_fraction: float,
-    seed: int,
-    validation_fraction: float,
-    proxy_validation_size: int,
+    split: tuple[tuple[str, Any], ...],
 ) -> FederatedData:
+    kwargs = dict(split)
     dataset = load_source(
         source,
         path=path,
         hf_name=hf_name,
         image_key=image_key,
         label_key=label_key,
-        seed=seed,
+        seed=kwargs.get("seed", 0),
     )
-    return build_federated_data(
-        dataset,
-        num_clients=num_clients,
-        partition=partition,
-        alpha=alpha,
-        classes_per_client=classes_per_client,
-        proxy_size=proxy_size,
-        local_test_fraction=local_test_fraction,
-        seed=seed,
-        validation_fraction=validation_fraction,
-        proxy_validation_size=proxy_validation_size,
-    )
+    return build_federated_data(dataset, **kwargs)
 
 
 def held_out_counts(
