@@ -26,7 +26,6 @@ from fedkd.apps import wire
 from fedkd.apps.run_config import spec_from_run_config
 from fedkd.assembly import cohort_config, eval_test_indices, hosted_clients, node_data
 from fedkd.learner.cohort import ClientResult, CohortLearner
-from fedkd.learner.loop import ClassTeacher
 from fedkd.learner.vectorised import VectorisedCohortLearner
 from fedkd.spec import Spec, refuse_seeded_noise
 
@@ -135,20 +134,25 @@ def handle_hello(spec: Spec, msg: Message, context: Context) -> Message:
 
 
 def handle_round(spec: Spec, msg: Message, context: Context, oracle: bool = False) -> Message:
-    """``train.round``: digest the previous round's teacher, evaluate, then train and upload."""
+    """``train.round``: digest the previous round's payload, evaluate, then train and upload.
+
+    What the clients compute is their algorithm's client side (`strategies.base.Strategy`'s
+    `client_digest` and `client_round`, found from the spec): this app only moves its arrays.
+    """
     started = time.perf_counter()
     config, arrays = _parse(spec, msg, context)
     learner = _learner(spec, context)
+    algorithm, params = spec.algorithm.cls, spec.algorithm.params
     parts: dict[str, dict[int, ClientResult]] = {}
 
     digest_ids = wire.part_ids(config, "digest")
     if digest_ids:
-        teacher = wire.without_prefix(arrays, wire.DIGEST_PREFIX)
-        parts["digest"] = learner.digest(
+        parts["digest"] = algorithm.client_digest(
+            params,
+            learner,
             int(config["digest_round"]),
             digest_ids,
-            proxy_idx=teacher["proxy_idx"].astype(np.int64) if "proxy_idx" in teacher else None,
-            teacher_logits=teacher.get("teacher_logits"),
+            wire.without_prefix(arrays, wire.DIGEST_PREFIX),
         )
     evaluate_ids = wire.part_ids(config, "evaluate")
     if evaluate_ids:
@@ -157,24 +161,8 @@ def handle_round(spec: Spec, msg: Message, context: Context, oracle: bool = Fals
 
     train_ids = wire.part_ids(config, "train")
     if train_ids:
-        round_num = int(config["round"])
-        class_teacher = None
-        if "class_logits" in arrays:
-            class_teacher = ClassTeacher(
-                logits=torch.from_numpy(arrays["class_logits"]),
-                present=torch.from_numpy(arrays["class_present"].astype(bool)),
-                weight=learner.config.class_teacher_weight,
-                temperature=spec.distill.temperature,
-            )
-        weights = wire.without_prefix(arrays, wire.WEIGHTS_PREFIX)
-        if weights:  # FedAvg: every client starts the round from the global model
-            learner.digest(round_num, train_ids, global_weights=weights)
-        parts["train"] = learner.local_round(
-            round_num,
-            train_ids,
-            str(config["upload"]),
-            arrays.get("proxy_idx", np.empty(0, dtype=np.int64)).astype(np.int64),
-            class_teacher,
+        parts["train"] = algorithm.client_round(
+            params, learner, int(config["round"]), train_ids, wire.plan_arrays(arrays)
         )
     return _reply(spec, parts, started, msg, oracle)
 

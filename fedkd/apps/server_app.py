@@ -45,6 +45,7 @@ from fedkd.privacy.ledger import DpSgdEvent, PrivacyEvent, UnprotectedReleaseEve
 from fedkd.results import RunRecorder, default_run_dir, save_student, save_teachers
 from fedkd.spec import Spec
 from strategies import Strategy
+from strategies.params import Capabilities
 
 log = logging.getLogger("fedkd")
 
@@ -374,7 +375,7 @@ def _admit_within_budget(
 
 
 def _record_unprotected(
-    book: LedgerBook | None, spec: Spec, upload: str, exchange: Exchange, rnd: int
+    book: LedgerBook | None, spec: Spec, caps: Capabilities, exchange: Exchange, rnd: int
 ) -> None:
     """Charge an unprotected release to every client that sent its (non-DP) student's outputs.
 
@@ -385,15 +386,16 @@ def _record_unprotected(
     """
     if book is None or spec.privacy.dpsgd:
         return
+    student_outputs = {*STUDENT_OUTPUTS, *caps.uploads}
     for part in wire.PARTS:
         for cid, res in sorted({**exchange.rejected[part], **exchange.results[part]}.items()):
             ledger = book.ledgers.get(cid)
             if ledger is not None and ledger.has_unprotected:
                 continue
             values = [
-                f"{part}.{k}" for k in sorted({**res.arrays, **res.metrics}) if k in STUDENT_OUTPUTS
+                f"{part}.{k}" for k in sorted({**res.arrays, **res.metrics}) if k in student_outputs
             ]
-            if part == "export" or (part == "train" and upload == "weights"):
+            if part == "export" or (part == "train" and caps.uploads_weights):
                 values.append(f"{part}.<student weights>")
             if values:
                 book.record(cid, UnprotectedReleaseEvent(", ".join(values), rnd), recurs=False)
@@ -708,22 +710,14 @@ def _run_rounds(
                 sizes,
                 strategy.planned_release_events(rnd),
             )
-            plan = strategy.plan_local(rnd)
-            plan_arrays: dict[str, np.ndarray] = {}
-            if len(plan.proxy_idx):
-                plan_arrays["proxy_idx"] = plan.proxy_idx.astype(np.int32)
-            if plan.class_logits is not None:
-                plan_arrays["class_logits"] = plan.class_logits.astype(np.float32)
-                plan_arrays["class_present"] = plan.class_present.astype(np.uint8)
-            if plan.global_weights is not None:
-                plan_arrays.update(wire.with_prefix(plan.global_weights, wire.WEIGHTS_PREFIX))
+            plan_arrays = strategy.plan_local(rnd)
             parts, config, arrays = _digest_request(open_round)
             exchange = run_exchange(
                 grid,
                 node_of,
                 {**parts, "train": sampled},
                 wire.MSG_ROUND,
-                {**config, "round": rnd, "upload": plan.upload},
+                {**config, "round": rnd},
                 {**arrays, **plan_arrays},
                 timeout,
             )
@@ -736,7 +730,7 @@ def _run_rounds(
             )
             _check_round_survived(rnd, sampled, exchange)
             _record_dpsgd(book, {**exchange.rejected["train"], **ok}, rnd)
-            _record_unprotected(book, spec, plan.upload, exchange, rnd)
+            _record_unprotected(book, spec, strategy.capabilities, exchange, rnd)
             bytes_down += wire.payload_bytes(plan_arrays) * len(sampled)
             bytes_up = sum(wire.payload_bytes(r.arrays) for r in ok.values())
 
@@ -761,9 +755,7 @@ def _run_rounds(
             targets = sorted(ok)
             evaluate_clients = evaluate and strategy.capabilities.client_students
             if payload is not None and targets:
-                digest_arrays = payload.arrays()
-                if "proxy_idx" in digest_arrays:
-                    digest_arrays["proxy_idx"] = digest_arrays["proxy_idx"].astype(np.int32)
+                digest_arrays = payload
                 if spec.audit.enabled and spec.audit.client in targets:
                     audit_teachers[rnd] = digest_arrays  # the audit's shadows replay this digest
                 bytes_down += wire.payload_bytes(digest_arrays) * len(targets)
@@ -833,7 +825,7 @@ def _run_rounds(
                 timeout,
             )
             open_round.exchanges.append(exchange)
-            _record_unprotected(book, spec, strategy.capabilities.upload, exchange, spec.rounds)
+            _record_unprotected(book, spec, strategy.capabilities, exchange, spec.rounds)
             if book is not None:
                 recorder.write_extra("ledgers.json", book.to_dict())
         last = _close_round(strategy, test_y, open_round, exchange, time.perf_counter())
