@@ -254,23 +254,24 @@ class CohortLearner:
             state.private_opt = make_optimizer(state.model.parameters(), self.config.private.optim)
             self._save(state)
 
-    def label_histogram(self, cid: int) -> dict[str, np.ndarray]:
+    def label_histogram(self, client_id: int) -> dict[str, np.ndarray]:
         """``{"label_histogram": counts}`` when the teacher needs it, else ``{}``; drawn once
         per client (not per round) and kept: every round resends the same release."""
         noise = self.config.label_histogram_noise
         if noise is None:
             return {}
-        kept = self.released.get(cid)
+        kept = self.released.get(client_id)
         if kept is not None:
             return {"label_histogram": np.frombuffer(kept, dtype=np.float32).copy()}
         cfg = self.config
+        seeded = lambda: seeded_generator(cfg.seed, client_id, PHASE_HISTOGRAM)  # noqa: E731
         counts = released_label_histogram(
-            self.data.clients[cid].y_train,
+            self.data.clients[client_id].y_train,
             self.data.num_classes,
             noise,
-            noise_source(cfg.noise_rng, lambda: seeded_generator(cfg.seed, cid, PHASE_HISTOGRAM)),
+            noise_source(cfg.noise_rng, seeded),
         )
-        self.released[cid] = counts.tobytes()
+        self.released[client_id] = counts.tobytes()
         return {"label_histogram": counts}
 
     def shard_teacher_votes(
