@@ -30,6 +30,7 @@ BUILTIN_PATHS: dict[str, str] = {
     "fedmd": "strategies.fedmd:FedMD",
     "feddf": "strategies.feddf:FedDFLogit",
     "fd": "strategies.fd:FD",
+    "fedproto": "strategies.fedproto:FedProto",
     "fedavg": "strategies.fedavg:FedAvg",
     "local_only": "strategies.local_only:LocalOnly",
     "centralized": "strategies.centralized:Centralized",
