@@ -14,15 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-
-from fedkd.knowledge.teachers import aggregate_per_class
-from fedkd.learner.cohort import ClientResult
-from fedkd.learner.loop import ClassRegulariser
-from fedkd.learner.protocol import Learner
-from strategies.base import Strategy, stack_uploads
 from strategies.params import AlgorithmParams, Capabilities, check_positive
+from strategies.per_class import PerClassStrategy
 
 
 @dataclass
@@ -37,7 +30,7 @@ class FDParams(AlgorithmParams):
         check_positive("fd_weight", self.fd_weight, zero_ok=True)
 
 
-class FD(Strategy):
+class FD(PerClassStrategy):
     """Federated Distillation with per-class logits.
 
     Parameters
@@ -54,48 +47,12 @@ class FD(Strategy):
     capabilities = Capabilities(
         uploads=("class_logits",), server_student="unused", supports_dpsgd=False
     )
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.server_student = None
-        self._class_logits: np.ndarray | None = None
-        self._class_present: np.ndarray | None = None
-
-    def plan_local(self, round_num: int) -> dict[str, np.ndarray]:
-        """The global per-class logits (C, C) and which classes are present (C,), once known."""
-        if self._class_logits is None:
-            return {}
-        return {
-            "class_logits": self._class_logits.astype(np.float32),
-            "class_present": self._class_present.astype(np.uint8),
-        }
-
-    def aggregate(self, round_num: int, updates: dict[int, ClientResult]) -> None:
-        class_logits, _ = stack_uploads(updates, "class_logits")
-        counts, _ = stack_uploads(updates, "class_counts")
-        self._class_logits = aggregate_per_class(class_logits, counts).numpy()
-        self._class_present = (counts.sum(dim=0) > 0).numpy()
+    space = "logits"
+    means_key = "class_logits"
+    counts_key = "class_counts"
+    present_key = "class_present"
 
     @classmethod
-    def client_round(
-        cls,
-        params: AlgorithmParams,
-        learner: Learner,
-        round_num: int,
-        client_ids: list[int],
-        payload: dict[str, np.ndarray],
-    ) -> dict[int, ClientResult]:
-        """Private training regularised towards the global per-class logits (KL at the spec's
-        ``distill.temperature``), then the per-class mean logits and counts."""
+    def regulariser_weight(cls, params: AlgorithmParams) -> float:
         assert isinstance(params, FDParams)
-        regulariser = None
-        if "class_logits" in payload:
-            regulariser = ClassRegulariser(
-                targets=torch.from_numpy(payload["class_logits"]),
-                present=torch.from_numpy(payload["class_present"].astype(bool)),
-                weight=params.fd_weight,
-            )
-        results = learner.train_private(round_num, client_ids, regulariser)
-        for cid, (means, counts) in learner.class_statistics(client_ids, "logits").items():
-            results[cid].arrays.update(class_logits=means, class_counts=counts)
-        return results
+        return params.fd_weight

@@ -20,15 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-
-from fedkd.knowledge.teachers import aggregate_per_class
-from fedkd.learner.cohort import ClientResult
-from fedkd.learner.loop import ClassRegulariser
-from fedkd.learner.protocol import Learner
-from strategies.base import Strategy, stack_uploads
 from strategies.params import AlgorithmParams, Capabilities, check_positive
+from strategies.per_class import PerClassStrategy
 
 
 @dataclass
@@ -43,7 +36,7 @@ class FedProtoParams(AlgorithmParams):
         check_positive("proto_weight", self.proto_weight, zero_ok=True)
 
 
-class FedProto(Strategy):
+class FedProto(PerClassStrategy):
     """Count-weighted per-class averaging of the clients' embedding prototypes.
 
     Parameters
@@ -58,52 +51,18 @@ class FedProto(Strategy):
     capabilities = Capabilities(
         uploads=("prototypes",), server_student="unused", supports_dpsgd=False
     )
+    space = "embeddings"
+    means_key = "prototypes"
+    counts_key = "prototype_counts"
+    present_key = "prototype_present"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.server_student = None
-        self._prototypes: np.ndarray | None = None
-        self._present: np.ndarray | None = None
-
-    def plan_local(self, round_num: int) -> dict[str, np.ndarray]:
-        """The global prototypes (C, width) and which classes have one (C,), once known."""
-        if self._prototypes is None:
-            return {}
-        return {"prototypes": self._prototypes, "prototype_present": self._present}
-
-    def aggregate(self, round_num: int, updates: dict[int, ClientResult]) -> None:
-        prototypes, _ = stack_uploads(updates, "prototypes")
-        counts, _ = stack_uploads(updates, "prototype_counts")
-        self._prototypes = aggregate_per_class(prototypes, counts).numpy().astype(np.float32)
-        self._present = (counts.sum(dim=0) > 0).numpy().astype(np.uint8)
+    @classmethod
+    def regulariser_weight(cls, params: AlgorithmParams) -> float:
+        assert isinstance(params, FedProtoParams)
+        return params.proto_weight
 
     def round_metrics(self) -> dict[str, float]:
         """How many classes have a global prototype."""
         if self._present is None:
             return {}
         return {"prototype_classes": float(self._present.sum())}
-
-    @classmethod
-    def client_round(
-        cls,
-        params: AlgorithmParams,
-        learner: Learner,
-        round_num: int,
-        client_ids: list[int],
-        payload: dict[str, np.ndarray],
-    ) -> dict[int, ClientResult]:
-        """Private training pulled towards the global prototypes (from round 2), then the
-        client's prototypes and per-class counts."""
-        assert isinstance(params, FedProtoParams)
-        regulariser = None
-        if "prototypes" in payload:
-            regulariser = ClassRegulariser(
-                targets=torch.from_numpy(payload["prototypes"]),
-                present=torch.from_numpy(payload["prototype_present"].astype(bool)),
-                weight=params.proto_weight,
-                space="embeddings",
-            )
-        results = learner.train_private(round_num, client_ids, regulariser)
-        for cid, (means, counts) in learner.class_statistics(client_ids, "embeddings").items():
-            results[cid].arrays.update(prototypes=means, prototype_counts=counts)
-        return results
