@@ -111,9 +111,14 @@ def test_embeddings_have_one_width_for_every_architecture(data):
     out = learner.embeddings(CLIENTS, data.proxy_x[:7])
     assert {v.shape for v in out.values()} == {(7, EMBEDDING_WIDTH)}
     logits = learner.logits(CLIENTS, data.proxy_x[:7])
-    vectorised = VectorisedCohortLearner(data, config(), {})
-    for cid in CLIENTS:
-        np.testing.assert_allclose(
-            vectorised.embeddings([cid], data.proxy_x[:7])[cid], out[cid], atol=1e-5
-        )
-        assert torch.isfinite(torch.from_numpy(logits[cid])).all()
+    statistics = learner.class_statistics(CLIENTS, "embeddings")
+    for per_client in (True, False):  # a CPU's path, and a GPU's (vmap over the stack)
+        vectorised = VectorisedCohortLearner(data, config(), {}, predict_rows=50)
+        vectorised.per_client_predict = per_client
+        ours = vectorised.embeddings(CLIENTS, data.proxy_x[:7])
+        our_statistics = vectorised.class_statistics(CLIENTS, "embeddings")
+        for cid in CLIENTS:
+            np.testing.assert_allclose(ours[cid], out[cid], atol=1e-5)
+            for mine, theirs in zip(our_statistics[cid], statistics[cid], strict=True):
+                np.testing.assert_allclose(mine, theirs, atol=1e-5)
+            assert torch.isfinite(torch.from_numpy(logits[cid])).all()
