@@ -1,6 +1,8 @@
-"""A node's cohort of clients: what each hosted client does in each phase of a round.
+"""A node's cohort of clients: the per-client reference implementation of the learner
+interface (`fedkd.learner.protocol.Learner`), one client after another.
 
-This is the learner that the ClientApp calls; it knows nothing of Flower. Client state comes in
+The algorithms' client sides (`strategies`) call it through the ClientApp; it knows nothing of
+Flower and nothing of any algorithm. Client state comes in
 and goes out as bytes (the app keeps them in the node's context between rounds), results are
 numpy arrays and float metrics, and every client's computation depends only on its own id,
 the round and the run seed, so one client per node and cohorts give the same numbers.
@@ -112,7 +114,7 @@ class ClientResult:
 
 
 class CohortLearner:
-    """Runs the phases of a round for the clients one node hosts, one client after another.
+    """The learner interface for the clients one node hosts, one client after another.
 
     Parameters
     ----------
