@@ -19,12 +19,12 @@ from fedkd.learner.cohort import CohortConfig
 from fedkd.learner.loop import PHASE_EVAL, OptimConfig, StepConfig, derive_seed
 from fedkd.learner.server_student import ServerStudent
 from fedkd.privacy.dpsgd import DpSgdSettings
-from fedkd.privacy.gaussian_release import gaussian_release_event
-from fedkd.privacy.label_histogram import label_histogram_event
+from fedkd.privacy.gaussian_release import GaussianRelease
+from fedkd.privacy.label_histogram import LabelHistogramRelease
 from fedkd.privacy.ledger import PrivacyEvent
 from fedkd.spec import Spec, resolve_path
 from strategies import Strategy
-from strategies.base import BuildContext, GaussianRelease
+from strategies.base import BuildContext
 from strategies.params import teacher_kind
 
 if TYPE_CHECKING:
@@ -91,15 +91,28 @@ def cohort_config(spec: Spec) -> CohortConfig:
         distill_loss=distill_loss(spec),
         distill_temperature=spec.distill.temperature,
         dp=dpsgd_settings(spec),
-        label_histogram_noise=label_histogram_noise(spec),
+        label_histogram_noise=_noise_std(label_histogram_release(spec)),
         noise_rng=spec.privacy.noise,
     )
 
 
-def label_histogram_noise(spec: Spec) -> float | None:
-    """Noise std of the clients' label histograms; None where the teacher needs none."""
-    teacher = teacher_kind(spec.algorithm.params)
-    return spec.privacy.histogram_noise if teacher in HISTOGRAM_TEACHERS else None
+def label_histogram_release(spec: Spec) -> LabelHistogramRelease | None:
+    """The mechanism of the clients' label histograms; None where the teacher needs none."""
+    if teacher_kind(spec.algorithm.params) not in HISTOGRAM_TEACHERS:
+        return None
+    return LabelHistogramRelease(noise_std=spec.privacy.histogram_noise)
+
+
+def _noise_std(histograms: LabelHistogramRelease | None) -> float | None:
+    return None if histograms is None else histograms.noise_std
+
+
+def teacher_release(spec: Spec) -> GaussianRelease | None:
+    """The Gaussian release of the teacher (``privacy.release_*``); None when it is off."""
+    p = spec.privacy
+    if p.release_noise <= 0:
+        return None
+    return GaussianRelease(clip_norm=p.release_clip, noise_multiplier=p.release_noise)
 
 
 def dpsgd_settings(spec: Spec) -> DpSgdSettings | None:
@@ -121,11 +134,12 @@ def _other_releases(spec: Spec) -> tuple[PrivacyEvent, ...]:
     every round), which DP-SGD's calibration leaves room for: the label histogram of the
     class-weighted teacher (once) and the Gaussian teacher release (every round)."""
     events: list[PrivacyEvent] = []
-    noise = label_histogram_noise(spec)
-    if noise:
-        events.append(label_histogram_event(noise))
-    if spec.privacy.release_noise > 0:
-        events.append(gaussian_release_event(spec.privacy.release_noise, 0, count=spec.rounds))
+    histograms = label_histogram_release(spec)
+    if histograms is not None and histograms.noise_std > 0:
+        events.append(histograms.event())
+    release = teacher_release(spec)
+    if release is not None:
+        events.append(release.event(0, count=spec.rounds))
     return tuple(events)
 
 
@@ -301,11 +315,6 @@ def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
             proxy_size=len(data.proxy_x),
             augment_shift=spec.server.augment_shift,
         )
-    release = None
-    if spec.privacy.release_noise > 0:
-        release = GaussianRelease(
-            clip_norm=spec.privacy.release_clip, noise_multiplier=spec.privacy.release_noise
-        )
     context = BuildContext(
         data=data,
         seed=spec.seed,
@@ -313,8 +322,8 @@ def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
         server_student=server_student,
         proxy_per_round=spec.distill.proxy_per_round,
         noise_rng=spec.privacy.noise,
-        release=release,
-        histogram_noise=label_histogram_noise(spec),
+        release=teacher_release(spec),
+        label_histograms=label_histogram_release(spec),
         confident_fraction=spec.server.confident_fraction,
     )
     return algorithm.cls.from_params(algorithm.params, context)

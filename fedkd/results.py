@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -26,6 +28,8 @@ import numpy as np
 import fedkd
 from fedkd.provenance import run_provenance
 from fedkd.spec import Spec, with_noise_rng
+
+log = logging.getLogger("fedkd")
 
 # Per-round keys every metrics.jsonl line carries (null where not applicable).
 ROUND_KEYS = (
@@ -116,6 +120,8 @@ def select_round_by_validation(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 # Held while a run writes its folder: created atomically, so two runs never share one.
 LOCK_NAME = ".fedkd.lock"
+# Present for an instant while a run replaces a stale lock (see `_take_over_stale_lock`).
+TAKEOVER_NAME = ".fedkd.lock.takeover"
 # What may be in a folder before its run starts: `fedkd sweep` writes a point's log first.
 PRE_RUN_FILES = frozenset({"run.log"})
 # Statuses of summary.json.
@@ -137,26 +143,98 @@ def make_folder(path: Path, what: str) -> None:
         ) from None
 
 
-def _lock_owner(lock: Path) -> str:
+def _lock_text() -> str:
+    """What a lock file holds: the owner's pid and host, one per line."""
+    return f"{os.getpid()}\n{socket.gethostname()}\n"
+
+
+def _parse_lock(text: str) -> tuple[int | None, str | None]:
+    """The pid and host a lock's text names (None where missing; older locks hold the pid only)."""
+    fields = text.split()
+    pid = int(fields[0]) if fields and fields[0].isdigit() else None
+    return pid, fields[1] if len(fields) > 1 else None
+
+
+def _read_lock(lock: Path) -> tuple[int | None, str | None]:
     try:
-        pid = int(lock.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return "a fedkd run"
+        return _parse_lock(lock.read_text())
+    except OSError:
+        return None, None
+
+
+def _pid_runs(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return f"fedkd run pid {pid}, which no longer runs (killed?): remove {lock} if so"
-    except PermissionError:
+        return False
+    except PermissionError:  # it runs, under another user
         pass
+    return True
+
+
+def _lock_owner(lock: Path) -> str:
+    pid, host = _read_lock(lock)
+    if pid is None:
+        return "a fedkd run"
+    if host is not None and host != socket.gethostname():
+        return f"fedkd run pid {pid} on host {host}"
+    if host is None and not _pid_runs(pid):  # an older lock, which names no host
+        return f"fedkd run pid {pid}, which no longer runs (killed?): remove {lock} if so"
     return f"fedkd run pid {pid}"
+
+
+def _is_stale(lock: Path) -> bool:
+    """True if the lock's owner ran on this host and no longer runs (a run killed by kill -9).
+
+    A lock of another host, or one that names no host or pid, is never judged stale: its owner
+    cannot be checked from here.
+    """
+    pid, host = _read_lock(lock)
+    return pid is not None and host == socket.gethostname() and not _pid_runs(pid)
+
+
+def _take_over_stale_lock(lock: Path) -> bool:
+    """Replace a stale lock by this process's; False if it is not stale or another run won.
+
+    Two runs may find the same stale lock: a takeover marker created with ``O_EXCL`` lets one
+    of them replace it, and that one replaces it only if it still holds what was judged stale.
+    """
+    if not _is_stale(lock):
+        return False
+    stale_text = lock.read_text()
+    marker = lock.with_name(TAKEOVER_NAME)
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    try:
+        if lock.read_text() != stale_text:
+            return False
+        lock.unlink()
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(_lock_text())
+    except FileExistsError:
+        return False
+    finally:
+        marker.unlink(missing_ok=True)
+    pid, _ = _parse_lock(stale_text)
+    log.warning(
+        "output folder %s: took over the lock of fedkd run pid %s, which no longer runs (killed?)",
+        lock.parent,
+        pid,
+    )
+    return True
 
 
 def claim_run_dir(path: str | Path) -> Path:
     """Create `path` (if needed) and claim it for one run; return the lock file.
 
     The lock is created with ``O_EXCL``, so of two runs started into the same folder exactly
-    one gets it. The folder must be new, empty, or hold only what a sweep writes before its
-    point runs; a folder holding a run, or anything else, is refused.
+    one gets it. It holds the owner's pid and host: a lock whose owner ran on this host and no
+    longer runs (a run killed by ``kill -9``) is stale and taken over, with a warning. The
+    folder must be new, empty, or hold only what a sweep writes before its point runs; a folder
+    holding a run, or anything else, is refused.
 
     Parameters
     ----------
@@ -176,21 +254,24 @@ def claim_run_dir(path: str | Path) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"output folder {path}: is a file; pass a folder path to --out")
+    lock = path / LOCK_NAME
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path / LOCK_NAME, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        raise RunDirError(
-            f"output folder {path} is in use by {_lock_owner(path / LOCK_NAME)}; pass another --out"
-        ) from None
+        if not _take_over_stale_lock(lock):
+            raise RunDirError(
+                f"output folder {path} is in use by {_lock_owner(lock)}; pass another --out"
+            ) from None
     except OSError as err:
         raise RunDirError(
             f"output folder {path}: cannot write there ({err.strerror}); pass a writable --out"
         ) from None
-    with os.fdopen(fd, "w") as fh:
-        fh.write(f"{os.getpid()}\n")
-    lock = path / LOCK_NAME
-    others = sorted(p.name for p in path.iterdir() if p.name not in PRE_RUN_FILES | {LOCK_NAME})
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(_lock_text())
+    lock_files = {LOCK_NAME, TAKEOVER_NAME}
+    others = sorted(p.name for p in path.iterdir() if p.name not in PRE_RUN_FILES | lock_files)
     if others:
         lock.unlink()
         if "metrics.jsonl" in others:
@@ -374,7 +455,8 @@ def read_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     FileNotFoundError
         If the folder holds no ``metrics.jsonl``.
     RunDirError
-        If ``metrics.jsonl`` or ``summary.json`` is damaged.
+        If ``metrics.jsonl`` or ``summary.json`` is damaged (a row without its round number
+        included).
     """
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
@@ -391,6 +473,8 @@ def read_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
             row = _parse_json(metrics_path, line, f"line {number}")
             if not isinstance(row, dict):
                 raise RunDirError(f"{metrics_path}: line {number} is not a metrics row")
+            if not isinstance(row.get("round"), int):  # every row names its round
+                raise RunDirError(f"{metrics_path}: line {number} has no round number")
             rounds.append(row)
     summary = {}
     if summary_path.is_file():

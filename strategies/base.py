@@ -26,19 +26,11 @@ from fedkd.learner.cohort import ClientResult
 from fedkd.learner.loop import PHASE_SAMPLE, derive_seed, seeded_generator
 from fedkd.learner.protocol import Learner
 from fedkd.learner.server_student import ServerStudent
-from fedkd.privacy.gaussian_release import gaussian_release_event, private_mean_teacher
-from fedkd.privacy.label_histogram import label_histogram_event
+from fedkd.privacy.gaussian_release import GaussianRelease
+from fedkd.privacy.label_histogram import LabelHistogramRelease
 from fedkd.privacy.ledger import PrivacyEvent
 from fedkd.privacy.noise import NoiseSource, noise_source
 from strategies.params import AlgorithmParams, Capabilities, SelfTrainingParams, TeacherParams
-
-
-@dataclass(frozen=True)
-class GaussianRelease:
-    """Client-level Gaussian mechanism on the teacher (the spec's privacy.release_*)."""
-
-    clip_norm: float
-    noise_multiplier: float
 
 
 @dataclass(frozen=True)
@@ -60,9 +52,11 @@ class BuildContext:
     noise_rng : str, default "seeded"
         Where the server's releases draw their noise from (`fedkd.privacy.noise`).
     release : GaussianRelease or None, default None
-        The Gaussian release of a logit teacher, if the spec asks for it.
-    histogram_noise : float or None, default None
-        Noise std of the clients' label histograms, where the teacher uses them.
+        The Gaussian release of a logit teacher (`fedkd.privacy.gaussian_release`), if the
+        spec asks for it.
+    label_histograms : LabelHistogramRelease or None, default None
+        The mechanism of the clients' label histograms (`fedkd.privacy.label_histogram`),
+        where the teacher uses them.
     confident_fraction : float, default 0.0
         The confident-labels server student (the spec's ``server.confident_fraction``).
     """
@@ -74,7 +68,7 @@ class BuildContext:
     proxy_per_round: int = 0
     noise_rng: str = "seeded"
     release: GaussianRelease | None = None
-    histogram_noise: float | None = None
+    label_histograms: LabelHistogramRelease | None = None
     confident_fraction: float = 0.0
 
 
@@ -130,14 +124,14 @@ class Strategy:
     server_student : ServerStudent or None, default None
         Global model distilled from the teacher each round.
     release : GaussianRelease or None, default None
-        Release the teacher through the Gaussian mechanism: clip each client's probability
-        matrix, sum, add noise once, then the teacher builder's post-processing (ERA's
-        sharpening). Every contributing client is charged one release event.
-    histogram_noise : float or None, default None
-        Teachers ``"class_weighted"``, ``"pooled_likelihood"``: the noise std of the label
-        histograms clients send with their logits. Each client is charged one Gaussian
-        release (sensitivity 1) the first time its histogram arrives (`one_time_events`); it
-        resends the same noisy values.
+        Release the teacher through this mechanism: clip each client's probability matrix,
+        sum, add noise once, then the teacher builder's post-processing (ERA's sharpening).
+        Every contributing client is charged the mechanism's event.
+    label_histograms : LabelHistogramRelease or None, default None
+        Teachers ``"class_weighted"``, ``"pooled_likelihood"``: the mechanism of the label
+        histograms clients send with their logits. Each client is charged what it says a
+        received histogram costs (the first one, `one_time_events`); a client resends the
+        same noisy values.
     confident_fraction : float, default 0.0
         If > 0, the server student does not distill the soft teacher: it learns the teacher's
         argmax on this fraction of each round's proxy inputs, those the teacher is most sure of
@@ -169,7 +163,7 @@ class Strategy:
         match_class_prior: bool = False,
         server_student: ServerStudent | None = None,
         release: GaussianRelease | None = None,
-        histogram_noise: float | None = None,
+        label_histograms: LabelHistogramRelease | None = None,
         confident_fraction: float = 0.0,
         self_training_confidence: float = 0.0,
         self_training_iterations: int = 1,
@@ -179,7 +173,7 @@ class Strategy:
         self.noise_rng = noise_rng  # the server's releases: "seeded" or "secure" noise
         self.release = release
         self._release_events: dict[int, list[PrivacyEvent]] = {}
-        self.histogram_noise = histogram_noise
+        self.label_histograms = label_histograms
         self._histograms: dict[int, np.ndarray] = {}  # latest released (charged once), per client
         self._one_time_events: dict[int, list[PrivacyEvent]] = {}
         self.confident_fraction = confident_fraction
@@ -301,41 +295,45 @@ class Strategy:
     def _released_teacher(
         self, round_num: int, logits: torch.Tensor, client_ids: list[int]
     ) -> torch.Tensor:
-        released = private_mean_teacher(
-            torch.softmax(logits, dim=-1),
-            self.release.clip_norm,
-            self.release.noise_multiplier,
-            self._noise(round_num, 2),
+        released = self.release.mean_teacher(
+            torch.softmax(logits, dim=-1), self._noise(round_num, 2)
         )
-        event = gaussian_release_event(self.release.noise_multiplier, round_num)
+        event = self.release.event(round_num)
         self._release_events = {cid: [event] for cid in client_ids}
         if self.teacher == "era":  # post-processing of the released mean
             return era(released.logits.unsqueeze(0), self.era_temperature)
         return released.logits
 
     def _class_weights(self, round_num: int, updates: dict[int, ClientResult]) -> torch.Tensor:
-        """The clients' released label histograms (K, C); charges each release once: a client's
-        first, and any that differs from the one it sent before (a client that lost its node
-        state redraws its noise, which is a new release)."""
+        """The clients' released label histograms (K, C); charges what the mechanism says each
+        received one costs (`LabelHistogramRelease.charges`: a client's first, and any that
+        differs from the one it sent before)."""
         if any("label_histogram" not in updates[c].arrays for c in updates):
             raise ValueError(
                 f"teacher '{self.teacher}' needs every client's label_histogram with its logits"
             )
-        if self.histogram_noise:
+        if self.label_histograms is not None:
             for cid in sorted(updates):
                 sent, before = updates[cid].arrays["label_histogram"], self._histograms.get(cid)
-                if before is None or not np.array_equal(sent, before):  # a new release: charge
-                    event = label_histogram_event(self.histogram_noise, round_num)
-                    self._one_time_events.setdefault(cid, []).append(event)
+                events = self.label_histograms.charges(round_num, sent, before)
+                if events:
+                    self._one_time_events.setdefault(cid, []).extend(events)
         self._histograms.update({c: updates[c].arrays["label_histogram"] for c in updates})
         histograms, _ = stack_uploads(updates, "label_histogram")
         return histograms
 
     def planned_release_events(self, round_num: int) -> list[PrivacyEvent]:
         """A bound, known before the round, on what its aggregation will charge each
-        contributing client (the budget check plans with it); [] when the strategy has none
-        (the check then projects the client's last round)."""
-        return []
+        contributing client (the budget check plans with it): the teacher release's; [] when
+        the strategy has none (the check then projects the client's last round)."""
+        return [] if self.release is None else self.release.planned_events(round_num)
+
+    def planned_once_events(self, round_num: int) -> list[PrivacyEvent]:
+        """What a client is charged once, the first round it contributes (its label
+        histogram's release), which the budget check adds to the plan of that round."""
+        if self.label_histograms is None:
+            return []
+        return self.label_histograms.planned_events(round_num)
 
     def release_events(self, round_num: int) -> dict[int, list[PrivacyEvent]]:
         """Privacy events this round's aggregation charged, per client (then cleared)."""
@@ -509,8 +507,8 @@ class LogitTeacherStrategy(Strategy):
             kwargs["teacher"] = params.teacher
         if context.release is not None:
             kwargs["release"] = context.release
-        if context.histogram_noise is not None:
-            kwargs["histogram_noise"] = context.histogram_noise
+        if context.label_histograms is not None:
+            kwargs["label_histograms"] = context.label_histograms
         if context.confident_fraction > 0:
             kwargs["confident_fraction"] = context.confident_fraction
         return kwargs

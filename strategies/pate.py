@@ -26,13 +26,8 @@ import torch
 
 from fedkd.learner.cohort import ClientResult
 from fedkd.learner.protocol import Learner
+from fedkd.privacy.gnmax import GNMax
 from fedkd.privacy.ledger import PrivacyEvent
-from fedkd.privacy.pate import (
-    confident_gnmax,
-    gnmax_aggregate,
-    pate_query_event,
-    pate_worst_case_event,
-)
 from strategies.base import BuildContext, Strategy, self_training_kwargs
 from strategies.params import AlgorithmParams, Capabilities, SelfTrainingParams, check_positive
 
@@ -61,13 +56,10 @@ class PATE(Strategy):
 
     Parameters
     ----------
-    threshold : float, default 0.0
-        Confident-GNMax threshold T on the noisy maximum vote; 0 = plain GNMax (every query
-        answered).
-    sigma_threshold : float, default 150.0
-        Noise std sigma1 of the threshold check.
-    sigma : float, default 40.0
-        Noise std sigma2 of the noisy argmax.
+    gnmax : GNMax or None, default None
+        The mechanism that releases labels from the summed votes (`fedkd.privacy.gnmax`):
+        Confident-GNMax with a threshold T on the noisy maximum vote (noise sigma1), then the
+        noisy argmax (noise sigma2). None: plain GNMax with sigma2 = 40 (every query answered).
     **kwargs
         See `strategies.base.Strategy`; a ``server_student`` is required. Its
         ``self_training_confidence`` and ``self_training_iterations`` set the student's
@@ -94,17 +86,13 @@ class PATE(Strategy):
     def __init__(
         self,
         *args,
-        threshold: float = 0.0,
-        sigma_threshold: float = 150.0,
-        sigma: float = 40.0,
+        gnmax: GNMax | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         if self.server_student is None:
             raise ValueError("pate needs a server student (spec: server.student)")
-        self.threshold = threshold
-        self.sigma_threshold = sigma_threshold
-        self.sigma = sigma
+        self.gnmax = gnmax if gnmax is not None else GNMax(sigma=40.0)
         # Released label per proxy input (-1: never answered).
         self.labels = np.full(len(self.data.proxy_x), -1, dtype=np.int64)
         self.queries = 0
@@ -116,9 +104,11 @@ class PATE(Strategy):
         return {
             **super().init_kwargs(params, context),
             **self_training_kwargs(params),
-            "threshold": params.pate_threshold,
-            "sigma_threshold": params.pate_sigma_threshold,
-            "sigma": params.pate_sigma,
+            "gnmax": GNMax(
+                sigma=params.pate_sigma,
+                threshold=params.pate_threshold,
+                sigma_threshold=params.pate_sigma_threshold,
+            ),
         }
 
     def plan_local(self, round_num: int) -> dict[str, np.ndarray]:
@@ -146,24 +136,12 @@ class PATE(Strategy):
 
     def planned_release_events(self, round_num: int) -> list[PrivacyEvent]:
         """The data-independent charge of the round's queries, known before any vote."""
-        sigma1 = self.sigma_threshold if self.threshold > 0 else None
-        queries = len(self._sample_proxy(round_num))
-        return [pate_worst_case_event(queries, sigma1, self.sigma, round=round_num)]
+        return self.gnmax.planned_events(len(self._sample_proxy(round_num)), round_num)
 
     def aggregate(self, round_num: int, updates: dict[int, ClientResult]) -> None:
         votes = torch.from_numpy(sum(updates[c].arrays["votes"] for c in sorted(updates)))
-        gen = self._noise(round_num, 3)
-        if self.threshold > 0:
-            labels, answered = confident_gnmax(
-                votes, self.threshold, self.sigma_threshold, self.sigma, gen
-            )
-            event = pate_query_event(
-                votes, answered, self.sigma_threshold, self.sigma, round=round_num
-            )
-        else:
-            labels = gnmax_aggregate(votes, self.sigma, gen)
-            answered = torch.ones(len(labels), dtype=torch.bool)
-            event = pate_query_event(votes, None, None, self.sigma, round=round_num)
+        labels, answered = self.gnmax.release(votes, self._noise(round_num, 3))
+        event = self.gnmax.event(votes, answered, round_num)
         self._release_events = {cid: [event] for cid in updates}
         answered_np = answered.numpy().astype(bool)
         self.labels[self._proxy_idx[answered_np]] = labels.numpy()[answered_np]

@@ -1,10 +1,10 @@
 """Layers talk one way: no module of fedkd or strategies imports a module of a higher layer.
 
 Top to bottom: run (CLI, deployment) -> Flower apps -> assembly (spec, spec-to-objects
-assembly, results folder) -> strategies -> learner -> knowledge, privacy, data, models ->
-common helpers. The audit sits beside the run layer: it may import the assembly and below, and
-only the run layer imports it. Every import counts, including those inside functions and under
-``TYPE_CHECKING``.
+assembly, results folder) -> strategies -> learner -> knowledge -> privacy -> data -> models ->
+common helpers (DESIGN.md's order). The audit sits beside the run layer: it may import the
+assembly and below, and only the run layer imports it. Every import counts, including those
+inside functions and under ``TYPE_CHECKING``.
 """
 
 import ast
@@ -14,7 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fedkd", "strategies")
 
 # Top to bottom; a layer may import itself and the layers after it.
-ORDER = ("run", "apps", "assembly", "strategies", "learner", "components", "common")
+ORDER = (
+    "run",
+    "apps",
+    "assembly",
+    "strategies",
+    "learner",
+    "knowledge",
+    "privacy",
+    "data",
+    "models",
+    "common",
+)
 # Module (or package prefix) -> layer; the longest matching prefix decides.
 LAYER_OF = {
     "fedkd.run": "run",
@@ -26,10 +37,10 @@ LAYER_OF = {
     "fedkd.results": "assembly",
     "strategies": "strategies",
     "fedkd.learner": "learner",
-    "fedkd.knowledge": "components",
-    "fedkd.privacy": "components",
-    "fedkd.data": "components",
-    "fedkd.models": "components",
+    "fedkd.knowledge": "knowledge",
+    "fedkd.privacy": "privacy",
+    "fedkd.data": "data",
+    "fedkd.models": "models",
     "fedkd": "common",  # the package root (its version) only; its subpackages are listed above
     "fedkd.provenance": "common",
     "fedkd.plots": "common",
@@ -86,18 +97,33 @@ def test_every_module_has_a_layer():
     assert not unassigned, f"give these modules a layer in LAYER_OF: {unassigned}"
 
 
-def test_no_module_imports_a_higher_layer():
+def higher_imports(module: str, path: Path) -> list[str]:
+    """Each import in `path` (the source of `module`) of a layer above `module`'s."""
+    source = layer_of(module)
+    if source is None:
+        return []  # reported by test_every_module_has_a_layer
     violations = []
-    for module, path in MODULES.items():
-        source = layer_of(module)
-        if source is None:
-            continue  # reported by test_every_module_has_a_layer
-        for line, target in imported_modules(module, path):
-            layer = layer_of(target)
-            if layer is not None and layer not in MAY_IMPORT[source]:
-                rel = path.relative_to(ROOT)
-                violations.append(f"{rel}:{line}: {source} imports {target} ({layer})")
+    for line, target in imported_modules(module, path):
+        layer = layer_of(target)
+        if layer is not None and layer not in MAY_IMPORT[source]:
+            violations.append(f"{path.name}:{line}: {source} imports {target} ({layer})")
+    return violations
+
+
+def test_no_module_imports_a_higher_layer():
+    violations = [v for module, path in MODULES.items() for v in higher_imports(module, path)]
     assert not violations, "lower layers import higher ones:\n" + "\n".join(violations)
+
+
+def test_knowledge_privacy_data_and_models_are_layers_in_that_order(tmp_path):
+    """DESIGN.md's order: each may import those after it, never one before it."""
+    path = tmp_path / "probe.py"
+    path.write_text("from fedkd.privacy import noise\nfrom fedkd.models import zoo\n")
+    assert higher_imports("fedkd.knowledge.probe", path) == []
+    assert higher_imports("fedkd.data.probe", path) == [
+        "probe.py:1: data imports fedkd.privacy.noise (privacy)"
+    ]
+    assert len(higher_imports("fedkd.models.probe", path)) == 1
 
 
 def test_the_check_sees_imports_inside_functions_and_relative_ones(tmp_path):

@@ -170,6 +170,12 @@ def handle_round(spec: Spec, msg: Message, context: Context, oracle: bool = Fals
 def handle_export(spec: Spec, msg: Message, context: Context, oracle: bool = False) -> Message:
     """The audited clients' final student weights (``query.export``, end of an audited run)."""
     config, _ = _parse(spec, msg, context)
+    if not spec.algorithm.capabilities.client_students:
+        # Its clients' state is something else (PATE's teachers), not a student to export.
+        raise ValueError(
+            f"export: algorithm '{spec.algorithm.name}' has no client student to export; "
+            "audit a run of an algorithm whose clients train students"
+        )
     results = _learner(spec, context).export(wire.part_ids(config, "export"))
     return _reply(spec, {"export": results}, None, msg, oracle)
 

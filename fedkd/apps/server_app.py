@@ -40,7 +40,6 @@ from fedkd.assembly import (
 from fedkd.learner.cohort import DIGEST_DIVERGED, STUDENT_OUTPUTS, ClientResult
 from fedkd.learner.loop import PHASE_SAMPLE, accuracy, derive_seed
 from fedkd.privacy.book import LedgerBook
-from fedkd.privacy.gaussian_release import gaussian_release_event
 from fedkd.privacy.ledger import DpSgdEvent, PrivacyEvent, UnprotectedReleaseEvent
 from fedkd.results import RunRecorder, default_run_dir, save_student, save_teachers
 from fedkd.spec import Spec
@@ -331,12 +330,15 @@ def _admit_within_budget(
     rnd: int,
     sizes: dict[int, int],
     worst_case: list[PrivacyEvent] | None = None,
+    first_time: list[PrivacyEvent] | None = None,
 ) -> list[int]:
     """Drop sampled clients whose next round would exceed their privacy budget.
 
-    The check is on the round's worst case, from round 1 on: the Gaussian release, an
-    unprotected release where the run has one, DP-SGD, and `worst_case`, the strategy's bound
-    on what this round's release charges (`Strategy.planned_release_events`). A client's DP-SGD
+    The check is on the round's worst case, from round 1 on: an unprotected release where the
+    run has one, DP-SGD, `worst_case`, the strategy's bound on what this round's release
+    charges (`Strategy.planned_release_events`: its mechanisms' planned events), and before a
+    client's first round `first_time`, what it is charged once (`Strategy.planned_once_events`:
+    its label histogram). A client's DP-SGD
     cost is its last round's, scaled to this round's epochs; before it has taken part, the cost
     of this round for `sizes` (the client's number of private examples, public by assumption:
     see docs/what-leaves-a-client.md).
@@ -344,8 +346,6 @@ def _admit_within_budget(
     if book is None or book.budget_epsilon is None:
         return sampled
     extra: list[PrivacyEvent] = []
-    if spec.privacy.release_noise > 0:
-        extra.append(gaussian_release_event(spec.privacy.release_noise, rnd))
     unprotected = unprotected_outputs(spec)
     if unprotected:
         extra.append(UnprotectedReleaseEvent(", ".join(unprotected), rnd))
@@ -356,7 +356,7 @@ def _admit_within_budget(
     calibrated_within = dp is not None and 0 < dp.target_epsilon <= book.budget_epsilon
     admitted = []
     for cid in sampled:
-        first = list(extra)
+        first = [*extra, *(first_time or [])]
         if dp is not None and not calibrated_within:
             first.append(dp.round_event(sizes[cid], train.batch_size, train.epochs_in(rnd), rnd))
         was_stopped = cid in book.stopped
@@ -709,6 +709,7 @@ def _run_rounds(
                 rnd,
                 sizes,
                 strategy.planned_release_events(rnd),
+                strategy.planned_once_events(rnd),
             )
             plan_arrays = strategy.plan_local(rnd)
             parts, config, arrays = _digest_request(open_round)

@@ -138,6 +138,12 @@ def audit_run(
         spec = load_spec(run_dir / "spec.toml")
     except SpecError as err:
         raise AuditError(f"{run_dir}/spec.toml: {err}") from None
+    caps = spec.algorithm.capabilities
+    if not (caps.uses_clients and caps.client_students):
+        raise AuditError(
+            f"{run_dir}: algorithm '{spec.algorithm.name}' has no client student to audit; "
+            "audit a run of an algorithm whose clients train students"
+        )
     a = spec.audit
     cid = a.client if client is None else int(client)
     n_shadows = a.shadows if shadows is None else int(shadows)

@@ -38,7 +38,7 @@ from fedkd.learner.loop import (
 )
 from fedkd.learner.state_codec import decode_teachers, encode_teachers
 from fedkd.privacy.dpsgd import DpSgdSettings, train_dpsgd
-from fedkd.privacy.label_histogram import released_label_histogram
+from fedkd.privacy.label_histogram import LabelHistogramRelease
 from fedkd.privacy.ledger import DpSgdEvent
 from fedkd.privacy.noise import noise_source
 from fedkd.privacy.teacher_shards import teacher_shards
@@ -267,10 +267,9 @@ class CohortLearner:
             return {"label_histogram": np.frombuffer(kept, dtype=np.float32).copy()}
         cfg = self.config
         seeded = lambda: seeded_generator(cfg.seed, client_id, PHASE_HISTOGRAM)  # noqa: E731
-        counts = released_label_histogram(
+        counts = LabelHistogramRelease(noise).release(
             self.data.clients[client_id].y_train,
             self.data.num_classes,
-            noise,
             noise_source(cfg.noise_rng, seeded),
         )
         self.released[client_id] = counts.tobytes()

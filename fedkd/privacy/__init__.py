@@ -1,5 +1,6 @@
-"""Privacy accounting core: ledger, accountant, Gaussian release, PATE, noise calibration, and
-where the mechanisms' noise comes from (seeded or secure).
+"""Privacy accounting core: ledger, accountant, the mechanisms (Gaussian release of the teacher,
+noisy label histograms, PATE), noise calibration, and where the mechanisms' noise comes from
+(seeded or secure).
 
 Plain torch/numpy on top of dp-accounting (composition) and Opacus (calibration); no Flower.
 Names are imported on first use: dp-accounting and Opacus take seconds to import, and a
@@ -16,6 +17,9 @@ _WHERE = {
     "epsilon_after": "accountant",
     "would_exceed_budget": "accountant",
     "calibrate_noise_multiplier": "calibration",
+    "GaussianRelease": "gaussian_release",
+    "GNMax": "gnmax",
+    "LabelHistogramRelease": "label_histogram",
     "PrivateTeacher": "gaussian_release",
     "clip_l2": "gaussian_release",
     "gaussian_release_event": "gaussian_release",
@@ -51,7 +55,10 @@ __all__ = [
     "RDP_ORDERS",
     "DpSgdEvent",
     "EpsilonReport",
+    "GNMax",
+    "GaussianRelease",
     "GaussianReleaseEvent",
+    "LabelHistogramRelease",
     "NoiseSource",
     "PateQueryEvent",
     "PrivacyEvent",

@@ -17,19 +17,24 @@ Under *client-level* add/remove (the whole client joins or leaves) the sensitivi
 and the ledger multiplier is ``noise_multiplier``. :func:`gaussian_release_event` builds the
 event for either unit. (When a client also trains with DP-SGD its predictions are already
 post-processing of a DP model; charging the release on top is conservative.)
+
+:class:`GaussianRelease` is the mechanism as an object: its parameters, the clip, the noise and
+the ledger event, for any algorithm that releases a sum or mean of per-client probabilities.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 
-from fedkd.privacy.ledger import GaussianReleaseEvent
+from fedkd.privacy.ledger import GaussianReleaseEvent, PrivacyEvent
 from fedkd.privacy.noise import NoiseSource, as_noise_source
 
 __all__ = [
+    "GaussianRelease",
     "PrivateTeacher",
     "clip_l2",
     "gaussian_release_event",
@@ -206,3 +211,63 @@ def gaussian_release_event(
     return GaussianReleaseEvent(
         noise_multiplier=noise_multiplier / release_sensitivity(unit), count=count, round=round
     )
+
+
+@dataclass(frozen=True)
+class GaussianRelease:
+    """The client-level Gaussian mechanism on per-client probability matrices (the spec's
+    ``privacy.release_noise`` and ``privacy.release_clip``).
+
+    An algorithm that sends the server's teacher built from clients' probabilities releases it
+    through :meth:`mean_teacher` (or :meth:`noisy_sum`) and appends :meth:`event` to the ledger
+    of every client whose matrix went in; :meth:`planned_events` is what the budget check plans
+    for one round, before any upload arrives.
+
+    Parameters
+    ----------
+    clip_norm : float
+        Per-client Frobenius clip norm, > 0.
+    noise_multiplier : float
+        Noise std divided by ``clip_norm``, >= 0.
+    unit : {"example", "client"}, default "example"
+        Privacy unit of the ledger event (see :func:`release_sensitivity`).
+    """
+
+    clip_norm: float
+    noise_multiplier: float
+    unit: PrivacyUnit = "example"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ValueError(f"clip_norm must be a finite number > 0, got {self.clip_norm!r}")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ValueError(
+                f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier!r}"
+            )
+        release_sensitivity(self.unit)  # rejects an unknown unit
+
+    def clip(self, client_probs: torch.Tensor) -> torch.Tensor:
+        """Each client's matrix scaled to Frobenius norm at most ``clip_norm`` (`clip_l2`)."""
+        return clip_l2(client_probs, self.clip_norm)
+
+    def noisy_sum(
+        self, client_probs: torch.Tensor, noise: torch.Generator | NoiseSource
+    ) -> torch.Tensor:
+        """The clipped matrices' sum plus Gaussian noise (`private_sum_of_probabilities`)."""
+        return private_sum_of_probabilities(
+            client_probs, self.clip_norm, self.noise_multiplier, noise
+        )
+
+    def mean_teacher(
+        self, client_probs: torch.Tensor, noise: torch.Generator | NoiseSource
+    ) -> PrivateTeacher:
+        """The noisy mean as teacher probabilities and logits (`private_mean_teacher`)."""
+        return private_mean_teacher(client_probs, self.clip_norm, self.noise_multiplier, noise)
+
+    def event(self, round_num: int, count: int = 1) -> GaussianReleaseEvent:
+        """The ledger event of `count` releases, for each client whose matrix went in."""
+        return gaussian_release_event(self.noise_multiplier, round_num, self.unit, count)
+
+    def planned_events(self, round_num: int) -> list[PrivacyEvent]:
+        """The most one round's release charges a contributing client: one release."""
+        return [self.event(round_num)]

@@ -11,19 +11,24 @@ A client draws its noisy histogram once and releases the *same* one every round 
 is seeded by run and client only, not by round; secure noise is drawn once and kept in the
 client's state): sending a released value again is post-processing, and the server charges the
 release once, the first time it receives it.
+
+:class:`LabelHistogramRelease` is the mechanism as an object: the client releases through
+:meth:`~LabelHistogramRelease.release`, the server asks :meth:`~LabelHistogramRelease.charges`
+what a received histogram costs.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fedkd.privacy.ledger import GaussianReleaseEvent
+from fedkd.privacy.ledger import GaussianReleaseEvent, PrivacyEvent
 from fedkd.privacy.noise import NoiseSource, as_noise_source
 
-__all__ = ["label_histogram_event", "released_label_histogram"]
+__all__ = ["LabelHistogramRelease", "label_histogram_event", "released_label_histogram"]
 
 
 def released_label_histogram(
@@ -64,3 +69,52 @@ def released_label_histogram(
 def label_histogram_event(noise_std: float, round_num: int = 0) -> GaussianReleaseEvent:
     """The ledger event of one histogram release: sensitivity 1, so multiplier = noise std."""
     return GaussianReleaseEvent(noise_multiplier=noise_std, count=1, round=round_num)
+
+
+@dataclass(frozen=True)
+class LabelHistogramRelease:
+    """The Gaussian mechanism on a client's label histogram (the spec's
+    ``privacy.histogram_noise``, for the teachers that weight clients by class).
+
+    Nothing to clip: one example changes one count by 1, so the sensitivity is 1 whatever the
+    data. ``noise_std = 0`` releases exact counts, which a run may do only when it claims no
+    privacy (the spec check refuses it otherwise), and is charged nothing.
+
+    Parameters
+    ----------
+    noise_std : float
+        Noise std per count, >= 0 (the noise multiplier).
+    """
+
+    noise_std: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
+
+    def release(
+        self, labels: np.ndarray, num_classes: int, noise: torch.Generator | NoiseSource
+    ) -> np.ndarray:
+        """The client's noisy count per class (`released_label_histogram`); draw it once per
+        client and resend it (module docstring)."""
+        return released_label_histogram(labels, num_classes, self.noise_std, noise)
+
+    def event(self, round_num: int = 0) -> GaussianReleaseEvent:
+        """The ledger event of one release."""
+        return label_histogram_event(self.noise_std, round_num)
+
+    def planned_events(self, round_num: int) -> list[PrivacyEvent]:
+        """The most a client's first release costs (nothing for exact counts); resending it
+        later costs nothing, so the budget plans it once, before the client's first round."""
+        return [self.event(round_num)] if self.noise_std > 0 else []
+
+    def charges(
+        self, round_num: int, received: np.ndarray, before: np.ndarray | None
+    ) -> list[PrivacyEvent]:
+        """What the server charges a client for the histogram it `received`: one event the
+        first time, and for one that differs from the one it sent `before` (a client that lost
+        its state redraws its noise: a new release); a resent one is free, and so are exact
+        counts."""
+        if self.noise_std == 0 or (before is not None and np.array_equal(received, before)):
+            return []
+        return [self.event(round_num)]

@@ -291,7 +291,7 @@ def report(
     """Group runs that differ only by seed; print each group's mean, sd and 95% CI per metric
     with its commits, and draw the mean accuracy curves with a band of one sd."""
     from fedkd.plots import plot_comparison
-    from fedkd.results import RunDirError
+    from fedkd.results import RunDirError, make_folder
     from fedkd.run.report import csv_text, group_runs, load_run, markdown, rich_table
 
     if format_ not in REPORT_FORMATS:
@@ -302,6 +302,13 @@ def report(
             runs.append(load_run(run_dir))
         except (FileNotFoundError, RunDirError) as err:
             fail(str(err))
+    path = plot or Path(run_dirs[0]).parent / "report.png"
+    if path.is_dir():
+        fail(f"--plot {path}: is a folder; pass a file path such as {path / 'report.png'}")
+    try:
+        make_folder(path.parent, "--plot")
+    except RunDirError as err:
+        fail(str(err))
     groups = group_runs(runs)
     if format_ == "md":
         command = " ".join(["fedkd report --format md", *(str(d) for d in run_dirs)])
@@ -311,8 +318,10 @@ def report(
     else:
         # In a terminal Rich fits the table to it; piped elsewhere, nothing is cut.
         Console(width=None if sys.stdout.isatty() else 220).print(rich_table(groups))
-    path = plot or Path(run_dirs[0]).parent / "report.png"
-    plot_comparison({g.label: [r.rounds for r in g.runs] for g in groups}, path)
+    try:
+        plot_comparison({g.label: [r.rounds for r in g.runs] for g in groups}, path)
+    except (OSError, ValueError) as err:  # not writable, or a file type matplotlib cannot write
+        fail(f"--plot {path}: cannot write the plot ({err}); pass a writable .png path")
     console.print(f"plot: {path} (mean over seeds, band ± sample sd)", highlight=False)
 
 

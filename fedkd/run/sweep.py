@@ -65,8 +65,10 @@ from fedkd.spec import (
 
 __all__ = [
     "CSV_KEYS",
+    "EpsilonPoints",
     "SweepError",
     "SweepPoint",
+    "accuracy_vs_epsilon_points",
     "expand_grid",
     "plot_accuracy_vs_epsilon",
     "run_sweep",
@@ -283,17 +285,49 @@ def _seed_sd(values: Any) -> float:
     return float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def plot_accuracy_vs_epsilon(rows: list[dict[str, Any]], keys: list[str], path: Path) -> Path:
-    """Final accuracy against ``epsilon_max``: mean and sample sd over seeds, no-DP as bands.
+@dataclass
+class EpsilonPoints:
+    """What `plot_accuracy_vs_epsilon` draws, grouped over seeds.
 
-    Points are grouped by every grid key but ``seed``; groups that differ in keys outside
-    ``privacy.*`` (e.g. the algorithm) are drawn as separate series.
+    Attributes
+    ----------
+    acc_key : str
+        The accuracy plotted (`_accuracy_key`).
+    series : dict
+        Per series (the grid keys outside ``privacy.*``), its points with a finite epsilon:
+        ``(epsilon mean, epsilon sd, accuracy mean, accuracy sd, privacy setting)``.
+    flat : dict
+        Per series, the point without DP (no epsilon): ``(accuracy mean, sd, runs)``.
+    unprotected : list of str
+        The points whose epsilon is infinite (an unprotected release): not plotted, named in
+        the figure; the table shows their ``inf``.
+    n_seeds : int
+        The most runs in one point.
     """
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    acc_key: str
+    series: dict[tuple, list[tuple[float, float, float, float, str]]]
+    flat: dict[tuple, tuple[float, float, int]]
+    unprotected: list[str]
+    n_seeds: int
 
+
+def accuracy_vs_epsilon_points(rows: list[dict[str, Any]], keys: list[str]) -> EpsilonPoints:
+    """The completed rows of a sweep grouped by every grid key but ``seed``, split into points
+    with a finite epsilon, points without DP, and points with an infinite epsilon.
+
+    Parameters
+    ----------
+    rows : list of dict
+        The sweep's rows (as in ``sweep.csv``).
+    keys : list of str
+        The grid's keys.
+
+    Returns
+    -------
+    EpsilonPoints
+        The groups, by kind.
+    """
     done = [r for r in rows if r["status"] == "completed"]
     acc_key = _accuracy_key(done)
     group_keys = [k for k in keys if k != "seed"]
@@ -302,24 +336,43 @@ def plot_accuracy_vs_epsilon(rows: list[dict[str, Any]], keys: list[str], path: 
     for r in done:
         if r.get(acc_key) is not None:
             groups.setdefault(tuple(_label(r[k]) for k in group_keys), []).append(r)
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    series: dict[tuple, list[tuple[float, float, float, float, str]]] = {}
-    flat: dict[tuple, tuple[float, float, int]] = {}
+    points = EpsilonPoints(acc_key, {}, {}, [], max((len(g) for g in groups.values()), default=0))
     for gkey, members in groups.items():
         values = dict(zip(group_keys, gkey, strict=True))
         skey = tuple(values[k] for k in series_keys)
         accs = np.array([m[acc_key] for m in members], dtype=float)
         eps = [m["epsilon_max"] for m in members if m.get("epsilon_max") is not None]
         if not eps:  # no DP at this point: a horizontal band at its accuracy
-            flat[skey] = (float(accs.mean()), _seed_sd(accs), len(accs))
+            points.flat[skey] = (float(accs.mean()), _seed_sd(accs), len(accs))
+            continue
+        if not all(math.isfinite(e) for e in eps):  # an unprotected release: no point to draw
+            points.unprotected.append(",".join(f"{k}={values[k]}" for k in group_keys))
             continue
         # Each point is labelled with its privacy setting (e.g. the target epsilon).
         tag = ",".join(values[k] for k in group_keys if k.startswith("privacy."))
-        series.setdefault(skey, []).append(
+        points.series.setdefault(skey, []).append(
             (float(np.mean(eps)), _seed_sd(eps), float(accs.mean()), _seed_sd(accs), tag)
         )
+    return points
+
+
+def plot_accuracy_vs_epsilon(rows: list[dict[str, Any]], keys: list[str], path: Path) -> Path:
+    """Final accuracy against ``epsilon_max``: mean and sample sd over seeds, no-DP as bands.
+
+    Points are grouped by every grid key but ``seed``; groups that differ in keys outside
+    ``privacy.*`` (e.g. the algorithm) are drawn as separate series. Points whose epsilon is
+    infinite (an unprotected release) have no place on the axis: they are named below it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = accuracy_vs_epsilon_points(rows, keys)
+    series, flat = points.series, points.flat
+    series_keys = [k for k in keys if k != "seed" and not k.startswith("privacy.")]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, skey in enumerate(sorted(set(series) | set(flat))):
         color = colors[i % len(colors)]
         label = " ".join(
@@ -348,16 +401,18 @@ def plot_accuracy_vs_epsilon(rows: list[dict[str, Any]], keys: list[str], path: 
     if series:
         ax.set_xscale("log", base=2)
     ax.margins(x=0.15, y=0.15)
-    n_seeds = max((len(g) for g in groups.values()), default=0)
     ax.set(
         xlabel="epsilon_max (cumulative, largest over clients)",
-        ylabel=f"final {acc_key}",
-        title=f"accuracy vs epsilon (mean ± sample sd over {n_seeds} seeds)",
+        ylabel=f"final {points.acc_key}",
+        title=f"accuracy vs epsilon (mean ± sample sd over {points.n_seeds} seeds)",
     )
+    if points.unprotected:
+        note = "not plotted, epsilon = inf (unprotected release): "
+        fig.text(0.01, 0.01, note + "; ".join(points.unprotected), fontsize=7, wrap=True)
     ax.grid(alpha=0.3)
-    if groups:
+    if series or flat:
         ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 if points.unprotected else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -465,7 +520,9 @@ def selection_of(spec: Spec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"  # an infinite epsilon: an unprotected release
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
