@@ -227,6 +227,27 @@ def _take_over_stale_lock(lock: Path) -> bool:
     return True
 
 
+def _acquire_lock(path: Path) -> Path:
+    """Create `path` if needed and take its lock (``O_EXCL``; a stale lock is taken over)."""
+    lock = path / LOCK_NAME
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        if not _take_over_stale_lock(lock):
+            raise RunDirError(
+                f"output folder {path} is in use by {_lock_owner(lock)}; pass another --out"
+            ) from None
+    except OSError as err:
+        raise RunDirError(
+            f"output folder {path}: cannot write there ({err.strerror}); pass a writable --out"
+        ) from None
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(_lock_text())
+    return lock
+
+
 def claim_run_dir(path: str | Path) -> Path:
     """Create `path` (if needed) and claim it for one run; return the lock file.
 
@@ -254,22 +275,7 @@ def claim_run_dir(path: str | Path) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"output folder {path}: is a file; pass a folder path to --out")
-    lock = path / LOCK_NAME
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        if not _take_over_stale_lock(lock):
-            raise RunDirError(
-                f"output folder {path} is in use by {_lock_owner(lock)}; pass another --out"
-            ) from None
-    except OSError as err:
-        raise RunDirError(
-            f"output folder {path}: cannot write there ({err.strerror}); pass a writable --out"
-        ) from None
-    else:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(_lock_text())
+    lock = _acquire_lock(path)
     lock_files = {LOCK_NAME, TAKEOVER_NAME}
     others = sorted(p.name for p in path.iterdir() if p.name not in PRE_RUN_FILES | lock_files)
     if others:
@@ -298,19 +304,55 @@ def _clean(value: Any, keep_inf: bool = False) -> Any:
     return value
 
 
-class RunRecorder:
-    """Writes one run's results folder as the run goes."""
+def reclaim_run_dir(path: str | Path) -> Path:
+    """Claim a folder that holds an unfinished run, to resume it; return the lock file.
 
-    def __init__(self, out_dir: str | Path, spec: Spec) -> None:
+    A lock left by a killed run of this host (its process no longer runs) is taken over, as in
+    `claim_run_dir`; a live run's lock is refused.
+    """
+    return _acquire_lock(Path(path))
+
+
+class RunRecorder:
+    """Writes one run's results folder as the run goes.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        The results folder (claimed with `claim_run_dir`).
+    spec : Spec
+        The spec as run.
+    keep_rows : int or None, default None
+        Resume the run already in `out_dir` (`reclaim_run_dir`): keep its first `keep_rows`
+        rows of ``metrics.jsonl`` (those a checkpoint has behind it), drop later ones, and
+        append from there.
+    """
+
+    def __init__(self, out_dir: str | Path, spec: Spec, keep_rows: int | None = None) -> None:
         self.dir = Path(out_dir)
-        self.lock: Path | None = claim_run_dir(self.dir)
         self.spec = with_noise_rng(spec)  # as run: an unset noise source is the simulation's
         self.summary: dict[str, Any] | None = None
         self._finishing = threading.Lock()
         self.rounds: list[dict[str, Any]] = []
         self.started = time.perf_counter()
         self.provenance = run_provenance()  # the code as the run starts (fedkd.provenance)
-        (self.dir / "spec.toml").write_text(self.spec.to_toml())
+        if keep_rows is None:
+            self.lock: Path | None = claim_run_dir(self.dir)
+            (self.dir / "spec.toml").write_text(self.spec.to_toml())
+        else:
+            self.lock = reclaim_run_dir(self.dir)
+            self._keep_rows(keep_rows)
+
+    def _keep_rows(self, count: int) -> None:
+        """Cut ``metrics.jsonl`` to its first `count` rows (a resumed run writes the rest)."""
+        path = self.dir / "metrics.jsonl"
+        lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+        kept = [line for line in lines if line.endswith("\n")][:count]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self.rounds = [json.loads(line) for line in kept]
+        (self.dir / "summary.json").unlink(missing_ok=True)  # written again when it ends
 
     def record_round(self, metrics: dict[str, Any]) -> None:
         missing = [k for k in ROUND_KEYS if k not in metrics]

@@ -198,6 +198,19 @@ class Strategy:
         self._proxy_idx = np.empty(0, dtype=np.int64)
         self._teacher_logits: np.ndarray | None = None
 
+    # Attributes that are the run's inputs, rebuilt from the spec on resume: never checkpointed.
+    run_inputs: ClassVar[tuple[str, ...]] = ("data",)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next round depends on, for a checkpoint: by default every attribute
+        but `run_inputs` (teachers kept across rounds, the server student and its optimizer,
+        released histograms). Override where an attribute cannot be pickled or is rebuilt."""
+        return {k: v for k, v in vars(self).items() if k not in self.run_inputs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what `state_dict` returned (on resume, into a freshly built strategy)."""
+        vars(self).update(state)
+
     @classmethod
     def from_params(cls, params: AlgorithmParams, context: BuildContext) -> Strategy:
         """The algorithm's server side, built from its parameters and the run's context."""

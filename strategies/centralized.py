@@ -29,6 +29,8 @@ class Centralized(Strategy):
         server_student="own",
         supports_dpsgd=False,
     )
+    # The pooled private data is rebuilt from the run's data, not checkpointed.
+    run_inputs = (*Strategy.run_inputs, "_x", "_y")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -171,13 +171,13 @@ def test_the_example_copied_elsewhere_runs_with_fedkd_run(tmp_path):
 
 
 def test_a_sweep_point_run_before_the_change_still_counts_as_done(tmp_path):
-    from fedkd.run.sweep import _spec_mismatch
+    from fedkd.run.sweep import spec_mismatch
 
     now = load_spec(None, ["rounds=2"]).to_dict()
     before = {**now, "algorithm": {"name": "dsfl", **LEGACY_ALGORITHM_DEFAULTS}}
     saved = tmp_path / "spec.toml"
     saved.write_text(tomli_w.dumps(before))
-    assert _spec_mismatch(saved, now) == []
+    assert spec_mismatch(saved, now) == []
     before["algorithm"]["fd_weight"] = 0.5  # a value that did not come from the defaults
     saved.write_text(tomli_w.dumps(before))
-    assert _spec_mismatch(saved, now) == ["algorithm.fd_weight"]
+    assert spec_mismatch(saved, now) == ["algorithm.fd_weight"]

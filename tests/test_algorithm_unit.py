@@ -13,11 +13,13 @@ from fedkd.learner.vectorised import VectorisedCohortLearner
 from strategies.registry import BUILTIN
 
 ROOT = Path(__file__).resolve().parents[1]
-# Where no algorithm-specific branch may live: spec checks, assembly, apps, learners.
+# Where no algorithm-specific branch may live: spec checks, assembly, apps, round loop,
+# learners.
 ENGINE = [
     ROOT / "fedkd" / "spec.py",
     ROOT / "fedkd" / "assembly.py",
     *sorted((ROOT / "fedkd" / "apps").glob("*.py")),
+    *sorted((ROOT / "fedkd" / "rounds").glob("*.py")),
     *sorted((ROOT / "fedkd" / "learner").glob("*.py")),
 ]
 # The upload kinds the learners and apps used to switch on.

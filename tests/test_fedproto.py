@@ -9,8 +9,10 @@ from fedkd.learner.cohort import ClientResult, CohortConfig, CohortLearner
 from fedkd.learner.loop import OptimConfig, StepConfig
 from fedkd.learner.vectorised import VectorisedCohortLearner
 from fedkd.models.zoo import EMBEDDING_WIDTH
+from fedkd.spec import load_spec
 from strategies.fedproto import FedProto, FedProtoParams
 from tests.test_engine import TIMINGS, run_inprocess
+from tests.test_resume import SMALL, resume, stop_after_row, straight_run
 
 CLIENTS = list(range(4))
 MIXED = ["clients.students=['cnn_small', 'mlp']"]  # mlp's 200-wide embedding is projected
@@ -122,3 +124,11 @@ def test_embeddings_have_one_width_for_every_architecture(data):
             for mine, theirs in zip(our_statistics[cid], statistics[cid], strict=True):
                 np.testing.assert_allclose(mine, theirs, atol=1e-5)
             assert torch.isfinite(torch.from_numpy(logits[cid])).all()
+
+
+def test_a_resumed_fedproto_run_writes_the_straight_runs_metrics(tmp_path):
+    """The global prototypes are in the strategy's checkpointed state."""
+    spec = load_spec(None, [*SMALL, "algorithm.name=fedproto"])
+    expected = straight_run(spec, tmp_path / "straight")
+    stop_after_row(spec, tmp_path / "resumed", 2)
+    assert resume(spec, tmp_path / "resumed") == expected

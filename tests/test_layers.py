@@ -35,6 +35,7 @@ LAYER_OF = {
     "fedkd.assembly": "assembly",
     "fedkd.spec": "assembly",
     "fedkd.results": "assembly",
+    "fedkd.rounds": "assembly",
     "strategies": "strategies",
     "fedkd.learner": "learner",
     "fedkd.knowledge": "knowledge",

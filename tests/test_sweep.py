@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,9 +13,12 @@ import pytest
 from fedkd.apps.client_app import make_client_app
 from fedkd.apps.server_app import run_rounds
 from fedkd.results import RunRecorder
+from fedkd.rounds.checkpoint import CHECKPOINTS
+from fedkd.run.resume import resume_point
 from fedkd.run.sweep import (
     SweepError,
     expand_grid,
+    resumable,
     run_sweep,
     select_by_validation,
     subprocess_runner,
@@ -57,13 +61,19 @@ class InProcessRunner:
 
     def __init__(self):
         self.ran = []
+        self.resumed = []
 
     def __call__(self, spec_path, overrides, out_dir):
         self.ran.append(out_dir.name)
         spec = load_spec(spec_path, overrides)
-        run_rounds(
-            InProcessGrid(make_client_app(spec), spec.num_nodes), spec, RunRecorder(out_dir, spec)
-        )
+        grid = InProcessGrid(make_client_app(spec), spec.num_nodes)
+        if resumable(out_dir):  # as subprocess_runner does, with fedkd run --resume
+            self.resumed.append(out_dir.name)
+            point = resume_point(out_dir, str(spec_path), overrides)
+            recorder = RunRecorder(out_dir, point.spec, point.rows)
+            run_rounds(grid, point.spec, recorder, resume=point.checkpoint)
+        else:
+            run_rounds(grid, spec, RunRecorder(out_dir, spec))
         return 0
 
 
@@ -128,6 +138,13 @@ def test_a_point_that_cannot_run_stops_the_sweep_before_anything_runs(tmp_path):
     assert runner.ran == []
 
 
+def metrics_without_timings(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in row.items() if not k.endswith("_s") and "peak" not in k} for row in rows
+    ]
+
+
 def test_sweep_runs_every_point_writes_the_table_and_plot_and_resumes(tmp_path):
     spec = write_spec(tmp_path)
     out = tmp_path / "out"
@@ -152,12 +169,19 @@ def test_sweep_runs_every_point_writes_the_table_and_plot_and_resumes(tmp_path):
             assert float(r["epsilon_max"]) == summary["final"]["epsilon_max"] > 0
     assert (out / "accuracy_vs_epsilon.png").stat().st_size > 0
 
-    # Resume: finished points are not rerun; an interrupted one is moved aside and rerun.
-    interrupted = out / "noise_multiplier=none,seed=1"
+    # Resume: finished points are not rerun; one killed after a checkpoint resumes from it
+    # (same metrics), one that died before its first checkpoint is moved aside and rerun.
+    interrupted = out / "noise_multiplier=1.0,seed=1"
+    metrics = metrics_without_timings(interrupted)
     (interrupted / "summary.json").unlink()
+    died = out / "noise_multiplier=none,seed=1"
+    (died / "summary.json").unlink()
+    shutil.rmtree(died / CHECKPOINTS)
     again = InProcessRunner()
     rows = run_sweep(spec, out, runner=again, echo=lambda _: None)
-    assert again.ran == ["noise_multiplier=none,seed=1"]
+    assert again.ran == ["noise_multiplier=1.0,seed=1", "noise_multiplier=none,seed=1"]
+    assert again.resumed == ["noise_multiplier=1.0,seed=1"]
+    assert metrics_without_timings(interrupted) == metrics
     assert [r["status"] for r in rows] == ["completed"] * 4
     assert len(list((out / "_incomplete").iterdir())) == 1
 

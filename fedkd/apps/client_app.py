@@ -16,6 +16,7 @@ import resource
 import sys
 import time
 from collections.abc import Iterator, MutableMapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from fedkd.apps.run_config import spec_from_run_config
 from fedkd.assembly import cohort_config, eval_test_indices, hosted_clients, node_data
 from fedkd.learner.cohort import ClientResult, CohortLearner
 from fedkd.learner.vectorised import VectorisedCohortLearner
+from fedkd.rounds.checkpoint import load_client_state, save_client_state
 from fedkd.spec import Spec, refuse_seeded_noise
 
 
@@ -82,6 +84,42 @@ def _learner(spec: Spec, context: Context) -> CohortLearner:
     return CohortLearner(data, config, store, released)
 
 
+# What a node keeps per client in its state (`NodeStateStore` prefixes), and so checkpoints.
+STATE_KINDS = ("client", "released")
+
+
+def _checkpoint_folder(config: dict, context: Context, simulated: bool) -> Path | None:
+    """Where this node keeps its clients' states between runs: in simulation the folder the
+    server names (beside the run); on a deployed site its own, the node config's
+    ``checkpoint-dir`` (never a path the server sends); None: nowhere."""
+    if simulated:
+        folder = str(config.get("checkpoint_dir", ""))
+    else:
+        folder = str(context.node_config.get("checkpoint-dir", ""))
+    return Path(folder) if folder else None
+
+
+def _restore_clients(folder: Path, config: dict, context: Context, ids: set[int]) -> None:
+    """A resumed run: clients this node holds no state for take theirs back as of the
+    checkpoint's round (``restore_round``; a client with no file yet starts fresh)."""
+    restore_round = int(config.get("restore_round", 0))
+    stores = {kind: NodeStateStore(context, kind) for kind in STATE_KINDS}
+    for cid in sorted(ids):
+        if restore_round <= 0 or cid in stores["client"]:
+            continue
+        for kind, blob in (load_client_state(folder, cid, restore_round) or {}).items():
+            stores[kind][cid] = blob
+
+
+def _checkpoint_clients(folder: Path, config: dict, context: Context, ids: set[int]) -> None:
+    """Keep the state of every client this message touched, as of its round."""
+    stores = {kind: NodeStateStore(context, kind) for kind in STATE_KINDS}
+    for cid in sorted(ids):
+        blobs = {kind: store[cid] for kind, store in stores.items() if cid in store}
+        if blobs:
+            save_client_state(folder, cid, int(config["round"]), blobs)
+
+
 def _peak_memory_mb() -> dict[str, float]:
     """This process's peak memory so far: resident set size, and CUDA memory when used."""
     peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB
@@ -133,14 +171,21 @@ def handle_hello(spec: Spec, msg: Message, context: Context) -> Message:
     )
 
 
-def handle_round(spec: Spec, msg: Message, context: Context, oracle: bool = False) -> Message:
+def handle_round(
+    spec: Spec, msg: Message, context: Context, oracle: bool = False, simulated: bool = True
+) -> Message:
     """``train.round``: digest the previous round's payload, evaluate, then train and upload.
 
     What the clients compute is their algorithm's client side (`strategies.base.Strategy`'s
     `client_digest` and `client_round`, found from the spec): this app only moves its arrays.
+    `simulated`: the node runs in a simulation (its checkpoint folder is the run's).
     """
     started = time.perf_counter()
     config, arrays = _parse(spec, msg, context)
+    touched = {c for part in wire.PARTS for c in wire.part_ids(config, part)}
+    checkpoints = _checkpoint_folder(config, context, simulated)
+    if checkpoints is not None:
+        _restore_clients(checkpoints, config, context, touched)
     learner = _learner(spec, context)
     algorithm, params = spec.algorithm.cls, spec.algorithm.params
     parts: dict[str, dict[int, ClientResult]] = {}
@@ -164,6 +209,8 @@ def handle_round(spec: Spec, msg: Message, context: Context, oracle: bool = Fals
         parts["train"] = algorithm.client_round(
             params, learner, int(config["round"]), train_ids, wire.plan_arrays(arrays)
         )
+    if checkpoints is not None:
+        _checkpoint_clients(checkpoints, config, context, touched)
     return _reply(spec, parts, started, msg, oracle)
 
 
@@ -218,7 +265,8 @@ def make_client_app(spec: Spec | None = None, oracle: bool | None = None) -> Cli
 
     @app.train("round")
     def round_(msg: Message, context: Context) -> Message:
-        return handle_round(_spec(context), msg, context, oracle)
+        simulated = spec is not None or in_simulation_engine()
+        return handle_round(_spec(context), msg, context, oracle, simulated)
 
     @app.query("export")
     def export(msg: Message, context: Context) -> Message:

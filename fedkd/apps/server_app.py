@@ -17,7 +17,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +30,27 @@ from fedkd.apps import wire
 from fedkd.apps.run_config import spec_from_run_config
 from fedkd.assembly import (
     build_strategy,
-    dpsgd_settings,
     eval_test_indices,
     federated_data,
     ledger_book,
-    step_config,
     unprotected_outputs,
 )
-from fedkd.learner.cohort import DIGEST_DIVERGED, STUDENT_OUTPUTS, ClientResult
+from fedkd.learner.cohort import DIGEST_DIVERGED, ClientResult
 from fedkd.learner.loop import PHASE_SAMPLE, accuracy, derive_seed
-from fedkd.privacy.book import LedgerBook
-from fedkd.privacy.ledger import DpSgdEvent, PrivacyEvent, UnprotectedReleaseEvent
-from fedkd.results import RunRecorder, default_run_dir, save_student, save_teachers
+from fedkd.results import RunRecorder, default_run_dir
+from fedkd.rounds.audit_capture import AuditCaptureHook
+from fedkd.rounds.checkpoint import CHECKPOINTS, CheckpointHook
+from fedkd.rounds.hooks import (
+    HookChain,
+    LoopState,
+    MetricsRowHook,
+    Replies,
+    RoundHook,
+    RoundState,
+)
+from fedkd.rounds.ledger import LedgerHook
 from fedkd.spec import Spec
 from strategies import Strategy
-from strategies.params import Capabilities
 
 log = logging.getLogger("fedkd")
 
@@ -199,6 +205,10 @@ class Exchange:
     def failed_in(self, part: str) -> set[int]:
         return self.failed | set(self.rejected[part])
 
+    def replies(self) -> Replies:
+        """Every result per part, used or rejected (what the round hooks charge)."""
+        return {part: {**self.rejected[part], **self.results[part]} for part in wire.PARTS}
+
     def fail(self, node_parts: dict[str, list[int]], cause: str) -> None:
         """Every client a node was asked about failed, for `cause`."""
         for ids in node_parts.values():
@@ -323,122 +333,6 @@ def _teacher_acc(
     return None if teacher is None else accuracy(teacher, test_y)
 
 
-def _admit_within_budget(
-    book: LedgerBook | None,
-    spec: Spec,
-    sampled: list[int],
-    rnd: int,
-    sizes: dict[int, int],
-    worst_case: list[PrivacyEvent] | None = None,
-    first_time: list[PrivacyEvent] | None = None,
-) -> list[int]:
-    """Drop sampled clients whose next round would exceed their privacy budget.
-
-    The check is on the round's worst case, from round 1 on: an unprotected release where the
-    run has one, DP-SGD, `worst_case`, the strategy's bound on what this round's release
-    charges (`Strategy.planned_release_events`: its mechanisms' planned events), and before a
-    client's first round `first_time`, what it is charged once (`Strategy.planned_once_events`:
-    its label histogram). A client's DP-SGD
-    cost is its last round's, scaled to this round's epochs; before it has taken part, the cost
-    of this round for `sizes` (the client's number of private examples, public by assumption:
-    see docs/what-leaves-a-client.md).
-    """
-    if book is None or book.budget_epsilon is None:
-        return sampled
-    extra: list[PrivacyEvent] = []
-    unprotected = unprotected_outputs(spec)
-    if unprotected:
-        extra.append(UnprotectedReleaseEvent(", ".join(unprotected), rnd))
-    train = step_config(spec.train)
-    dp = dpsgd_settings(spec)
-    # A run calibrated to target_epsilon fits its whole run in it: no round alone exceeds a
-    # budget at least as large, and the (costly) calibration need not run on the server.
-    calibrated_within = dp is not None and 0 < dp.target_epsilon <= book.budget_epsilon
-    admitted = []
-    for cid in sampled:
-        first = [*extra, *(first_time or [])]
-        if dp is not None and not calibrated_within:
-            first.append(dp.round_event(sizes[cid], train.batch_size, train.epochs_in(rnd), rnd))
-        was_stopped = cid in book.stopped
-        planned = book.planned_events(cid, rnd, first, train.epochs_in, worst_case)
-        if book.can_contribute(cid, planned):
-            admitted.append(cid)
-        elif not was_stopped:
-            log.warning(
-                "round %d: client %d stops contributing: one more round would exceed its "
-                "budget of epsilon %.3g",
-                rnd,
-                cid,
-                book.budget_epsilon,
-            )
-    return admitted
-
-
-def _record_unprotected(
-    book: LedgerBook | None, spec: Spec, caps: Capabilities, exchange: Exchange, rnd: int
-) -> None:
-    """Charge an unprotected release to every client that sent its (non-DP) student's outputs.
-
-    In a run that claims privacy (a ledger book) but trains students without DP-SGD, what a
-    student computes (uploads, test logits and accuracy, distillation loss, exported weights)
-    leaves the client with no mechanism behind it: its epsilon is infinite from then on. The
-    event is recorded once per client, in the round of its first such release.
-    """
-    if book is None or spec.privacy.dpsgd:
-        return
-    student_outputs = {*STUDENT_OUTPUTS, *caps.uploads}
-    for part in wire.PARTS:
-        for cid, res in sorted({**exchange.rejected[part], **exchange.results[part]}.items()):
-            ledger = book.ledgers.get(cid)
-            if ledger is not None and ledger.has_unprotected:
-                continue
-            values = [
-                f"{part}.{k}" for k in sorted({**res.arrays, **res.metrics}) if k in student_outputs
-            ]
-            if part == "export" or (part == "train" and caps.uploads_weights):
-                values.append(f"{part}.<student weights>")
-            if values:
-                book.record(cid, UnprotectedReleaseEvent(", ".join(values), rnd), recurs=False)
-
-
-def _record_dpsgd(book: LedgerBook | None, results: dict[int, ClientResult], rnd: int) -> None:
-    """Charge each client the DP-SGD steps it reports, and any steps it took unheard.
-
-    `results` holds every reply that reports DP-SGD steps, used or not (a non-finite upload
-    still came from private training). A client whose reply arrived too late (the node timed
-    out) kept that round's training in its state, and what it releases from now on depends on
-    it: its count of steps over the run runs ahead of its ledger, and the missing steps are
-    charged now (sample rate and noise are the client's for the whole run), so that epsilon
-    never leaves out a step that ran.
-    """
-    if book is None:
-        return
-    for cid, res in sorted(results.items()):
-        if "dp_steps" not in res.metrics:
-            continue
-        event = DpSgdEvent(
-            sample_rate=res.metrics["dp_sample_rate"],
-            noise_multiplier=res.metrics["dp_noise_multiplier"],
-            steps=int(res.metrics["dp_steps"]),
-            round=rnd,
-        )
-        ledger = book.ledgers.get(cid)
-        events = [] if ledger is None else ledger.events
-        charged = sum(e.steps for e in events if isinstance(e, DpSgdEvent))
-        unheard = int(res.metrics["dp_steps_total"]) - event.steps - charged
-        if unheard > 0:
-            log.warning(
-                "round %d: client %d took %d DP-SGD steps in earlier round(s) whose reply the "
-                "server never used (a timeout); its ledger charges them now",
-                rnd,
-                cid,
-                unheard,
-            )
-            # A one-off catch-up, not part of next round's cost.
-            book.record(cid, replace(event, steps=unheard), recurs=False)
-        book.record(cid, event)
-
-
 # Seconds between reply pulls of Flower's in-memory simulation grid (Flower's default 0.1 s).
 # `run_simulation` builds the grid without exposing this parameter; replies wait up to one
 # interval, and pulling the in-memory state more often costs next to nothing.
@@ -461,8 +355,12 @@ def run_rounds(
     on_round: RoundCallback | None = None,
     stop: threading.Event | None = None,
     after_run: AfterRun | None = None,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
     """The whole run; returns the summary. Finished rounds are on disk whatever happens.
+
+    `resume`: a checkpoint folder (`fedkd.rounds.checkpoint.last_checkpoint`) to continue
+    from, into a `recorder` that holds the run's rows up to it (`RunRecorder.resume`).
 
     Setting `stop` ends the run at its next wait for replies (or between rounds) with
     `RunStopped` and ``"status": "interrupted"``; any other error ends it with ``"failed"``.
@@ -475,7 +373,7 @@ def run_rounds(
     if stop is not None:
         grid = StoppableGrid(grid, stop)
     try:
-        summary = _run_rounds(grid, spec, recorder, on_round)
+        summary = _run_rounds(grid, spec, recorder, on_round, resume)
     except RunStopped as err:
         recorder.finish(status="interrupted", error=str(err))
         raise
@@ -490,38 +388,6 @@ def run_rounds(
     return summary
 
 
-def export_audited(
-    grid: Grid,
-    node_of: dict[int, int],
-    spec: Spec,
-    recorder: RunRecorder,
-    timeout: float,
-    teachers: dict[int, dict[str, np.ndarray]],
-    book: LedgerBook | None = None,
-) -> None:
-    """Keep the audited client's final student (asked from its node) and the digests it got;
-    a student trained without DP-SGD in a run that claims privacy is charged as unprotected."""
-    save_teachers(recorder.dir, teachers)
-    cid = spec.audit.client
-    outcome = run_exchange(
-        grid, node_of, {"export": [cid]}, wire.MSG_EXPORT, {"round": spec.rounds}, {}, timeout
-    )
-    _record_unprotected(book, spec, "none", outcome, spec.rounds)
-    if book is not None:
-        recorder.write_extra("ledgers.json", book.to_dict())
-    if cid not in outcome.results["export"]:
-        log.warning("audit: client %d did not send its final student; nothing to audit", cid)
-        return
-    res = outcome.results["export"][cid]
-    save_student(
-        recorder.dir,
-        cid,
-        spec.student_for(cid),
-        res.arrays,
-        int(res.metrics.get("rounds_trained", spec.rounds)),
-    )
-
-
 @dataclass
 class _OpenRound:
     """A round whose clients digest its teacher (and are evaluated) in the next exchange.
@@ -534,11 +400,7 @@ class _OpenRound:
     row: dict[str, Any]
     started: float
     evaluate: bool
-    ok: dict[int, ClientResult]
-    failed: set[int]
-    digest_ids: list[int]
-    digest_arrays: dict[str, np.ndarray]
-    evaluate_ids: list[int]
+    state: RoundState
     exchanges: list[Exchange]
 
 
@@ -546,9 +408,9 @@ def _digest_request(open_round: _OpenRound | None) -> tuple[dict[str, list[int]]
     """The parts, config and arrays of an exchange that carry `open_round`'s digest."""
     if open_round is None:
         return {}, {}, {}
-    parts = {"digest": open_round.digest_ids, "evaluate": open_round.evaluate_ids}
+    parts = {"digest": open_round.state.digest_ids, "evaluate": open_round.state.evaluate_ids}
     config = {"digest_round": open_round.row["round"]}
-    arrays = wire.with_prefix(open_round.digest_arrays, wire.DIGEST_PREFIX)
+    arrays = wire.with_prefix(open_round.state.digest_arrays, wire.DIGEST_PREFIX)
     return parts, config, arrays
 
 
@@ -572,19 +434,21 @@ def _close_round(
     # A client whose upload this round used counts as ok (its upload is in bytes_up) even if
     # its digest or evaluation, which travel with the next exchange, is lost; those count
     # apart, and the loss itself is recorded in the round it happened in.
-    digest_failed = (set(open_round.digest_ids) & exchange.failed_in("digest")) | (
-        set(open_round.evaluate_ids) & exchange.failed_in("evaluate")
+    digest_failed = (set(open_round.state.digest_ids) & exchange.failed_in("digest")) | (
+        set(open_round.state.evaluate_ids) & exchange.failed_in("evaluate")
     )
     evaluated = {c: r for c, r in exchange.results["evaluate"].items() if c not in digest_failed}
     if open_round.evaluate:
-        num_examples = {c: r.metrics.get("num_examples", 1.0) for c, r in open_round.ok.items()}
+        num_examples = {
+            c: r.metrics.get("num_examples", 1.0) for c, r in open_round.state.ok.items()
+        }
         row["teacher_test_acc"] = _teacher_acc(strategy, evaluated, test_y, num_examples)
     row.update(_client_metrics(evaluated, row))
     exchanges = open_round.exchanges
     row.update(
         {
-            "clients_ok": len(open_round.ok),
-            "clients_failed": len(open_round.failed),
+            "clients_ok": len(open_round.state.ok),
+            "clients_failed": len(open_round.state.failed),
             "clients_digest_failed": len(digest_failed),
             "eval_bytes_up": sum(
                 r.arrays["test_logits"].nbytes
@@ -657,8 +521,109 @@ def _check_round_survived(rnd: int, sampled: list[int], exchange: Exchange) -> N
     )
 
 
+def _build_hooks(
+    grid: Grid,
+    spec: Spec,
+    recorder: RunRecorder,
+    on_round: RoundCallback | None,
+    strategy: Strategy,
+    data: Any,
+    node_of: dict[int, int],
+    loop: LoopState,
+) -> tuple[HookChain, CheckpointHook]:
+    """The run's round hooks, in the order they run: audit, ledger, metrics rows, checkpoint."""
+    hooks: list[RoundHook] = []
+    book = ledger_book(spec)
+    if book is not None:
+        sizes = {cid: client.num_examples for cid, client in enumerate(data.clients)}
+        hooks.append(LedgerHook(book, spec, strategy, recorder, sizes))
+    if spec.audit.enabled and strategy.capabilities.uses_clients:
+
+        def export(cid: int) -> ClientResult | None:
+            outcome = run_exchange(
+                grid,
+                node_of,
+                {"export": [cid]},
+                wire.MSG_EXPORT,
+                {"round": spec.rounds},
+                {},
+                spec.resources.round_timeout,
+            )
+            chain.after_exchange(spec.rounds, outcome.replies())
+            return outcome.results["export"].get(cid)
+
+        # Before the ledger: its export's charges are in the ledger's last ledgers.json.
+        hooks.insert(0, AuditCaptureHook(spec, recorder, export))
+    hooks.append(MetricsRowHook(recorder, on_round))
+    # Last: it keeps what the others left after the round.
+    checkpoint = CheckpointHook(checkpoint_root(recorder), strategy, list(hooks), loop, recorder)
+    chain = HookChain([*hooks, checkpoint])
+    return chain, checkpoint
+
+
+def checkpoint_root(recorder: RunRecorder) -> Path:
+    """Where a run's checkpoints go (absolute: the nodes' processes may run elsewhere)."""
+    return (recorder.dir / CHECKPOINTS).resolve()
+
+
+def _aggregate(strategy: Strategy, spec: Spec, state: RoundState) -> None:
+    """The strategy's knowledge from the round's uploads (given at least
+    ``clients.min_clients``), and the payload that the clients who uploaded digest."""
+    rnd, ok = state.round, state.ok
+    state.aggregated = len(ok) >= spec.clients.min_clients
+    if not state.aggregated:
+        log.warning(
+            "round %d: %d clients replied, fewer than clients.min_clients=%d; "
+            "nothing aggregated this round",
+            rnd,
+            len(ok),
+            spec.clients.min_clients,
+        )
+        return
+    strategy.aggregate(rnd, ok)
+    payload = strategy.digest_payload(rnd)
+    if payload is not None and ok:
+        digest_arrays = payload
+        state.digest_ids = sorted(ok) if digest_arrays else []
+        state.digest_arrays = digest_arrays
+
+
+def _server_metrics(
+    strategy: Strategy,
+    evaluate: bool,
+    state: RoundState,
+    bytes_up: int,
+    bytes_down: int,
+    row: dict[str, Any],
+) -> dict[str, Any]:
+    """A round's fields known at the server once it is done: the global model's accuracy,
+    the strategy's own metrics, traffic and the mean training loss (fields measured through
+    the oracle channel are named in `row`)."""
+    metrics: dict[str, Any] = {
+        "server_test_acc": strategy.server_test_acc() if evaluate else None,
+        "server_val_acc": strategy.server_val_acc() if evaluate else None,
+        **strategy.round_metrics(),
+    }
+    train_losses, oracle = _statistic(state.ok, "train_loss")
+    if oracle:
+        _oracle_fields(row, ["train_loss_mean"])
+    metrics.update(
+        {
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "bytes_up_per_client": bytes_up / len(state.ok) if state.ok else 0.0,
+            "train_loss_mean": float(np.mean(train_losses)) if train_losses else None,
+        }
+    )
+    return metrics
+
+
 def _run_rounds(
-    grid: Grid, spec: Spec, recorder: RunRecorder, on_round: RoundCallback | None
+    grid: Grid,
+    spec: Spec,
+    recorder: RunRecorder,
+    on_round: RoundCallback | None,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
     data = federated_data(spec)
     strategy = build_strategy(spec, data)
@@ -666,7 +631,6 @@ def _run_rounds(
     node_of = discover_clients(grid, spec, timeout) if strategy.capabilities.uses_clients else {}
     test_idx = eval_test_indices(spec, len(data.test_y))
     test_y = data.test_y[test_idx]
-    book = ledger_book(spec)
     unprotected = unprotected_outputs(spec)
     if unprotected:
         log.warning(
@@ -674,143 +638,77 @@ def _run_rounds(
             "epsilon is reported as inf (set privacy.dpsgd = true for a finite guarantee)",
             ", ".join(unprotected),
         )
-    sizes = {cid: client.num_examples for cid, client in enumerate(data.clients)}
-    audit_teachers: dict[int, dict[str, np.ndarray]] = {}
-    lost: set[int] = set()
-
-    def write(row: dict[str, Any]) -> None:
-        recorder.record_round(row)
-        if on_round is not None:
-            on_round(row["round"], row)
+    loop = LoopState()
+    hooks, checkpoint = _build_hooks(grid, spec, recorder, on_round, strategy, data, node_of, loop)
+    if resume is not None:
+        loop = checkpoint.restore(resume)
+        log.warning("resuming after round %d from %s", loop.round, resume)
+    hooks.on_run_start()
+    lost = loop.lost
+    # Every node keeps its clients' states beside the run (simulation; a deployed site in its
+    # own folder), and on resume takes them back as of the checkpoint's round.
+    node_checkpoints = {
+        "checkpoint_dir": str(checkpoint_root(recorder)),
+        "restore_round": loop.round,
+    }
 
     # One exchange per round (wire.MSG_ROUND): round r's digest and evaluation travel with
-    # round r+1's local training, so round r's row is written after round r+1's exchange.
-    open_round: _OpenRound | None = None
-    for rnd in range(1, spec.rounds + 1):
+    # round r+1's local training, so round r's row is final after round r+1's exchange.
+    open_round: _OpenRound | None = loop.open_round
+    for rnd in range(loop.round + 1, spec.rounds + 1):
         started = time.perf_counter()
+        if open_round is not None and not strategy.capabilities.uses_clients:
+            # Nothing travels with a next exchange: the previous row is final now.
+            hooks.on_row(_close_round(strategy, test_y, open_round, Exchange(), started))
+            open_round = None
         evaluate = rnd % spec.eval.every == 0 or rnd == spec.rounds
         row: dict[str, Any] = {"round": rnd, "teacher_test_acc": None, "epsilon_max": None}
         row["epsilon"] = None
         row["clients_lost"] = []
-        ok: dict[int, ClientResult] = {}
-        failed: set[int] = set()
+        state = RoundState(rnd)
         exchanges: list[Exchange] = []
         bytes_up = bytes_down = 0
-        targets: list[int] = []
-        digest_arrays: dict[str, np.ndarray] = {}
-        evaluate_clients = False
         if not strategy.capabilities.uses_clients:  # centralized: the server trains alone
             strategy.aggregate(rnd, {})
         else:
-            sampled = _admit_within_budget(
-                book,
-                spec,
-                sample_clients(spec, rnd),
-                rnd,
-                sizes,
-                strategy.planned_release_events(rnd),
-                strategy.planned_once_events(rnd),
-            )
+            # 1. sample the clients (those the hooks admit, e.g. within their privacy budget)
+            sampled = hooks.admit(rnd, sample_clients(spec, rnd))
             plan_arrays = strategy.plan_local(rnd)
+            # 2. local training and uploads (with the previous round's digest and evaluation)
             parts, config, arrays = _digest_request(open_round)
             exchange = run_exchange(
                 grid,
                 node_of,
                 {**parts, "train": sampled},
                 wire.MSG_ROUND,
-                {**config, "round": rnd},
+                {**config, **node_checkpoints, "round": rnd},
                 {**arrays, **plan_arrays},
                 timeout,
             )
             if open_round is not None:
-                write(_close_round(strategy, test_y, open_round, exchange, started))
+                hooks.on_row(_close_round(strategy, test_y, open_round, exchange, started))
             exchanges.append(exchange)
-            ok, failed = exchange.results["train"], exchange.failed_in("train") & set(sampled)
+            state.ok = exchange.results["train"]
+            state.failed = exchange.failed_in("train") & set(sampled)
             row["clients_lost"] = _record_losses(
-                lost, exchange.causes, failed | exchange.failed, set(ok), rnd
+                lost, exchange.causes, state.failed | exchange.failed, set(state.ok), rnd
             )
             _check_round_survived(rnd, sampled, exchange)
-            _record_dpsgd(book, {**exchange.rejected["train"], **ok}, rnd)
-            _record_unprotected(book, spec, strategy.capabilities, exchange, rnd)
+            hooks.after_exchange(rnd, exchange.replies())
             bytes_down += wire.payload_bytes(plan_arrays) * len(sampled)
-            bytes_up = sum(wire.payload_bytes(r.arrays) for r in ok.values())
+            bytes_up = sum(wire.payload_bytes(r.arrays) for r in state.ok.values())
 
-            enough = len(ok) >= spec.clients.min_clients
-            if enough:
-                strategy.aggregate(rnd, ok)
-                for cid, events in strategy.release_events(rnd).items():
-                    for event in events:
-                        book.record(cid, event)
-                for cid, events in strategy.one_time_events(rnd).items():
-                    for event in events:
-                        book.record(cid, event, recurs=False)
-            else:
-                log.warning(
-                    "round %d: %d clients replied, fewer than clients.min_clients=%d; "
-                    "nothing aggregated this round",
-                    rnd,
-                    len(ok),
-                    spec.clients.min_clients,
-                )
-            payload = strategy.digest_payload(rnd) if enough else None
-            targets = sorted(ok)
-            evaluate_clients = evaluate and strategy.capabilities.client_students
-            if payload is not None and targets:
-                digest_arrays = payload
-                if spec.audit.enabled and spec.audit.client in targets:
-                    audit_teachers[rnd] = digest_arrays  # the audit's shadows replay this digest
-                bytes_down += wire.payload_bytes(digest_arrays) * len(targets)
+            # 3. the strategy's knowledge from the uploads, and what clients digest
+            _aggregate(strategy, spec, state)
+            bytes_down += wire.payload_bytes(state.digest_arrays) * len(state.digest_ids)
+            if evaluate and strategy.capabilities.client_students:
+                state.evaluate_ids = sorted(state.ok)
 
-        row["server_test_acc"] = strategy.server_test_acc() if evaluate else None
-        row["server_val_acc"] = strategy.server_val_acc() if evaluate else None
-        row.update(strategy.round_metrics())
-        if book is not None:
-            reports = book.reports()
-            row["epsilon"] = {str(c): r.epsilon for c, r in reports.items()}
-            row["epsilon_max"] = max(row["epsilon"].values()) if reports else 0.0
-            independent = [
-                r.epsilon_rdp_data_independent
-                for r in reports.values()
-                if r.epsilon_rdp_data_independent is not None
-            ]
-            if independent:  # PATE: the guarantee is data-independent (= epsilon_max)
-                row["epsilon_data_independent_max"] = max(independent)
-                # The data-dependent figure, computed from private votes and not released
-                # through a mechanism: not a guarantee, reported under a name that says so.
-                dependent = {
-                    str(c): r.epsilon_data_dependent_unreleased
-                    for c, r in reports.items()
-                    if r.epsilon_data_dependent_unreleased is not None
-                }
-                row["epsilon_data_dependent_unreleased"] = dependent
-                row["epsilon_data_dependent_unreleased_max"] = max(dependent.values())
-            row["clients_stopped"] = len(book.stopped)
-            recorder.write_extra("ledgers.json", book.to_dict())
-        train_losses, oracle = _statistic(ok, "train_loss")
-        if oracle:
-            _oracle_fields(row, ["train_loss_mean"])
-        row.update(
-            {
-                "bytes_up": bytes_up,
-                "bytes_down": bytes_down,
-                "bytes_up_per_client": bytes_up / len(ok) if ok else 0.0,
-                "train_loss_mean": float(np.mean(train_losses)) if train_losses else None,
-            }
-        )
-        open_round = _OpenRound(
-            row=row,
-            started=started,
-            evaluate=evaluate,
-            ok=ok,
-            failed=failed,
-            digest_ids=targets if digest_arrays else [],
-            digest_arrays=digest_arrays,
-            evaluate_ids=targets if evaluate_clients else [],
-            exchanges=exchanges,
-        )
-        if not strategy.capabilities.uses_clients:  # nothing travels with a next exchange
-            write(_close_round(strategy, test_y, open_round, Exchange(), time.perf_counter()))
-            open_round = None
+        # 4. evaluation of the global model; the hooks' fields (epsilon) join the row
+        row.update(_server_metrics(strategy, evaluate, state, bytes_up, bytes_down, row))
+        open_round = _OpenRound(row, started, evaluate, state, exchanges)
+        loop.round, loop.open_round = rnd, open_round
+        hooks.after_round(rnd, row, state)
 
     if open_round is not None:  # the last round's digest and evaluation
         parts, config, arrays = _digest_request(open_round)
@@ -821,21 +719,18 @@ def _run_rounds(
                 node_of,
                 parts,
                 wire.MSG_ROUND,
-                {**config, "round": spec.rounds + 1},
+                {**config, **node_checkpoints, "round": spec.rounds + 1},
                 arrays,
                 timeout,
             )
             open_round.exchanges.append(exchange)
-            _record_unprotected(book, spec, strategy.capabilities, exchange, spec.rounds)
-            if book is not None:
-                recorder.write_extra("ledgers.json", book.to_dict())
+            hooks.after_exchange(spec.rounds, exchange.replies())
         last = _close_round(strategy, test_y, open_round, exchange, time.perf_counter())
         last["clients_lost"] = last["clients_lost"] + _record_losses(
             lost, exchange.causes, exchange.failed, set(), spec.rounds
         )
-        write(last)
-    if spec.audit.enabled and strategy.capabilities.uses_clients:
-        export_audited(grid, node_of, spec, recorder, timeout, audit_teachers, book)
+        hooks.on_row(last)
+    hooks.on_run_end()
     return recorder.finish()
 
 
@@ -846,12 +741,14 @@ def make_server_app(
     outcome: dict[str, Any] | None = None,
     stop: threading.Event | None = None,
     after_run: AfterRun | None = None,
+    resume: Path | None = None,
 ) -> ServerApp:
     """A ServerApp bound to a spec and a results folder (the `fedkd run` path).
 
     The simulation engine only logs an exception raised by the ServerApp; `outcome` receives
     ``ok``, ``error`` or ``stopped`` so that the caller can exit with the right status.
-    Setting `stop` ends the run, and `after_run` follows a completed one (see `run_rounds`).
+    Setting `stop` ends the run, `after_run` follows a completed one, and `resume` continues
+    from a checkpoint (see `run_rounds`).
     """
     app = ServerApp()
     outcome = {} if outcome is None else outcome
@@ -859,7 +756,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_rounds(grid, spec, recorder, on_round, stop, after_run)
+            run_rounds(grid, spec, recorder, on_round, stop, after_run, resume)
             outcome["ok"] = True
         except RunStopped as err:
             outcome["stopped"] = str(err)

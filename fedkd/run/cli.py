@@ -101,6 +101,7 @@ def simulate(
     out_dir: Path,
     show_progress: bool = True,
     recorder: Any = None,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
     """Run `spec` on Flower's simulation engine (Ray backend); return the summary.
 
@@ -109,7 +110,7 @@ def simulate(
     Ctrl-C or SIGTERM stops the run cleanly (see `fedkd.run.stops`): the finished rounds and a
     summary with ``"status": "interrupted"`` stay, Ray is shut down, and the process exits
     with 130 or 143. `recorder` is the run's `RunRecorder` if the caller already claimed the
-    folder.
+    folder; `resume` a checkpoint of the run in it to continue from.
     """
     _engine_environment()
     from flwr.simulation import run_simulation
@@ -150,7 +151,7 @@ def simulate(
 
     signals = StopSignals(on_first=say_stopping)
     server_app = make_server_app(
-        spec, recorder, on_round, outcome, signals.stop, after_run=audit_finished_run
+        spec, recorder, on_round, outcome, signals.stop, audit_finished_run, resume
     )
     backend_config = {
         "client_resources": {
@@ -217,13 +218,34 @@ def run(
         str | None, typer.Option(help="Results folder (default runs/<name>-<time>)")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue the stopped run in this folder from its last checkpoint",
+        ),
+    ] = None,
 ) -> None:
     """Run one experiment spec on Flower's simulation engine and write its results folder."""
     from fedkd.results import RunDirError, RunRecorder, default_run_dir
     from fedkd.run.preflight import check_data, check_machine, check_privacy
+    from fedkd.run.resume import resume_point, run_status
 
-    parsed = _load(spec, list(set_ or []))
-    out_dir = Path(out or parsed.output.dir or default_run_dir(parsed))
+    checkpoint = None
+    if resume is not None:
+        if out is not None:
+            fail("--resume continues the run in its own folder: leave out --out")
+        if run_status(resume) == "completed":
+            console.print(f"{escape(str(resume))}: the run has completed; nothing to resume")
+            raise typer.Exit(0)
+        try:
+            point = resume_point(resume, spec, list(set_ or []))
+        except (SpecError, RunDirError) as err:
+            fail(str(err))
+        parsed, checkpoint, out_dir = point.spec, point.checkpoint, resume
+    else:
+        parsed = _load(spec, list(set_ or []))
+        out_dir = Path(out or parsed.output.dir or default_run_dir(parsed))
     _engine_environment()  # before the checks below import Ray
     # Everything that can be checked before Ray starts is: a problem is one line, not a
     # traceback from inside the engine (or a hang, for resources Ray can never give).
@@ -231,7 +253,8 @@ def run(
         check_machine(parsed)
         check_privacy(parsed)
         check_data(parsed)
-        recorder = RunRecorder(out_dir, parsed)
+        keep_rows = None if resume is None else point.rows
+        recorder = RunRecorder(out_dir, parsed, keep_rows)
     except (SpecError, RunDirError) as err:
         fail(str(err))
     console.print(
@@ -246,7 +269,9 @@ def run(
             'this simulation only; privacy.noise_rng = "secure" draws secret noise)',
             highlight=False,
         )
-    summary = simulate(parsed, out_dir, show_progress=not quiet, recorder=recorder)
+    if checkpoint is not None:
+        console.print(f"resuming from {escape(str(checkpoint))}", highlight=False)
+    summary = simulate(parsed, out_dir, not quiet, recorder, checkpoint)
     final = summary["final"] or {}
     acc = final.get("server_test_acc")
     acc_text = "n/a" if acc is None else f"{acc:.4f}"

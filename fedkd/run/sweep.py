@@ -20,7 +20,9 @@ down.
 
 Resumable: a point whose ``summary.json`` says ``completed`` is not rerun (after checking its
 ``spec.toml`` is the point's spec, name and grid aside: a ``fedkd run`` of the same settings
-counts); an unfinished point folder is moved to ``OUT/_incomplete/`` and run again.
+counts); a point that died or was stopped after a checkpoint resumes from it (``fedkd run
+--resume``), and any other unfinished point folder is moved to ``OUT/_incomplete/`` and run
+again.
 ``sweep.csv`` (one row per point) and ``accuracy_vs_epsilon.png`` (final accuracy against the
 run's ``epsilon_max``, mean and standard deviation over seeds; points without DP as a
 horizontal band) are rewritten as points finish.
@@ -53,6 +55,7 @@ import numpy as np
 import tomli_w
 
 from fedkd.results import make_folder
+from fedkd.rounds.checkpoint import last_checkpoint
 from fedkd.spec import (
     LEGACY_ALGORITHM_DEFAULTS,
     SWEEP_NONE,
@@ -180,14 +183,25 @@ def expand_grid(grid: dict[str, list[Any]], name: str = "") -> list[SweepPoint]:
     return points
 
 
+def resumable(run_dir: Path) -> bool:
+    """Whether a point's folder holds a run that died or was stopped after a checkpoint
+    (``fedkd run --resume`` continues it); a failed run is not resumed."""
+    status = (read_summary(run_dir) or {}).get("status")
+    return status in (None, "interrupted") and last_checkpoint(run_dir) is not None
+
+
 def subprocess_runner(spec_path: Path, overrides: list[str], out_dir: Path) -> int:
-    """Run one point as ``fedkd run`` in its own process (own Ray runtime); log to run.log."""
+    """Run one point as ``fedkd run`` in its own process (own Ray runtime); log to run.log.
+
+    A point that died after a checkpoint (`resumable`) resumes from it, its spec checked
+    against the point's."""
     cmd = [sys.executable, "-m", "fedkd.run.cli", "run", str(spec_path)]
     for item in overrides:
         cmd += ["--set", item]
-    cmd += ["--out", str(out_dir), "--quiet"]
+    resume = resumable(out_dir)
+    cmd += ["--resume" if resume else "--out", str(out_dir), "--quiet"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "run.log", "w") as log:
+    with open(out_dir / "run.log", "a" if resume else "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
         return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
@@ -207,7 +221,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 _NOT_COMPARED = frozenset({"name", "output", "sweep"})
 
 
-def _spec_mismatch(saved_toml: Path, expected: dict[str, Any]) -> list[str]:
+def spec_mismatch(saved_toml: Path, expected: dict[str, Any]) -> list[str]:
     """Keys where a finished point's spec.toml differs from the point's spec now.
 
     The run's name, its output settings and a ``[sweep]`` table change nothing a run computes,
@@ -227,7 +241,8 @@ def _spec_mismatch(saved_toml: Path, expected: dict[str, Any]) -> list[str]:
     return sorted(k for k in keys if saved.get(k) != want.get(k))
 
 
-def _summary(run_dir: Path) -> dict[str, Any] | None:
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """A run folder's ``summary.json``, or None (none, or unreadable)."""
     path = run_dir / "summary.json"
     if not path.is_file():
         return None
@@ -238,7 +253,7 @@ def _summary(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _row(point: SweepPoint, run_dir: Path, status: str | None = None) -> dict[str, Any]:
-    summary = _summary(run_dir) or {}
+    summary = read_summary(run_dir) or {}
     final = summary.get("final") or {}
     row: dict[str, Any] = {"point": point.name, **point.values}
     row.update(
@@ -611,9 +626,9 @@ def run_sweep(
     todo: list[SweepPoint] = []
     for point in points:
         run_dir = out / point.name
-        summary = _summary(run_dir)
+        summary = read_summary(run_dir)
         if summary is not None and summary.get("status") == "completed":
-            diff = _spec_mismatch(run_dir / "spec.toml", expected[point.name])
+            diff = spec_mismatch(run_dir / "spec.toml", expected[point.name])
             if diff:
                 raise SweepError(
                     f"{run_dir} was completed with a different spec ({', '.join(diff[:5])} "
@@ -621,8 +636,11 @@ def run_sweep(
                 )
             rows[point.name] = _row(point, run_dir)
             continue
-        if run_dir.exists() and any(run_dir.iterdir()):
-            # An interrupted or failed point: keep it aside, never overwrite it.
+        if resumable(run_dir) and not spec_mismatch(run_dir / "spec.toml", expected[point.name]):
+            echo(f"{point.name}: resumes from {last_checkpoint(run_dir)}")
+        elif run_dir.exists() and any(run_dir.iterdir()):
+            # A failed point, or one that died before a checkpoint: keep it aside, never
+            # overwrite it.
             stale = out / "_incomplete" / f"{point.name}-{time.strftime('%Y%m%d-%H%M%S')}"
             stale.parent.mkdir(exist_ok=True)
             run_dir.rename(stale)
