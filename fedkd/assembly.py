@@ -93,7 +93,6 @@ def cohort_config(spec: Spec) -> CohortConfig:
         dp=dpsgd_settings(spec),
         label_histogram_noise=_noise_std(label_histogram_release(spec)),
         noise_rng=spec.privacy.noise,
-        **spec.algorithm.cls.cohort_options(spec.algorithm.params),
     )
 
 
@@ -167,9 +166,8 @@ def unprotected_outputs(spec: Spec) -> list[str]:
         return []
     caps = spec.algorithm.capabilities
     values = []
-    if caps.upload in ("logits", "class_logits"):
-        values.append(f"train.{caps.upload}")
-    elif caps.upload == "weights":
+    values += [f"train.{name}" for name in caps.uploads]
+    if caps.uploads_weights:
         values.append("train.<student weights>")
     if caps.uses_clients and caps.client_students:
         values += ["evaluate.test_logits", "evaluate.test_acc"]

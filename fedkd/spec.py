@@ -558,7 +558,7 @@ def validate(spec: Spec) -> Spec:
         )
     if caps.needs_proxy and d.proxy_size == 0:
         raise SpecError(f"data.proxy_size: algorithm '{a.name}' needs a proxy set (size > 0)")
-    if caps.upload == "weights":
+    if caps.uploads_weights:
         archs = {spec.student_for(i) for i in range(c.num_clients)}
         if len(archs) > 1:
             raise SpecError(

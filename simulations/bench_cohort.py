@@ -207,6 +207,7 @@ def phase_one(cfg: dict[str, Any]) -> dict[str, Any]:
     from fedkd.learner.loop import make_optimizer
     from fedkd.learner.vectorised import VectorisedCohortLearner
     from fedkd.spec import load_spec
+    from strategies.dsfl import DSFL
 
     torch.set_num_threads(1)  # as one node (Ray actor) runs
 
@@ -245,9 +246,10 @@ def phase_one(cfg: dict[str, Any]) -> dict[str, Any]:
     times["data to device"] = time.perf_counter() - started
     rss = {"start": rss_mb()}
     teacher = np.random.default_rng(0).normal(size=(len(proxy), data.num_classes))
+    plan, inputs = {"proxy_idx": np.asarray(proxy, dtype=np.int32)}, data.proxy_x[proxy]
     for phase, call in (
-        ("train + logits", lambda: learner.local_round(1, cids, "logits", proxy)),
-        ("distill", lambda: learner.digest(1, cids, proxy, teacher.astype(np.float32))),
+        ("train + logits", lambda: DSFL.client_round(DSFL.Params(), learner, 1, cids, plan)),
+        ("distill", lambda: learner.distill(1, cids, inputs, teacher.astype(np.float32))),
         ("evaluate", lambda: learner.evaluate(cids, test_idx)),
     ):
         before = times.get("state", 0.0)

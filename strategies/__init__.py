@@ -1,6 +1,6 @@
 """Server-side algorithms, one per file (like Flower's strategies), and their registry."""
 
-from strategies.base import BuildContext, DigestPayload, LocalPlan, Strategy
+from strategies.base import BuildContext, Strategy
 from strategies.centralized import Centralized
 from strategies.dsfl import DSFL
 from strategies.fd import FD
@@ -22,8 +22,6 @@ __all__ = [
     "AlgorithmParams",
     "BuildContext",
     "Capabilities",
-    "DigestPayload",
-    "LocalPlan",
     "DSFL",
     "FD",
     "PATE",

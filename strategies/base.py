@@ -1,15 +1,20 @@
-"""What every fedkd strategy provides to the ServerApp's round loop.
+"""What every fedkd algorithm provides: its server side to the ServerApp's round loop, its
+client side to the ClientApp.
 
-A round: the server plans the clients' local phase (`plan_local`), collects their
-uploads and builds its knowledge (`aggregate`), sends clients something to digest
-(`digest_payload`), and reports the global model's accuracy (`server_test_acc`). Strategies work
-on numpy arrays and call the knowledge layer and the server student; they run no training loop
-of their own and never see Flower messages.
+A round: the server plans the clients' local phase (`plan_local`, arrays sent with the training
+request), each sampled client trains and computes its uploads (`client_round`), the server
+builds its knowledge from them (`aggregate`), sends clients arrays to digest
+(`digest_payload`), which they digest (`client_digest`), and reports the global model's
+accuracy (`server_test_acc`). Every payload is a plain ``dict[str, np.ndarray]`` that the
+algorithm builds and reads itself: the apps only move arrays. The client side is written
+against the learner interface (`fedkd.learner.protocol.Learner`) and needs no server state
+(class methods taking the algorithm's parameters). Strategies call the knowledge layer and the
+server student; they run no training loop of their own and never see Flower messages.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -19,41 +24,13 @@ from fedkd.data.splits import FederatedData
 from fedkd.knowledge.teachers import HISTOGRAM_TEACHERS, build_teacher, era, match_class_prior
 from fedkd.learner.cohort import ClientResult
 from fedkd.learner.loop import PHASE_SAMPLE, derive_seed, seeded_generator
+from fedkd.learner.protocol import Learner
 from fedkd.learner.server_student import ServerStudent
 from fedkd.privacy.gaussian_release import GaussianRelease
 from fedkd.privacy.label_histogram import LabelHistogramRelease
 from fedkd.privacy.ledger import PrivacyEvent
 from fedkd.privacy.noise import NoiseSource, noise_source
 from strategies.params import AlgorithmParams, Capabilities, SelfTrainingParams, TeacherParams
-
-
-@dataclass
-class LocalPlan:
-    """What the server asks of the sampled clients in the local phase of one round."""
-
-    upload: str  # one of fedkd.learner.cohort.UPLOADS
-    proxy_idx: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    # FD only: the global per-class logits (C, C) and which classes are present (C,).
-    class_logits: np.ndarray | None = None
-    class_present: np.ndarray | None = None
-    # FedAvg only: the global model every client starts the round from.
-    global_weights: dict[str, np.ndarray] | None = None
-
-
-@dataclass
-class DigestPayload:
-    """What the server sends clients to learn from after aggregation."""
-
-    proxy_idx: np.ndarray | None = None
-    teacher_logits: np.ndarray | None = None
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        if self.proxy_idx is not None:
-            out["proxy_idx"] = self.proxy_idx
-        if self.teacher_logits is not None:
-            out["teacher_logits"] = self.teacher_logits
-        return out
 
 
 @dataclass(frozen=True)
@@ -172,7 +149,7 @@ class Strategy:
     name = "base"
     # The spec's [algorithm] table is read into this (every key but name).
     Params: ClassVar[type[AlgorithmParams]] = AlgorithmParams
-    capabilities: ClassVar[Capabilities] = Capabilities(upload="logits")
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(
         self,
@@ -247,12 +224,6 @@ class Strategy:
             "server_student": context.server_student,
             "noise_rng": context.noise_rng,
         }
-
-    @classmethod
-    def cohort_options(cls, params: AlgorithmParams) -> dict[str, Any]:
-        """Fields of the clients' `fedkd.learner.cohort.CohortConfig` that the algorithm's
-        parameters set (none by default)."""
-        return {}
 
     # -- helpers shared by the logit-exchanging strategies --------------------------------------
     def _sample_proxy(self, round_num: int) -> np.ndarray:
@@ -389,21 +360,85 @@ class Strategy:
         return events
 
     # -- the interface the round loop calls -----------------------------------------------------
-    def plan_local(self, round_num: int) -> LocalPlan:
-        upload = self.capabilities.upload
-        if upload != "logits":
-            return LocalPlan(upload=upload)
+    def plan_local(self, round_num: int) -> dict[str, np.ndarray]:
+        """The arrays the sampled clients get with their training request (`client_round`'s
+        payload): a logit teacher's proxy indices; nothing by default."""
+        if not self.capabilities.logit_teacher:
+            return {}
         self._proxy_idx = self._sample_proxy(round_num)
-        return LocalPlan(upload=upload, proxy_idx=self._proxy_idx)
+        return {"proxy_idx": self._proxy_idx.astype(np.int32)}
 
     def aggregate(self, round_num: int, updates: dict[int, ClientResult]) -> None:
-        if self.capabilities.upload == "logits":
+        """Build the round's knowledge from the clients' uploads (a logit teacher's ensemble)."""
+        if self.capabilities.logit_teacher:
             self._ensemble(round_num, updates)
 
-    def digest_payload(self, round_num: int) -> DigestPayload | None:
+    def digest_payload(self, round_num: int) -> dict[str, np.ndarray] | None:
+        """The arrays the clients that uploaded get to digest (`client_digest`'s payload), or
+        None: a logit teacher's proxy indices and teacher logits."""
         if self._teacher_logits is None:
             return None
-        return DigestPayload(proxy_idx=self._proxy_idx, teacher_logits=self._teacher_logits)
+        return {
+            "proxy_idx": self._proxy_idx.astype(np.int32),
+            "teacher_logits": self._teacher_logits,
+        }
+
+    # -- the client side (`fedkd.learner.protocol.Learner`; no server state) -------------------
+    @classmethod
+    def client_round(
+        cls,
+        params: AlgorithmParams,
+        learner: Learner,
+        round_num: int,
+        client_ids: list[int],
+        payload: dict[str, np.ndarray],
+    ) -> dict[int, ClientResult]:
+        """What each sampled client does in the local phase and uploads.
+
+        Parameters
+        ----------
+        params : AlgorithmParams
+            The algorithm's parameters.
+        learner : Learner
+            The node's learner.
+        round_num : int
+            The round.
+        client_ids : list of int
+            The sampled clients the node hosts.
+        payload : dict of str to ndarray
+            What `plan_local` built.
+
+        Returns
+        -------
+        dict of int to ClientResult
+            Per client: its uploads (arrays) and metrics (``num_examples`` at least).
+
+        Notes
+        -----
+        By default: private training; a logit teacher's clients upload their logits on the
+        payload's proxy inputs, with their released label histogram where the run has one.
+        """
+        results = learner.train_private(round_num, client_ids)
+        if cls.capabilities.logit_teacher:
+            inputs = learner.data.proxy_x[payload["proxy_idx"].astype(np.int64)]
+            for cid, logits in learner.logits(client_ids, inputs).items():
+                results[cid].arrays["logits"] = logits
+                results[cid].arrays.update(learner.label_histogram(cid))
+        return results
+
+    @classmethod
+    def client_digest(
+        cls,
+        params: AlgorithmParams,
+        learner: Learner,
+        round_num: int,
+        client_ids: list[int],
+        payload: dict[str, np.ndarray],
+    ) -> dict[int, ClientResult]:
+        """How the clients digest `digest_payload`'s arrays (arguments as `client_round`'s);
+        by default they distill towards its teacher logits on its proxy inputs."""
+        inputs = learner.data.proxy_x[payload["proxy_idx"].astype(np.int64)]
+        return learner.distill(round_num, client_ids, inputs, payload["teacher_logits"])
 
     def round_metrics(self) -> dict[str, float]:
         """Strategy-specific extras for this round's metrics row: the accuracy of this round's
@@ -467,7 +502,7 @@ class LogitTeacherStrategy(Strategy):
 
     Params: ClassVar[type[AlgorithmParams]] = TeacherParams
     capabilities: ClassVar[Capabilities] = Capabilities(
-        upload="logits", needs_proxy=True, logit_teacher=True, teacher_release=True
+        uploads=("logits",), needs_proxy=True, logit_teacher=True, teacher_release=True
     )
 
     @classmethod

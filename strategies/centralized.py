@@ -24,7 +24,6 @@ class Centralized(Strategy):
     name = "centralized"
     # The upper bound trains outside DP-SGD, like a client would, on the pooled private data.
     capabilities = Capabilities(
-        upload="none",
         uses_clients=False,
         client_students=False,
         server_student="own",

@@ -13,14 +13,9 @@ implementation does, can diverge to NaN within a few rounds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
-
-from fedkd.knowledge.teachers import aggregate_per_class
-from fedkd.learner.cohort import ClientResult
-from strategies.base import LocalPlan, Strategy, stack_uploads
 from strategies.params import AlgorithmParams, Capabilities, check_positive
+from strategies.per_class import PerClassStrategy
 
 
 @dataclass
@@ -35,7 +30,7 @@ class FDParams(AlgorithmParams):
         check_positive("fd_weight", self.fd_weight, zero_ok=True)
 
 
-class FD(Strategy):
+class FD(PerClassStrategy):
     """Federated Distillation with per-class logits.
 
     Parameters
@@ -50,29 +45,14 @@ class FD(Strategy):
     Params = FDParams
     # The regulariser's training runs outside DP-SGD.
     capabilities = Capabilities(
-        upload="class_logits", server_student="unused", supports_dpsgd=False
+        uploads=("class_logits",), server_student="unused", supports_dpsgd=False
     )
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.server_student = None
-        self._class_logits: np.ndarray | None = None
-        self._class_present: np.ndarray | None = None
+    space = "logits"
+    means_key = "class_logits"
+    counts_key = "class_counts"
+    present_key = "class_present"
 
     @classmethod
-    def cohort_options(cls, params: AlgorithmParams) -> dict[str, Any]:
+    def regulariser_weight(cls, params: AlgorithmParams) -> float:
         assert isinstance(params, FDParams)
-        return {"class_teacher_weight": params.fd_weight}
-
-    def plan_local(self, round_num: int) -> LocalPlan:
-        return LocalPlan(
-            upload=self.capabilities.upload,
-            class_logits=self._class_logits,
-            class_present=self._class_present,
-        )
-
-    def aggregate(self, round_num: int, updates: dict[int, ClientResult]) -> None:
-        class_logits, _ = stack_uploads(updates, "class_logits")
-        counts, _ = stack_uploads(updates, "class_counts")
-        self._class_logits = aggregate_per_class(class_logits, counts).numpy()
-        self._class_present = (counts.sum(dim=0) > 0).numpy()
+        return params.fd_weight

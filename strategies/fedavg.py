@@ -15,7 +15,8 @@ import torch
 
 from fedkd.learner.cohort import ClientResult
 from fedkd.learner.loop import PHASE_INIT, accuracy, init_student, predict_logits
-from strategies.base import BuildContext, LocalPlan, Strategy
+from fedkd.learner.protocol import Learner
+from strategies.base import BuildContext, Strategy
 from strategies.params import AlgorithmParams, Capabilities
 
 
@@ -32,7 +33,7 @@ class FedAvg(Strategy):
 
     name = "fedavg"
     # Weights as the upload: every client shares one architecture (the spec checks it).
-    capabilities = Capabilities(upload="weights", server_student="unused")
+    capabilities = Capabilities(uploads_weights=True, server_student="unused")
 
     def __init__(self, *args, arch: str, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -45,9 +46,25 @@ class FedAvg(Strategy):
     def init_kwargs(cls, params: AlgorithmParams, context: BuildContext) -> dict[str, Any]:
         return {**super().init_kwargs(params, context), "arch": context.client_arch}
 
-    def plan_local(self, round_num: int) -> LocalPlan:
-        weights = {k: v.detach().numpy().copy() for k, v in self.global_model.state_dict().items()}
-        return LocalPlan(upload=self.capabilities.upload, global_weights=weights)
+    def plan_local(self, round_num: int) -> dict[str, np.ndarray]:
+        """The global model every client starts the round from."""
+        return {k: v.detach().numpy().copy() for k, v in self.global_model.state_dict().items()}
+
+    @classmethod
+    def client_round(
+        cls,
+        params: AlgorithmParams,
+        learner: Learner,
+        round_num: int,
+        client_ids: list[int],
+        payload: dict[str, np.ndarray],
+    ) -> dict[int, ClientResult]:
+        """Start from the global weights (a fresh local optimizer), train, upload the weights."""
+        learner.set_weights(client_ids, payload)
+        results = learner.train_private(round_num, client_ids)
+        for cid, weights in learner.get_weights(client_ids).items():
+            results[cid].arrays.update(weights)
+        return results
 
     def aggregate(self, round_num: int, updates: dict[int, ClientResult]) -> None:
         ids = sorted(updates)

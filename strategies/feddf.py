@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from strategies.base import BuildContext, DigestPayload, LogitTeacherStrategy
+from strategies.base import BuildContext, LogitTeacherStrategy
 from strategies.params import AlgorithmParams, Capabilities, TeacherParams, check_one_of
 
 CLIENT_TEACHERS = ("ensemble", "server_student")
@@ -44,7 +44,7 @@ class FedDFLogit(LogitTeacherStrategy):
     name = "feddf"
     Params = FedDFParams
     capabilities = Capabilities(
-        upload="logits",
+        uploads=("logits",),
         needs_proxy=True,
         server_student="required",
         logit_teacher=True,
@@ -64,10 +64,10 @@ class FedDFLogit(LogitTeacherStrategy):
         assert isinstance(params, FedDFParams)
         return {**super().init_kwargs(params, context), "client_teacher": params.client_teacher}
 
-    def digest_payload(self, round_num: int) -> DigestPayload | None:
+    def digest_payload(self, round_num: int) -> dict[str, np.ndarray] | None:
         payload = super().digest_payload(round_num)
         if payload is None or self.client_teacher == "ensemble":
             return payload
         student_logits = self.server_student.logits(self.data.proxy_x[self._proxy_idx])
-        payload.teacher_logits = student_logits.numpy().astype(np.float32)
+        payload["teacher_logits"] = student_logits.numpy().astype(np.float32)
         return payload

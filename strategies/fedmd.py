@@ -24,7 +24,7 @@ class FedMD(LogitTeacherStrategy):
 
     name = "fedmd"
     capabilities = Capabilities(
-        upload="logits",
+        uploads=("logits",),
         needs_proxy=True,
         logit_teacher=True,
         teacher_release=True,

@@ -13,7 +13,7 @@ class LocalOnly(Strategy):
     """No exchange; clients are evaluated as they are."""
 
     name = "local_only"
-    capabilities = Capabilities(upload="none", server_student="unused")
+    capabilities = Capabilities(server_student="unused")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

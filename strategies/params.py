@@ -106,8 +106,14 @@ class Capabilities:
 
     Parameters
     ----------
-    upload : str
-        What a client sends in the local phase (one of `fedkd.learner.cohort.UPLOADS`).
+    uploads : tuple of str, default ()
+        Names of the arrays a client uploads that its student computes from its private data
+        (``"logits"``, per-class statistics...): where the run claims privacy but the students
+        train without DP-SGD, they are unprotected releases. Arrays that a privacy mechanism
+        releases (noisy histograms, noisy votes) are not listed.
+    uploads_weights : bool, default False
+        Clients upload their student's weights (every client needs the same architecture; the
+        weights are an unprotected release unless DP-SGD trains them).
     uses_clients : bool, default True
         False where the server trains alone (no client messages at all).
     client_students : bool, default True
@@ -133,7 +139,8 @@ class Capabilities:
         The clients' distillation loss when ``distill.loss`` names none.
     """
 
-    upload: str
+    uploads: tuple[str, ...] = ()
+    uploads_weights: bool = False
     uses_clients: bool = True
     client_students: bool = True
     needs_proxy: bool = False

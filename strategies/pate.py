@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from fedkd.learner.cohort import ClientResult
+from fedkd.learner.protocol import Learner
 from fedkd.privacy.gnmax import GNMax
 from fedkd.privacy.ledger import PrivacyEvent
-from strategies.base import BuildContext, LocalPlan, Strategy, self_training_kwargs
+from strategies.base import BuildContext, Strategy, self_training_kwargs
 from strategies.params import AlgorithmParams, Capabilities, SelfTrainingParams, check_positive
 
 
@@ -75,7 +76,6 @@ class PATE(Strategy):
     # Clients hold teacher ensembles, not one student; the teachers train outside DP-SGD and
     # the noisy votes are always a privacy mechanism.
     capabilities = Capabilities(
-        upload="votes",
         client_students=False,
         needs_proxy=True,
         server_student="required",
@@ -111,14 +111,28 @@ class PATE(Strategy):
             ),
         }
 
-    @classmethod
-    def cohort_options(cls, params: AlgorithmParams) -> dict[str, Any]:
-        assert isinstance(params, PATEParams)
-        return {"teachers_per_client": params.teachers_per_client}
-
-    def plan_local(self, round_num: int) -> LocalPlan:
+    def plan_local(self, round_num: int) -> dict[str, np.ndarray]:
+        """The round's proxy queries."""
         self._proxy_idx = self._sample_proxy(round_num)
-        return LocalPlan(upload=self.capabilities.upload, proxy_idx=self._proxy_idx)
+        return {"proxy_idx": self._proxy_idx.astype(np.int32)}
+
+    @classmethod
+    def client_round(
+        cls,
+        params: AlgorithmParams,
+        learner: Learner,
+        round_num: int,
+        client_ids: list[int],
+        payload: dict[str, np.ndarray],
+    ) -> dict[int, ClientResult]:
+        """Each client's teachers train on disjoint shards of its data (the learner's
+        `shard_teacher_votes`, which keeps them as the client's state) and upload their vote
+        counts on the queries (arrays ``votes``)."""
+        assert isinstance(params, PATEParams)
+        inputs = learner.data.proxy_x[payload["proxy_idx"].astype(np.int64)]
+        return learner.shard_teacher_votes(
+            round_num, client_ids, params.teachers_per_client, inputs
+        )
 
     def planned_release_events(self, round_num: int) -> list[PrivacyEvent]:
         """The data-independent charge of the round's queries, known before any vote."""

@@ -23,21 +23,22 @@ from pathlib import Path
 from types import ModuleType
 
 from strategies.base import Strategy
-from strategies.centralized import Centralized
-from strategies.dsfl import DSFL
-from strategies.fd import FD
-from strategies.fedavg import FedAvg
-from strategies.feddf import FedDFLogit
-from strategies.fedmd import FedMD
-from strategies.local_only import LocalOnly
-from strategies.pate import PATE
 
-BUILTIN: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (DSFL, FedMD, FedDFLogit, FD, FedAvg, LocalOnly, Centralized, PATE)
+# The built-in algorithms: name -> import path, one line each (the module holds the rest).
+BUILTIN_PATHS: dict[str, str] = {
+    "dsfl": "strategies.dsfl:DSFL",
+    "fedmd": "strategies.fedmd:FedMD",
+    "feddf": "strategies.feddf:FedDFLogit",
+    "fd": "strategies.fd:FD",
+    "fedproto": "strategies.fedproto:FedProto",
+    "fedavg": "strategies.fedavg:FedAvg",
+    "local_only": "strategies.local_only:LocalOnly",
+    "centralized": "strategies.centralized:Centralized",
+    "pate": "strategies.pate:PATE",
 }
 
 # What a spec that names no algorithm runs.
-DEFAULT_ALGORITHM = DSFL.name
+DEFAULT_ALGORITHM = "dsfl"
 ENTRY_POINT_GROUP = "fedkd.algorithms"
 
 
@@ -148,3 +149,14 @@ def add_to_path(folder: str) -> None:
     if folder not in parts:
         os.environ["PYTHONPATH"] = os.pathsep.join([folder, *parts])
     importlib.invalidate_caches()
+
+
+def _builtin() -> dict[str, type[Strategy]]:
+    classes = {name: _from_import_path(path, "") for name, path in BUILTIN_PATHS.items()}
+    for name, cls in classes.items():
+        if cls.name != name:
+            raise AssertionError(f"BUILTIN_PATHS: '{name}' names {cls.__name__} ('{cls.name}')")
+    return classes
+
+
+BUILTIN: dict[str, type[Strategy]] = _builtin()

@@ -14,9 +14,10 @@ from fedkd.apps.client_app import make_client_app
 from fedkd.apps.server_app import run_rounds, sample_clients
 from fedkd.apps.wire import MSG_HELLO, MSG_ROUND
 from fedkd.assembly import federated_data, hosted_clients
+from fedkd.models.zoo import build_model
 from fedkd.results import ROUND_KEYS, SUMMARY_KEYS, RunDirError, RunRecorder
 from fedkd.spec import ALGORITHMS, load_spec
-from strategies.base import surest_per_class
+from strategies.base import Strategy, surest_per_class
 from tests.inprocess import InProcessGrid
 
 SMALL = [
@@ -165,17 +166,15 @@ def test_crashed_node_is_counted_and_round_goes_on(tmp_path):
 
 
 def test_nan_logits_are_rejected_not_averaged(tmp_path, monkeypatch):
-    from fedkd.learner import cohort
+    original = Strategy.client_round.__func__
 
-    original = cohort.CohortLearner.local_round
-
-    def poisoned(self, round_num, client_ids, upload, proxy_idx, class_teacher=None):
-        results = original(self, round_num, client_ids, upload, proxy_idx, class_teacher)
+    def poisoned(cls, params, learner, round_num, client_ids, payload):
+        results = original(cls, params, learner, round_num, client_ids, payload)
         if 2 in results:
             results[2].arrays["logits"][:] = np.nan
         return results
 
-    monkeypatch.setattr(cohort.CohortLearner, "local_round", poisoned)
+    monkeypatch.setattr(Strategy, "client_round", classmethod(poisoned))
     _, summary, rows, _ = run_inprocess(tmp_path, [])
     assert [r["clients_failed"] for r in rows] == [1, 1]
     assert all(np.isfinite(r["server_test_acc"]) for r in rows)
@@ -239,8 +238,9 @@ def test_fedavg_clients_start_every_round_from_the_global_model(tmp_path):
         ],
     )
     local = [m for m in grid.sent if m.metadata.message_type == MSG_ROUND]
-    weights = [k for k in local[0].content["payload"].keys() if k.startswith("w.")]
-    assert weights, "round 1 carries the global initialisation"
+    weights = list(local[0].content["payload"].keys())
+    model = build_model("cnn_small", (1, 8, 8), 10)
+    assert weights == list(model.state_dict()), "round 1 carries the global initialisation"
     model_bytes = sum(local[0].content["payload"][k].numpy().nbytes for k in weights)
     assert rows[0]["bytes_down"] == 4 * model_bytes
     assert rows[0]["bytes_up_per_client"] == model_bytes

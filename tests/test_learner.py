@@ -7,7 +7,6 @@ import torch
 from fedkd.data import load_federated_data
 from fedkd.learner.cohort import CohortConfig, CohortLearner
 from fedkd.learner.loop import (
-    ClassTeacher,
     ClientState,
     OptimConfig,
     StepConfig,
@@ -16,6 +15,8 @@ from fedkd.learner.loop import (
     random_shift,
 )
 from fedkd.learner.server_student import ServerStudent
+from strategies.dsfl import DSFL
+from strategies.fd import FD, FDParams
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_seeds_are_stable_and_distinct():
 def test_state_round_trip_keeps_model_and_optimizer(data, optimizer):
     states = {}
     learner = CohortLearner(data, config(optimizer=optimizer), states)
-    learner.local_round(1, [0], "none", np.empty(0, dtype=np.int64))
+    learner.train_private(1, [0])
     cfg = learner.config
     state = ClientState.create(
         0, "cnn_small", data.input_shape, 10, 0, cfg.private.optim, cfg.distill.optim
@@ -55,23 +56,25 @@ def test_training_continues_from_saved_state(data):
     """Two rounds in one learner equal two rounds with the state carried as bytes in between."""
     a_states, b_states = {}, {}
     a = CohortLearner(data, config(), a_states)
-    idx = np.arange(50)
-    a.local_round(1, [1], "logits", idx)
-    out_a = a.local_round(2, [1], "logits", idx)
+    plan = {"proxy_idx": np.arange(50, dtype=np.int32)}
+    params = DSFL.Params()
+    DSFL.client_round(params, a, 1, [1], plan)
+    out_a = DSFL.client_round(params, a, 2, [1], plan)
     b1 = CohortLearner(data, config(), b_states)
-    b1.local_round(1, [1], "logits", idx)
+    DSFL.client_round(params, b1, 1, [1], plan)
     b2 = CohortLearner(data, config(), dict(b_states))  # a fresh process would see only bytes
-    out_b = b2.local_round(2, [1], "logits", idx)
+    out_b = DSFL.client_round(params, b2, 2, [1], plan)
     np.testing.assert_array_equal(out_a[1].arrays["logits"], out_b[1].arrays["logits"])
 
 
 def test_fd_digest_stays_finite_with_extreme_class_logits(data):
     learner = CohortLearner(data, config(), {})
-    teacher = ClassTeacher(
-        logits=torch.randn(10, 10) * 1e4, present=torch.ones(10, dtype=torch.bool), weight=1.0
-    )
+    plan = {
+        "class_logits": (torch.randn(10, 10) * 1e4).numpy(),
+        "class_present": np.ones(10, dtype=np.uint8),
+    }
     for rnd in (1, 2, 3):
-        out = learner.local_round(rnd, [0, 1], "class_logits", np.empty(0, dtype=np.int64), teacher)
+        out = FD.client_round(FDParams(fd_weight=1.0), learner, rnd, [0, 1], plan)
         for res in out.values():
             assert np.isfinite(res.metrics["train_loss"])
             assert np.isfinite(res.arrays["class_logits"]).all()

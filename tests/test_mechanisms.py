@@ -124,7 +124,7 @@ def test_a_strategy_charges_what_the_mechanism_it_is_given_says():
     strategy = build_strategy(spec, federated_data(spec))
     strategy.release = GaussianRelease(clip_norm=1.0, noise_multiplier=2.0, unit="client")
     plan = strategy.plan_local(1)
-    logits = torch.randn(2, len(plan.proxy_idx), 10, generator=_gen(3)).numpy()
+    logits = torch.randn(2, len(plan["proxy_idx"]), 10, generator=_gen(3)).numpy()
     updates = {
         cid: ClientResult(arrays={"logits": logits[i]}, metrics={"num_examples": 10.0})
         for i, cid in enumerate((4, 6))

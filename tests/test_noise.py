@@ -164,8 +164,9 @@ def test_both_learners_train_with_the_noise_their_config_names(learner):
 
     def logits(noise_rng: str) -> np.ndarray:
         cohort = learner(data, _cohort_config(dp=dp, noise_rng=noise_rng), {})
-        out = cohort.local_round(1, [0, 1, 2], "logits", np.arange(50))
-        return np.stack([out[c].arrays["logits"] for c in (0, 1, 2)])
+        cohort.train_private(1, [0, 1, 2])
+        out = cohort.logits([0, 1, 2], data.proxy_x)
+        return np.stack([out[c] for c in (0, 1, 2)])
 
     np.testing.assert_array_equal(logits("seeded"), logits("seeded"))
     assert not np.array_equal(logits("secure"), logits("secure"))

@@ -31,10 +31,8 @@ def trained_shards(data, monkeypatch) -> list[Counter]:
 
     monkeypatch.setattr(cohort, "train_supervised", record)
     step = StepConfig(epochs=1, batch_size=32, optim=OptimConfig())
-    config = CohortConfig(
-        seed=0, arch_of=lambda cid: "mlp", private=step, distill=step, teachers_per_client=TEACHERS
-    )
-    CohortLearner(data, config, {}).local_round(1, [0], "votes", np.arange(4))
+    config = CohortConfig(seed=0, arch_of=lambda cid: "mlp", private=step, distill=step)
+    CohortLearner(data, config, {}).shard_teacher_votes(1, [0], TEACHERS, data.proxy_x[:4])
     assert len(seen) == TEACHERS  # every teacher has examples
     return seen
 

@@ -14,6 +14,7 @@ from fedkd.knowledge import match_class_prior
 from fedkd.learner.loop import OptimConfig, init_student, make_optimizer, seeded_generator
 from fedkd.privacy.dpsgd import DpSgdSettings, train_dpsgd
 from fedkd.privacy.ledger import PrivacyLedger
+from strategies.base import Strategy
 from tests.test_engine import run_inprocess
 
 DP = ["privacy.dpsgd=true", "privacy.max_grad_norm=1.0", "train.epochs=1", "rounds=3"]
@@ -165,17 +166,15 @@ def _dp_sgd_steps(ledger: dict) -> list[int]:
 
 
 def test_dp_sgd_behind_a_non_finite_upload_is_still_charged(tmp_path, monkeypatch):
-    from fedkd.learner import cohort
+    original = Strategy.client_round.__func__
 
-    original = cohort.CohortLearner.local_round
-
-    def poisoned(self, round_num, client_ids, upload, proxy_idx, class_teacher=None):
-        results = original(self, round_num, client_ids, upload, proxy_idx, class_teacher)
+    def poisoned(cls, params, learner, round_num, client_ids, payload):
+        results = original(cls, params, learner, round_num, client_ids, payload)
         if round_num == 2 and 2 in results:
             results[2].arrays["logits"][:] = np.nan
         return results
 
-    monkeypatch.setattr(cohort.CohortLearner, "local_round", poisoned)
+    monkeypatch.setattr(Strategy, "client_round", classmethod(poisoned))
     _, _, rows, _ = run_inprocess(tmp_path, [*DP, "privacy.noise_multiplier=1.0"])
     assert [r["clients_failed"] for r in rows] == [0, 1, 0]
     book = json.loads((tmp_path / "run" / "ledgers.json").read_text())

@@ -12,6 +12,7 @@ from fedkd.apps.server_app import FederationError, RunStopped, run_rounds
 from fedkd.apps.wire import MSG_ROUND
 from fedkd.results import LOCK_NAME, RunDirError, RunRecorder, claim_run_dir
 from fedkd.spec import load_spec
+from strategies.base import Strategy
 from tests.inprocess import InProcessGrid
 from tests.test_engine import SMALL
 
@@ -26,18 +27,16 @@ def _summary(path):
 
 def test_a_round_in_which_every_client_fails_stops_the_run_as_failed(tmp_path, monkeypatch):
     """train.lr=inf used to make every upload non-finite and still end "completed"."""
-    from fedkd.learner import cohort
+    original = Strategy.client_round.__func__
 
-    original = cohort.CohortLearner.local_round
-
-    def diverges_from_round_2(self, round_num, client_ids, upload, proxy_idx, class_teacher=None):
-        results = original(self, round_num, client_ids, upload, proxy_idx, class_teacher)
+    def diverges_from_round_2(cls, params, learner, round_num, client_ids, payload):
+        results = original(cls, params, learner, round_num, client_ids, payload)
         if round_num >= 2:
             for res in results.values():
                 res.arrays["logits"][:] = np.nan
         return results
 
-    monkeypatch.setattr(cohort.CohortLearner, "local_round", diverges_from_round_2)
+    monkeypatch.setattr(Strategy, "client_round", classmethod(diverges_from_round_2))
     spec = load_spec(None, [*SMALL, "rounds=4"])
     grid = InProcessGrid(make_client_app(spec), spec.num_nodes)
     with pytest.raises(FederationError, match="round 2: all 4 sampled clients failed.*lower"):

@@ -4,7 +4,6 @@ import datetime
 import io
 import pickle
 
-import numpy as np
 import pytest
 import torch
 
@@ -79,7 +78,7 @@ def test_the_vectorised_learner_writes_the_same_format():
         seed=0, arch_of=lambda cid: "mlp", private=StepConfig(optim=ADAM), distill=StepConfig()
     )
     states: dict[int, bytes] = {}
-    VectorisedCohortLearner(data, cfg, states).local_round(1, [1], "none", np.arange(10))
+    VectorisedCohortLearner(data, cfg, states).train_private(1, [1])
     saved = decode_client_state(states[1], shared=True)
     assert isinstance(saved, SavedClientState)
     assert (saved.client_id, saved.arch, saved.rounds_trained) == (1, "mlp", 1)

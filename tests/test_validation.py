@@ -126,7 +126,7 @@ def test_both_learners_score_each_client_on_its_own_validation_slice():
     ids, test_idx = [0, 1, 2, 3], np.arange(40)
     states: dict[int, bytes] = {}
     loop = CohortLearner(data, config, states)
-    loop.local_round(1, ids, "none", np.empty(0, dtype=np.int64))  # trained: accuracies differ
+    loop.train_private(1, ids)  # trained: accuracies differ
     by_loop = loop.evaluate(ids, test_idx)
     by_vectorised = VectorisedCohortLearner(data, config, states).evaluate(ids, test_idx)
     for cid in ids:

@@ -21,7 +21,7 @@ from fedkd.learner.device import PRECISIONS, resolve_device
 from fedkd.learner.functional_optim import FunctionalAdam, FunctionalSGD
 from fedkd.learner.loop import (
     PHASE_TRAIN,
-    ClassTeacher,
+    ClassRegulariser,
     ClientState,
     OptimConfig,
     StepConfig,
@@ -32,6 +32,7 @@ from fedkd.learner.vectorised import VectorisedCohortLearner
 from fedkd.models.zoo import build_model
 from fedkd.privacy import vectorised_dpsgd as vdp
 from fedkd.spec import SpecError, load_spec
+from strategies.dsfl import DSFL
 
 CLIENTS = list(range(6))
 PROXY = np.arange(0, 200, 2)  # a proxy subset of 100 indices
@@ -85,16 +86,27 @@ def assert_same_states(data, cfg, a, b, atol):
                     torch.testing.assert_close(db["state"][i][key], value, atol=atol, rtol=0)
 
 
-def run_rounds(learner_cls, data, cfg, rounds=2, upload="logits", teacher_seed=None, **kw):
+def train_and_upload_logits(learner, rnd, client_ids=CLIENTS):
+    """A logit teacher's client round: private training, then logits on the proxy subset
+    (and the label histogram where the config has one)."""
+    plan = {"proxy_idx": PROXY.astype(np.int32)}
+    return DSFL.client_round(DSFL.Params(), learner, rnd, client_ids, plan)
+
+
+def distill_on_proxy(learner, rnd, teacher, client_ids=CLIENTS):
+    return learner.distill(rnd, client_ids, learner.data.proxy_x[PROXY], teacher)
+
+
+def run_rounds(learner_cls, data, cfg, rounds=2, teacher_seed=None, **kw):
     """`rounds` rounds; every round a fresh learner that only sees the previous bytes."""
     states: dict[int, bytes] = {}
     outputs = []
     for rnd in range(1, rounds + 1):
         learner = learner_cls(data, cfg, dict(states), **kw)
-        out = learner.local_round(rnd, CLIENTS, upload, PROXY)
+        out = train_and_upload_logits(learner, rnd)
         if teacher_seed is not None:
             teacher = np.random.default_rng(teacher_seed + rnd).normal(size=(len(PROXY), 10))
-            digest = learner.digest(rnd, CLIENTS, PROXY, teacher.astype(np.float32))
+            digest = distill_on_proxy(learner, rnd, teacher.astype(np.float32))
             for cid, res in digest.items():
                 out[cid].metrics.update(res.metrics)
         states = dict(learner.states)
@@ -137,7 +149,7 @@ def test_a_digest_that_makes_a_student_non_finite_is_undone(data, learner_cls):
     states[3] = blown.to_bytes()
     learner = learner_cls(data, cfg, dict(states))
     teacher = np.random.default_rng(0).normal(size=(len(PROXY), 10)).astype(np.float32)
-    digest = learner.digest(2, CLIENTS, PROXY, teacher)
+    digest = distill_on_proxy(learner, 2, teacher)
     assert digest[3].metrics[DIGEST_DIVERGED] == 1.0
     assert learner.states[3] == states[3], "the stored student from before the digest stays"
     for cid in set(CLIENTS) - {3}:
@@ -205,7 +217,7 @@ def test_very_unequal_clients_match_the_loop_without_computing_on_padding(monkey
         return call
 
     monkeypatch.setattr(vec, "vmap", counting_vmap)
-    VectorisedCohortLearner(data, cfg, {}).local_round(1, CLIENTS, "none", PROXY)
+    VectorisedCohortLearner(data, cfg, {}).train_private(1, CLIENTS)
     computed = sum(k * b for k, b in rows)
     # At most one short batch per client and epoch is padded to the batch size.
     assert computed <= 2 * sum(lengths) + 2 * len(lengths) * 32
@@ -216,8 +228,8 @@ def test_class_logits_upload_and_fd_regulariser_match_the_loop(data):
     cfg = config(epochs=1)
     present = torch.ones(10, dtype=torch.bool)
     present[3] = False  # a class nobody reported: masked out of the regulariser
-    teacher = ClassTeacher(
-        logits=torch.randn(10, 10, generator=torch.Generator().manual_seed(0)) * 3,
+    teacher = ClassRegulariser(
+        targets=torch.randn(10, 10, generator=torch.Generator().manual_seed(0)) * 3,
         present=present,
         weight=0.5,
         temperature=2.0,
@@ -226,7 +238,9 @@ def test_class_logits_upload_and_fd_regulariser_match_the_loop(data):
     for cls in (CohortLearner, VectorisedCohortLearner):
         states: dict[int, bytes] = {}
         learner = cls(data, cfg, states)
-        out = learner.local_round(1, CLIENTS, "class_logits", np.empty(0, np.int64), teacher)
+        out = learner.train_private(1, CLIENTS, teacher)
+        for cid, (means, counts) in learner.class_statistics(CLIENTS, "logits").items():
+            out[cid].arrays.update(class_logits=means, class_counts=counts)
         results.append((states, out))
     (sa, oa), (sb, ob) = results
     assert {"class_logits", "class_counts"} <= set(ob[0].arrays)
@@ -249,7 +263,9 @@ def test_weights_upload_and_evaluation_match_the_loop():
             learner = cls(data, cfg, {}, **kw)
             if per_client is not None:
                 learner.per_client_predict = per_client
-            out = learner.local_round(1, CLIENTS, "weights", PROXY)
+            out = learner.train_private(1, CLIENTS)
+            for cid, weights in learner.get_weights(CLIENTS).items():
+                out[cid].arrays.update(weights)
             results.append((out, learner.evaluate(CLIENTS, test_idx)))
     (oa, ea), (ob, eb), (oc, ec) = results
     assert_same_outputs([oa, ea], [ob, eb], atol=1e-5)
@@ -268,9 +284,9 @@ def test_loop_and_vectorised_take_turns_on_the_same_bytes(data):
         states: dict[int, bytes] = {}
         for rnd, cls in ((1, first), (2, second)):
             learner = cls(data, cfg, states)
-            learner.local_round(rnd, CLIENTS, "logits", PROXY)
+            train_and_upload_logits(learner, rnd)
             teacher = np.random.default_rng(3 + rnd).normal(size=(len(PROXY), 10))
-            learner.digest(rnd, CLIENTS, PROXY, teacher.astype(np.float32))
+            distill_on_proxy(learner, rnd, teacher.astype(np.float32))
         assert_same_states(data, cfg, loop_states, states, atol=1e-5)
 
 
@@ -375,7 +391,7 @@ def test_state_bytes_are_the_loops_format(data):
     """A client's bytes from the vectorised learner load into `ClientState` (and vice versa)."""
     cfg = config(optimizer="adam", lr=1e-3, epochs=1)
     states: dict[int, bytes] = {}
-    VectorisedCohortLearner(data, cfg, states).local_round(1, [2], "none", PROXY)
+    VectorisedCohortLearner(data, cfg, states).train_private(1, [2])
     saved = torch.load(io.BytesIO(states[2]), weights_only=True)
     assert set(saved) == {
         "client_id",
@@ -393,9 +409,7 @@ def test_state_bytes_are_the_loops_format(data):
     fresh = make_optimizer(state.model.parameters(), cfg.private.optim).state_dict()
     assert saved["private_opt"]["param_groups"] == fresh["param_groups"]
     with pytest.raises(ValueError, match="saved student is 'cnn_small', spec says 'mlp'"):
-        VectorisedCohortLearner(data, config(arch="mlp"), dict(states)).local_round(
-            2, [2], "none", PROXY
-        )
+        VectorisedCohortLearner(data, config(arch="mlp"), dict(states)).train_private(2, [2])
 
 
 # -- spec and engine ---------------------------------------------------------------------------

@@ -42,6 +42,7 @@ RUNS = {
     "fedavg": [*DP, "clients.students=['cnn_small']"],
     "local_only": DP,
     "fd": [],
+    "fedproto": [],
     "centralized": [],
     "pate": ["algorithm.teachers_per_client=2"],
 }

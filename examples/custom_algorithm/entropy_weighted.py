@@ -43,7 +43,7 @@ class EntropyWeightedDSFL(Strategy):
     Params = EntropyWeightedParams
     # Clients upload logits on proxy inputs; the teacher is not a plain mean, so it does not
     # support the Gaussian release of one (teacher_release stays False).
-    capabilities = Capabilities(upload="logits", needs_proxy=True, logit_teacher=True)
+    capabilities = Capabilities(uploads=("logits",), needs_proxy=True, logit_teacher=True)
 
     def __init__(
         self,

@@ -27,7 +27,6 @@ from fedkd.apps import wire
 from fedkd.apps.run_config import spec_from_run_config
 from fedkd.assembly import cohort_config, eval_test_indices, hosted_clients, node_data
 from fedkd.learner.cohort import ClientResult, CohortLearner
-from fedkd.learner.loop import ClassTeacher
 from fedkd.learner.vectorised import VectorisedCohortLearner
 from fedkd.rounds.checkpoint import load_client_state, save_client_state
 from fedkd.spec import Spec, refuse_seeded_noise
@@ -175,8 +174,10 @@ def handle_hello(spec: Spec, msg: Message, context: Context) -> Message:
 def handle_round(
     spec: Spec, msg: Message, context: Context, oracle: bool = False, simulated: bool = True
 ) -> Message:
-    """``train.round``: digest the previous round's teacher, evaluate, then train and upload.
+    """``train.round``: digest the previous round's payload, evaluate, then train and upload.
 
+    What the clients compute is their algorithm's client side (`strategies.base.Strategy`'s
+    `client_digest` and `client_round`, found from the spec): this app only moves its arrays.
     `simulated`: the node runs in a simulation (its checkpoint folder is the run's).
     """
     started = time.perf_counter()
@@ -186,16 +187,17 @@ def handle_round(
     if checkpoints is not None:
         _restore_clients(checkpoints, config, context, touched)
     learner = _learner(spec, context)
+    algorithm, params = spec.algorithm.cls, spec.algorithm.params
     parts: dict[str, dict[int, ClientResult]] = {}
 
     digest_ids = wire.part_ids(config, "digest")
     if digest_ids:
-        teacher = wire.without_prefix(arrays, wire.DIGEST_PREFIX)
-        parts["digest"] = learner.digest(
+        parts["digest"] = algorithm.client_digest(
+            params,
+            learner,
             int(config["digest_round"]),
             digest_ids,
-            proxy_idx=teacher["proxy_idx"].astype(np.int64) if "proxy_idx" in teacher else None,
-            teacher_logits=teacher.get("teacher_logits"),
+            wire.without_prefix(arrays, wire.DIGEST_PREFIX),
         )
     evaluate_ids = wire.part_ids(config, "evaluate")
     if evaluate_ids:
@@ -204,24 +206,8 @@ def handle_round(
 
     train_ids = wire.part_ids(config, "train")
     if train_ids:
-        round_num = int(config["round"])
-        class_teacher = None
-        if "class_logits" in arrays:
-            class_teacher = ClassTeacher(
-                logits=torch.from_numpy(arrays["class_logits"]),
-                present=torch.from_numpy(arrays["class_present"].astype(bool)),
-                weight=learner.config.class_teacher_weight,
-                temperature=spec.distill.temperature,
-            )
-        weights = wire.without_prefix(arrays, wire.WEIGHTS_PREFIX)
-        if weights:  # FedAvg: every client starts the round from the global model
-            learner.digest(round_num, train_ids, global_weights=weights)
-        parts["train"] = learner.local_round(
-            round_num,
-            train_ids,
-            str(config["upload"]),
-            arrays.get("proxy_idx", np.empty(0, dtype=np.int64)).astype(np.int64),
-            class_teacher,
+        parts["train"] = algorithm.client_round(
+            params, learner, int(config["round"]), train_ids, wire.plan_arrays(arrays)
         )
     if checkpoints is not None:
         _checkpoint_clients(checkpoints, config, context, touched)

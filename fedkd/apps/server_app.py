@@ -50,7 +50,7 @@ from fedkd.rounds.hooks import (
 )
 from fedkd.rounds.ledger import LedgerHook
 from fedkd.spec import Spec
-from strategies import LocalPlan, Strategy
+from strategies import Strategy
 
 log = logging.getLogger("fedkd")
 
@@ -549,7 +549,7 @@ def _build_hooks(
                 {},
                 spec.resources.round_timeout,
             )
-            chain.after_exchange(spec.rounds, outcome.replies(), "none")
+            chain.after_exchange(spec.rounds, outcome.replies())
             return outcome.results["export"].get(cid)
 
         # Before the ledger: its export's charges are in the ledger's last ledgers.json.
@@ -564,19 +564,6 @@ def _build_hooks(
 def checkpoint_root(recorder: RunRecorder) -> Path:
     """Where a run's checkpoints go (absolute: the nodes' processes may run elsewhere)."""
     return (recorder.dir / CHECKPOINTS).resolve()
-
-
-def _plan_arrays(plan: LocalPlan) -> dict[str, np.ndarray]:
-    """The arrays of a round's plan, as the clients receive them."""
-    plan_arrays: dict[str, np.ndarray] = {}
-    if len(plan.proxy_idx):
-        plan_arrays["proxy_idx"] = plan.proxy_idx.astype(np.int32)
-    if plan.class_logits is not None:
-        plan_arrays["class_logits"] = plan.class_logits.astype(np.float32)
-        plan_arrays["class_present"] = plan.class_present.astype(np.uint8)
-    if plan.global_weights is not None:
-        plan_arrays.update(wire.with_prefix(plan.global_weights, wire.WEIGHTS_PREFIX))
-    return plan_arrays
 
 
 def _aggregate(strategy: Strategy, spec: Spec, state: RoundState) -> None:
@@ -596,9 +583,7 @@ def _aggregate(strategy: Strategy, spec: Spec, state: RoundState) -> None:
     strategy.aggregate(rnd, ok)
     payload = strategy.digest_payload(rnd)
     if payload is not None and ok:
-        digest_arrays = payload.arrays()
-        if "proxy_idx" in digest_arrays:
-            digest_arrays["proxy_idx"] = digest_arrays["proxy_idx"].astype(np.int32)
+        digest_arrays = payload
         state.digest_ids = sorted(ok) if digest_arrays else []
         state.digest_arrays = digest_arrays
 
@@ -688,8 +673,7 @@ def _run_rounds(
         else:
             # 1. sample the clients (those the hooks admit, e.g. within their privacy budget)
             sampled = hooks.admit(rnd, sample_clients(spec, rnd))
-            plan = strategy.plan_local(rnd)
-            plan_arrays = _plan_arrays(plan)
+            plan_arrays = strategy.plan_local(rnd)
             # 2. local training and uploads (with the previous round's digest and evaluation)
             parts, config, arrays = _digest_request(open_round)
             exchange = run_exchange(
@@ -697,7 +681,7 @@ def _run_rounds(
                 node_of,
                 {**parts, "train": sampled},
                 wire.MSG_ROUND,
-                {**config, **node_checkpoints, "round": rnd, "upload": plan.upload},
+                {**config, **node_checkpoints, "round": rnd},
                 {**arrays, **plan_arrays},
                 timeout,
             )
@@ -710,7 +694,7 @@ def _run_rounds(
                 lost, exchange.causes, state.failed | exchange.failed, set(state.ok), rnd
             )
             _check_round_survived(rnd, sampled, exchange)
-            hooks.after_exchange(rnd, exchange.replies(), plan.upload)
+            hooks.after_exchange(rnd, exchange.replies())
             bytes_down += wire.payload_bytes(plan_arrays) * len(sampled)
             bytes_up = sum(wire.payload_bytes(r.arrays) for r in state.ok.values())
 
@@ -740,7 +724,7 @@ def _run_rounds(
                 timeout,
             )
             open_round.exchanges.append(exchange)
-            hooks.after_exchange(spec.rounds, exchange.replies(), strategy.capabilities.upload)
+            hooks.after_exchange(spec.rounds, exchange.replies())
         last = _close_round(strategy, test_y, open_round, exchange, time.perf_counter())
         last["clients_lost"] = last["clients_lost"] + _record_losses(
             lost, exchange.causes, exchange.failed, set(), spec.rounds

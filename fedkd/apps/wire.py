@@ -5,8 +5,9 @@ Message types:
 - ``train.round``: one message per node per round. It carries, in this order: the previous
   round's teacher for its clients to digest (the round's last step, ``digest.*`` arrays, clients
   ``digest_ids``), their evaluation (``evaluate_ids``), then this round's local training and
-  upload (the round's first steps: logits on proxy indices, per-class logits, votes or
-  weights; clients ``train_ids``). The proxy subset travels as indices, never as inputs.
+  upload (the round's first steps; clients ``train_ids``). What the arrays hold is the
+  algorithm's to say (`strategies.base.Strategy.plan_local`, ``digest_payload``): the apps
+  only move them. The proxy subset travels as indices, never as inputs.
   Folding the digest into the
   next round's message halves the messages per round (each costs the engine's polling, and in
   deployment a ClientApp process); the math is unchanged because a client does nothing between
@@ -33,10 +34,9 @@ MSG_ROUND = "train.round"
 MSG_EXPORT = "query.export"
 # The parts of a request and its reply, in the order a node runs them.
 PARTS = ("digest", "evaluate", "train", "export")
-# Arrays of the previous round's teacher carry this prefix (this round's plan has its own
-# proxy_idx); FedAvg's global weights carry WEIGHTS_PREFIX.
+# Arrays of the previous round's digest carry this prefix (this round's plan has its own
+# arrays, under their own names).
 DIGEST_PREFIX = "digest."
-WEIGHTS_PREFIX = "w."
 # Records of a reply that a simulation's nodes add beside the protocol (ClientResult.oracle).
 ORACLE = "oracle"
 
@@ -56,6 +56,11 @@ def with_prefix(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndar
 def without_prefix(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     """The arrays whose names start with `prefix`, under their names without it."""
     return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def plan_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A round request's arrays for this round's local phase (those of no digest)."""
+    return {k: v for k, v in arrays.items() if not k.startswith(DIGEST_PREFIX)}
 
 
 def payload_bytes(arrays: dict[str, np.ndarray]) -> int:

@@ -1,6 +1,8 @@
-"""A node's cohort of clients: what each hosted client does in each phase of a round.
+"""A node's cohort of clients: the per-client reference implementation of the learner
+interface (`fedkd.learner.protocol.Learner`), one client after another.
 
-This is the learner that the ClientApp calls; it knows nothing of Flower. Client state comes in
+The algorithms' client sides (`strategies`) call it through the ClientApp; it knows nothing of
+Flower and nothing of any algorithm. Client state comes in
 and goes out as bytes (the app keeps them in the node's context between rounds), results are
 numpy arrays and float metrics, and every client's computation depends only on its own id,
 the round and the run seed, so one client per node and cohorts give the same numbers.
@@ -21,7 +23,7 @@ from fedkd.learner.loop import (
     PHASE_HISTOGRAM,
     PHASE_INIT,
     PHASE_TRAIN,
-    ClassTeacher,
+    ClassRegulariser,
     ClientState,
     StepConfig,
     accuracy,
@@ -29,6 +31,7 @@ from fedkd.learner.loop import (
     distill,
     init_student,
     make_optimizer,
+    predict_embeddings,
     predict_logits,
     seeded_generator,
     train_supervised,
@@ -40,14 +43,12 @@ from fedkd.privacy.ledger import DpSgdEvent
 from fedkd.privacy.noise import noise_source
 from fedkd.privacy.teacher_shards import teacher_shards
 
-UPLOADS = ("logits", "class_logits", "weights", "votes", "none")
 # Digest metric: distillation made the client's student non-finite, and the digest was undone.
 DIGEST_DIVERGED = "digest_diverged"
 # Result keys (arrays and metrics) whose values the client's student computes, besides its
-# weights: private only as far as the student is (DP-SGD makes them post-processing).
+# weights and its algorithm's uploads (`strategies.params.Capabilities.uploads`): private only
+# as far as the student is (DP-SGD makes them post-processing).
 STUDENT_OUTPUTS = (
-    "logits",
-    "class_logits",
     "test_logits",
     "test_acc",
     "distill_loss",
@@ -67,11 +68,6 @@ class CohortConfig:
     distill_temperature: float = 1.0
     # DP-SGD for private training (None: plain SGD); distillation is never charged.
     dp: DpSgdSettings | None = None
-    # PATE: teachers each client hosts, on disjoint shards of its private data (each example's
-    # teacher is a keyed hash of the example, `fedkd.privacy.teacher_shards`).
-    teachers_per_client: int = 1
-    # A per-class teacher's regulariser (FD): its weight in local training.
-    class_teacher_weight: float = 1.0
     # Class-weighted teacher: noise std of the label histogram each client sends with its
     # logits (None: no histogram; 0: exact counts, only when nothing is private).
     label_histogram_noise: float | None = None
@@ -118,7 +114,7 @@ class ClientResult:
 
 
 class CohortLearner:
-    """Runs the phases of a round for the clients one node hosts, one client after another.
+    """The learner interface for the clients one node hosts, one client after another.
 
     Parameters
     ----------
@@ -165,23 +161,18 @@ class CohortLearner:
     def _save(self, state: ClientState) -> None:
         self.states[state.client_id] = state.to_bytes()
 
-    # -- phases --------------------------------------------------------------------------------
-    def local_round(
+    # -- the learner interface (`fedkd.learner.protocol.Learner`) ------------------------------
+    def train_private(
         self,
         round_num: int,
         client_ids: list[int],
-        upload: str,
-        proxy_idx: np.ndarray,
-        class_teacher: ClassTeacher | None = None,
+        regulariser: ClassRegulariser | None = None,
     ) -> dict[int, ClientResult]:
-        """Train each client on its private data, then compute what it uploads."""
-        if upload not in UPLOADS:
-            raise ValueError(f"unknown upload '{upload}'; one of {', '.join(UPLOADS)}")
+        """Train each client on its private data (see `fedkd.learner.protocol.Learner`)."""
+        if regulariser is not None:
+            regulariser = regulariser.with_temperature(self.config.distill_temperature)
         results = {}
         for cid in client_ids:
-            if upload == "votes":
-                results[cid] = self._teacher_votes(round_num, cid, proxy_idx)
-                continue
             state = self._load(cid)
             client = self.data.clients[cid]
             gen = seeded_generator(self.config.seed, round_num, cid, PHASE_TRAIN)
@@ -195,9 +186,11 @@ class CohortLearner:
                     client.y_train,
                     private,
                     gen,
-                    class_teacher,
+                    regulariser,
                 )
             else:
+                if regulariser is not None:
+                    raise ValueError("a class regulariser does not run under DP-SGD")
                 stats, event = train_dpsgd(
                     state.model,
                     state.private_opt,
@@ -213,45 +206,88 @@ class CohortLearner:
                 result.metrics.update(dp_step_metrics(event, state.dp_steps))
             state.rounds_trained += 1
             result.metrics["train_loss"] = stats["loss"]
-            if upload == "logits":
-                logits = predict_logits(state.model, self.data.proxy_x[proxy_idx])
-                result.arrays["logits"] = logits.numpy().astype(np.float32)
-                result.arrays.update(self.label_histogram(cid))
-            elif upload == "class_logits":
-                logits = predict_logits(state.model, client.x_train)
-                class_logits, counts = per_class_mean_logits(
-                    logits, torch.from_numpy(client.y_train), self.data.num_classes
-                )
-                result.arrays["class_logits"] = class_logits.numpy().astype(np.float32)
-                result.arrays["class_counts"] = counts.numpy().astype(np.float32)
-            elif upload == "weights":
-                result.arrays.update(
-                    {k: v.detach().numpy().copy() for k, v in state.model.state_dict().items()}
-                )
             self._save(state)
             results[cid] = result
         return results
 
-    def label_histogram(self, cid: int) -> dict[str, np.ndarray]:
+    def logits(self, client_ids: list[int], inputs: np.ndarray) -> dict[int, np.ndarray]:
+        """Each client's logits on `inputs` (see `fedkd.learner.protocol.Learner`)."""
+        return {
+            cid: predict_logits(self._load(cid).model, inputs).numpy().astype(np.float32)
+            for cid in client_ids
+        }
+
+    def embeddings(self, client_ids: list[int], inputs: np.ndarray) -> dict[int, np.ndarray]:
+        """Each client's embeddings on `inputs` (see `fedkd.learner.protocol.Learner`)."""
+        return {
+            cid: predict_embeddings(self._load(cid).model, inputs).numpy().astype(np.float32)
+            for cid in client_ids
+        }
+
+    def class_statistics(
+        self, client_ids: list[int], space: str
+    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per-class means on private data (see `fedkd.learner.protocol.Learner`)."""
+        predict = _PREDICTORS[space]
+        return {
+            cid: self._per_class_mean(
+                cid, predict(self._load(cid).model, self.data.clients[cid].x_train)
+            )
+            for cid in client_ids
+        }
+
+    def _per_class_mean(self, cid: int, outputs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        means, counts = per_class_mean_logits(
+            outputs, torch.from_numpy(self.data.clients[cid].y_train), self.data.num_classes
+        )
+        return means.numpy().astype(np.float32), counts.numpy().astype(np.float32)
+
+    def get_weights(self, client_ids: list[int]) -> dict[int, dict[str, np.ndarray]]:
+        """Each client's student weights (see `fedkd.learner.protocol.Learner`)."""
+        return {cid: _weights_of(self._load(cid).model) for cid in client_ids}
+
+    def set_weights(self, client_ids: list[int], weights: dict[str, np.ndarray]) -> None:
+        """Load `weights` into every client's student with a fresh private optimizer."""
+        for cid in client_ids:
+            state = self._load(cid)
+            state.model.load_state_dict(
+                {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
+            )
+            state.private_opt = make_optimizer(state.model.parameters(), self.config.private.optim)
+            self._save(state)
+
+    def label_histogram(self, client_id: int) -> dict[str, np.ndarray]:
         """``{"label_histogram": counts}`` when the teacher needs it, else ``{}``; drawn once
         per client (not per round) and kept: every round resends the same release."""
         noise = self.config.label_histogram_noise
         if noise is None:
             return {}
-        kept = self.released.get(cid)
+        kept = self.released.get(client_id)
         if kept is not None:
             return {"label_histogram": np.frombuffer(kept, dtype=np.float32).copy()}
         cfg = self.config
+        seeded = lambda: seeded_generator(cfg.seed, client_id, PHASE_HISTOGRAM)  # noqa: E731
         counts = LabelHistogramRelease(noise).release(
-            self.data.clients[cid].y_train,
+            self.data.clients[client_id].y_train,
             self.data.num_classes,
-            noise_source(cfg.noise_rng, lambda: seeded_generator(cfg.seed, cid, PHASE_HISTOGRAM)),
+            noise_source(cfg.noise_rng, seeded),
         )
-        self.released[cid] = counts.tobytes()
+        self.released[client_id] = counts.tobytes()
         return {"label_histogram": counts}
 
-    def _teacher_votes(self, round_num: int, cid: int, proxy_idx: np.ndarray) -> ClientResult:
-        """PATE: train the client's teachers on disjoint shards, return their vote counts."""
+    def shard_teacher_votes(
+        self, round_num: int, client_ids: list[int], num_teachers: int, inputs: np.ndarray
+    ) -> dict[int, ClientResult]:
+        """Teachers on disjoint shards, their votes on `inputs` (see
+        `fedkd.learner.protocol.Learner`); on the loop in both learners. The teachers are the
+        client's state (in place of its student)."""
+        return {
+            cid: self._teacher_votes(round_num, cid, num_teachers, inputs) for cid in client_ids
+        }
+
+    def _teacher_votes(
+        self, round_num: int, cid: int, num_teachers: int, x_proxy: np.ndarray
+    ) -> ClientResult:
         cfg, client = self.config, self.data.clients[cid]
         teachers = [
             init_student(
@@ -263,7 +299,7 @@ class CohortLearner:
                 PHASE_INIT,
                 t,
             )
-            for t in range(cfg.teachers_per_client)
+            for t in range(num_teachers)
         ]
         opts = [make_optimizer(m.parameters(), cfg.private.optim) for m in teachers]
         blob = self.states.get(cid)
@@ -276,11 +312,10 @@ class CohortLearner:
         shards = teacher_shards(
             client.x_train,
             client.y_train,
-            cfg.teachers_per_client,
+            num_teachers,
             derive_seed(cfg.seed, cid, PHASE_INIT, -1),
         )
-        x_proxy = self.data.proxy_x[proxy_idx]
-        votes = np.zeros((len(proxy_idx), self.data.num_classes), dtype=np.float32)
+        votes = np.zeros((len(x_proxy), self.data.num_classes), dtype=np.float32)
         private = cfg.private.for_round(round_num)
         losses = []
         for t, (model, opt, shard) in enumerate(zip(teachers, opts, shards, strict=True)):
@@ -306,46 +341,30 @@ class CohortLearner:
             },
         )
 
-    def digest(
-        self,
-        round_num: int,
-        client_ids: list[int],
-        proxy_idx: np.ndarray | None = None,
-        teacher_logits: np.ndarray | None = None,
-        global_weights: dict[str, np.ndarray] | None = None,
+    def distill(
+        self, round_num: int, client_ids: list[int], inputs: np.ndarray, targets: np.ndarray
     ) -> dict[int, ClientResult]:
-        """Distill from the teacher on the proxy subset, or take the global weights (FedAvg)."""
+        """Distill towards the target logits on `inputs` (see `fedkd.learner.protocol.Learner`)."""
         results = {}
         for cid in client_ids:
             state = self._load(cid)
-            metrics: dict[str, float] = {}
-            if global_weights is not None:
-                state.model.load_state_dict(
-                    {k: torch.from_numpy(np.array(v)) for k, v in global_weights.items()}
-                )
-                # A fresh local optimizer per round, as in FedAvg: momentum from the old local
-                # weights does not carry over to the new global ones.
-                state.private_opt = make_optimizer(
-                    state.model.parameters(), self.config.private.optim
-                )
-            elif teacher_logits is not None and proxy_idx is not None:
-                gen = seeded_generator(self.config.seed, round_num, cid, PHASE_DISTILL)
-                stats = distill(
-                    state.model,
-                    state.distill_opt,
-                    self.data.proxy_x[proxy_idx],
-                    teacher_logits,
-                    self.config.distill,
-                    gen,
-                    self.config.distill_loss,
-                    self.config.distill_temperature,
-                )
-                metrics["distill_loss"] = stats["loss"]
-                if not all(torch.isfinite(p).all() for p in state.model.parameters()):
-                    # Kept unsaved: the stored student (and optimizers) from before the digest
-                    # stay, instead of a NaN student that would fail every round from now on.
-                    results[cid] = ClientResult(metrics={**metrics, DIGEST_DIVERGED: 1.0})
-                    continue
+            gen = seeded_generator(self.config.seed, round_num, cid, PHASE_DISTILL)
+            stats = distill(
+                state.model,
+                state.distill_opt,
+                inputs,
+                targets,
+                self.config.distill,
+                gen,
+                self.config.distill_loss,
+                self.config.distill_temperature,
+            )
+            metrics = {"distill_loss": stats["loss"]}
+            if not all(torch.isfinite(p).all() for p in state.model.parameters()):
+                # Kept unsaved: the stored student (and optimizers) from before the digest
+                # stay, instead of a NaN student that would fail every round from now on.
+                results[cid] = ClientResult(metrics={**metrics, DIGEST_DIVERGED: 1.0})
+                continue
             self._save(state)
             results[cid] = ClientResult(metrics=metrics)
         return results
@@ -376,9 +395,15 @@ class CohortLearner:
         for cid in client_ids:
             state = self._load(cid)
             results[cid] = ClientResult(
-                arrays={
-                    k: v.detach().cpu().numpy().copy() for k, v in state.model.state_dict().items()
-                },
+                arrays=_weights_of(state.model),
                 metrics={"rounds_trained": float(state.rounds_trained)},
             )
         return results
+
+
+def _weights_of(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+# What `CohortLearner.class_statistics` averages, by space.
+_PREDICTORS = {"logits": predict_logits, "embeddings": predict_embeddings}

@@ -160,14 +160,53 @@ def as_tensor(array: np.ndarray | Tensor) -> Tensor:
     return array if isinstance(array, Tensor) else torch.from_numpy(np.ascontiguousarray(array))
 
 
-@dataclass(frozen=True)
-class ClassTeacher:
-    """FD's digest: per-class teacher logits used as a regulariser during local training."""
+# Where a `ClassRegulariser` pulls an example: its logits (FD) or its embedding (FedProto).
+REGULARISER_SPACES = ("logits", "embeddings")
 
-    logits: Tensor  # (C, C): row c = global average logits of class c
-    present: Tensor  # (C,) bool: classes some client reported
+
+@dataclass(frozen=True)
+class ClassRegulariser:
+    """A per-class target regulariser of private training.
+
+    Each training example of a class `c` with ``present[c]`` is pulled towards ``targets[c]``;
+    the penalty, averaged over the batch's examples of present classes, is added to the
+    cross-entropy with factor `weight`.
+
+    Parameters
+    ----------
+    targets : Tensor
+        ``(C, D)``: row c is class c's target (``D`` = C logits, or the embedding width).
+    present : Tensor
+        ``(C,)`` bool: classes that have a target.
+    weight : float, default 1.0
+        Factor of the penalty in the loss.
+    space : {"logits", "embeddings"}, default "logits"
+        ``"logits"``: KL from ``softmax(targets[c] / T)`` to the student's softmax at
+        temperature T, times T^2 (bounded, unlike cross-entropy on raw averaged logits, which
+        diverges). ``"embeddings"``: mean squared distance of the student's embedding
+        (`fedkd.models.zoo.EmbeddingOutput`) to ``targets[c]``.
+    temperature : float or None, default None
+        T of ``"logits"``; None: the learner's distillation temperature.
+    """
+
+    targets: Tensor
+    present: Tensor
     weight: float = 1.0
-    temperature: float = 1.0
+    space: str = "logits"
+    temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.space not in REGULARISER_SPACES:
+            raise ValueError(
+                f"ClassRegulariser.space: '{self.space}' is not one of "
+                f"{', '.join(REGULARISER_SPACES)}"
+            )
+
+    def with_temperature(self, default: float) -> ClassRegulariser:
+        """This regulariser with its temperature set (`default` where it names none)."""
+        if self.temperature is not None:
+            return self
+        return replace(self, temperature=default)
 
 
 def fit_batches(
@@ -229,27 +268,30 @@ def train_supervised(
     y: np.ndarray | Tensor,
     step: StepConfig,
     gen: torch.Generator,
-    class_teacher: ClassTeacher | None = None,
+    regulariser: ClassRegulariser | None = None,
     augment_shift: int = 0,
 ) -> dict[str, float]:
-    """Cross-entropy training on (x, y); optional FD regulariser and random shifts of the
-    inputs (`random_shift`). Returns mean loss and steps."""
+    """Cross-entropy training on (x, y); an optional per-class regulariser (its temperature
+    set) and random shifts of the inputs (`random_shift`). Returns mean loss and steps."""
     x, y = as_tensor(x), as_tensor(y)
+    on_embeddings = regulariser is not None and regulariser.space == "embeddings"
 
     def batch_loss(idx: Tensor) -> Tensor:
         xb, yb = random_shift(x[idx], augment_shift, gen), y[idx]
-        out = model(xb)
+        out, embedding = model(xb, embed=True) if on_embeddings else (model(xb), None)
         loss = nn.functional.cross_entropy(out, yb)
-        if class_teacher is not None:
-            keep = class_teacher.present[yb]
+        if regulariser is not None:
+            keep = regulariser.present[yb]
             if keep.any():
-                # Bounded digest: KL to the tempered class-average distribution, never
-                # cross-entropy on raw averaged logits (which diverges).
-                temperature = class_teacher.temperature
-                targets = soft_targets(class_teacher.logits[yb[keep]], temperature)
-                loss = loss + class_teacher.weight * kl_distillation_loss(
-                    out[keep], targets, temperature
-                )
+                targets = regulariser.targets[yb[keep]]
+                if embedding is not None:
+                    penalty = (embedding[keep] - targets).square().mean(dim=1).mean()
+                else:
+                    temperature = regulariser.temperature
+                    penalty = kl_distillation_loss(
+                        out[keep], soft_targets(targets, temperature), temperature
+                    )
+                loss = loss + regulariser.weight * penalty
         return loss
 
     return fit_batches(model, opt, len(y), step, gen, batch_loss)
@@ -274,6 +316,15 @@ def distill(
         return distillation_loss(loss_kind, model(xb), teacher[idx], temperature)
 
     return fit_batches(model, opt, len(x), step, gen, batch_loss)
+
+
+@torch.no_grad()
+def predict_embeddings(model: nn.Module, x: np.ndarray | Tensor, batch_size: int = 1024) -> Tensor:
+    """Embeddings (`fedkd.models.zoo.EmbeddingOutput`) in eval mode, without gradients."""
+    x = as_tensor(x)
+    model.eval()
+    passes = [model(x[i : i + batch_size], embed=True)[1] for i in range(0, len(x), batch_size)]
+    return torch.cat(passes) if passes else torch.empty(0)
 
 
 @torch.no_grad()

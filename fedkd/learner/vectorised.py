@@ -30,7 +30,7 @@ reference loop) and computes the same numbers up to float rounding, many clients
   multiplier per client as the Opacus path, hence the same ledger events. Its random draws
   (batches, noise) come from the client's own seeded generators, not Opacus's, so weights
   agree with the loop in distribution, not bit for bit.
-- PATE's teachers (``upload = "votes"``) train in the reference loop.
+- Teachers on shards of a client's data (`shard_teacher_votes`) train in the reference loop.
 """
 
 from __future__ import annotations
@@ -48,11 +48,9 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from fedkd.data.splits import FederatedData
 from fedkd.knowledge.losses import distillation_loss, soft_targets
-from fedkd.knowledge.teachers import per_class_mean_logits
 from fedkd.learner.batch_plans import BatchPlan, most_steps_first, plan_batches
 from fedkd.learner.cohort import (
     DIGEST_DIVERGED,
-    UPLOADS,
     ClientResult,
     CohortConfig,
     CohortLearner,
@@ -77,7 +75,8 @@ from fedkd.learner.loop import (
     PHASE_DISTILL,
     PHASE_INIT,
     PHASE_TRAIN,
-    ClassTeacher,
+    REGULARISER_SPACES,
+    ClassRegulariser,
     OptimConfig,
     StepConfig,
     accuracy,
@@ -87,6 +86,7 @@ from fedkd.learner.loop import (
     seeded_generator,
 )
 from fedkd.learner.state_codec import SavedClientState, decode_client_state, encode_client_state
+from fedkd.models.zoo import EMBEDDING_WIDTH
 from fedkd.privacy.ledger import DpSgdEvent
 from fedkd.privacy.noise import noise_source
 
@@ -279,34 +279,46 @@ class VectorisedCohortLearner(CohortLearner):
             )
 
     # -- kernels -------------------------------------------------------------------------------
-    def _forward(self, model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
+    def _forward(self, model: nn.Module, embed: bool = False) -> Callable[[Params, Tensor], Tensor]:
+        """Logits, or (`embed`) embeddings, of `model` with weights `params` on `x`."""
+
         def forward(params: Params, x: Tensor) -> Tensor:
+            if embed:
+                return functional_call(model, params, (x,), {"embed": True})[1].float()
             return functional_call(model, params, (x,)).float()
 
         return forward
 
+    def _width(self, embed: bool) -> int:
+        return EMBEDDING_WIDTH if embed else self.data.num_classes
+
     def _rows_per_pass(self, num_clients: int) -> int:
         return max(1, self.predict_rows // max(num_clients, 1))
 
-    def _predict_one(self, model: nn.Module, params: Params, j: int, x: Tensor) -> Tensor:
-        """(N, C) logits of stacked client `j` on `x`, `predict_rows` rows per pass."""
+    def _predict_one(
+        self, model: nn.Module, params: Params, j: int, x: Tensor, embed: bool = False
+    ) -> Tensor:
+        """(N, C) logits (or embeddings) of stacked client `j` on `x`, `predict_rows` rows per
+        pass."""
         own = {n: p[j] for n, p in params.items()}
-        forward = self._forward(model)
+        forward = self._forward(model, embed)
         step = self.predict_rows
         passes = [forward(own, x[i : i + step]) for i in range(0, len(x), step)]
         if not passes:
-            return torch.zeros((0, self.data.num_classes), device=self.device)
+            return torch.zeros((0, self._width(embed)), device=self.device)
         return torch.cat(passes)
 
     @torch.no_grad()
-    def _predict_shared(self, model: nn.Module, params: Params, x: Tensor) -> Tensor:
-        """(K, N, C) logits of every client on the same inputs."""
+    def _predict_shared(
+        self, model: nn.Module, params: Params, x: Tensor, embed: bool = False
+    ) -> Tensor:
+        """(K, N, C) logits (or embeddings) of every client on the same inputs."""
         k = num_clients(params)
         if len(x) == 0:
-            return torch.zeros((k, 0, self.data.num_classes), device=self.device)
+            return torch.zeros((k, 0, self._width(embed)), device=self.device)
         if self.per_client_predict:
-            return torch.stack([self._predict_one(model, params, j, x) for j in range(k)])
-        fwd = vmap(self._forward(model), in_dims=(0, None))
+            return torch.stack([self._predict_one(model, params, j, x, embed) for j in range(k)])
+        fwd = vmap(self._forward(model, embed), in_dims=(0, None))
         return torch.cat(
             [
                 fwd(params, x[i : i + self._rows_per_pass(k)])
@@ -317,19 +329,26 @@ class VectorisedCohortLearner(CohortLearner):
 
     @torch.no_grad()
     def _predict_own(
-        self, model: nn.Module, params: Params, x: Tensor, offsets: np.ndarray, cids: list[int]
+        self,
+        model: nn.Module,
+        params: Params,
+        x: Tensor,
+        offsets: np.ndarray,
+        cids: list[int],
+        embed: bool = False,
     ) -> list[Tensor]:
-        """Each client's logits on its own rows of `x` (rows ``offsets[c]:offsets[c+1]``)."""
+        """Each client's logits (or embeddings) on its own rows of `x` (rows
+        ``offsets[c]:offsets[c+1]``)."""
         if self.per_client_predict:
             return [
-                self._predict_one(model, params, j, x[int(offsets[c]) : int(offsets[c + 1])])
+                self._predict_one(model, params, j, x[int(offsets[c]) : int(offsets[c + 1])], embed)
                 for j, c in enumerate(cids)
             ]
         lengths = [int(offsets[c + 1] - offsets[c]) for c in cids]
         longest = max(lengths, default=0)
         k = len(cids)
-        out = torch.zeros((k, longest, self.data.num_classes), device=self.device)
-        fwd = vmap(self._forward(model))
+        out = torch.zeros((k, longest, self._width(embed)), device=self.device)
+        fwd = vmap(self._forward(model, embed))
         starts = torch.tensor([int(offsets[c]) for c in cids], device=self.device)
         lens = torch.tensor(lengths, device=self.device)
         step = self._rows_per_pass(k)
@@ -344,9 +363,10 @@ class VectorisedCohortLearner(CohortLearner):
         self,
         stack: StackedStates,
         round_num: int,
-        class_teacher: ClassTeacher | None,
+        regulariser: ClassRegulariser | None,
     ) -> Tensor:
-        """Cross-entropy training (and FD's regulariser) on each client's data; mean losses."""
+        """Cross-entropy training (and a per-class regulariser, its temperature set) on each
+        client's data; mean losses."""
         step: StepConfig = self.config.private.for_round(round_num)
         x_all, y_all, offsets = self.dev.train
         cids = stack.client_ids
@@ -360,29 +380,25 @@ class VectorisedCohortLearner(CohortLearner):
         )
         model = self._template(stack.arch)
         forward = self._forward(model)
-        teacher = None
-        if class_teacher is not None:
-            temperature = class_teacher.temperature
-            teacher = (
-                soft_targets(class_teacher.logits.float(), temperature).to(self.device),
-                class_teacher.present.to(self.device),
-                float(class_teacher.weight),
-                float(temperature),
-            )
+        on_embeddings = regulariser is not None and regulariser.space == "embeddings"
+        if regulariser is not None:
+            penalty = _penalty(regulariser, self.device)
+            present = regulariser.present.to(self.device)
+            weight = float(regulariser.weight)
 
         def loss_fn(params: Params, xb: Tensor, yb: Tensor, wb: Tensor) -> Tensor:
-            out = forward(params, xb)
+            if on_embeddings:
+                out, embedding = functional_call(model, params, (xb,), {"embed": True})
+                out, embedding = out.float(), embedding.float()
+            else:
+                out, embedding = forward(params, xb), None
             loss = (F.cross_entropy(out, yb, reduction="none") * wb).sum()
-            if teacher is not None:
-                targets, present, weight, temperature = teacher
-                # FD's regulariser (loop: KL to the class-average targets of the batch's
-                # examples whose class some client reported, batch mean), on real rows only.
+            if regulariser is not None:
+                # As in the loop: the batch mean over the examples of classes with a target,
+                # on real rows only.
                 keep = (present[yb] & (wb > 0)).to(out.dtype)
-                probs = targets[yb]
-                log_q = torch.log_softmax(out / temperature, dim=-1)
-                kl = (torch.special.xlogy(probs, probs) - probs * log_q).sum(-1)
-                kl = kl * (temperature * temperature)
-                loss = loss + weight * (kl * keep).sum() / keep.sum().clamp(min=1)
+                per_example = penalty(out, embedding, yb)
+                loss = loss + weight * (per_example * keep).sum() / keep.sum().clamp(min=1)
             return loss
 
         step_fn = vmap(grad_and_value(loss_fn))
@@ -515,58 +531,29 @@ class VectorisedCohortLearner(CohortLearner):
         return self._run_steps(stack, plan, proxy, teacher, step_fn, "distill")
 
     # -- phases --------------------------------------------------------------------------------
-    def local_round(
+    def train_private(
         self,
         round_num: int,
         client_ids: list[int],
-        upload: str,
-        proxy_idx: np.ndarray,
-        class_teacher: ClassTeacher | None = None,
+        regulariser: ClassRegulariser | None = None,
     ) -> dict[int, ClientResult]:
-        """Train each client on its private data, then compute what it uploads."""
-        if upload not in UPLOADS:
-            raise ValueError(f"unknown upload '{upload}'; one of {', '.join(UPLOADS)}")
-        if upload == "votes":  # PATE: several teachers per client, trained in the loop
-            return super().local_round(round_num, client_ids, upload, proxy_idx, class_teacher)
+        """Train each client on its private data (see `fedkd.learner.protocol.Learner`)."""
+        if regulariser is not None:
+            if self.config.dp is not None:
+                raise ValueError("a class regulariser does not run under DP-SGD")
+            regulariser = regulariser.with_temperature(self.config.distill_temperature)
         results: dict[int, ClientResult] = {}
-        dev = self.dev
         for arch, cids in self._groups(client_ids):
             stack = self._load_stack(arch, cids)
             dp_metrics: list[dict[str, float]] = [{} for _ in cids]
             if self.config.dp is None:
-                losses = self._train_private(stack, round_num, class_teacher).cpu()
+                losses = self._train_private(stack, round_num, regulariser).cpu()
             else:
                 losses, dp_metrics = self._train_private_dp(stack, round_num)
             stack.rounds_trained = [r + 1 for r in stack.rounds_trained]
-            model = self._template(arch)
-            uploads: list[dict[str, np.ndarray]] = [{} for _ in cids]
-            if upload == "logits":
-                idx = torch.from_numpy(np.asarray(proxy_idx, dtype=np.int64)).to(self.device)
-                with precision_context(self.precision, self.device):
-                    logits = self._predict_shared(model, stack.params, dev.proxy_x[idx]).cpu()
-                for j, cid in enumerate(cids):
-                    uploads[j]["logits"] = logits[j].numpy().astype(np.float32)
-                    uploads[j].update(self.label_histogram(cid))
-            elif upload == "class_logits":
-                x_all, _, offsets = dev.train
-                with precision_context(self.precision, self.device):
-                    own = self._predict_own(model, stack.params, x_all, offsets, cids)
-                for j, cid in enumerate(cids):
-                    class_logits, counts = per_class_mean_logits(
-                        own[j].cpu(),
-                        torch.from_numpy(self.data.clients[cid].y_train),
-                        self.data.num_classes,
-                    )
-                    uploads[j]["class_logits"] = class_logits.numpy().astype(np.float32)
-                    uploads[j]["class_counts"] = counts.numpy().astype(np.float32)
-            elif upload == "weights":
-                cpu = {n: p.detach().cpu() for n, p in stack.params.items()}
-                for j in range(len(cids)):
-                    uploads[j] = {n: p[j].numpy().copy() for n, p in cpu.items()}
             self._save_stack(stack)
             for j, cid in enumerate(cids):
                 results[cid] = ClientResult(
-                    arrays=uploads[j],
                     metrics={
                         "num_examples": float(self.data.clients[cid].num_examples),
                         "train_loss": float(losses[j]),
@@ -575,21 +562,61 @@ class VectorisedCohortLearner(CohortLearner):
                 )
         return {cid: results[cid] for cid in client_ids}
 
-    def digest(
-        self,
-        round_num: int,
-        client_ids: list[int],
-        proxy_idx: np.ndarray | None = None,
-        teacher_logits: np.ndarray | None = None,
-        global_weights: dict[str, np.ndarray] | None = None,
+    def _on_shared_inputs(
+        self, client_ids: list[int], inputs: np.ndarray, embed: bool
+    ) -> dict[int, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device)
+        out: dict[int, np.ndarray] = {}
+        for arch, cids in self._groups(client_ids):
+            stack = self._load_stack(arch, cids)
+            with precision_context(self.precision, self.device):
+                values = self._predict_shared(self._template(arch), stack.params, x, embed).cpu()
+            for j, cid in enumerate(cids):
+                out[cid] = values[j].numpy().astype(np.float32)
+        return {cid: out[cid] for cid in client_ids}
+
+    def logits(self, client_ids: list[int], inputs: np.ndarray) -> dict[int, np.ndarray]:
+        """Each client's logits on `inputs` (see `fedkd.learner.protocol.Learner`)."""
+        return self._on_shared_inputs(client_ids, inputs, embed=False)
+
+    def embeddings(self, client_ids: list[int], inputs: np.ndarray) -> dict[int, np.ndarray]:
+        """Each client's embeddings on `inputs` (see `fedkd.learner.protocol.Learner`)."""
+        return self._on_shared_inputs(client_ids, inputs, embed=True)
+
+    def class_statistics(
+        self, client_ids: list[int], space: str
+    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per-class means on private data (see `fedkd.learner.protocol.Learner`)."""
+        if space not in REGULARISER_SPACES:
+            raise ValueError(f"space '{space}' is not one of {', '.join(REGULARISER_SPACES)}")
+        x_all, _, offsets = self.dev.train
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for arch, cids in self._groups(client_ids):
+            stack = self._load_stack(arch, cids)
+            model = self._template(arch)
+            with precision_context(self.precision, self.device):
+                own = self._predict_own(
+                    model, stack.params, x_all, offsets, cids, space == "embeddings"
+                )
+            for j, cid in enumerate(cids):
+                out[cid] = self._per_class_mean(cid, own[j].cpu())
+        return {cid: out[cid] for cid in client_ids}
+
+    def get_weights(self, client_ids: list[int]) -> dict[int, dict[str, np.ndarray]]:
+        """Each client's student weights (see `fedkd.learner.protocol.Learner`)."""
+        out: dict[int, dict[str, np.ndarray]] = {}
+        for arch, cids in self._groups(client_ids):
+            cpu = {n: p.detach().cpu() for n, p in self._load_stack(arch, cids).params.items()}
+            for j, cid in enumerate(cids):
+                out[cid] = {n: p[j].numpy().copy() for n, p in cpu.items()}
+        return {cid: out[cid] for cid in client_ids}
+
+    def distill(
+        self, round_num: int, client_ids: list[int], inputs: np.ndarray, targets: np.ndarray
     ) -> dict[int, ClientResult]:
-        """Distill from the teacher on the proxy subset, or take the global weights (FedAvg)."""
-        if global_weights is not None or teacher_logits is None or proxy_idx is None:
-            # No training: loading weights (or nothing) costs the same either way.
-            return super().digest(round_num, client_ids, proxy_idx, teacher_logits, global_weights)
-        idx = torch.from_numpy(np.asarray(proxy_idx, dtype=np.int64)).to(self.device)
-        proxy = self.dev.proxy_x[idx]
-        teacher = torch.as_tensor(np.asarray(teacher_logits)).float().to(self.device)
+        """Distill towards the target logits on `inputs` (see `fedkd.learner.protocol.Learner`)."""
+        proxy = torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device)
+        teacher = torch.as_tensor(np.asarray(targets)).float().to(self.device)
         results: dict[int, ClientResult] = {}
         for arch, cids in self._groups(client_ids):
             stack = self._load_stack(arch, cids)
@@ -636,6 +663,30 @@ class VectorisedCohortLearner(CohortLearner):
                     },
                 )
         return {cid: results[cid] for cid in client_ids}
+
+
+def _penalty(
+    regulariser: ClassRegulariser, device: torch.device
+) -> Callable[[Tensor, Tensor | None, Tensor], Tensor]:
+    """A `ClassRegulariser`'s per-example penalty ``(logits, embeddings, labels) -> (B,)``, the
+    loop's (`fedkd.learner.loop.train_supervised`) written for ``vmap``."""
+    if regulariser.space == "embeddings":
+        centres = regulariser.targets.float().to(device)
+
+        def distance(out: Tensor, embedding: Tensor | None, yb: Tensor) -> Tensor:
+            return (embedding - centres[yb]).square().mean(-1)
+
+        return distance
+    temperature = float(regulariser.temperature)
+    targets = soft_targets(regulariser.targets.float(), temperature).to(device)
+
+    def kl(out: Tensor, embedding: Tensor | None, yb: Tensor) -> Tensor:
+        probs = targets[yb]
+        log_q = torch.log_softmax(out / temperature, dim=-1)
+        kl = (torch.special.xlogy(probs, probs) - probs * log_q).sum(-1)
+        return kl * (temperature * temperature)
+
+    return kl
 
 
 def _to_cpu(value: Any) -> Any:

@@ -32,6 +32,8 @@ for deep learning with differential privacy").
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import torch
@@ -89,7 +91,51 @@ def _flat_features(features: nn.Module, input_shape: tuple[int, ...]) -> int:
     return int(out[0].numel())
 
 
-class MLP(nn.Module):
+# Every zoo model's embedding (its penultimate activation, `EmbeddingOutput`) has this width.
+EMBEDDING_WIDTH = 64
+# Seeds the fixed projections of penultimate layers of another width.
+_PROJECTION_SEED = 20220222
+
+
+@functools.lru_cache(maxsize=16)
+def fixed_projection(width: int, device: torch.device | None = None) -> torch.Tensor:
+    """The fixed ``(width, EMBEDDING_WIDTH)`` projection of a penultimate layer of `width` units.
+
+    A function of the width alone (same width, same matrix, in every process), drawn from its
+    own generator so that building a model draws nothing from the global RNG; scaled by
+    ``1 / sqrt(width)`` so that it keeps the features' scale. Cached per device.
+    """
+    gen = torch.Generator().manual_seed(_PROJECTION_SEED + width)
+    projection = torch.randn(width, EMBEDDING_WIDTH, generator=gen) / math.sqrt(width)
+    return projection.to(device) if device is not None else projection
+
+
+class EmbeddingOutput(nn.Module):
+    """Base of the zoo models: ``forward(x)`` gives logits, ``forward(x, embed=True)`` gives
+    ``(logits, embedding)``, the embedding being the penultimate activation in
+    `EMBEDDING_WIDTH` dimensions, so that embeddings of different architectures are comparable.
+
+    Where the penultimate width differs (the MLP's 200, ``cnn_large``'s 384), it is multiplied
+    by `fixed_projection`, a constant outside the module: no parameter and no buffer, so a
+    model's weights, its state bytes, its optimizer, FedAvg's uploads and DP-SGD are the same
+    as without it, and its logits do not depend on it. Gradients of a loss on the embedding
+    flow through it into the layers below.
+    """
+
+    def _output(
+        self, features: torch.Tensor, head: nn.Module, embed: bool
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        logits = head(features)
+        if not embed:
+            return logits
+        width = features.shape[-1]
+        if width != EMBEDDING_WIDTH:
+            projection = fixed_projection(width, features.device)
+            features = features @ projection.to(features.dtype)
+        return logits, features
+
+
+class MLP(EmbeddingOutput):
     """Flatten, then two hidden layers of ``hidden`` units with ReLU.
 
     Parameters
@@ -116,11 +162,15 @@ class MLP(nn.Module):
             nn.Linear(hidden, num_classes),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(
+        self, x: torch.Tensor, embed: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not embed:
+            return self.net(x)
+        return self._output(self.net[:-1](x), self.net[-1], embed)
 
 
-class SimpleCNN(nn.Module):
+class SimpleCNN(EmbeddingOutput):
     """Two conv3x3 + activation + max-pool stages, then a hidden linear layer.
 
     Parameters
@@ -170,8 +220,12 @@ class SimpleCNN(nn.Module):
             nn.Linear(hidden, num_classes),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward(
+        self, x: torch.Tensor, embed: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not embed:
+            return self.head(self.features(x))
+        return self._output(self.head[:-1](self.features(x)), self.head[-1], embed)
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -215,7 +269,7 @@ class BasicBlock(nn.Module):
         return self.act(out + self.shortcut(x))
 
 
-class ResNetGN(nn.Module):
+class ResNetGN(EmbeddingOutput):
     """Small ResNet with GroupNorm: stem, blocks of 16, 32 (stride 2) and 64 (stride 2) channels.
 
     Parameters
@@ -244,8 +298,10 @@ class ResNetGN(nn.Module):
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(64, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.flatten(self.pool(self.blocks(self.stem(x)))))
+    def forward(
+        self, x: torch.Tensor, embed: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self._output(self.flatten(self.pool(self.blocks(self.stem(x)))), self.fc, embed)
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

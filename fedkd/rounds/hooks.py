@@ -89,8 +89,8 @@ class RoundHook(Protocol):
         """The sampled clients that may take part in round `rnd` (all, by default)."""
         return sampled
 
-    def after_exchange(self, rnd: int, replies: Replies, upload: str) -> None:
-        """An exchange of round `rnd` returned `replies`; `upload` is what "train" sent."""
+    def after_exchange(self, rnd: int, replies: Replies) -> None:
+        """An exchange of round `rnd` returned `replies`."""
 
     def after_round(self, rnd: int, row: dict[str, Any], state: RoundState) -> None:
         """Round `rnd`'s server side is done; hooks may add fields to its open `row`."""
@@ -124,9 +124,9 @@ class HookChain:
             sampled = hook.admit(rnd, sampled)
         return sampled
 
-    def after_exchange(self, rnd: int, replies: Replies, upload: str) -> None:
+    def after_exchange(self, rnd: int, replies: Replies) -> None:
         for hook in self.hooks:
-            hook.after_exchange(rnd, replies, upload)
+            hook.after_exchange(rnd, replies)
 
     def after_round(self, rnd: int, row: dict[str, Any], state: RoundState) -> None:
         for hook in self.hooks:

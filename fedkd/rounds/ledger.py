@@ -14,6 +14,7 @@ from fedkd.results import RunRecorder
 from fedkd.rounds.hooks import Replies, RoundHook, RoundState
 from fedkd.spec import Spec
 from strategies import Strategy
+from strategies.params import Capabilities
 
 log = logging.getLogger("fedkd")
 
@@ -63,9 +64,9 @@ class LedgerHook(RoundHook):
             self.strategy.planned_once_events(rnd),
         )
 
-    def after_exchange(self, rnd: int, replies: Replies, upload: str) -> None:
+    def after_exchange(self, rnd: int, replies: Replies) -> None:
         record_dpsgd(self.book, replies.get("train", {}), rnd)
-        record_unprotected(self.book, self.spec, upload, replies, rnd)
+        record_unprotected(self.book, self.spec, self.strategy.capabilities, replies, rnd)
 
     def after_round(self, rnd: int, row: dict[str, Any], state: RoundState) -> None:
         if state.aggregated:
@@ -166,7 +167,7 @@ def admit_within_budget(
 
 
 def record_unprotected(
-    book: LedgerBook, spec: Spec, upload: str, replies: Replies, rnd: int
+    book: LedgerBook, spec: Spec, caps: Capabilities, replies: Replies, rnd: int
 ) -> None:
     """Charge an unprotected release to every client that sent its (non-DP) student's outputs.
 
@@ -177,15 +178,17 @@ def record_unprotected(
     """
     if spec.privacy.dpsgd:
         return
+    # The algorithm's uploads that its clients' students compute count as their outputs.
+    student_outputs = {*STUDENT_OUTPUTS, *caps.uploads}
     for part, results in replies.items():
         for cid, res in sorted(results.items()):
             ledger = book.ledgers.get(cid)
             if ledger is not None and ledger.has_unprotected:
                 continue
             values = [
-                f"{part}.{k}" for k in sorted({**res.arrays, **res.metrics}) if k in STUDENT_OUTPUTS
+                f"{part}.{k}" for k in sorted({**res.arrays, **res.metrics}) if k in student_outputs
             ]
-            if part == "export" or (part == "train" and upload == "weights"):
+            if part == "export" or (part == "train" and caps.uploads_weights):
                 values.append(f"{part}.<student weights>")
             if values:
                 book.record(cid, UnprotectedReleaseEvent(", ".join(values), rnd), recurs=False)

@@ -1,0 +1,126 @@
+"""The learner interface an algorithm's client side is written against.
+
+An algorithm (`strategies`) says what its clients compute and upload, and how they digest what
+the server sends, in terms of these few batch operations over the client ids a node hosts. The
+per-client reference loop (`fedkd.learner.cohort.CohortLearner`) and the vectorised learner
+(`fedkd.learner.vectorised.VectorisedCohortLearner`) both implement it and compute the same
+numbers up to float rounding, so an algorithm runs on either backend with no code of its own
+for each. Every operation loads the clients' states and saves what it changes; client ids are
+processed in the order given and results come back keyed by client id.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from fedkd.data.splits import FederatedData
+from fedkd.learner.cohort import ClientResult
+from fedkd.learner.loop import ClassRegulariser
+
+
+@runtime_checkable
+class Learner(Protocol):
+    """What a node's learner does for the clients it hosts.
+
+    Attributes
+    ----------
+    data : FederatedData
+        The run's data: a client's private slices, the public proxy set (its inputs are what
+        algorithms pass as ``inputs``) and the global test set.
+    """
+
+    data: FederatedData
+
+    def train_private(
+        self,
+        round_num: int,
+        client_ids: list[int],
+        regulariser: ClassRegulariser | None = None,
+    ) -> dict[int, ClientResult]:
+        """Train each client on its private data (DP-SGD where configured).
+
+        Parameters
+        ----------
+        round_num : int
+            The round (seeds each client's batches; selects the round's epochs).
+        client_ids : list of int
+            The clients.
+        regulariser : ClassRegulariser or None, default None
+            A per-class target regulariser added to the cross-entropy (not under DP-SGD).
+
+        Returns
+        -------
+        dict of int to ClientResult
+            Per client: metrics ``num_examples``, ``train_loss`` and the DP-SGD figures; no
+            arrays (the algorithm adds its uploads).
+        """
+        ...
+
+    def logits(self, client_ids: list[int], inputs: np.ndarray) -> dict[int, np.ndarray]:
+        """Each client's ``(N, C)`` float32 logits on `inputs` (eval mode)."""
+        ...
+
+    def embeddings(self, client_ids: list[int], inputs: np.ndarray) -> dict[int, np.ndarray]:
+        """Each client's ``(N, EMBEDDING_WIDTH)`` float32 embeddings on `inputs` (eval mode;
+        `fedkd.models.zoo.EmbeddingOutput`: one width for every architecture)."""
+        ...
+
+    def class_statistics(
+        self, client_ids: list[int], space: str
+    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per-class means over each client's private training data, with the counts.
+
+        Parameters
+        ----------
+        client_ids : list of int
+            The clients.
+        space : {"logits", "embeddings"}
+            Mean of the logits ``(C, C)`` or of the embeddings ``(C, EMBEDDING_WIDTH)``.
+
+        Returns
+        -------
+        dict of int to (ndarray, ndarray)
+            Per client: the float32 means (rows of absent classes are zero) and the float32
+            ``(C,)`` counts.
+        """
+        ...
+
+    def distill(
+        self, round_num: int, client_ids: list[int], inputs: np.ndarray, targets: np.ndarray
+    ) -> dict[int, ClientResult]:
+        """Fit each client's logits on `inputs` to the target logits (the spec's distillation
+        loss, temperature and steps). A client whose student turns non-finite keeps its state
+        from before and reports ``digest_diverged``; the others report ``distill_loss``."""
+        ...
+
+    def get_weights(self, client_ids: list[int]) -> dict[int, dict[str, np.ndarray]]:
+        """Each client's student weights by parameter name."""
+        ...
+
+    def set_weights(self, client_ids: list[int], weights: dict[str, np.ndarray]) -> None:
+        """Load `weights` into every client's student, with a fresh private-training optimizer
+        (momentum of the old weights does not carry over to new ones)."""
+        ...
+
+    def label_histogram(self, client_id: int) -> dict[str, np.ndarray]:
+        """``{"label_histogram": counts}``, the client's released label histogram, where the
+        run releases one ({} otherwise); drawn once per client and resent every round."""
+        ...
+
+    def shard_teacher_votes(
+        self, round_num: int, client_ids: list[int], num_teachers: int, inputs: np.ndarray
+    ) -> dict[int, ClientResult]:
+        """Train each client's `num_teachers` teachers on disjoint shards of its private data
+        (each example's shard a keyed hash of the example) and count their argmax votes on
+        `inputs`: arrays ``votes`` ``(N, C)``, metrics ``num_examples`` and ``train_loss``."""
+        ...
+
+    def evaluate(self, client_ids: list[int], test_idx: np.ndarray) -> dict[int, ClientResult]:
+        """Accuracy of each client's student on the global test subset, its local held-out
+        slice and its validation slice, plus its test logits."""
+        ...
+
+
+__all__ = ["Learner"]

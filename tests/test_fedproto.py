@@ -1,0 +1,134 @@
+"""FedProto: count-weighted prototypes, the embedding regulariser on both learners, its bytes."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedkd.data import load_federated_data
+from fedkd.learner.cohort import ClientResult, CohortConfig, CohortLearner
+from fedkd.learner.loop import OptimConfig, StepConfig
+from fedkd.learner.vectorised import VectorisedCohortLearner
+from fedkd.models.zoo import EMBEDDING_WIDTH
+from fedkd.spec import load_spec
+from strategies.fedproto import FedProto, FedProtoParams
+from tests.test_engine import TIMINGS, run_inprocess
+from tests.test_resume import SMALL, resume, stop_after_row, straight_run
+
+CLIENTS = list(range(4))
+MIXED = ["clients.students=['cnn_small', 'mlp']"]  # mlp's 200-wide embedding is projected
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_federated_data(source="digits", num_clients=4, proxy_size=50, seed=0)
+
+
+def config(arch_of=lambda cid: ("cnn_small", "mlp")[cid % 2]):
+    step = StepConfig(epochs=1, batch_size=32, optim=OptimConfig(momentum=0.9))
+    return CohortConfig(seed=0, arch_of=arch_of, private=step, distill=step)
+
+
+def two_rounds(learner_cls, data, proto_weight=1.0):
+    """Round 1 without prototypes, the server's average, round 2 pulled towards it."""
+    states: dict[int, bytes] = {}
+    params = FedProtoParams(proto_weight=proto_weight)
+    strategy = FedProto(data, seed=0)
+    first = FedProto.client_round(params, learner_cls(data, config(), states), 1, CLIENTS, {})
+    strategy.aggregate(1, first)
+    plan = strategy.plan_local(2)
+    second = FedProto.client_round(params, learner_cls(data, config(), states), 2, CLIENTS, plan)
+    return states, plan, second
+
+
+def test_the_server_averages_prototypes_per_class_weighted_by_counts(data):
+    def upload(value, counts):
+        prototypes = np.full((3, EMBEDDING_WIDTH), value, dtype=np.float32)
+        return ClientResult(
+            arrays={"prototypes": prototypes, "prototype_counts": np.array(counts, np.float32)},
+            metrics={"num_examples": float(sum(counts))},
+        )
+
+    strategy = FedProto(data, seed=0)
+    assert strategy.plan_local(1) == {}  # nothing to pull towards before the first round
+    strategy.aggregate(1, {0: upload(1.0, [3, 0, 1]), 1: upload(5.0, [1, 0, 3])})
+    plan = strategy.plan_local(2)
+    np.testing.assert_allclose(plan["prototypes"][:, 0], [2.0, 0.0, 4.0])  # (3*1+1*5)/4, ...
+    assert plan["prototypes"].dtype == np.float32
+    assert plan["prototype_present"].tolist() == [1, 0, 1]
+    assert strategy.round_metrics() == {"prototype_classes": 2.0}
+
+
+def test_loop_and_vectorised_learners_agree(data):
+    """Mixed architectures (a projected embedding), the regulariser in round 2: the same
+    uploads and losses from both learners."""
+    _, plan_a, a = two_rounds(CohortLearner, data)
+    _, plan_b, b = two_rounds(VectorisedCohortLearner, data)
+    np.testing.assert_allclose(plan_b["prototypes"], plan_a["prototypes"], atol=1e-5)
+    for cid in CLIENTS:
+        assert a[cid].arrays["prototypes"].shape == (10, EMBEDDING_WIDTH)
+        assert b[cid].metrics["train_loss"] == pytest.approx(a[cid].metrics["train_loss"], 1e-5)
+        for key in ("prototypes", "prototype_counts"):
+            np.testing.assert_allclose(b[cid].arrays[key], a[cid].arrays[key], atol=1e-5)
+
+
+@pytest.mark.parametrize("learner_cls", [CohortLearner, VectorisedCohortLearner])
+def test_the_regulariser_pulls_embeddings_towards_the_global_prototypes(data, learner_cls):
+    def distance(proto_weight):
+        _, plan, out = two_rounds(learner_cls, data, proto_weight)
+        target = plan["prototypes"]
+        return np.mean([np.square(out[c].arrays["prototypes"] - target).sum() for c in CLIENTS])
+
+    assert distance(50.0) < 0.5 * distance(0.0)
+
+
+@pytest.mark.parametrize("learner", ["loop", "vectorised"])
+def test_fedproto_runs_end_to_end_with_tiny_uploads(tmp_path, learner):
+    _, summary, rows, _ = run_inprocess(
+        tmp_path, ["algorithm.name=fedproto", f"resources.learner={learner}", *MIXED]
+    )
+    assert summary["status"] == "completed"
+    classes = 10
+    for row in rows:
+        assert row["clients_failed"] == 0
+        assert row["bytes_up_per_client"] == classes * EMBEDDING_WIDTH * 4 + classes * 4
+        assert row["server_test_acc"] is None  # no global model: clients use their own heads
+        assert 0.0 <= row["client_test_acc_mean"] <= 1.0
+    # Round 2's request carries the global prototypes (and which classes have one).
+    assert rows[1]["bytes_down"] == 4 * (classes * EMBEDDING_WIDTH * 4 + classes)
+    assert rows[1]["prototype_classes"] == classes
+
+
+def test_the_engine_gives_the_same_metrics_on_both_learners(tmp_path):
+    overrides = ["algorithm.name=fedproto", *MIXED]
+    *_, loop, _ = run_inprocess(tmp_path, [*overrides, "resources.learner=loop"], name="a")
+    *_, fast, _ = run_inprocess(tmp_path, [*overrides, "resources.learner=vectorised"], name="b")
+    for a, b in zip(loop, fast, strict=True):
+        for key, value in a.items():
+            if key not in TIMINGS and isinstance(value, float):
+                assert b[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_embeddings_have_one_width_for_every_architecture(data):
+    learner = CohortLearner(data, config(), {})
+    out = learner.embeddings(CLIENTS, data.proxy_x[:7])
+    assert {v.shape for v in out.values()} == {(7, EMBEDDING_WIDTH)}
+    logits = learner.logits(CLIENTS, data.proxy_x[:7])
+    statistics = learner.class_statistics(CLIENTS, "embeddings")
+    for per_client in (True, False):  # a CPU's path, and a GPU's (vmap over the stack)
+        vectorised = VectorisedCohortLearner(data, config(), {}, predict_rows=50)
+        vectorised.per_client_predict = per_client
+        ours = vectorised.embeddings(CLIENTS, data.proxy_x[:7])
+        our_statistics = vectorised.class_statistics(CLIENTS, "embeddings")
+        for cid in CLIENTS:
+            np.testing.assert_allclose(ours[cid], out[cid], atol=1e-5)
+            for mine, theirs in zip(our_statistics[cid], statistics[cid], strict=True):
+                np.testing.assert_allclose(mine, theirs, atol=1e-5)
+            assert torch.isfinite(torch.from_numpy(logits[cid])).all()
+
+
+def test_a_resumed_fedproto_run_writes_the_straight_runs_metrics(tmp_path):
+    """The global prototypes are in the strategy's checkpointed state."""
+    spec = load_spec(None, [*SMALL, "algorithm.name=fedproto"])
+    expected = straight_run(spec, tmp_path / "straight")
+    stop_after_row(spec, tmp_path / "resumed", 2)
+    assert resume(spec, tmp_path / "resumed") == expected
