@@ -26,6 +26,7 @@ LAYER_OF = {
     "fedkd.results": "assembly",
     "strategies": "strategies",
     "fedkd.learner": "learner",
+    "fedkd.faults": "learner",  # seeded draws (fedkd.learner.loop) on numpy uploads and data
     "fedkd.knowledge": "components",
     "fedkd.privacy": "components",
     "fedkd.data": "components",

@@ -27,6 +27,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedkd.apps import wire
+from fedkd.apps.faults import ServerFaults
 from fedkd.apps.run_config import spec_from_run_config
 from fedkd.assembly import (
     build_strategy,
@@ -199,6 +200,23 @@ class Exchange:
     def failed_in(self, part: str) -> set[int]:
         return self.failed | set(self.rejected[part])
 
+    def admit(self, part: str, cid: int, result: ClientResult) -> None:
+        """Keep a client's reply for `part`, or reject it (with its cause) if it is not finite."""
+        if _finite(result):
+            self.results[part][cid] = result
+        else:
+            log.warning("client %s sent non-finite values (%s); ignored", cid, part)
+            self.rejected[part][cid] = result
+            self.causes.setdefault(cid, f"non-finite values in its {part} reply")
+
+    def lose(self, cid: int, cause: str) -> None:
+        """A client's whole reply is lost (a crash, a late reply), for `cause`."""
+        for part in wire.PARTS:
+            self.results[part].pop(cid, None)
+            self.rejected[part].pop(cid, None)
+        self.failed.add(cid)
+        self.causes[cid] = cause
+
     def fail(self, node_parts: dict[str, list[int]], cause: str) -> None:
         """Every client a node was asked about failed, for `cause`."""
         for ids in node_parts.values():
@@ -255,12 +273,7 @@ def run_exchange(
                 outcome.peak_mb[key] = max(outcome.peak_mb.get(key, 0.0), node_metrics[key])
         for part, results in node_parts.items():
             for cid, res in results.items():
-                if _finite(res):
-                    outcome.results[part][cid] = res
-                else:
-                    log.warning("client %s sent non-finite values (%s); ignored", cid, part)
-                    outcome.rejected[part][cid] = res
-                    outcome.causes.setdefault(cid, f"non-finite values in its {part} reply")
+                outcome.admit(part, cid, res)
     for node in set(by_node) - replied:
         log.warning("node %s sent no reply in %s within %.0f s", node, message_type, timeout)
         outcome.fail(by_node[node], f"no reply within resources.round_timeout ({timeout:g} s)")
@@ -675,6 +688,7 @@ def _run_rounds(
     sizes = {cid: client.num_examples for cid, client in enumerate(data.clients)}
     audit_teachers: dict[int, dict[str, np.ndarray]] = {}
     lost: set[int] = set()
+    faults = ServerFaults(spec)
 
     def write(row: dict[str, Any]) -> None:
         recorder.record_round(row)
@@ -727,6 +741,7 @@ def _run_rounds(
                 {**arrays, **plan_arrays},
                 timeout,
             )
+            row.update(faults.act(rnd, exchange))  # simulated faults and attacks, the defence
             if open_round is not None:
                 write(_close_round(strategy, test_y, open_round, exchange, started))
             exchanges.append(exchange)
