@@ -321,3 +321,32 @@ def test_label_flip_and_the_attacks_on_class_logits_are_accepted():
         ],
     )
     load_spec(None, ["algorithm.name=fd", "faults.attack=invert", "faults.byzantine_fraction=0.2"])
+
+
+def test_a_lost_reply_s_dp_sgd_steps_are_charged_when_the_client_next_replies(tmp_path):
+    dp = ["rounds=3", "privacy.dpsgd=true", "privacy.noise_multiplier=1.0"]
+    faulty = [*dp, "faults.crash_rate=0.2", "faults.straggler_rate=0.2"]
+    faulty += ["faults.straggler_delay=900", "resources.round_timeout=600"]
+    rows = run(tmp_path, faulty, "faulty")
+    run(tmp_path, dp, "clean")
+
+    def steps(name: str) -> dict[str, int]:
+        ledgers = json.loads((tmp_path / name / "ledgers.json").read_text())["ledgers"]
+        return {
+            cid: sum(e["steps"] for e in ledger["events"] if e["kind"] == "dp_sgd")
+            for cid, ledger in ledgers.items()
+        }
+
+    lost_early = {
+        str(c)
+        for r in rows[:-1]
+        for c in r["faults_clients"]["crashed"] + r["faults_clients"]["late"]
+    }
+    lost_last = {
+        str(c) for c in rows[-1]["faults_clients"]["crashed"] + rows[-1]["faults_clients"]["late"]
+    }
+    caught_up = lost_early - lost_last
+    assert caught_up  # some client lost a reply and replied again later
+    faulty_steps, clean_steps = steps("faulty"), steps("clean")
+    for cid in caught_up:
+        assert faulty_steps[cid] == clean_steps[cid] > 0
