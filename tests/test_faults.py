@@ -350,3 +350,12 @@ def test_a_lost_reply_s_dp_sgd_steps_are_charged_when_the_client_next_replies(tm
     faulty_steps, clean_steps = steps("faulty"), steps("clean")
     for cid in caught_up:
         assert faulty_steps[cid] == clean_steps[cid] > 0
+
+
+def test_submit_refuses_simulated_faults(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    args = ["submit", "--connection", "127.0.0.1:9093", "--set", "faults.crash_rate=0.1"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "[faults]" in lines[0], result.stderr
