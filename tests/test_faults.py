@@ -96,10 +96,10 @@ def test_loss_max_labels_every_input_with_its_least_likely_class():
     assert np.allclose(sent.max(1), x.max(1)) and np.allclose(sent.min(1), x.min(1))
 
 
-def test_class_prior_sends_the_class_most_confused_with_the_prediction():
+def test_class_prior_sends_the_class_least_similar_to_the_prediction():
     x = honest_logits()
-    x[:20, 3] += 14  # the client predicts 3 on the first half ...
-    x[:20, 5] += 9  # ... and confuses it with 5
+    x[:20, 3] += 8  # the client predicts 3 on the first half ...
+    x[:20, 5] -= 40  # ... and never 5 there
     sent = attack_upload("class_prior", x, 0, 1, 2)
     assert (x[:20].argmax(1) == 3).all() and (sent[:20].argmax(1) == 5).all()
     assert (sent.argmax(1) != x.argmax(1)).all()
@@ -207,9 +207,8 @@ def test_history_defence_rejects_a_client_that_attacks_every_round():
         uploads[7] = -uploads[7]
         screening = defence.screen(uploads)
     assert screening.rejected == [7]
-    assert 7 not in screening.kept and set(screening.kept) == set(range(10)) - {7}
-    for cid, weight in screening.weights.items():  # pulled towards the consensus
-        assert 0 < weight < 1 and not np.array_equal(screening.kept[cid], uploads[cid])
+    assert 7 not in screening.weights
+    assert all(0 < w < 1 and screening.scores[c] > 1 for c, w in screening.weights.items())
 
 
 def test_history_defence_rejects_exactly_the_byzantine_clients_and_helps(tmp_path):

@@ -111,8 +111,10 @@ class ServerFaults:
                     f"upload rejected by the history defence (score "
                     f"{screening.scores[cid]:.2f} > faults.defence_threshold)",
                 )
-            for cid, upload in screening.kept.items():
-                train[cid] = _with_array(train[cid], "logits", upload)
+            for cid, weight in screening.weights.items():  # the teacher's client weights
+                metrics = {**train[cid].metrics}
+                metrics["num_examples"] = metrics.get("num_examples", 1.0) * weight
+                train[cid] = dataclasses.replace(train[cid], metrics=metrics)
             hit["defence_rejected"] = screening.rejected
             hit["defence_downweighted"] = sorted(screening.weights)
             row["defence_scores"] = {str(c): s for c, s in sorted(self.defence.scores.items())}

@@ -9,10 +9,11 @@ unchanged. The attacks, on an upload of shape ``(N, C)`` (N inputs, C classes):
 - ``invert``: the negated logits (the least likely class becomes the most likely).
 - ``loss_max``: every input is labelled with the class the client's own student finds least
   likely, at the upload's own scale (in the spirit of the Loss Maximization attack of Roux et
-  al., ICLR 2025).
-- ``class_prior``: every input is labelled with the class most often confused with the
-  predicted one, estimated from the client's own predictions (in the spirit of their Class
-  Prior attack): a plausible wrong label rather than an absurd one.
+  al., ICLR 2025, whose attackers know the honest clients' mean prediction).
+- ``class_prior``: every input is labelled with the class least similar to its predicted
+  class, by a class similarity estimated from the client's own predictions (in the spirit of
+  their Class Prior attack, which takes the similarity and the prediction from the honest
+  clients' mean: a client here knows only its own).
 - ``top_k``: within each input's k most likely classes the logit values rotate by one place,
   so the k-th class wins and the ranking below k is unchanged (in the spirit of FedTGD's top-k
   attack, ICDCS 2024).
@@ -48,17 +49,17 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def _most_confused(logits: np.ndarray) -> np.ndarray:
-    """Per row, the class other than the predicted one that the client's predictions confuse
-    most with the predicted one (mean probability over the rows predicted as it)."""
+def _least_similar(logits: np.ndarray) -> np.ndarray:
+    """Per row, the class least similar to the predicted one: the similarity of classes c and j
+    is the mean probability of j over the rows predicted as c (all rows where none is)."""
     probs = _softmax(logits.astype(np.float64))
     pred = probs.argmax(axis=1)
     num_classes = logits.shape[1]
-    confusion = np.repeat(probs.mean(axis=0, keepdims=True), num_classes, axis=0)
+    similarity = np.repeat(probs.mean(axis=0, keepdims=True), num_classes, axis=0)
     for cls in np.unique(pred):
-        confusion[cls] = probs[pred == cls].mean(axis=0)
-    np.fill_diagonal(confusion, -np.inf)
-    return confusion.argmax(axis=1)[pred]
+        similarity[cls] = probs[pred == cls].mean(axis=0)
+    np.fill_diagonal(similarity, np.inf)
+    return similarity.argmin(axis=1)[pred]
 
 
 def _rotate_top_k(logits: np.ndarray, k: int) -> np.ndarray:
@@ -103,7 +104,7 @@ def attack_upload(
     elif attack == "loss_max":
         out = _labelled_at_scale(x, x.argmin(axis=1))
     elif attack == "class_prior":
-        out = _labelled_at_scale(x, _most_confused(x))
+        out = _labelled_at_scale(x, _least_similar(x))
     elif attack == "top_k":
         out = _rotate_top_k(x, top_k)
     else:

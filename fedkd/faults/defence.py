@@ -1,15 +1,18 @@
 """A history-based defence of a logit teacher, in the spirit of ExpGuard (Roux et al., 2025).
 
-Each round, every upload is compared with a robust consensus, the coordinate-wise median of
-the round's uploads: its distance is the mean total-variation distance between its softmax and
-the consensus's over the round's inputs, relative to the median distance of the round (so that
-1 is a typical client, whatever the heterogeneity of the data). A client's score is this
-relative distance accumulated over the rounds it took part in with exponential decay. A client
-whose score is above the threshold is rejected; any other client above 1 is down-weighted:
-its upload is pulled towards the consensus, ``w * upload + (1 - w) * consensus`` with
-``w = 1 / score``, which works the same under any teacher (mean, ERA, median, trimmed mean).
-An honest client that differs for a round is forgiven as its score decays; a client that
-attacks every round stays above the threshold.
+Each round, every upload is compared with a consensus: the argmax of the mean of the round's
+softmax probabilities, in which no client moves any input's prediction by more than its share
+(the bounded prediction space that makes distillation resilient), and which, unlike a
+coordinate-wise median, still finds a class that only a few clients hold under label skew. A
+client's distance is one minus its recall of the classes it predicts (`disagreement`): under
+label skew an honest client predicts its few classes everywhere, but recalls them; a client
+that inverts, relabels or randomises its predictions does not. The distance is divided by the
+round's median distance, so that 1 is a typical client whatever the data's heterogeneity, and
+accumulated over the rounds a client takes part in with exponential decay into its score. A
+client whose score is above the threshold is rejected; any other client above 1 is
+down-weighted by ``1 / score`` in the teacher's client weights. An honest client that differs
+for a round is forgiven as its score decays; one that attacks every round stays above the
+threshold. A client that predicts one class everywhere recalls it fully and is not caught.
 """
 
 from __future__ import annotations
@@ -23,28 +26,53 @@ DEFENCES: tuple[str, ...] = ("none", "history")
 
 @dataclass
 class Screening:
-    """One round's verdicts: the uploads to keep (some pulled towards the consensus), the
-    rejected clients, the down-weighted ones with their weights, and every client's score."""
+    """One round's verdicts: the rejected clients, the down-weighted ones with their weight
+    (in (0, 1)), and every client's score after the round."""
 
-    kept: dict[int, np.ndarray] = field(default_factory=dict)
     rejected: list[int] = field(default_factory=list)
     weights: dict[int, float] = field(default_factory=dict)
     scores: dict[int, float] = field(default_factory=dict)
 
 
-def _cosine_distance(stacked: np.ndarray, consensus: np.ndarray) -> np.ndarray:
-    """Per client, the mean over inputs of ``(1 - cos) / 2`` between its centred logits and
-    the consensus's: 0 for the same ranking of the classes, 1 for the reverse, whatever the
-    scale (a weak student's logits are close to uniform, yet ranked)."""
-    a = stacked - stacked.mean(axis=-1, keepdims=True)
-    b = consensus - consensus.mean(axis=-1, keepdims=True)
-    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    cos = (a * b).sum(axis=-1) / np.where(norms > 0, norms, 1.0)
-    return ((1 - cos) / 2).mean(axis=-1)
+def _probs(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def disagreement(stacked: np.ndarray) -> np.ndarray:
+    """Per client, one minus the recall of the classes it predicts, against the consensus.
+
+    The consensus labels each input with the argmax of the clients' mean probabilities. A
+    client's recall of class c is the share of the inputs the consensus labels c that the
+    client labels c too; its agreement is the mean of its recalls weighted by how often it
+    predicts each class. Under label skew an honest client predicts the few classes it holds,
+    on every input, and recalls those well; a client that attacks them does not.
+
+    Parameters
+    ----------
+    stacked : np.ndarray
+        The clients' logits, shape ``(K, N, C)``.
+
+    Returns
+    -------
+    np.ndarray
+        Shape ``(K,)``, in [0, 1]: 0 recalls every class it predicts, 1 none.
+    """
+    num_classes = stacked.shape[-1]
+    consensus = _probs(stacked.astype(np.float64)).mean(axis=0).argmax(axis=-1)  # (N,)
+    labelled = np.bincount(consensus, minlength=num_classes)  # (C,)
+    predicted = stacked.argmax(axis=-1)  # (K, N)
+    out = np.empty(len(stacked))
+    for k, pred in enumerate(predicted):
+        hits = np.bincount(pred[pred == consensus], minlength=num_classes)
+        counts = np.bincount(pred, minlength=num_classes) * (labelled > 0)
+        recall = hits / np.maximum(labelled, 1)
+        out[k] = 1 - (counts * recall).sum() / counts.sum() if counts.sum() else 1.0
+    return out
 
 
 class HistoryDefence:
-    """Per-client scores from each upload's distance to the median consensus, over rounds.
+    """Per-client scores from each upload's disagreement with the consensus, over rounds.
 
     Parameters
     ----------
@@ -71,17 +99,14 @@ class HistoryDefence:
         Returns
         -------
         Screening
-            The kept uploads (those down-weighted, pulled towards the consensus), the rejected
-            clients and the scores after this round.
+            The rejected and down-weighted clients, and the scores after this round.
         """
         ids = sorted(uploads)
         if not ids:
             return Screening()
-        stacked = np.stack([uploads[c] for c in ids]).astype(np.float64)
-        consensus = np.median(stacked, axis=0)
-        distance = _cosine_distance(stacked, consensus)
+        distance = disagreement(np.stack([uploads[c] for c in ids]))
         typical = float(np.median(distance))
-        relative = distance / typical if typical > 0 else np.ones_like(distance)
+        relative = distance / typical if typical > 0 else np.where(distance > 0, np.inf, 1.0)
         out = Screening()
         for cid, rel in zip(ids, relative, strict=True):
             before = self.scores.get(cid)
@@ -89,11 +114,6 @@ class HistoryDefence:
             self.scores[cid] = out.scores[cid] = float(score)
             if score > self.threshold:
                 out.rejected.append(cid)
-                continue
-            weight = min(1.0, 1.0 / score) if score > 0 else 1.0
-            upload = uploads[cid]
-            if weight < 1.0:
-                out.weights[cid] = weight
-                upload = (weight * upload + (1 - weight) * consensus).astype(upload.dtype)
-            out.kept[cid] = upload
+            elif score > 1:
+                out.weights[cid] = 1.0 / score
         return out
