@@ -358,3 +358,24 @@ def test_submit_refuses_simulated_faults(monkeypatch, tmp_path):
     assert result.exit_code == 2, (result.stderr, result.exception)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "[faults]" in lines[0], result.stderr
+
+
+def test_the_defence_rejects_at_the_server_and_down_weights_the_teacher_weight():
+    spec = load_spec(None, ["faults.defence=history"])
+    faults = ServerFaults(spec)
+    rng = np.random.default_rng(1)
+    truth = rng.normal(0, 3, (60, 10))
+    for rnd in (1, 2, 3):
+        uploads = {c: (truth + rng.normal(0, 2, truth.shape)).astype(np.float32) for c in range(10)}
+        uploads[4] = -uploads[4]
+        exchange = exchange_of(uploads)
+        row = faults.act(rnd, exchange)
+    assert row["faults_clients"]["defence_rejected"] == [4]
+    assert 4 in exchange.rejected["train"] and "history defence" in exchange.causes[4]
+    assert 4 not in exchange.results["train"]
+    weighted = row["faults_clients"]["defence_downweighted"]
+    assert weighted
+    for cid, res in exchange.results["train"].items():
+        weight = res.metrics["num_examples"] / 10.0
+        assert (weight < 1) == (cid in weighted)
+        assert np.isclose(weight, min(1.0, 1 / row["defence_scores"][str(cid)]))
