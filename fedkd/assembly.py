@@ -14,6 +14,7 @@ from fedkd.data.placement import balanced_groups
 from fedkd.data.site import SITE_KEY, load_site_data
 from fedkd.data.sources import DataError
 from fedkd.data.splits import FederatedData, load_federated_data
+from fedkd.faults import byzantine_clients, with_flipped_labels
 from fedkd.knowledge import HISTOGRAM_TEACHERS
 from fedkd.learner.cohort import CohortConfig
 from fedkd.learner.loop import PHASE_EVAL, OptimConfig, StepConfig, derive_seed
@@ -35,7 +36,9 @@ def federated_data(spec: Spec) -> FederatedData:
     """The run's data; cached per process, so every actor builds it once.
 
     With ``audit.canaries``, the audited client's private data carries the one-run audit's
-    canaries (each inserted with probability 1/2, reproducibly from the seed).
+    canaries (each inserted with probability 1/2, reproducibly from the seed). With
+    ``faults.attack = "label_flip"``, the Byzantine clients' private training labels are
+    flipped (`fedkd.faults.with_flipped_labels`).
     """
     d = spec.data
     data = load_federated_data(
@@ -57,7 +60,16 @@ def federated_data(spec: Spec) -> FederatedData:
     a = spec.audit
     if a.enabled and a.canaries > 0:
         data = with_canaries(data, a.client, a.canaries, spec.seed)
+    if spec.faults.attack == "label_flip":
+        data = with_flipped_labels(data, run_byzantine_clients(spec))
     return data
+
+
+def run_byzantine_clients(spec: Spec) -> list[int]:
+    """The run's Byzantine clients (none without an attack), fixed by the seed."""
+    if spec.faults.attack == "none":
+        return []
+    return byzantine_clients(spec.seed, spec.clients.num_clients, spec.faults.byzantine_fraction)
 
 
 def step_config(section) -> StepConfig:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 import fedkd
+from fedkd.faults.record import fault_totals
 from fedkd.provenance import run_provenance
 from fedkd.spec import Spec, with_noise_rng
 
@@ -401,6 +402,8 @@ class RunRecorder:
             # Client-rounds lost to crashes, timeouts or non-finite uploads: a run that lost
             # some is not the run its spec describes.
             "total_clients_failed": sum(r["clients_failed"] for r in self.rounds),
+            # Simulated faults, attacks and the defence's verdicts (docs/faults.md).
+            **fault_totals(self.rounds),
             "wall_s": time.perf_counter() - self.started,
             "fedkd_version": fedkd.__version__,
             # Where the privacy mechanisms' noise came from (docs/noise.md): "seeded" epsilons

@@ -18,6 +18,8 @@ import tomli_w
 
 from fedkd.data import PARTITION_SCHEMES as PARTITIONS
 from fedkd.data import SOURCES
+from fedkd.faults import ATTACKS, DEFENCES, LOGIT_ATTACKS, attacked_upload
+from fedkd.faults.draws import byzantine_count
 from fedkd.knowledge import DISTILL_LOSSES as LOSSES
 from fedkd.knowledge import HISTOGRAM_TEACHERS
 from fedkd.models import MODEL_NAMES as MODELS
@@ -283,6 +285,32 @@ class AuditSpec:
     confidence: float = 0.95
 
 
+@dataclass
+class FaultsSpec:
+    """Simulated faults and Byzantine clients, and a defence (docs/faults.md)."""
+
+    # Per round and sampled client: probability that its reply is lost (a crash), that it
+    # arrives `straggler_delay` seconds late (lost if that reaches resources.round_timeout),
+    # and that its upload is NaN.
+    crash_rate: float = 0.0
+    straggler_rate: float = 0.0
+    straggler_delay: float = 0.0
+    nan_rate: float = 0.0
+    # Fraction of the clients (a seeded choice, fixed for the run) that send `attack`'s upload.
+    byzantine_fraction: float = 0.0
+    attack: str = "none"  # none | random | invert | label_flip | loss_max | class_prior | top_k
+    top_k: int = 2  # attack "top_k": the k most likely classes rotate
+    defence: str = "none"  # none | history
+    defence_decay: float = 0.5
+    defence_threshold: float = 2.0
+
+    @property
+    def active(self) -> bool:
+        """Whether the run injects any fault or attack, or screens uploads."""
+        rates = (self.crash_rate, self.straggler_rate, self.nan_rate, self.byzantine_fraction)
+        return any(rates) or self.defence != "none"
+
+
 # "none" in a sweep grid turns a mechanism off at that point; these are the keys it is allowed
 # on and what it sets (a point without DP-SGD, without the Gaussian release, without a budget).
 SWEEP_NONE = "none"
@@ -335,6 +363,7 @@ class Spec:
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
     audit: AuditSpec = field(default_factory=AuditSpec)
+    faults: FaultsSpec = field(default_factory=FaultsSpec)
     sweep: SweepSpec = field(default_factory=SweepSpec)
 
     # Where relative data paths are resolved from (the spec file's folder); not part of the spec.
@@ -568,6 +597,7 @@ def validate(spec: Spec) -> Spec:
 
     _validate_privacy(spec)
     _validate_audit(spec)
+    _validate_faults(spec)
     _validate_sweep(spec)
     _positive("eval.every", spec.eval.every)
     _positive("eval.client_test_samples", spec.eval.client_test_samples, zero_ok=True)
@@ -674,6 +704,62 @@ def _validate_audit(spec: Spec) -> None:
         raise SpecError(
             f"audit.enabled: algorithm '{spec.algorithm.name}' has no client student to audit"
         )
+
+
+def _validate_faults(spec: Spec) -> None:
+    f, caps, name = spec.faults, spec.algorithm.capabilities, spec.algorithm.name
+    for key in ("crash_rate", "straggler_rate", "nan_rate", "byzantine_fraction"):
+        value = getattr(f, key)
+        if not 0 <= value < 1:
+            raise SpecError(f"faults.{key}: must be in [0, 1), got {value}")
+    _positive("faults.straggler_delay", f.straggler_delay, zero_ok=True)
+    if f.straggler_rate > 0 and f.straggler_delay == 0:
+        raise SpecError(
+            "faults.straggler_delay: stragglers need a delay in seconds (> 0; at least "
+            "resources.round_timeout makes their replies late)"
+        )
+    _one_of("faults.attack", f.attack, ("none", *ATTACKS))
+    _one_of("faults.defence", f.defence, DEFENCES)
+    if f.top_k < 2:
+        raise SpecError(f"faults.top_k: the top-k attack rotates at least 2 classes, got {f.top_k}")
+    if not 0 <= f.defence_decay < 1:
+        raise SpecError(f"faults.defence_decay: must be in [0, 1), got {f.defence_decay}")
+    if f.defence_threshold <= 1:
+        raise SpecError(
+            "faults.defence_threshold: a score is in typical-client distances (1 = typical); "
+            f"give more than 1 (e.g. 2), got {f.defence_threshold}"
+        )
+    sent = ", ".join(caps.uploads) or ("weights" if caps.uploads_weights else "no logits")
+    if f.attack == "none" and f.byzantine_fraction > 0:
+        raise SpecError(
+            f"faults.attack: Byzantine clients need an attack: one of {', '.join(ATTACKS)}"
+        )
+    if f.attack != "none":
+        if byzantine_count(spec.clients.num_clients, f.byzantine_fraction) == 0:
+            raise SpecError(
+                f"faults.byzantine_fraction: {f.byzantine_fraction:g} of "
+                f"{spec.clients.num_clients} clients is no client; raise it to at least "
+                f"{0.5 / spec.clients.num_clients:.3g}"
+            )
+        if f.attack in LOGIT_ATTACKS and attacked_upload(caps.uploads) is None:
+            raise SpecError(
+                f"faults.attack: '{f.attack}' edits logit uploads, and '{name}' uploads "
+                f"{sent}; use attack 'label_flip', or an algorithm that uploads logits"
+            )
+    if f.active and not caps.uses_clients:
+        raise SpecError(f"[faults]: algorithm '{name}' has no clients to fail or attack")
+    if f.defence != "none":
+        if "logits" not in caps.uploads:
+            raise SpecError(
+                f"faults.defence: '{f.defence}' screens logit uploads on proxy inputs, and "
+                f"'{name}' uploads {sent}; use an algorithm that uploads logits"
+            )
+        if spec.privacy.release_noise > 0:
+            raise SpecError(
+                "faults.defence: the Gaussian release counts every contributor's clipped upload "
+                "once, and the defence reweights them by each other's; remove "
+                "privacy.release_noise or the defence"
+            )
 
 
 def _spec_key_type(key: str, spec: Spec) -> Any:

@@ -38,6 +38,7 @@ LAYER_OF = {
     "fedkd.rounds": "assembly",
     "strategies": "strategies",
     "fedkd.learner": "learner",
+    "fedkd.faults": "learner",  # seeded draws (fedkd.learner.loop) on numpy uploads and data
     "fedkd.knowledge": "knowledge",
     "fedkd.privacy": "privacy",
     "fedkd.data": "data",

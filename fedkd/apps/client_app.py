@@ -24,6 +24,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedkd.apps import wire
+from fedkd.apps.faults import act_in_clients
 from fedkd.apps.run_config import spec_from_run_config
 from fedkd.assembly import cohort_config, eval_test_indices, hosted_clients, node_data
 from fedkd.learner.cohort import ClientResult, CohortLearner
@@ -209,6 +210,7 @@ def handle_round(
         parts["train"] = algorithm.client_round(
             params, learner, int(config["round"]), train_ids, wire.plan_arrays(arrays)
         )
+        parts = act_in_clients(spec, int(config["round"]), parts)  # simulated faults, if any
     if checkpoints is not None:
         _checkpoint_clients(checkpoints, config, context, touched)
     return _reply(spec, parts, started, msg, oracle)

@@ -27,6 +27,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedkd.apps import wire
+from fedkd.apps.faults import ServerFaults
 from fedkd.apps.run_config import spec_from_run_config
 from fedkd.assembly import (
     build_strategy,
@@ -209,6 +210,35 @@ class Exchange:
         """Every result per part, used or rejected (what the round hooks charge)."""
         return {part: {**self.rejected[part], **self.results[part]} for part in wire.PARTS}
 
+    def admit(self, part: str, cid: int, result: ClientResult) -> None:
+        """Keep a client's reply for `part`, or reject it (with its cause) if it is not finite."""
+        if _finite(result):
+            self.results[part][cid] = result
+        else:
+            log.warning("client %s sent non-finite values (%s); ignored", cid, part)
+            self.rejected[part][cid] = result
+            self.causes.setdefault(cid, f"non-finite values in its {part} reply")
+
+    def take(self, asked: dict[str, list[int]], parts: dict[str, dict[int, ClientResult]]) -> None:
+        """A node's reply to a request that `asked` for these clients per part: admit each
+        result; a client asked for and absent from the reply is lost (it crashed)."""
+        for part, results in parts.items():
+            for cid, res in results.items():
+                self.admit(part, cid, res)
+        for part, ids in asked.items():
+            for cid in ids:
+                if cid not in self.results[part] and cid not in self.rejected[part]:
+                    log.warning("client %s: no %s result in its node's reply", cid, part)
+                    self.lose(cid, wire.NO_RESULT)
+
+    def lose(self, cid: int, cause: str) -> None:
+        """A client's whole reply is lost (a crash, a late reply), for `cause`."""
+        for part in wire.PARTS:
+            self.results[part].pop(cid, None)
+            self.rejected[part].pop(cid, None)
+        self.failed.add(cid)
+        self.causes[cid] = cause
+
     def fail(self, node_parts: dict[str, list[int]], cause: str) -> None:
         """Every client a node was asked about failed, for `cause`."""
         for ids in node_parts.values():
@@ -263,14 +293,7 @@ def run_exchange(
         for key in ("peak_rss_mb", "peak_gpu_mb"):
             if key in node_metrics:
                 outcome.peak_mb[key] = max(outcome.peak_mb.get(key, 0.0), node_metrics[key])
-        for part, results in node_parts.items():
-            for cid, res in results.items():
-                if _finite(res):
-                    outcome.results[part][cid] = res
-                else:
-                    log.warning("client %s sent non-finite values (%s); ignored", cid, part)
-                    outcome.rejected[part][cid] = res
-                    outcome.causes.setdefault(cid, f"non-finite values in its {part} reply")
+        outcome.take(by_node[node], node_parts)
     for node in set(by_node) - replied:
         log.warning("node %s sent no reply in %s within %.0f s", node, message_type, timeout)
         outcome.fail(by_node[node], f"no reply within resources.round_timeout ({timeout:g} s)")
@@ -530,9 +553,11 @@ def _build_hooks(
     data: Any,
     node_of: dict[int, int],
     loop: LoopState,
+    faults: ServerFaults,
 ) -> tuple[HookChain, CheckpointHook]:
-    """The run's round hooks, in the order they run: audit, ledger, metrics rows, checkpoint."""
-    hooks: list[RoundHook] = []
+    """The run's round hooks, in the order they run: faults, audit, ledger, metrics rows,
+    checkpoint."""
+    hooks: list[RoundHook] = [faults]
     book = ledger_book(spec)
     if book is not None:
         sizes = {cid: client.num_examples for cid, client in enumerate(data.clients)}
@@ -553,7 +578,7 @@ def _build_hooks(
             return outcome.results["export"].get(cid)
 
         # Before the ledger: its export's charges are in the ledger's last ledgers.json.
-        hooks.insert(0, AuditCaptureHook(spec, recorder, export))
+        hooks.insert(1, AuditCaptureHook(spec, recorder, export))
     hooks.append(MetricsRowHook(recorder, on_round))
     # Last: it keeps what the others left after the round.
     checkpoint = CheckpointHook(checkpoint_root(recorder), strategy, list(hooks), loop, recorder)
@@ -639,7 +664,10 @@ def _run_rounds(
             ", ".join(unprotected),
         )
     loop = LoopState()
-    hooks, checkpoint = _build_hooks(grid, spec, recorder, on_round, strategy, data, node_of, loop)
+    faults = ServerFaults(spec)
+    hooks, checkpoint = _build_hooks(
+        grid, spec, recorder, on_round, strategy, data, node_of, loop, faults
+    )
     if resume is not None:
         loop = checkpoint.restore(resume)
         log.warning("resuming after round %d from %s", loop.round, resume)
@@ -685,6 +713,7 @@ def _run_rounds(
                 {**arrays, **plan_arrays},
                 timeout,
             )
+            row.update(faults.act(rnd, exchange, sampled))  # faults the clients simulated; defence
             if open_round is not None:
                 hooks.on_row(_close_round(strategy, test_y, open_round, exchange, started))
             exchanges.append(exchange)

@@ -39,6 +39,8 @@ PARTS = ("digest", "evaluate", "train", "export")
 DIGEST_PREFIX = "digest."
 # Records of a reply that a simulation's nodes add beside the protocol (ClientResult.oracle).
 ORACLE = "oracle"
+# The cause of a client asked for in a request whose node replied without a result for it.
+NO_RESULT = "its node replied without a result for it (the client crashed?)"
 
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -406,6 +406,8 @@ def submit(
         refuse_seeded_noise(parsed, "fedkd submit")  # unset: secure (fedkd.apps.run_config)
     except SpecError as err:
         fail(str(err))
+    if parsed.faults.active:  # a simulation device (docs/faults.md): real sites fail on their own
+        fail("[faults]: faults and attacks are simulated by fedkd run; remove the table to submit")
     if out and not Path(out).is_absolute():
         fail(f"--out: '{out}' is relative; give an absolute path on the ServerApp's machine")
     try:

@@ -78,6 +78,9 @@ METRICS = (
     Metric("epsilon_max", _final("epsilon_max"), "eps"),
     Metric("bytes_up_per_client_round", _up_per_client_round, "bytes"),
     Metric("wall_s", lambda run: run.summary.get("wall_s"), "s"),
+    # Uploads the [faults] defence rejected or down-weighted over the run (docs/faults.md).
+    Metric("defence_rejected", lambda run: run.summary.get("total_defence_rejected"), "n"),
+    Metric("defence_downweighted", lambda run: run.summary.get("total_defence_downweighted"), "n"),
 )
 
 
