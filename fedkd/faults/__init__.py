@@ -5,7 +5,8 @@ straggles or uploads NaN in a round and which clients are Byzantine for the whol
 `attacks` turns an honest client's logit upload into what a Byzantine client would send (or
 poisons its private labels, ``label_flip``); `defence` scores every upload against a robust
 consensus over the rounds and rejects or down-weights the outliers. Pure numpy, no Flower: the
-ServerApp applies them to the replies it receives (see docs/faults.md).
+ClientApp applies them to what its clients reply, the ServerApp runs the defence (see
+docs/faults.md).
 """
 
 from fedkd.faults.attacks import (
