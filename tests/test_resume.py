@@ -56,6 +56,13 @@ CASES = {
         "privacy.noise_rng=seeded",
     ],
     "cohort_audit": ["clients.clients_per_node=2", "audit.enabled=true", "audit.client=1"],
+    # The defence's scores carry over rounds: the checkpoint must keep them.
+    "faults_defence": [
+        "faults.byzantine_fraction=0.4",
+        "faults.attack=invert",
+        "faults.defence=history",
+        "faults.crash_rate=0.2",
+    ],
 }
 
 
