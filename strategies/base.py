@@ -462,24 +462,10 @@ class Strategy:
     ) -> dict[int, dict[str, float]]:
         """Each client's `evaluation_metrics`, beside the learner's own evaluation.
 
-        Parameters
-        ----------
-        params : AlgorithmParams
-            The algorithm's parameters.
-        learner : Learner
-            The node's learner.
-        client_ids : list of int
-            The evaluated clients the node hosts.
-        test_idx : ndarray
-            The global test subset clients are scored on (as `Learner.evaluate`'s).
-        payload : dict of str to ndarray
-            What `evaluate_payload` built.
-
-        Returns
-        -------
-        dict of int to dict of str to float
-            Per client: its value of each name in `evaluation_metrics` (NaN: not defined,
-            e.g. an empty slice); nothing by default.
+        Arguments as `client_round`'s, with `test_idx` the global test subset clients are
+        scored on (as `Learner.evaluate`'s) and `payload` what `evaluate_payload` built.
+        Returns per client its value of each name in `evaluation_metrics` (NaN: not defined,
+        e.g. on an empty slice); nothing by default.
         """
         return {}
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedkd.learner.protocol import Learner
 from strategies.local_only import LocalOnly
-from strategies.params import AlgorithmParams
 from tests.test_engine import run_inprocess
 
 
@@ -21,14 +19,7 @@ class EvaluatedLocalOnly(LocalOnly):
         return {"round": np.array([round_num], dtype=np.int32)}
 
     @classmethod
-    def client_evaluate(
-        cls,
-        params: AlgorithmParams,
-        learner: Learner,
-        client_ids: list[int],
-        test_idx: np.ndarray,
-        payload: dict[str, np.ndarray],
-    ) -> dict[int, dict[str, float]]:
+    def client_evaluate(cls, params, learner, client_ids, test_idx, payload):
         seen = float(payload["round"][0])
         return {cid: {"client_id": float(cid), "payload_round_val_acc": seen} for cid in client_ids}
 
