@@ -5,7 +5,8 @@ A round: the server plans the clients' local phase (`plan_local`, arrays sent wi
 request), each sampled client trains and computes its uploads (`client_round`), the server
 builds its knowledge from them (`aggregate`), sends clients arrays to digest
 (`digest_payload`), which they digest (`client_digest`), and reports the global model's
-accuracy (`server_test_acc`). Every payload is a plain ``dict[str, np.ndarray]`` that the
+accuracy (`server_test_acc`); the clients' own evaluation may carry metrics of the algorithm
+(`evaluate_payload`, `client_evaluate`). Every payload is a plain ``dict[str, np.ndarray]`` that the
 algorithm builds and reads itself: the apps only move arrays. The client side is written
 against the learner interface (`fedkd.learner.protocol.Learner`) and needs no server state
 (class methods taking the algorithm's parameters). Strategies call the knowledge layer and the
@@ -439,6 +440,34 @@ class Strategy:
         by default they distill towards its teacher logits on its proxy inputs."""
         inputs = learner.data.proxy_x[payload["proxy_idx"].astype(np.int64)]
         return learner.distill(round_num, client_ids, inputs, payload["teacher_logits"])
+
+    # Per-client metrics `client_evaluate` adds to the evaluation (the row gets each one's
+    # mean over the evaluated clients as ``<name>_mean``). A name ending in ``local_acc`` or
+    # ``val_acc`` is a private statistic (`fedkd.learner.cohort.PRIVATE_STATISTICS`).
+    evaluation_metrics: ClassVar[tuple[str, ...]] = ()
+
+    def evaluate_payload(self, round_num: int) -> dict[str, np.ndarray]:
+        """The arrays the clients evaluated after this round get with their evaluation
+        (`client_evaluate`'s payload); nothing by default."""
+        return {}
+
+    @classmethod
+    def client_evaluate(
+        cls,
+        params: AlgorithmParams,
+        learner: Learner,
+        client_ids: list[int],
+        test_idx: np.ndarray,
+        payload: dict[str, np.ndarray],
+    ) -> dict[int, dict[str, float]]:
+        """Each client's `evaluation_metrics`, beside the learner's own evaluation.
+
+        Arguments as `client_round`'s, with `test_idx` the global test subset clients are
+        scored on (as `Learner.evaluate`'s) and `payload` what `evaluate_payload` built.
+        Returns per client its value of each name in `evaluation_metrics` (NaN: not defined,
+        e.g. on an empty slice); nothing by default.
+        """
+        return {}
 
     def round_metrics(self) -> dict[str, float]:
         """Strategy-specific extras for this round's metrics row: the accuracy of this round's

@@ -10,7 +10,7 @@ from fedkd.learner.loop import OptimConfig, StepConfig
 from fedkd.learner.vectorised import VectorisedCohortLearner
 from fedkd.models.zoo import EMBEDDING_WIDTH
 from fedkd.spec import load_spec
-from strategies.fedproto import FedProto, FedProtoParams
+from strategies.fedproto import FedProto, FedProtoParams, nearest_prototype_scores
 from tests.test_engine import TIMINGS, run_inprocess
 from tests.test_resume import SMALL, resume, stop_after_row, straight_run
 
@@ -93,9 +93,47 @@ def test_fedproto_runs_end_to_end_with_tiny_uploads(tmp_path, learner):
         assert row["bytes_up_per_client"] == classes * EMBEDDING_WIDTH * 4 + classes * 4
         assert row["server_test_acc"] is None  # no global model: clients use their own heads
         assert 0.0 <= row["client_test_acc_mean"] <= 1.0
-    # Round 2's request carries the global prototypes (and which classes have one).
-    assert rows[1]["bytes_down"] == 4 * (classes * EMBEDDING_WIDTH * 4 + classes)
+        # Nearest-prototype accuracies, on the same slices as the head's.
+        for kind in ("test", "local", "val"):
+            assert 0.0 <= row[f"client_proto_{kind}_acc_mean"] <= 1.0
+    # Round 2's request carries the global prototypes (and which classes have one), and so
+    # does each round's evaluation of its 4 clients.
+    prototypes = classes * EMBEDDING_WIDTH * 4 + classes
+    assert rows[0]["bytes_down"] == 4 * prototypes
+    assert rows[1]["bytes_down"] == 2 * 4 * prototypes
     assert rows[1]["prototype_classes"] == classes
+
+
+def test_clients_predict_the_nearest_present_global_prototype():
+    prototypes = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], dtype=np.float32)
+    present = np.array([1, 1, 0], dtype=np.uint8)  # class 2 has no prototype
+    embeddings = np.array([[1.0, 1.0], [9.0, -1.0], [0.0, 9.0], [6.0, 0.0]], dtype=np.float32)
+    scores = nearest_prototype_scores(embeddings, prototypes, present)
+    # The third input is nearest class 2's prototype, which is absent: class 0 is next.
+    assert scores.argmax(dim=1).tolist() == [0, 1, 0, 1]
+    assert scores[0, 1].item() == pytest.approx(-(9.0**2 + 1.0))  # minus squared distance
+    assert torch.isinf(scores[:, 2]).all()
+
+
+@pytest.mark.parametrize("learner_cls", [CohortLearner, VectorisedCohortLearner])
+def test_client_evaluate_scores_embeddings_against_the_sent_prototypes(data, learner_cls):
+    """Prototypes placed at client 0's own test embeddings of two classes' first examples:
+    its test accuracy is the nearest-prototype rule's on its embeddings of the test subset."""
+    learner = learner_cls(data, config(), {})
+    test_idx = np.arange(40)
+    test_y = data.test_y[test_idx]
+    embedded = learner.embeddings([0], data.test_x[test_idx])[0]
+    prototypes = np.zeros((10, EMBEDDING_WIDTH), dtype=np.float32)
+    present = np.zeros(10, dtype=np.uint8)
+    for cls in np.unique(test_y)[:2]:
+        prototypes[cls] = embedded[np.flatnonzero(test_y == cls)[0]]
+        present[cls] = 1
+    payload = {"prototypes": prototypes, "prototype_present": present}
+    out = FedProto.client_evaluate(FedProtoParams(), learner, [0, 1], test_idx, payload)
+    predicted = nearest_prototype_scores(embedded, prototypes, present).argmax(dim=1).numpy()
+    assert out[0]["client_proto_test_acc"] == pytest.approx(np.mean(predicted == test_y))
+    assert set(out[1]) == set(FedProto.evaluation_metrics)
+    assert FedProto.client_evaluate(FedProtoParams(), learner, [0], test_idx, {}) == {}
 
 
 def test_the_engine_gives_the_same_metrics_on_both_learners(tmp_path):
@@ -103,6 +141,7 @@ def test_the_engine_gives_the_same_metrics_on_both_learners(tmp_path):
     *_, loop, _ = run_inprocess(tmp_path, [*overrides, "resources.learner=loop"], name="a")
     *_, fast, _ = run_inprocess(tmp_path, [*overrides, "resources.learner=vectorised"], name="b")
     for a, b in zip(loop, fast, strict=True):
+        assert isinstance(a["client_proto_test_acc_mean"], float)
         for key, value in a.items():
             if key not in TIMINGS and isinstance(value, float):
                 assert b[key] == pytest.approx(value, abs=1e-5), key

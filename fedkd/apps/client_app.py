@@ -204,6 +204,15 @@ def handle_round(
     if evaluate_ids:
         test_idx = eval_test_indices(spec, len(learner.data.test_y))
         parts["evaluate"] = learner.evaluate(evaluate_ids, test_idx)
+        extra = algorithm.client_evaluate(
+            params,
+            learner,
+            evaluate_ids,
+            test_idx,
+            wire.without_prefix(arrays, wire.EVALUATE_PREFIX),
+        )
+        for cid, metrics in extra.items():
+            parts["evaluate"][cid].metrics.update(metrics)
 
     train_ids = wire.part_ids(config, "train")
     if train_ids:

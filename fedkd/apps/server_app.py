@@ -326,16 +326,21 @@ def _oracle_fields(row: dict[str, Any], fields: list[str]) -> None:
 CLIENT_STATISTIC_FIELDS = {"local_acc": "client_local_acc_mean", "val_acc": "client_val_acc_mean"}
 
 
-def _client_metrics(results: dict[int, ClientResult], row: dict[str, Any]) -> dict[str, Any]:
-    """The clients' accuracies for `row`; fields read from the oracle channel are named in
-    ``row["oracle_metrics"]``. A NaN statistic (an empty slice) is left out of its mean."""
+def _client_metrics(
+    results: dict[int, ClientResult], row: dict[str, Any], extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The clients' accuracies for `row`, and the mean of each `extra` metric (the
+    algorithm's `evaluation_metrics`) as ``<name>_mean``; fields read from the oracle channel
+    are named in ``row["oracle_metrics"]``. A NaN statistic (an empty slice) is left out of
+    its mean."""
     test = [r.metrics["test_acc"] for r in results.values() if "test_acc" in r.metrics]
     metrics: dict[str, Any] = {
         "client_test_acc_mean": float(np.mean(test)) if test else None,
         "client_test_acc_min": float(np.min(test)) if test else None,
         "client_test_acc_max": float(np.max(test)) if test else None,
     }
-    for key, name in CLIENT_STATISTIC_FIELDS.items():
+    fields = {**CLIENT_STATISTIC_FIELDS, **{key: f"{key}_mean" for key in extra}}
+    for key, name in fields.items():
         values, oracle = _statistic(results, key)
         values = [v for v in values if math.isfinite(v)]
         metrics[name] = float(np.mean(values)) if values else None
@@ -433,7 +438,10 @@ def _digest_request(open_round: _OpenRound | None) -> tuple[dict[str, list[int]]
         return {}, {}, {}
     parts = {"digest": open_round.state.digest_ids, "evaluate": open_round.state.evaluate_ids}
     config = {"digest_round": open_round.row["round"]}
-    arrays = wire.with_prefix(open_round.state.digest_arrays, wire.DIGEST_PREFIX)
+    arrays = {
+        **wire.with_prefix(open_round.state.digest_arrays, wire.DIGEST_PREFIX),
+        **wire.with_prefix(open_round.state.evaluate_arrays, wire.EVALUATE_PREFIX),
+    }
     return parts, config, arrays
 
 
@@ -466,7 +474,7 @@ def _close_round(
             c: r.metrics.get("num_examples", 1.0) for c, r in open_round.state.ok.items()
         }
         row["teacher_test_acc"] = _teacher_acc(strategy, evaluated, test_y, num_examples)
-    row.update(_client_metrics(evaluated, row))
+    row.update(_client_metrics(evaluated, row, strategy.evaluation_metrics))
     exchanges = open_round.exchanges
     row.update(
         {
@@ -732,6 +740,8 @@ def _run_rounds(
             bytes_down += wire.payload_bytes(state.digest_arrays) * len(state.digest_ids)
             if evaluate and strategy.capabilities.client_students:
                 state.evaluate_ids = sorted(state.ok)
+                state.evaluate_arrays = strategy.evaluate_payload(rnd)
+                bytes_down += wire.payload_bytes(state.evaluate_arrays) * len(state.evaluate_ids)
 
         # 4. evaluation of the global model; the hooks' fields (epsilon) join the row
         row.update(_server_metrics(strategy, evaluate, state, bytes_up, bytes_down, row))

@@ -4,7 +4,8 @@ Message types:
 - ``query.hello``: which clients does this node host? (once, at the start)
 - ``train.round``: one message per node per round. It carries, in this order: the previous
   round's teacher for its clients to digest (the round's last step, ``digest.*`` arrays, clients
-  ``digest_ids``), their evaluation (``evaluate_ids``), then this round's local training and
+  ``digest_ids``), their evaluation (``evaluate_ids``, with the algorithm's ``evaluate.*``
+  arrays where it has any), then this round's local training and
   upload (the round's first steps; clients ``train_ids``). What the arrays hold is the
   algorithm's to say (`strategies.base.Strategy.plan_local`, ``digest_payload``): the apps
   only move them. The proxy subset travels as indices, never as inputs.
@@ -37,6 +38,8 @@ PARTS = ("digest", "evaluate", "train", "export")
 # Arrays of the previous round's digest carry this prefix (this round's plan has its own
 # arrays, under their own names).
 DIGEST_PREFIX = "digest."
+# Arrays the evaluated clients get with their evaluation (`Strategy.evaluate_payload`).
+EVALUATE_PREFIX = "evaluate."
 # Records of a reply that a simulation's nodes add beside the protocol (ClientResult.oracle).
 ORACLE = "oracle"
 # The cause of a client asked for in a request whose node replied without a result for it.
@@ -61,8 +64,9 @@ def without_prefix(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.n
 
 
 def plan_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A round request's arrays for this round's local phase (those of no digest)."""
-    return {k: v for k, v in arrays.items() if not k.startswith(DIGEST_PREFIX)}
+    """A round request's arrays for this round's local phase (those of no digest or
+    evaluation)."""
+    return {k: v for k, v in arrays.items() if not k.startswith((DIGEST_PREFIX, EVALUATE_PREFIX))}
 
 
 def payload_bytes(arrays: dict[str, np.ndarray]) -> int:

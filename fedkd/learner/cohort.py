@@ -92,6 +92,12 @@ def dp_step_metrics(event: DpSgdEvent, steps_total: int) -> dict[str, float]:
 PRIVATE_STATISTICS = ("train_loss", "local_acc", "val_acc")
 
 
+def is_private_statistic(key: str) -> bool:
+    """Whether a client metric is one of the `PRIVATE_STATISTICS`, or an algorithm's own
+    measure of one (its name ends in ``_<statistic>``, e.g. ``client_proto_val_acc``)."""
+    return key in PRIVATE_STATISTICS or key.endswith(tuple(f"_{s}" for s in PRIVATE_STATISTICS))
+
+
 @dataclass
 class ClientResult:
     """One client's reply in one phase.
@@ -107,8 +113,8 @@ class ClientResult:
     def private_statistics_apart(self, keep: bool) -> ClientResult:
         """This result with its `PRIVATE_STATISTICS` out of ``metrics``: into ``oracle`` if
         `keep` (a simulation's oracle channel), else dropped."""
-        metrics = {k: v for k, v in self.metrics.items() if k not in PRIVATE_STATISTICS}
-        moved = {k: v for k, v in self.metrics.items() if k in PRIVATE_STATISTICS}
+        metrics = {k: v for k, v in self.metrics.items() if not is_private_statistic(k)}
+        moved = {k: v for k, v in self.metrics.items() if is_private_statistic(k)}
         oracle = {**self.oracle, **moved} if keep else {}
         return ClientResult(self.arrays, metrics, oracle)
 

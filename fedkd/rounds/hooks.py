@@ -42,6 +42,8 @@ class RoundState:
         That payload.
     evaluate_ids : list of int
         The clients evaluated in the next exchange.
+    evaluate_arrays : dict of str to ndarray
+        What they get with their evaluation (the strategy's `evaluate_payload`).
     """
 
     round: int
@@ -51,6 +53,7 @@ class RoundState:
     digest_ids: list[int] = field(default_factory=list)
     digest_arrays: dict[str, np.ndarray] = field(default_factory=dict)
     evaluate_ids: list[int] = field(default_factory=list)
+    evaluate_arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
