@@ -749,7 +749,7 @@ def _validate_faults(spec: Spec) -> None:
     if f.active and not caps.uses_clients:
         raise SpecError(f"[faults]: algorithm '{name}' has no clients to fail or attack")
     if f.defence != "none":
-        if "logits" not in caps.uploads:
+        if not caps.logit_teacher:
             raise SpecError(
                 f"faults.defence: '{f.defence}' screens logit uploads on proxy inputs, and "
                 f"'{name}' uploads {sent}; use an algorithm that uploads logits"

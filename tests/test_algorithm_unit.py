@@ -22,8 +22,9 @@ ENGINE = [
     *sorted((ROOT / "fedkd" / "rounds").glob("*.py")),
     *sorted((ROOT / "fedkd" / "learner").glob("*.py")),
 ]
-# The upload kinds the learners and apps used to switch on.
-UPLOAD_KINDS = {"logits", "class_logits", "weights", "votes", "none", "prototypes"}
+# The upload kinds the learners and apps used to switch on ("none" too, but it is also the
+# off-value of many spec keys, e.g. faults.attack, and no upload kind any more).
+UPLOAD_KINDS = {"logits", "class_logits", "weights", "votes", "prototypes"}
 PROTOCOL_METHODS = [
     name for name, value in vars(Learner).items() if callable(value) and not name.startswith("_")
 ]
