@@ -66,7 +66,7 @@ MILESTONES = [
 
 # Loaded as `sitecustomize` in every process of the traced run. It wraps a few functions when
 # their module is first imported, and appends "pid role name time" lines to $FEDKD_STARTUP_TRACE.
-TRACER = r'''
+TRACER = r"""
 import os, sys, time, importlib.abc, importlib.machinery, atexit
 
 _PATH = os.environ.get("FEDKD_STARTUP_TRACE")
@@ -192,7 +192,7 @@ def become_driver():
 
 if _PATH:
     sys.meta_path.insert(0, _Finder())
-'''
+"""
 
 # The driver: the CLI, in a process that tells the tracer it is the driver first.
 DRIVER = (
@@ -210,7 +210,7 @@ def traced_run(spec: str, workdir: Path) -> dict[str, float]:
     env["PYTHONPATH"] = os.pathsep.join([str(workdir), str(ROOT), env.get("PYTHONPATH", "")])
     env["FEDKD_STARTUP_TRACE"] = str(trace)
     args = [] if spec == "quickstart" else [spec]
-    out = workdir / "run"
+    out = Path(tempfile.mkdtemp(dir=workdir)) / "run"
     cmd = [sys.executable, "-c", DRIVER, "run", *args, "--quiet", "--set", "rounds=1"]
     subprocess.run([*cmd, "--out", str(out)], env=env, check=True, cwd=ROOT)
     driver_start, rows = _read_trace(trace)

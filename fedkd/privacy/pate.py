@@ -33,7 +33,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scipy.special import log_ndtr, logsumexp
 
 from fedkd.privacy.ledger import PateQueryEvent
 from fedkd.privacy.noise import NoiseSource, as_noise_source
@@ -222,6 +221,10 @@ def log_q_gnmax(votes: np.ndarray | torch.Tensor, sigma: float) -> np.ndarray:
         log of the bound on q.
     """
     _check_sigma("sigma", sigma)
+    # scipy.special costs a fresh process (every Ray worker) a fraction of a second: only PATE
+    # accounting needs it.
+    from scipy.special import log_ndtr, logsumexp
+
     v = _as_votes(votes)
     n_classes = v.shape[-1]
     top = v.argmax(axis=-1)
@@ -336,6 +339,8 @@ def rdp_threshold_data_dependent(
     -------
     ndarray, shape (L,) or (Q, L)
     """
+    from scipy.special import log_ndtr
+
     _check_sigma("sigma1", sigma1)
     lam = _orders_array(orders)
     v = _as_votes(votes)
