@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -89,14 +88,6 @@ def _engine_environment() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-
-
-def _import_engine() -> None:
-    """Import Flower's simulation engine (and Ray) and the apps: seconds, before any run."""
-    import flwr.simulation  # noqa: F401
-
-    import fedkd.apps.client_app  # noqa: F401
-    import fedkd.apps.server_app  # noqa: F401
 
 
 def _quiet_engine_logs() -> None:
@@ -261,11 +252,7 @@ def run(
     try:
         check_machine(parsed)
         check_privacy(parsed)
-        # The data loads (numpy, mostly without the GIL) while this thread imports the engine.
-        with ThreadPoolExecutor(max_workers=1) as loader:
-            data_checked = loader.submit(check_data, parsed)
-            _import_engine()
-            data_checked.result()
+        check_data(parsed)
         keep_rows = None if resume is None else point.rows
         recorder = RunRecorder(out_dir, parsed, keep_rows)
     except (SpecError, RunDirError) as err:
