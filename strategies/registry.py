@@ -31,6 +31,7 @@ BUILTIN_PATHS: dict[str, str] = {
     "feddf": "strategies.feddf:FedDFLogit",
     "fd": "strategies.fd:FD",
     "fedproto": "strategies.fedproto:FedProto",
+    "relation": "strategies.relation:Relation",
     "fedavg": "strategies.fedavg:FedAvg",
     "local_only": "strategies.local_only:LocalOnly",
     "centralized": "strategies.centralized:Centralized",

@@ -39,6 +39,7 @@ RUNS = {
     "dsfl": DP,
     "fedmd": DP,
     "feddf": DP,
+    "relation": DP,
     "fedavg": [*DP, "clients.students=['cnn_small']"],
     "local_only": DP,
     "fd": [],

@@ -38,6 +38,33 @@ class BatchPlan:
         return len(self.width)
 
 
+def batch_rows(batch_size: int, group_size: int = 1) -> int:
+    """Rows of a full minibatch made of whole groups of `group_size` rows: as many groups as
+    fit in `batch_size`, at least one."""
+    return max(1, batch_size // group_size) * group_size
+
+
+def shuffled_batches(
+    n: int, batch_size: int, gen: torch.Generator, group_size: int = 1
+) -> list[Tensor]:
+    """One epoch's minibatches of `n` rows, in an order drawn from `gen`.
+
+    The ``n // group_size`` groups of `group_size` consecutive rows are permuted by
+    ``randperm`` and cut into batches of whole groups (`batch_rows`). With ``group_size=1``
+    this is ``randperm(n).split(batch_size)``.
+
+    Raises
+    ------
+    ValueError
+        If `n` is not a multiple of `group_size`.
+    """
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"{n} rows do not split into groups of {group_size}")
+    groups = torch.randperm(n // group_size, generator=gen)
+    rows = (groups[:, None] * group_size + torch.arange(group_size)).flatten()
+    return list(rows.split(batch_rows(batch_size, group_size)))
+
+
 def plan_batches(
     lengths: Sequence[int],
     offsets: Sequence[int],
@@ -45,24 +72,26 @@ def plan_batches(
     batch_size: int,
     generators: Sequence[torch.Generator],
     device: torch.device,
+    group_size: int = 1,
 ) -> BatchPlan:
     """The loop's minibatches of every client (see `fedkd.learner.loop.train_supervised`).
 
-    One ``randperm(n, generator)`` per client per epoch, in epoch order, split into
-    ``batch_size`` chunks: the same draws the loop makes, so the same examples in the same
-    batches. Client k's steps are laid end to end over its epochs; steps are aligned by index.
+    `shuffled_batches` per client per epoch, in epoch order: the same draws the loop makes, so
+    the same examples in the same batches (batches of whole groups of `group_size` rows where
+    it is above 1). Client k's steps are laid end to end over its epochs; steps are aligned by
+    index.
     """
     per_client: list[list[Tensor]] = []
     for n, off, gen in zip(lengths, offsets, generators, strict=True):
         chunks: list[Tensor] = []
         for _ in range(epochs):
             chunks.extend(
-                c + int(off) for c in torch.randperm(int(n), generator=gen).split(batch_size)
+                c + int(off) for c in shuffled_batches(int(n), batch_size, gen, group_size)
             )
         per_client.append(chunks)
     steps = max((len(c) for c in per_client), default=0)
     k = len(per_client)
-    width = max(1, min(batch_size, max(lengths, default=1)))
+    width = max(1, min(batch_rows(batch_size, group_size), max(lengths, default=1)))
     index = torch.zeros((steps, k, width), dtype=torch.int64)
     weight = torch.zeros((steps, k, width), dtype=torch.float32)
     size = torch.zeros((steps, k), dtype=torch.int64)
@@ -86,4 +115,4 @@ def most_steps_first(client_ids: Sequence[int], num_examples: Callable[[int], in
     return sorted(client_ids, key=lambda c: -num_examples(c))
 
 
-__all__ = ["BatchPlan", "most_steps_first", "plan_batches"]
+__all__ = ["BatchPlan", "batch_rows", "most_steps_first", "plan_batches", "shuffled_batches"]

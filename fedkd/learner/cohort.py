@@ -25,6 +25,7 @@ from fedkd.learner.loop import (
     PHASE_TRAIN,
     ClassRegulariser,
     ClientState,
+    GroupRegulariser,
     StepConfig,
     accuracy,
     derive_seed,
@@ -348,7 +349,12 @@ class CohortLearner:
         )
 
     def distill(
-        self, round_num: int, client_ids: list[int], inputs: np.ndarray, targets: np.ndarray
+        self,
+        round_num: int,
+        client_ids: list[int],
+        inputs: np.ndarray,
+        targets: np.ndarray,
+        regulariser: GroupRegulariser | None = None,
     ) -> dict[int, ClientResult]:
         """Distill towards the target logits on `inputs` (see `fedkd.learner.protocol.Learner`)."""
         results = {}
@@ -364,6 +370,7 @@ class CohortLearner:
                 gen,
                 self.config.distill_loss,
                 self.config.distill_temperature,
+                regulariser=regulariser,
             )
             metrics = {"distill_loss": stats["loss"]}
             if not all(torch.isfinite(p).all() for p in state.model.parameters()):

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fedkd.knowledge.losses import distillation_loss, kl_distillation_loss, soft_targets
+from fedkd.learner.batch_plans import batch_rows, shuffled_batches
 from fedkd.learner.state_codec import SavedClientState, decode_client_state, encode_client_state
 from fedkd.models.zoo import build_model
 
@@ -152,10 +153,6 @@ class ClientState:
         self.dp_steps = saved.dp_steps
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[Tensor]:
-    return list(torch.randperm(n, generator=gen).split(batch_size))
-
-
 def as_tensor(array: np.ndarray | Tensor) -> Tensor:
     return array if isinstance(array, Tensor) else torch.from_numpy(np.ascontiguousarray(array))
 
@@ -209,6 +206,55 @@ class ClassRegulariser:
         return replace(self, temperature=default)
 
 
+@dataclass(frozen=True)
+class GroupRegulariser:
+    """An extra term of distillation on groups of inputs (the relations between them, say).
+
+    Distillation takes its inputs in groups of `group_size` consecutive rows (their number a
+    multiple of it): every minibatch holds whole groups, ``batch_size // group_size`` of them
+    (at least one), in an order drawn per client. The batch's loss adds
+    ``loss(outputs, targets)``, with the student's outputs on the batch in `space` shaped
+    ``(G, group_size, D)`` and the batch's rows of `targets` shaped ``(G, group_size, W)``.
+
+    Parameters
+    ----------
+    group_size : int
+        Rows per group.
+    targets : Tensor
+        ``(N, W)``: what row i of the inputs brings to its group's loss.
+    loss : callable
+        ``(outputs, targets) -> scalar``, a pure tensor function (the vectorised learner runs
+        it under ``torch.func.vmap``); it carries its own weights.
+    space : {"logits", "embeddings"}, default "embeddings"
+        The student's outputs it sees: logits, or its embedding
+        (`fedkd.models.zoo.EmbeddingOutput`).
+    """
+
+    group_size: int
+    targets: Tensor
+    loss: Callable[[Tensor, Tensor], Tensor]
+    space: str = "embeddings"
+
+    def __post_init__(self) -> None:
+        if self.space not in REGULARISER_SPACES:
+            raise ValueError(
+                f"GroupRegulariser.space: '{self.space}' is not one of "
+                f"{', '.join(REGULARISER_SPACES)}"
+            )
+        if self.group_size < 1 or self.targets.dim() != 2:
+            raise ValueError("GroupRegulariser: group_size >= 1 and (N, W) targets")
+
+    def penalty(self, logits: Tensor, embeddings: Tensor | None, targets: Tensor) -> Tensor:
+        """The term of one batch: its logits ``(B, C)``, embeddings ``(B, D)`` (None where
+        `space` is ``"logits"``) and rows of `targets` ``(B, W)``, B a multiple of
+        `group_size`."""
+        outputs = embeddings if self.space == "embeddings" else logits
+        g = self.group_size
+        return self.loss(
+            outputs.reshape(-1, g, outputs.shape[-1]), targets.reshape(-1, g, targets.shape[-1])
+        )
+
+
 def fit_batches(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -216,19 +262,21 @@ def fit_batches(
     step: StepConfig,
     gen: torch.Generator,
     batch_loss: Callable[[Tensor], Tensor],
+    group_size: int = 1,
 ) -> dict[str, float]:
-    """`step.epochs` passes over n examples in seeded minibatches; `batch_loss(idx)` gives the
-    loss of one batch. Returns the example-weighted mean loss and the number of steps."""
+    """`step.epochs` passes over n examples in seeded minibatches (of whole groups of
+    `group_size` consecutive rows: `fedkd.learner.batch_plans.shuffled_batches`); `batch_loss(idx)`
+    gives the loss of one batch. Returns the example-weighted mean loss and the number of steps."""
     model.train()
     total, steps, seen = 0.0, 0, 0
     scheduler = None
     if step.lr_schedule == "cosine":
-        planned = step.epochs * -(-n // step.batch_size)
+        planned = step.epochs * -(-n // batch_rows(step.batch_size, group_size))
         for group in opt.param_groups:  # the last fit left it near 0: start again from lr
             group["lr"] = step.optim.lr
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(planned, 1))
     for _ in range(step.epochs):
-        for idx in _batches(n, step.batch_size, gen):
+        for idx in shuffled_batches(n, step.batch_size, gen, group_size):
             loss = batch_loss(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -307,15 +355,29 @@ def distill(
     loss_kind: str = "kl",
     temperature: float = 1.0,
     augment_shift: int = 0,
+    regulariser: GroupRegulariser | None = None,
 ) -> dict[str, float]:
-    """Fit the model's outputs on x (optionally randomly shifted) to the teacher's logits."""
+    """Fit the model's outputs on x (optionally randomly shifted) to the teacher's logits, plus
+    a `GroupRegulariser`'s term on batches of whole groups where one is given."""
     x, teacher = as_tensor(x), as_tensor(teacher_logits).float()
+    if regulariser is None:
 
-    def batch_loss(idx: Tensor) -> Tensor:
+        def batch_loss(idx: Tensor) -> Tensor:
+            xb = random_shift(x[idx], augment_shift, gen)
+            return distillation_loss(loss_kind, model(xb), teacher[idx], temperature)
+
+        return fit_batches(model, opt, len(x), step, gen, batch_loss)
+    targets = regulariser.targets.float()
+
+    def regularised_loss(idx: Tensor) -> Tensor:
         xb = random_shift(x[idx], augment_shift, gen)
-        return distillation_loss(loss_kind, model(xb), teacher[idx], temperature)
+        out, embedding = model(xb, embed=True)
+        loss = distillation_loss(loss_kind, out, teacher[idx], temperature)
+        return loss + regulariser.penalty(out, embedding, targets[idx])
 
-    return fit_batches(model, opt, len(x), step, gen, batch_loss)
+    return fit_batches(
+        model, opt, len(x), step, gen, regularised_loss, group_size=regulariser.group_size
+    )
 
 
 @torch.no_grad()

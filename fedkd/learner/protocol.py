@@ -17,7 +17,7 @@ import numpy as np
 
 from fedkd.data.splits import FederatedData
 from fedkd.learner.cohort import ClientResult
-from fedkd.learner.loop import ClassRegulariser
+from fedkd.learner.loop import ClassRegulariser, GroupRegulariser
 
 
 @runtime_checkable
@@ -88,11 +88,17 @@ class Learner(Protocol):
         ...
 
     def distill(
-        self, round_num: int, client_ids: list[int], inputs: np.ndarray, targets: np.ndarray
+        self,
+        round_num: int,
+        client_ids: list[int],
+        inputs: np.ndarray,
+        targets: np.ndarray,
+        regulariser: GroupRegulariser | None = None,
     ) -> dict[int, ClientResult]:
         """Fit each client's logits on `inputs` to the target logits (the spec's distillation
-        loss, temperature and steps). A client whose student turns non-finite keeps its state
-        from before and reports ``digest_diverged``; the others report ``distill_loss``."""
+        loss, temperature and steps), plus `regulariser`'s term on groups of inputs where one is
+        given (batches of whole groups). A client whose student turns non-finite keeps its
+        state from before and reports ``digest_diverged``; the others report ``distill_loss``."""
         ...
 
     def get_weights(self, client_ids: list[int]) -> dict[int, dict[str, np.ndarray]]:

@@ -77,6 +77,7 @@ from fedkd.learner.loop import (
     PHASE_TRAIN,
     REGULARISER_SPACES,
     ClassRegulariser,
+    GroupRegulariser,
     OptimConfig,
     StepConfig,
     accuracy,
@@ -504,9 +505,15 @@ class VectorisedCohortLearner(CohortLearner):
         return total / seen
 
     def _distill(
-        self, stack: StackedStates, round_num: int, proxy: Tensor, teacher: Tensor
+        self,
+        stack: StackedStates,
+        round_num: int,
+        proxy: Tensor,
+        teacher: Tensor,
+        regulariser: GroupRegulariser | None = None,
     ) -> Tensor:
-        """Fit every client's outputs on the proxy subset to the teacher's logits."""
+        """Fit every client's outputs on the proxy subset to the teacher's logits (plus a group
+        regulariser's term, on batches of whole groups)."""
         step = self.config.distill
         cids = stack.client_ids
         n = len(proxy)
@@ -517,15 +524,25 @@ class VectorisedCohortLearner(CohortLearner):
             step.batch_size,
             [seeded_generator(self.config.seed, round_num, c, PHASE_DISTILL) for c in cids],
             self.device,
+            group_size=1 if regulariser is None else regulariser.group_size,
         )
-        forward = self._forward(self._template(stack.arch))
+        model = self._template(stack.arch)
+        forward = self._forward(model)
         kind, temperature = self.config.distill_loss, self.config.distill_temperature
+        classes = teacher.shape[1]
+        if regulariser is not None:  # its targets travel beside the teacher's, row by row
+            teacher = torch.cat([teacher, regulariser.targets.float().to(self.device)], dim=1)
 
         def loss_fn(params: Params, xb: Tensor, tb: Tensor, wb: Tensor) -> Tensor:
             # All clients distill on the same n rows, so batches are never padded here and the
             # loss is exactly the loop's batch mean.
             del wb
-            return distillation_loss(kind, forward(params, xb), tb, temperature)
+            if regulariser is None:
+                return distillation_loss(kind, forward(params, xb), tb, temperature)
+            out, embedding = functional_call(model, params, (xb,), {"embed": True})
+            out, embedding = out.float(), embedding.float()
+            loss = distillation_loss(kind, out, tb[:, :classes], temperature)
+            return loss + regulariser.penalty(out, embedding, tb[:, classes:])
 
         step_fn = vmap(grad_and_value(loss_fn))
         return self._run_steps(stack, plan, proxy, teacher, step_fn, "distill")
@@ -612,7 +629,12 @@ class VectorisedCohortLearner(CohortLearner):
         return {cid: out[cid] for cid in client_ids}
 
     def distill(
-        self, round_num: int, client_ids: list[int], inputs: np.ndarray, targets: np.ndarray
+        self,
+        round_num: int,
+        client_ids: list[int],
+        inputs: np.ndarray,
+        targets: np.ndarray,
+        regulariser: GroupRegulariser | None = None,
     ) -> dict[int, ClientResult]:
         """Distill towards the target logits on `inputs` (see `fedkd.learner.protocol.Learner`)."""
         proxy = torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device)
@@ -620,7 +642,7 @@ class VectorisedCohortLearner(CohortLearner):
         results: dict[int, ClientResult] = {}
         for arch, cids in self._groups(client_ids):
             stack = self._load_stack(arch, cids)
-            losses = self._distill(stack, round_num, proxy, teacher).cpu()
+            losses = self._distill(stack, round_num, proxy, teacher, regulariser).cpu()
             finite = torch.stack(
                 [torch.isfinite(p).flatten(1).all(1) for p in stack.params.values()]
             ).all(0)

@@ -228,7 +228,7 @@ def run(
 ) -> None:
     """Run one experiment spec on Flower's simulation engine and write its results folder."""
     from fedkd.results import RunDirError, RunRecorder, default_run_dir
-    from fedkd.run.preflight import check_data, check_machine, check_privacy
+    from fedkd.run.preflight import check_algorithm, check_data, check_machine, check_privacy
     from fedkd.run.resume import resume_point, run_status
 
     checkpoint = None
@@ -253,6 +253,7 @@ def run(
         check_machine(parsed)
         check_privacy(parsed)
         check_data(parsed)
+        check_algorithm(parsed)
         keep_rows = None if resume is None else point.rows
         recorder = RunRecorder(out_dir, parsed, keep_rows)
     except (SpecError, RunDirError) as err:

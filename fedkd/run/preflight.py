@@ -13,7 +13,7 @@ import os
 
 from fedkd.spec import Spec, SpecError
 
-__all__ = ["check_data", "check_machine", "check_privacy", "usable_cpus"]
+__all__ = ["check_algorithm", "check_data", "check_machine", "check_privacy", "usable_cpus"]
 
 
 def usable_cpus() -> int:
@@ -91,6 +91,25 @@ def check_data(spec: Spec) -> None:
         federated_data(spec)
     except DataError as err:
         raise SpecError(str(err)) from None
+
+
+def check_algorithm(spec: Spec) -> None:
+    """Build the algorithm's server side once, so that a parameter its constructor refuses for
+    this run's data (`strategies.params.ParamError`, e.g. more inputs per group than a round
+    sends) stops the run before Ray.
+
+    Raises
+    ------
+    SpecError
+        With the parameter's one-line message.
+    """
+    from fedkd.assembly import build_strategy, federated_data
+    from strategies.params import ParamError
+
+    try:
+        build_strategy(spec, federated_data(spec))
+    except ParamError as err:
+        raise SpecError(f"algorithm.{err}") from None
 
 
 def check_privacy(spec: Spec) -> None:
