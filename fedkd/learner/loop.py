@@ -161,6 +161,11 @@ def as_tensor(array: np.ndarray | Tensor) -> Tensor:
 REGULARISER_SPACES = ("logits", "embeddings")
 
 
+def _check_space(owner: str, space: str) -> None:
+    if space not in REGULARISER_SPACES:
+        raise ValueError(f"{owner}.space: '{space}' is not one of {', '.join(REGULARISER_SPACES)}")
+
+
 @dataclass(frozen=True)
 class ClassRegulariser:
     """A per-class target regulariser of private training.
@@ -193,11 +198,7 @@ class ClassRegulariser:
     temperature: float | None = None
 
     def __post_init__(self) -> None:
-        if self.space not in REGULARISER_SPACES:
-            raise ValueError(
-                f"ClassRegulariser.space: '{self.space}' is not one of "
-                f"{', '.join(REGULARISER_SPACES)}"
-            )
+        _check_space("ClassRegulariser", self.space)
 
     def with_temperature(self, default: float) -> ClassRegulariser:
         """This regulariser with its temperature set (`default` where it names none)."""
@@ -236,11 +237,7 @@ class GroupRegulariser:
     space: str = "embeddings"
 
     def __post_init__(self) -> None:
-        if self.space not in REGULARISER_SPACES:
-            raise ValueError(
-                f"GroupRegulariser.space: '{self.space}' is not one of "
-                f"{', '.join(REGULARISER_SPACES)}"
-            )
+        _check_space("GroupRegulariser", self.space)
         if self.group_size < 1 or self.targets.dim() != 2:
             raise ValueError("GroupRegulariser: group_size >= 1 and (N, W) targets")
 
