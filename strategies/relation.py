@@ -69,9 +69,10 @@ class RelationParams(TeacherParams):
     relation_space: str = "embeddings"
     # How the server combines the clients' similarity matrices, entry by entry.
     relation_aggregate: str = "mean"
-    # Weights of RKD's distance-wise and angle-wise terms in the clients' distillation.
-    distance_weight: float = 1.0
-    angle_weight: float = 2.0
+    # Weights of RKD's distance-wise and angle-wise terms in the clients' distillation (in
+    # Park et al.'s ratio, 1 to 2; the scale chosen on the quickstart's client validation).
+    distance_weight: float = 5.0
+    angle_weight: float = 10.0
 
     def check(self) -> None:
         super().check()
