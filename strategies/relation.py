@@ -42,7 +42,7 @@ from torch import Tensor
 
 from fedkd.knowledge.teachers import mean_logits, median_logits
 from fedkd.learner.cohort import ClientResult
-from fedkd.learner.loop import REGULARISER_SPACES, GroupRegulariser
+from fedkd.learner.loop import PHASE_SAMPLE, REGULARISER_SPACES, GroupRegulariser, derive_seed
 from fedkd.learner.protocol import Learner
 from strategies.base import BuildContext, LogitTeacherStrategy, stack_uploads
 from strategies.params import (
@@ -234,9 +234,12 @@ class Relation(LogitTeacherStrategy):
         }
 
     def _sample_proxy(self, round_num: int) -> np.ndarray:
-        """The base sample cut to whole relation batches (consecutive inputs of it)."""
+        """The base sample in an order drawn per round, cut to whole relation batches
+        (consecutive inputs of it): every round relates other inputs, even where it sends the
+        whole proxy set."""
         sample = super()._sample_proxy(round_num)
-        return sample[: len(sample) // self.relation_batch * self.relation_batch]
+        rng = np.random.default_rng(derive_seed(self.seed, round_num, PHASE_SAMPLE, 4))
+        return rng.permutation(sample)[: len(sample) // self.relation_batch * self.relation_batch]
 
     def aggregate(self, round_num: int, updates: dict[int, ClientResult]) -> None:
         """The logit teacher, and the clients' similarities combined entry by entry."""

@@ -77,6 +77,12 @@ def test_a_round_sends_whole_relation_batches_and_the_aggregate_comes_back(data)
     strategy = Relation(data, seed=0, proxy_per_round=47, relation_batch=20)
     plan = strategy.plan_local(1)
     assert len(plan["proxy_idx"]) == 40  # 47 cut to two whole batches
+    assert len(set(plan["proxy_idx"].tolist())) == 40
+    # With the whole proxy set every round, each round's batches group other inputs.
+    whole = Relation(data, seed=0, relation_batch=10)
+    first, second = whole.plan_local(1)["proxy_idx"], whole.plan_local(2)["proxy_idx"]
+    assert sorted(first) == sorted(second) == list(range(50))
+    assert not np.array_equal(first[:10], second[:10])
 
     def upload(value, count):
         return ClientResult(
