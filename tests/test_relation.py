@@ -13,6 +13,7 @@ from fedkd.learner.cohort import ClientResult, CohortConfig, CohortLearner
 from fedkd.learner.loop import GroupRegulariser, OptimConfig, StepConfig
 from fedkd.learner.vectorised import VectorisedCohortLearner
 from fedkd.run import cli
+from fedkd.spec import load_spec
 from strategies.relation import (
     Relation,
     RelationParams,
@@ -25,6 +26,7 @@ from strategies.relation import (
 )
 from tests.test_engine import TIMINGS, run_inprocess
 from tests.test_input_errors import no_engine  # noqa: F401 - a fixture
+from tests.test_resume import SMALL, resume, stop_after_row, straight_run
 
 CLIENTS = list(range(4))
 MIXED = ["clients.students=['cnn_small', 'mlp']"]
@@ -224,3 +226,12 @@ def test_bad_relation_input_is_one_line_and_exit_2(sets, no_engine):  # noqa: F8
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_resumed_relation_run_writes_the_straight_runs_metrics(tmp_path):
+    """Resumed after round 2, the clients digest the same relations and logits (the pending
+    digest comes back from the checkpoint) and the rounds after it match the straight run."""
+    spec = load_spec(None, [*SMALL, "algorithm.name=relation"])
+    expected = straight_run(spec, tmp_path / "straight")
+    stop_after_row(spec, tmp_path / "resumed", 2)
+    assert resume(spec, tmp_path / "resumed") == expected
