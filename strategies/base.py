@@ -295,7 +295,7 @@ class Strategy:
         """Share of the labelled proxy inputs (``labels >= 0``) whose label is right: a
         diagnostic, the proxy's true labels reach no learner."""
         known = labels >= 0
-        if not known.any():
+        if not known.any() or self.data.proxy_y is None:
             return None
         return float((labels[known] == self.data.proxy_y[known]).mean())
 
@@ -469,13 +469,16 @@ class Strategy:
         """
         return {}
 
-    def round_metrics(self) -> dict[str, float]:
+    def round_metrics(self) -> dict[str, float | None]:
         """Strategy-specific extras for this round's metrics row: the accuracy of this round's
-        teacher on its proxy inputs (a diagnostic: the proxy's labels reach no learner)."""
+        teacher on its proxy inputs (a diagnostic: the proxy's labels reach no learner; None
+        for a proxy that is not in-domain, which has none)."""
         if self._teacher_logits is None or not self.capabilities.logit_teacher:
             return {}
-        truth = self.data.proxy_y[self._proxy_idx]
-        metrics = {"teacher_proxy_acc": float((self._teacher_logits.argmax(1) == truth).mean())}
+        metrics: dict[str, float | None] = {"teacher_proxy_acc": None}
+        if self.data.proxy_y is not None:
+            truth = self.data.proxy_y[self._proxy_idx]
+            metrics["teacher_proxy_acc"] = float((self._teacher_logits.argmax(1) == truth).mean())
         if self.confident_fraction > 0:
             metrics.update(
                 server_labels=float((self._server_labels >= 0).sum()),
