@@ -168,26 +168,35 @@ def test_spec_resolves_proxy_path_from_the_spec_file(tmp_path: Path, proxy_npz: 
     }
 
 
-def test_a_run_with_a_noise_proxy_records_it_and_has_no_proxy_label_metric(tmp_path) -> None:
+# Each metric that scores something against the proxy's labels, and a run that computes it.
+LABEL_DIAGNOSTICS = {
+    "teacher_proxy_acc": ["algorithm.name=dsfl"],
+    "server_label_acc": [
+        "algorithm.name=dsfl",
+        "server.confident_fraction=0.3",
+        "algorithm.self_training_confidence=0.5",
+    ],
+    "pate_label_acc": [
+        "algorithm.name=pate",
+        "algorithm.pate_threshold=1",
+        "algorithm.pate_sigma_threshold=1",
+        "algorithm.pate_sigma=1",
+    ],
+}
+
+
+@pytest.mark.parametrize("metric", list(LABEL_DIAGNOSTICS))
+def test_a_run_with_a_noise_proxy_records_it_and_scores_nothing_on_proxy_labels(
+    tmp_path, metric
+) -> None:
     from fedkd.apps.client_app import make_client_app
     from fedkd.apps.server_app import run_rounds
     from fedkd.results import RunRecorder
     from tests.inprocess import InProcessGrid
 
-    spec = load_spec(
-        None,
-        [
-            "rounds=1",
-            "clients.num_clients=3",
-            "data.proxy_size=100",
-            "proxy.source=synthetic",
-            "proxy.noise=uniform",
-            "proxy.size=60",
-            "train.epochs=1",
-            "distill.epochs=1",
-            "server.epochs=1",
-        ],
-    )
+    tiny = ["rounds=1", "clients.num_clients=3", "data.proxy_size=100", "train.epochs=1"]
+    noise = ["proxy.source=synthetic", "proxy.noise=uniform", "proxy.size=60"]
+    spec = load_spec(None, [*tiny, *noise, "distill.epochs=1", *LABEL_DIAGNOSTICS[metric]])
     grid = InProcessGrid(make_client_app(spec), spec.num_nodes)
     run_rounds(grid, spec, RunRecorder(tmp_path / "run", spec))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -199,4 +208,6 @@ def test_a_run_with_a_noise_proxy_records_it_and_has_no_proxy_label_metric(tmp_p
         "size": 60,
     }
     row = summary["final"]
-    assert row["teacher_proxy_acc"] is None and row["server_test_acc"] is not None
+    assert metric in row and row[metric] is None and row["server_test_acc"] is not None
+    # Inputs that did get a label, so that the metric had something to score.
+    assert row.get("pate_answered", 1) > 0 and row.get("server_labels", 1) > 0
