@@ -117,6 +117,11 @@ class Strategy:
         Fraction trimmed at each end (teacher "trimmed_mean").
     held_class_count : float, default 100.0
         Teacher "pooled_likelihood": label counts above this mean a client holds the class.
+    teacher_confidence : str, default "none"
+        Weigh each client's vote on each input by its confidence there
+        (`fedkd.knowledge.teachers.client_confidence`: ``"negative_entropy"``, ``"max_prob"``),
+        times its base weight (example counts, or label histograms for ``"class_weighted"``);
+        ``"none"``: the base weights alone. Computed from the uploaded logits: no privacy cost.
     match_class_prior : bool, default False
         Histogram teachers: rescale the teacher so that its class totals on the inputs it labels
         (each round's proxy inputs; the test set for ``teacher_test_acc``) follow the pooled
@@ -161,6 +166,7 @@ class Strategy:
         era_temperature: float = 0.1,
         trim_fraction: float = 0.2,
         held_class_count: float = 100.0,
+        teacher_confidence: str = "none",
         match_class_prior: bool = False,
         server_student: ServerStudent | None = None,
         release: GaussianRelease | None = None,
@@ -189,6 +195,12 @@ class Strategy:
         self.era_temperature = era_temperature
         self.trim_fraction = trim_fraction
         self.held_class_count = held_class_count
+        if teacher_confidence != "none" and release is not None:
+            raise ValueError(
+                "teacher_confidence weighs clients per input; the Gaussian release is a plain "
+                "noisy mean: remove one of them"
+            )
+        self.teacher_confidence = teacher_confidence
         if match_class_prior and teacher not in HISTOGRAM_TEACHERS:
             raise ValueError(
                 f"match_class_prior needs the clients' label histograms, which teacher "
@@ -242,6 +254,7 @@ class Strategy:
             era_temperature=self.era_temperature,
             trim_fraction=self.trim_fraction,
             held_count=self.held_class_count,
+            confidence=self.teacher_confidence,
         )
         if self.match_class_prior:  # weights: the label histograms (K, C)
             teacher = match_class_prior(teacher, weights.clamp(min=0).sum(dim=0))
@@ -542,6 +555,7 @@ class LogitTeacherStrategy(Strategy):
             era_temperature=params.era_temperature,
             trim_fraction=params.trim_fraction,
             held_class_count=params.held_class_count,
+            teacher_confidence=params.teacher_confidence,
             match_class_prior=params.match_class_prior,
             **self_training_kwargs(params),
         )

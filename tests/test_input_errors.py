@@ -80,6 +80,7 @@ BAD_SETS = [
     "algorithm.client_teacher=nobody",
     "algorithm.era_temperature=0",
     "algorithm.match_class_prior=true",
+    "algorithm.teacher_confidence=surest",
     "algorithm.name=no_such_module_xyz:Algo",
     "algorithm.name=strategies.dsfl:Nope",
     "algorithm.name=fedkd.spec:Spec",
@@ -158,6 +159,20 @@ OTHER_CASES = {
         "algorithm.name=fd",
         "--set",
         "algorithm.era_temperature=0.5",
+    ],
+    "confidence-with-median": [
+        "run",
+        "--set",
+        "algorithm.teacher=median",
+        "--set",
+        "algorithm.teacher_confidence=max_prob",
+    ],
+    "confidence-with-release": [
+        "run",
+        "--set",
+        "algorithm.teacher_confidence=negative_entropy",
+        "--set",
+        "privacy.release_noise=1",
     ],
     "pate-without-server-student": [
         "run",

@@ -9,11 +9,15 @@ from fedkd.knowledge.losses import (
     soft_targets,
 )
 from fedkd.knowledge.teachers import (
+    CONFIDENCE_KINDS,
+    CONFIDENCE_TEACHERS,
     HISTOGRAM_TEACHERS,
     TEACHER_KINDS,
     aggregate_per_class,
     build_teacher,
     class_weighted_probs,
+    client_confidence,
+    confidence_weights,
     era,
     match_class_prior,
     mean_logits,
@@ -25,12 +29,16 @@ from fedkd.knowledge.teachers import (
 )
 
 __all__ = [
+    "CONFIDENCE_KINDS",
+    "CONFIDENCE_TEACHERS",
     "DISTILL_LOSSES",
     "HISTOGRAM_TEACHERS",
     "TEACHER_KINDS",
     "aggregate_per_class",
     "build_teacher",
     "class_weighted_probs",
+    "client_confidence",
+    "confidence_weights",
     "distillation_loss",
     "era",
     "kl_distillation_loss",
