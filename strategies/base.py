@@ -32,6 +32,7 @@ from fedkd.privacy.label_histogram import LabelHistogramRelease
 from fedkd.privacy.ledger import PrivacyEvent
 from fedkd.privacy.noise import NoiseSource, noise_source
 from strategies.params import AlgorithmParams, Capabilities, SelfTrainingParams, TeacherParams
+from strategies.self_distill import distill_with_earlier_self, keep_earlier_logits
 
 
 @dataclass(frozen=True)
@@ -540,7 +541,8 @@ def self_training_kwargs(params: SelfTrainingParams) -> dict[str, Any]:
 class LogitTeacherStrategy(Strategy):
     """An algorithm whose knowledge is a teacher built from the clients' logits on proxy
     inputs (DS-FL, FedMD, FedDF-logit): `TeacherParams`, and the teacher's release, label
-    histograms and confident-labels server student from the context."""
+    histograms and confident-labels server student from the context. Its clients may distill
+    from their own earlier model too (``self_distill_weight``, `strategies.self_distill`)."""
 
     Params: ClassVar[type[AlgorithmParams]] = TeacherParams
     capabilities: ClassVar[Capabilities] = Capabilities(
@@ -568,3 +570,42 @@ class LogitTeacherStrategy(Strategy):
         if context.confident_fraction > 0:
             kwargs["confident_fraction"] = context.confident_fraction
         return kwargs
+
+    @classmethod
+    def client_round(
+        cls,
+        params: AlgorithmParams,
+        learner: Learner,
+        round_num: int,
+        client_ids: list[int],
+        payload: dict[str, np.ndarray],
+    ) -> dict[int, ClientResult]:
+        """`Strategy.client_round`; with self-distillation, each client first keeps its logits
+        on the round's proxy inputs (its model before this round's training)."""
+        assert isinstance(params, TeacherParams)
+        if params.self_distill_weight > 0:
+            keep_earlier_logits(learner, round_num, client_ids, payload["proxy_idx"])
+        return super().client_round(params, learner, round_num, client_ids, payload)
+
+    @classmethod
+    def client_digest(
+        cls,
+        params: AlgorithmParams,
+        learner: Learner,
+        round_num: int,
+        client_ids: list[int],
+        payload: dict[str, np.ndarray],
+    ) -> dict[int, ClientResult]:
+        """`Strategy.client_digest`; with self-distillation, towards the teacher mixed with
+        the client's earlier logits (`strategies.self_distill.distill_with_earlier_self`)."""
+        assert isinstance(params, TeacherParams)
+        if params.self_distill_weight <= 0:
+            return super().client_digest(params, learner, round_num, client_ids, payload)
+        return distill_with_earlier_self(
+            learner,
+            round_num,
+            client_ids,
+            payload["proxy_idx"],
+            payload["teacher_logits"],
+            params.self_distill_weight,
+        )

@@ -76,6 +76,9 @@ class TeacherParams(SelfTrainingParams):
     held_class_count: float = 100.0
     # Weigh each client per proxy input by its confidence there (CONFIDENCE_KINDS).
     teacher_confidence: str = "none"
+    # Clients distill towards the teacher mixed with their own earlier model's logits, this
+    # share of them (strategies.self_distill; 0: off).
+    self_distill_weight: float = 0.0
     # Histogram teachers: rescale the teacher so its class totals on the inputs it labels follow
     # the pooled prior of the released label histograms.
     match_class_prior: bool = False
@@ -92,6 +95,11 @@ class TeacherParams(SelfTrainingParams):
                 f"held_class_count: must be >= 0 (a count), got {self.held_class_count}"
             )
         check_one_of("teacher_confidence", self.teacher_confidence, CONFIDENCE_KINDS)
+        if not 0 <= self.self_distill_weight < 1:
+            raise ParamError(
+                f"self_distill_weight: must be in [0, 1) (the earlier model's share of the "
+                f"teacher), got {self.self_distill_weight}"
+            )
         if self.teacher_confidence != "none" and self.teacher not in ("", *CONFIDENCE_TEACHERS):
             raise ParamError(
                 f"teacher_confidence: teacher '{self.teacher}' weighs no examples; choose one "

@@ -81,6 +81,7 @@ BAD_SETS = [
     "algorithm.era_temperature=0",
     "algorithm.match_class_prior=true",
     "algorithm.teacher_confidence=surest",
+    "algorithm.self_distill_weight=1",
     "algorithm.name=no_such_module_xyz:Algo",
     "algorithm.name=strategies.dsfl:Nope",
     "algorithm.name=fedkd.spec:Spec",
