@@ -123,6 +123,10 @@ class Strategy:
         (`fedkd.knowledge.teachers.client_confidence`: ``"negative_entropy"``, ``"max_prob"``),
         times its base weight (example counts, or label histograms for ``"class_weighted"``);
         ``"none"``: the base weights alone. Computed from the uploaded logits: no privacy cost.
+    teacher_prior_agreement : bool, default False
+        Teacher ``"class_weighted"``: also weigh each client per input by how much the
+        ensemble's prediction there agrees with its released label histogram
+        (`fedkd.knowledge.teachers.histogram_agreement`; post-processing of the release).
     match_class_prior : bool, default False
         Histogram teachers: rescale the teacher so that its class totals on the inputs it labels
         (each round's proxy inputs; the test set for ``teacher_test_acc``) follow the pooled
@@ -168,6 +172,7 @@ class Strategy:
         trim_fraction: float = 0.2,
         held_class_count: float = 100.0,
         teacher_confidence: str = "none",
+        teacher_prior_agreement: bool = False,
         match_class_prior: bool = False,
         server_student: ServerStudent | None = None,
         release: GaussianRelease | None = None,
@@ -202,6 +207,7 @@ class Strategy:
                 "noisy mean: remove one of them"
             )
         self.teacher_confidence = teacher_confidence
+        self.teacher_prior_agreement = teacher_prior_agreement
         if match_class_prior and teacher not in HISTOGRAM_TEACHERS:
             raise ValueError(
                 f"match_class_prior needs the clients' label histograms, which teacher "
@@ -256,6 +262,7 @@ class Strategy:
             trim_fraction=self.trim_fraction,
             held_count=self.held_class_count,
             confidence=self.teacher_confidence,
+            prior_agreement=self.teacher_prior_agreement,
         )
         if self.match_class_prior:  # weights: the label histograms (K, C)
             teacher = match_class_prior(teacher, weights.clamp(min=0).sum(dim=0))
@@ -558,6 +565,7 @@ class LogitTeacherStrategy(Strategy):
             trim_fraction=params.trim_fraction,
             held_class_count=params.held_class_count,
             teacher_confidence=params.teacher_confidence,
+            teacher_prior_agreement=params.teacher_prior_agreement,
             match_class_prior=params.match_class_prior,
             **self_training_kwargs(params),
         )

@@ -76,6 +76,9 @@ class TeacherParams(SelfTrainingParams):
     held_class_count: float = 100.0
     # Weigh each client per proxy input by its confidence there (CONFIDENCE_KINDS).
     teacher_confidence: str = "none"
+    # Teacher "class_weighted": weigh each client per proxy input also by how much the
+    # ensemble's prediction there agrees with its released label histogram.
+    teacher_prior_agreement: bool = False
     # Clients distill towards the teacher mixed with their own earlier model's logits, this
     # share of them (strategies.self_distill; 0: off).
     self_distill_weight: float = 0.0
@@ -95,6 +98,11 @@ class TeacherParams(SelfTrainingParams):
                 f"held_class_count: must be >= 0 (a count), got {self.held_class_count}"
             )
         check_one_of("teacher_confidence", self.teacher_confidence, CONFIDENCE_KINDS)
+        if self.teacher_prior_agreement and self.teacher != "class_weighted":
+            raise ParamError(
+                "teacher_prior_agreement: it weighs clients by their released label histograms; "
+                "set algorithm.teacher to class_weighted, or remove it"
+            )
         if not 0 <= self.self_distill_weight < 1:
             raise ParamError(
                 f"self_distill_weight: must be in [0, 1) (the earlier model's share of the "

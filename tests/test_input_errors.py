@@ -82,6 +82,7 @@ BAD_SETS = [
     "algorithm.match_class_prior=true",
     "algorithm.teacher_confidence=surest",
     "algorithm.self_distill_weight=1",
+    "algorithm.teacher_prior_agreement=true",
     "algorithm.name=no_such_module_xyz:Algo",
     "algorithm.name=strategies.dsfl:Nope",
     "algorithm.name=fedkd.spec:Spec",

@@ -17,6 +17,7 @@ from fedkd.knowledge import (
     confidence_weights,
     distillation_loss,
     era,
+    histogram_agreement,
     kl_distillation_loss,
     mae_logit_loss,
     match_class_prior,
@@ -520,6 +521,27 @@ def test_class_weighted_teacher_with_confidence_by_hand() -> None:
         [(e * p[:, :, 0]).sum(dim=0), p[1, :, 1], (e * p[:, :, 2]).sum(dim=0)], dim=1
     )
     torch.testing.assert_close(scores, expected / expected.sum(dim=1, keepdim=True))
+
+
+def test_prior_agreement_lowers_a_client_on_an_input_of_a_class_it_never_held() -> None:
+    # Client 0 holds classes 0 and 1, client 1 classes 1 and 2. On an input of class 2,
+    # client 0 (which never saw class 2) votes for class 1 with confidence.
+    probs = torch.tensor([[[0.03, 0.95, 0.02]], [[0.05, 0.35, 0.60]]])  # (K=2, N=1, C=3)
+    counts = torch.tensor([[50.0, 50.0, 0.0], [0.0, 50.0, 50.0]])
+    ones = torch.ones(2, 1)
+    agreement = histogram_agreement(probs.log(), counts, ones)
+    # q = the class-weighted teacher: class 0 from client 0, 2 from client 1, 1 from both.
+    q = torch.tensor([0.03, 0.65, 0.60]) / 1.28
+    torch.testing.assert_close(agreement[:, 0], torch.stack([q[0] + q[1], q[1] + q[2]]))
+    assert agreement[0, 0] < agreement[1, 0]
+    plain = build_teacher("class_weighted", probs.log(), counts).exp()[0]
+    agreed = build_teacher("class_weighted", probs.log(), counts, prior_agreement=True).exp()[0]
+    assert plain.argmax() == 1 and agreed.argmax() == 2  # class 1's score leans on client 1
+    w = agreement[:, 0] / agreement[:, 0].sum()
+    scores = torch.stack([probs[0, 0, 0], (w * probs[:, 0, 1]).sum(), probs[1, 0, 2]])
+    torch.testing.assert_close(agreed, scores / scores.sum())
+    with pytest.raises(ValueError, match="prior agreement needs the clients' label histograms"):
+        build_teacher("era", probs.log(), prior_agreement=True)
 
 
 def test_confidence_refused_by_teachers_that_weigh_no_examples() -> None:

@@ -1,6 +1,7 @@
 """The teacher options of the logit algorithms, end to end: confidence-weighted teachers
-(`algorithm.teacher_confidence`) and the clients' self-distillation from their own earlier
-model (`algorithm.self_distill_weight`, `strategies.self_distill`), on both learners."""
+(`algorithm.teacher_confidence`, `algorithm.teacher_prior_agreement`) and the clients'
+self-distillation from their own earlier model (`algorithm.self_distill_weight`,
+`strategies.self_distill`), on both learners."""
 
 from __future__ import annotations
 
@@ -92,6 +93,19 @@ MOVED = ("server_test_acc", "client_test_acc_mean")
 def test_each_option_runs_and_changes_the_runs_numbers(tmp_path, option):
     plain = _golden()["dsfl"]  # the same run without the option
     rows = run_case(tmp_path / "option", ["algorithm.name=dsfl", option])
-    assert len(rows) == 2
+    assert_moved(rows, plain)
+
+
+def test_prior_agreement_runs_and_changes_the_class_weighted_teachers_numbers(tmp_path):
+    class_weighted = ["algorithm.name=dsfl", "algorithm.teacher=class_weighted"]
+    plain = run_case(tmp_path / "plain", class_weighted)
+    rows = run_case(
+        tmp_path / "option", [*class_weighted, "algorithm.teacher_prior_agreement=true"]
+    )
+    assert_moved(rows, plain)
+
+
+def assert_moved(rows: list[dict], plain: list[dict]) -> None:
+    assert len(rows) == len(plain) == 2
     assert all(np.isfinite(row[key]) for row in rows for key in MOVED)
     assert [[r[k] for k in MOVED] for r in rows] != [[r[k] for k in MOVED] for r in plain]

@@ -437,6 +437,7 @@ def build_teacher(
     trim_fraction: float = 0.2,
     held_count: float = 100.0,
     confidence: str = "none",
+    prior_agreement: bool = False,
 ) -> Tensor:
     """Build a teacher of the given kind from stacked client logits.
 
@@ -465,6 +466,10 @@ def build_teacher(
         input is multiplied by its confidence there (:func:`client_confidence`), then
         normalised over the clients per input; for the :data:`CONFIDENCE_TEACHERS` only.
         ``"era"`` sharpens the weighted mean.
+    prior_agreement : bool, default False
+        ``"class_weighted"`` only: multiply each client's weight on each input by the
+        agreement of the ensemble's prediction there with its label histogram
+        (:func:`histogram_agreement`), after the confidence.
 
     Returns
     -------
@@ -477,8 +482,10 @@ def build_teacher(
         Unknown ``kind``, ``"weighted"`` without weights, a confidence the teacher does not
         take, or invalid inputs.
     """
-    if confidence != "none":
-        return _confidence_weighted(kind, logits, weights, confidence, era_temperature)
+    if confidence != "none" or prior_agreement:
+        return _per_example_weighted(
+            kind, logits, weights, confidence, prior_agreement, era_temperature
+        )
     if kind == "mean_logits":
         return mean_logits(logits, weights)
     if kind == "mean_probs":
@@ -528,21 +535,73 @@ def confidence_weights(logits: Tensor, confidence: str, weights: Tensor | None =
     return _normalised_weights(conf, logits)
 
 
-def _confidence_weighted(
-    kind: str, logits: Tensor, weights: Tensor | None, confidence: str, era_temperature: float
+def histogram_agreement(logits: Tensor, class_counts: Tensor, example_weights: Tensor) -> Tensor:
+    """How much each input's likely class is one its client holds: per-example client weights
+    from the agreement of the ensemble's prediction with each client's label histogram.
+
+    A client's vote on an input of a class it never held is a guess, however sure it is. With
+    ``q`` the class-weighted teacher of the clients (:func:`class_weighted_probs` with
+    `example_weights`) and ``s_k(c)`` client k's count of class c over its largest count, client
+    k's agreement on input n is ``sum_c q(c | x_n) s_k(c)``: near 1 where the ensemble thinks the
+    input is of one of the client's main classes, near 0 where it thinks it is of a class the
+    client never held. Post-processing of the logits and the released histograms.
+
+    Parameters
+    ----------
+    logits : Tensor
+        Shape ``(K, N, C)``.
+    class_counts : Tensor
+        Shape ``(K, C)``, finite; the clients' (possibly noisy) label counts, negative entries
+        count as 0.
+    example_weights : Tensor
+        Shape ``(K, N)``, positive: the clients' weights in ``q``.
+
+    Returns
+    -------
+    Tensor
+        Shape ``(K, N)``, in ``[0, 1]``; a client with no positive count gets 0 everywhere.
+    """
+    q = torch.exp(class_weighted_probs(logits, class_counts, example_weights))
+    counts = torch.as_tensor(class_counts).to(device=logits.device, dtype=logits.dtype)
+    counts = counts.clamp(min=0)
+    share = counts / counts.max(dim=1, keepdim=True).values.clamp(min=1e-12)
+    return torch.einsum("nc,kc->kn", q, share)
+
+
+def _per_example_weighted(
+    kind: str,
+    logits: Tensor,
+    weights: Tensor | None,
+    confidence: str,
+    agreement: bool,
+    era_temperature: float,
 ) -> Tensor:
-    """`build_teacher` with per-example weights: the base weights times the confidence."""
+    """`build_teacher` with per-example weights: the base weights times the confidence, times
+    the agreement with the label histograms (``class_weighted`` only)."""
     if kind not in CONFIDENCE_TEACHERS:
         raise ValueError(
-            f"teacher '{kind}' takes no per-example weights; confidence '{confidence}' needs "
-            f"one of {', '.join(CONFIDENCE_TEACHERS)}"
+            f"teacher '{kind}' takes no per-example weights; confidence and prior agreement "
+            f"need one of {', '.join(CONFIDENCE_TEACHERS)}"
         )
     if kind == "weighted" and weights is None:
         raise ValueError("teacher 'weighted' needs per-client weights (e.g. example counts)")
     if kind == "class_weighted":
         if weights is None or weights.dim() != 2:
             raise ValueError(f"teacher '{kind}' needs per-client class counts, shape (K, C)")
-        return class_weighted_probs(logits, weights, confidence_weights(logits, confidence))
+        if confidence == "none":
+            example = torch.ones(logits.shape[:2], dtype=logits.dtype, device=logits.device)
+        else:
+            example = confidence_weights(logits, confidence)
+        if agreement:
+            # Clients that hold no likely class of an input keep a sliver of weight there, so
+            # that an input no client agrees on falls back to the confidence weights.
+            example = example * histogram_agreement(logits, weights, example).clamp(min=1e-6)
+        return class_weighted_probs(logits, weights, example)
+    if agreement:
+        raise ValueError(
+            f"prior agreement needs the clients' label histograms: teacher 'class_weighted', "
+            f"not '{kind}'"
+        )
     per_example = confidence_weights(logits, confidence, weights)
     return build_teacher(kind, logits, per_example, era_temperature=era_temperature)
 
