@@ -439,7 +439,11 @@ class Strategy:
         -----
         By default: private training; a logit teacher's clients upload their logits on the
         payload's proxy inputs, with their released label histogram where the run has one.
+        With self-distillation (`TeacherParams.self_distill_weight`) each client first keeps
+        its logits on those inputs (its model before this round's training).
         """
+        if _self_distills(params):
+            keep_earlier_logits(learner, round_num, client_ids, payload["proxy_idx"])
         results = learner.train_private(round_num, client_ids)
         if cls.capabilities.logit_teacher:
             inputs = learner.data.proxy_x[payload["proxy_idx"].astype(np.int64)]
@@ -458,7 +462,18 @@ class Strategy:
         payload: dict[str, np.ndarray],
     ) -> dict[int, ClientResult]:
         """How the clients digest `digest_payload`'s arrays (arguments as `client_round`'s);
-        by default they distill towards its teacher logits on its proxy inputs."""
+        by default they distill towards its teacher logits on its proxy inputs (mixed with
+        their earlier logits under self-distillation,
+        `strategies.self_distill.distill_with_earlier_self`)."""
+        if _self_distills(params):
+            return distill_with_earlier_self(
+                learner,
+                round_num,
+                client_ids,
+                payload["proxy_idx"],
+                payload["teacher_logits"],
+                params.self_distill_weight,
+            )
         inputs = learner.data.proxy_x[payload["proxy_idx"].astype(np.int64)]
         return learner.distill(round_num, client_ids, inputs, payload["teacher_logits"])
 
@@ -535,6 +550,11 @@ class Strategy:
         return self.build_teacher(test_logits, weights)
 
 
+def _self_distills(params: AlgorithmParams) -> bool:
+    """Whether the clients distill from their own earlier model too (`strategies.self_distill`)."""
+    return isinstance(params, TeacherParams) and params.self_distill_weight > 0
+
+
 def self_training_kwargs(params: SelfTrainingParams) -> dict[str, Any]:
     """The server student's self-training settings as constructor arguments ({}: off)."""
     if params.self_training_confidence <= 0:
@@ -578,42 +598,3 @@ class LogitTeacherStrategy(Strategy):
         if context.confident_fraction > 0:
             kwargs["confident_fraction"] = context.confident_fraction
         return kwargs
-
-    @classmethod
-    def client_round(
-        cls,
-        params: AlgorithmParams,
-        learner: Learner,
-        round_num: int,
-        client_ids: list[int],
-        payload: dict[str, np.ndarray],
-    ) -> dict[int, ClientResult]:
-        """`Strategy.client_round`; with self-distillation, each client first keeps its logits
-        on the round's proxy inputs (its model before this round's training)."""
-        assert isinstance(params, TeacherParams)
-        if params.self_distill_weight > 0:
-            keep_earlier_logits(learner, round_num, client_ids, payload["proxy_idx"])
-        return super().client_round(params, learner, round_num, client_ids, payload)
-
-    @classmethod
-    def client_digest(
-        cls,
-        params: AlgorithmParams,
-        learner: Learner,
-        round_num: int,
-        client_ids: list[int],
-        payload: dict[str, np.ndarray],
-    ) -> dict[int, ClientResult]:
-        """`Strategy.client_digest`; with self-distillation, towards the teacher mixed with
-        the client's earlier logits (`strategies.self_distill.distill_with_earlier_self`)."""
-        assert isinstance(params, TeacherParams)
-        if params.self_distill_weight <= 0:
-            return super().client_digest(params, learner, round_num, client_ids, payload)
-        return distill_with_earlier_self(
-            learner,
-            round_num,
-            client_ids,
-            payload["proxy_idx"],
-            payload["teacher_logits"],
-            params.self_distill_weight,
-        )
