@@ -31,7 +31,13 @@ from fedkd.knowledge import DISTILL_LOSSES as LOSSES
 from fedkd.knowledge import HISTOGRAM_TEACHERS
 from fedkd.models import MODEL_NAMES as MODELS
 from strategies.base import Strategy
-from strategies.params import AlgorithmParams, Capabilities, ParamError, teacher_kind
+from strategies.params import (
+    AlgorithmParams,
+    Capabilities,
+    ParamError,
+    teacher_confidence,
+    teacher_kind,
+)
 from strategies.registry import BUILTIN, DEFAULT_ALGORITHM, AlgorithmNotFound, algorithm_class
 
 # The built-in algorithms' names (`strategies.registry`; a spec may also name an import path).
@@ -738,6 +744,11 @@ def _validate_privacy(spec: Spec) -> None:
             raise SpecError(
                 "privacy.release_noise: the release is a noisy mean; "
                 f"algorithm.teacher '{teacher}' cannot be released this way"
+            )
+        if teacher_confidence(spec.algorithm.params) != "none":
+            raise SpecError(
+                "privacy.release_noise: the release is a noisy plain mean; "
+                "algorithm.teacher_confidence weighs clients per input: set it to 'none'"
             )
 
     if p.histogram_noise > 0 and teacher not in HISTOGRAM_TEACHERS:

@@ -124,6 +124,8 @@ class VectorisedCohortLearner(CohortLearner):
         bytes as the loop learner's `ClientState.to_bytes`.
     released : MutableMapping[int, bytes], optional
         What each client released once and resends (see `CohortLearner`).
+    kept : MutableMapping[int, bytes], optional
+        What each client's algorithm keeps across phases (see `CohortLearner`).
     device : str, default "auto"
         ``auto``, ``cpu`` or ``cuda`` (the device Ray assigned to this actor).
     precision : str, default "fp32"
@@ -146,13 +148,14 @@ class VectorisedCohortLearner(CohortLearner):
         config: CohortConfig,
         states: MutableMapping[int, bytes],
         released: MutableMapping[int, bytes] | None = None,
+        kept: MutableMapping[int, bytes] | None = None,
         *,
         device: str = "auto",
         precision: str = "fp32",
         max_chunk: int | None = None,
         predict_rows: int | None = None,
     ) -> None:
-        super().__init__(data, config, states, released)
+        super().__init__(data, config, states, released, kept)
         if precision not in PRECISIONS:
             raise ValueError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
         self.device = resolve_device(device)
