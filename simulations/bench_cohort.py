@@ -4,6 +4,7 @@ Usage::
 
     python simulations/bench_cohort.py [--clients 10 100 1000] [--quick] [--out table.md]
     python simulations/bench_cohort.py --phases [--quick]   # only the per-phase breakdown
+    python simulations/bench_cohort.py --eval-memory        # only one node's evaluation memory
 
 Every configuration runs the real engine (`fedkd.run.cli.simulate`: Flower's ServerApp and
 ClientApp on the Ray backend) in a fresh subprocess, for two warm-up rounds (Ray actors start, data
@@ -212,6 +213,7 @@ def placement_balance(sizes: list[int], nodes: int) -> dict[str, list[int]]:
 def phase_one(cfg: dict[str, Any]) -> dict[str, Any]:
     """One node of the full-size MNIST workload (20 clients, Dirichlet 0.1, two cohort nodes):
     seconds per phase of one learner, state (de)serialisation, data to the device, peak RSS."""
+    import gc
     import resource
 
     import torch
@@ -227,6 +229,10 @@ def phase_one(cfg: dict[str, Any]) -> dict[str, Any]:
 
     def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def current_rss_mb() -> float:
+        with open("/proc/self/status") as status:
+            return next(int(ln.split()[1]) for ln in status if ln.startswith("VmRSS:")) / 1024
 
     spec = load_spec(
         PHASE_SPEC,
@@ -266,6 +272,10 @@ def phase_one(cfg: dict[str, Any]) -> dict[str, Any]:
         ("distill", lambda: learner.distill(1, cids, inputs, teacher.astype(np.float32))),
         ("evaluate", lambda: learner.evaluate(cids, test_idx)),
     ):
+        if cfg.get("only") and phase not in cfg["only"]:
+            continue
+        gc.collect()
+        rss[f"{phase}: before"] = current_rss_mb()
         before = times.get("state", 0.0)
         t0 = time.perf_counter()
         call()
@@ -334,6 +344,33 @@ def phase_table(archs: list[str], quick: bool) -> str:
         "",
     ]
     return "\n".join([*header, *lines, "", *notes])
+
+
+def eval_memory_table(archs: list[str]) -> str:
+    """One cohort node's evaluation alone (its fresh clients), loop against vectorised, each in
+    a fresh process: the process's resident memory before it and its peak during it."""
+    cols = ["model", "learner", "RSS before MiB", "peak during MiB", "peak vs loop"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for arch in archs:
+        peaks = {}
+        for learner in PHASE_LEARNERS:
+            cfg = {"phase": True, "arch": arch, "learner": learner, "quick": False}
+            rss = _subprocess({**cfg, "only": ["evaluate"]})["rss"]
+            peaks[learner] = rss["evaluate"]
+            lines.append(
+                f"| {arch} | {learner} | {rss['evaluate: before']:,.0f} | "
+                f"{rss['evaluate']:,.0f} | {rss['evaluate'] / peaks['loop']:.2f}x |"
+            )
+    header = [
+        "Peak memory of one cohort node's evaluation (in process, 1 torch thread): full-size "
+        "MNIST, 20 clients, Dirichlet 0.1, the 10 clients of node 0 of 2, fresh (untrained) "
+        "students; 2,000 test examples plus each client's local test and validation rows. The "
+        "peak is the process's (ru_maxrss), so it holds the data loading's too when that was "
+        "higher. The vectorised learner's memory before evaluation includes its copy of the "
+        "clients' data as one tensor (for its training steps).",
+        "",
+    ]
+    return "\n".join([*header, *lines])
 
 
 # -- the one-model ceiling -------------------------------------------------------------------
@@ -456,7 +493,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-phases", action="store_true", help="leave the breakdown out")
     parser.add_argument(
-        "--phase-models", nargs="+", default=["cnn_small", "cnn_large"], help="for --phases"
+        "--eval-memory",
+        action="store_true",
+        help="only the peak memory of one node's evaluation (loop vs vectorised)",
+    )
+    parser.add_argument(
+        "--phase-models",
+        nargs="+",
+        default=["cnn_small", "cnn_large"],
+        help="for --phases and --eval-memory",
     )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config (JSON)
     args = parser.parse_args(argv)
@@ -466,8 +511,11 @@ def main(argv: list[str] | None = None) -> None:
         result = phase_one(cfg) if cfg.get("phase") else run_one(cfg)
         print("BENCH_RESULT " + json.dumps(result), flush=True)
         return
-    if args.phases:
-        table = phase_table(args.phase_models, args.quick)
+    if args.phases or args.eval_memory:
+        if args.eval_memory:
+            table = eval_memory_table(args.phase_models)
+        else:
+            table = phase_table(args.phase_models, args.quick)
         print(table)
         if args.out:
             args.out.write_text(table + "\n")
