@@ -30,9 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedkd.learner.cohort import ClientResult
 from fedkd.learner.loop import accuracy
 from fedkd.learner.protocol import Learner
-from strategies.params import AlgorithmParams, Capabilities, check_positive
+from fedkd.models.zoo import EMBEDDING_WIDTH, fixed_projection
+from strategies.params import AlgorithmParams, Capabilities, ParamError, check_positive
 from strategies.per_class import PerClassStrategy
 
 
@@ -42,10 +44,22 @@ class FedProtoParams(AlgorithmParams):
 
     # Weight of the prototype-distance regulariser in the clients' local training (lambda).
     proto_weight: float = 1.0
+    # Head calibration on the global prototypes after local training (`calibrate_head`):
+    # full-batch gradient steps (0: off) and their learning rate.
+    calibration_steps: int = 0
+    calibration_lr: float = 0.1
+    # Logit adjustment of the head after local training (`adjusted_bias`): tau (0: off).
+    logit_adjustment: float = 0.0
 
     def check(self) -> None:
         super().check()
         check_positive("proto_weight", self.proto_weight, zero_ok=True)
+        if not isinstance(self.calibration_steps, int) or self.calibration_steps < 0:
+            raise ParamError(
+                f"calibration_steps: must be an integer >= 0, got {self.calibration_steps!r}"
+            )
+        check_positive("calibration_lr", self.calibration_lr)
+        check_positive("logit_adjustment", self.logit_adjustment, zero_ok=True)
 
 
 def nearest_prototype_scores(
@@ -69,6 +83,76 @@ def nearest_prototype_scores(
     """
     distances = torch.cdist(torch.from_numpy(embeddings), torch.from_numpy(prototypes)) ** 2
     return (-distances).masked_fill(~torch.from_numpy(present.astype(bool)), float("-inf"))
+
+
+def head_inputs(embeddings: torch.Tensor, width: int) -> torch.Tensor:
+    """Inputs of a head `width` wide whose embeddings are `embeddings` ``(N, EMBEDDING_WIDTH)``.
+
+    The embedding is the head's input itself where `width` is `EMBEDDING_WIDTH`, else that
+    input times `fedkd.models.zoo.fixed_projection`; the least-norm preimage under the
+    projection stands in for it there (a virtual feature's part outside the projection's
+    range is unknown).
+    """
+    if width == EMBEDDING_WIDTH:
+        return embeddings
+    return embeddings @ torch.linalg.pinv(fixed_projection(width))
+
+
+def calibrate_head(
+    weight: np.ndarray,
+    bias: np.ndarray,
+    prototypes: np.ndarray,
+    present: np.ndarray,
+    steps: int,
+    lr: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A linear head after `steps` full-batch gradient steps of cross-entropy on the present
+    classes' global prototypes, each labelled with its class (virtual features, one per class).
+
+    A head trained on one client's skewed labels rarely predicts the classes the client holds
+    few or none of; the prototypes are a class-balanced set that covers every class any client
+    holds, including those.
+
+    Parameters
+    ----------
+    weight, bias : ndarray
+        The head, ``(C, H)`` and ``(C,)``.
+    prototypes : ndarray
+        ``(C, EMBEDDING_WIDTH)`` global prototypes (`head_inputs` maps them to the head's input).
+    present : ndarray
+        ``(C,)`` which classes have one.
+    steps : int
+        Gradient steps.
+    lr : float
+        Their learning rate.
+
+    Returns
+    -------
+    (ndarray, ndarray)
+        The calibrated head, float32.
+    """
+    classes = torch.from_numpy(np.flatnonzero(present))
+    w = torch.tensor(weight, dtype=torch.float32, requires_grad=True)
+    b = torch.tensor(bias, dtype=torch.float32, requires_grad=True)
+    virtual = head_inputs(torch.from_numpy(prototypes).float()[classes], w.shape[1])
+    opt = torch.optim.SGD([w, b], lr=lr)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(virtual @ w.T + b, classes)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return w.detach().numpy(), b.detach().numpy()
+
+
+def balancing_offsets(counts: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Per-class logit offsets that turn a head trained on `counts` towards a prior uniform
+    over the `present` classes: ``-log`` of the client's smoothed class frequency
+    (``(count + 1) / (total + classes)``) on present classes, centred; 0 on the others.
+    """
+    frequency = (counts + 1.0) / (counts.sum() + len(counts))
+    offsets = np.where(present.astype(bool), -np.log(frequency), 0.0)
+    offsets[present.astype(bool)] -= offsets[present.astype(bool)].mean()
+    return offsets.astype(np.float32)
 
 
 class FedProto(PerClassStrategy):
@@ -95,6 +179,51 @@ class FedProto(PerClassStrategy):
     def regulariser_weight(cls, params: AlgorithmParams) -> float:
         assert isinstance(params, FedProtoParams)
         return params.proto_weight
+
+    @classmethod
+    def client_round(
+        cls,
+        params: AlgorithmParams,
+        learner: Learner,
+        round_num: int,
+        client_ids: list[int],
+        payload: dict[str, np.ndarray],
+    ) -> dict[int, ClientResult]:
+        """Local training pulled towards the global prototypes, the uploads, then (with
+        ``calibration_steps``) each client's head calibrated on the global prototypes
+        (`calibrate_head`; the uploads, embeddings' means, do not depend on the head)."""
+        results = super().client_round(params, learner, round_num, client_ids, payload)
+        assert isinstance(params, FedProtoParams)
+        if (not params.calibration_steps and not params.logit_adjustment) or (
+            cls.means_key not in payload
+        ):
+            return results
+        num_classes = learner.data.num_classes
+        for cid, weights in learner.get_weights(client_ids).items():
+            *_, weight_key, bias_key = weights  # the last layer: the head
+            weight, bias = weights[weight_key], weights[bias_key]
+            if weight.ndim != 2 or weight.shape[0] != num_classes or bias.shape != (num_classes,):
+                raise ValueError(
+                    "algorithm.calibration_steps: the student's last layer is not a linear head "
+                    f"({weight_key} {weight.shape}, {bias_key} {bias.shape}); set it to 0"
+                )
+            if params.calibration_steps:
+                weight, bias = calibrate_head(
+                    weight,
+                    bias,
+                    payload[cls.means_key],
+                    payload[cls.present_key],
+                    params.calibration_steps,
+                    params.calibration_lr,
+                )
+            if params.logit_adjustment:
+                counts = results[cid].arrays[cls.counts_key]
+                bias = bias + params.logit_adjustment * balancing_offsets(
+                    counts, payload[cls.present_key]
+                )
+            weights[weight_key], weights[bias_key] = weight, bias
+            learner.set_weights([cid], weights)
+        return results
 
     evaluation_metrics = ("client_proto_test_acc", "client_proto_local_acc", "client_proto_val_acc")
 
