@@ -8,9 +8,17 @@ from fedkd.data import load_federated_data
 from fedkd.learner.cohort import ClientResult, CohortConfig, CohortLearner
 from fedkd.learner.loop import OptimConfig, StepConfig
 from fedkd.learner.vectorised import VectorisedCohortLearner
-from fedkd.models.zoo import EMBEDDING_WIDTH
+from fedkd.models.zoo import EMBEDDING_WIDTH, fixed_projection
 from fedkd.spec import load_spec
-from strategies.fedproto import FedProto, FedProtoParams, nearest_prototype_scores
+from strategies.fedproto import (
+    FedProto,
+    FedProtoParams,
+    balancing_offsets,
+    calibrate_head,
+    head_inputs,
+    nearest_prototype_scores,
+)
+from strategies.params import ParamError
 from tests.test_engine import TIMINGS, run_inprocess
 from tests.test_resume import SMALL, resume, stop_after_row, straight_run
 
@@ -28,10 +36,10 @@ def config(arch_of=lambda cid: ("cnn_small", "mlp")[cid % 2]):
     return CohortConfig(seed=0, arch_of=arch_of, private=step, distill=step)
 
 
-def two_rounds(learner_cls, data, proto_weight=1.0):
+def two_rounds(learner_cls, data, proto_weight=1.0, **options):
     """Round 1 without prototypes, the server's average, round 2 pulled towards it."""
     states: dict[int, bytes] = {}
-    params = FedProtoParams(proto_weight=proto_weight)
+    params = FedProtoParams(proto_weight=proto_weight, **options)
     strategy = FedProto(data, seed=0)
     first = FedProto.client_round(params, learner_cls(data, config(), states), 1, CLIENTS, {})
     strategy.aggregate(1, first)
@@ -171,3 +179,64 @@ def test_a_resumed_fedproto_run_writes_the_straight_runs_metrics(tmp_path):
     expected = straight_run(spec, tmp_path / "straight")
     stop_after_row(spec, tmp_path / "resumed", 2)
     assert resume(spec, tmp_path / "resumed") == expected
+
+
+def heads(learner_cls, data, states):
+    """Each client's last layer (weight, bias): its head."""
+    weights = learner_cls(data, config(), states).get_weights(CLIENTS)
+    return {cid: [w[k] for k in list(w)[-2:]] for cid, w in weights.items()}
+
+
+@pytest.mark.parametrize("learner_cls", [CohortLearner, VectorisedCohortLearner])
+def test_logit_adjustment_shifts_the_heads_bias_after_training(data, learner_cls):
+    """Round 2 (the first with global prototypes): the same training and uploads, then each
+    head's bias moved by tau times the balancing offsets of the client's counts."""
+    plain_states, _, plain = two_rounds(learner_cls, data)
+    states, plan, adjusted = two_rounds(learner_cls, data, logit_adjustment=0.5)
+    plain_heads, adjusted_heads = (
+        heads(learner_cls, data, plain_states),
+        heads(learner_cls, data, states),
+    )
+    for cid in CLIENTS:
+        counts = adjusted[cid].arrays["prototype_counts"]
+        for key in ("prototypes", "prototype_counts"):
+            np.testing.assert_array_equal(adjusted[cid].arrays[key], plain[cid].arrays[key])
+        (weight, bias), (plain_weight, plain_bias) = adjusted_heads[cid], plain_heads[cid]
+        np.testing.assert_array_equal(weight, plain_weight)
+        offsets = balancing_offsets(counts, plan["prototype_present"])
+        np.testing.assert_allclose(bias - plain_bias, 0.5 * offsets, atol=1e-6)
+        assert np.abs(offsets).max() > 0.1  # skewed labels: a real shift
+
+
+def test_balancing_offsets_favour_a_clients_rare_classes_among_the_present_ones():
+    counts = np.array([30.0, 2.0, 0.0, 0.0])
+    present = np.array([1, 1, 1, 0], dtype=np.uint8)  # class 3: no global prototype
+    offsets = balancing_offsets(counts, present)
+    frequency = (counts + 1) / (32 + 4)
+    expected = -np.log(frequency[:3]) - np.mean(-np.log(frequency[:3]))
+    np.testing.assert_allclose(offsets[:3], expected, rtol=1e-6)
+    assert offsets[3] == 0.0
+    assert offsets[0] < offsets[1] < offsets[2]
+
+
+@pytest.mark.parametrize("width", [EMBEDDING_WIDTH, 200])
+def test_calibrated_head_predicts_each_global_prototypes_class(width):
+    gen = torch.Generator().manual_seed(0)
+    prototypes = torch.randn(4, EMBEDDING_WIDTH, generator=gen).abs().numpy()
+    present = np.array([1, 1, 1, 0], dtype=np.uint8)
+    # A head that only ever predicts class 0 (a client that held class 0 alone).
+    weight, bias = np.zeros((4, width), np.float32), np.array([5.0, 0, 0, 0], np.float32)
+    new_weight, new_bias = calibrate_head(weight, bias, prototypes, present, 200, 0.5)
+    virtual = head_inputs(torch.from_numpy(prototypes), width).numpy()
+    assert ((virtual @ new_weight.T + new_bias).argmax(axis=1)[:3] == [0, 1, 2]).all()
+    # The head's inputs map back onto the embeddings through the fixed projection.
+    if width != EMBEDDING_WIDTH:
+        np.testing.assert_allclose(virtual @ fixed_projection(width).numpy(), prototypes, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "options", [{"logit_adjustment": -1.0}, {"calibration_steps": -1}, {"calibration_lr": 0.0}]
+)
+def test_bad_head_options_are_refused(options):
+    with pytest.raises(ParamError, match=next(iter(options))):
+        FedProtoParams(**options).check()
