@@ -25,7 +25,9 @@ clients' exact label counts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +36,7 @@ from fedkd.learner.cohort import ClientResult
 from fedkd.learner.loop import accuracy
 from fedkd.learner.protocol import Learner
 from fedkd.models.zoo import EMBEDDING_WIDTH, fixed_projection
+from strategies.base import BuildContext
 from strategies.params import AlgorithmParams, Capabilities, ParamError, check_positive
 from strategies.per_class import PerClassStrategy
 
@@ -144,15 +147,13 @@ def calibrate_head(
     return w.detach().numpy(), b.detach().numpy()
 
 
-def balancing_offsets(counts: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """Per-class logit offsets that turn a head trained on `counts` towards a prior uniform
-    over the `present` classes: ``-log`` of the client's smoothed class frequency
-    (``(count + 1) / (total + classes)``) on present classes, centred; 0 on the others.
+def balancing_offsets(counts: np.ndarray) -> np.ndarray:
+    """Per-class logit offsets that move a head trained on a client's label `counts` towards
+    balanced predictions (logit adjustment, Menon et al., ICLR 2021): minus the log of the
+    client's smoothed class frequencies ``(count + 1) / (total + classes)``, centred.
     """
-    frequency = (counts + 1.0) / (counts.sum() + len(counts))
-    offsets = np.where(present.astype(bool), -np.log(frequency), 0.0)
-    offsets[present.astype(bool)] -= offsets[present.astype(bool)].mean()
-    return offsets.astype(np.float32)
+    offsets = -np.log((counts + 1.0) / (counts.sum() + len(counts)))
+    return (offsets - offsets.mean()).astype(np.float32)
 
 
 class FedProto(PerClassStrategy):
@@ -180,6 +181,33 @@ class FedProto(PerClassStrategy):
         assert isinstance(params, FedProtoParams)
         return params.proto_weight
 
+    def __init__(self, *args, logit_adjustment: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.logit_adjustment = logit_adjustment
+        # Clients whose uploads were aggregated: their heads carry the logit adjustment.
+        self._adjusted = np.zeros(len(self.data.clients), dtype=np.uint8)
+
+    @classmethod
+    def init_kwargs(cls, params: AlgorithmParams, context: BuildContext) -> dict[str, Any]:
+        assert isinstance(params, FedProtoParams)
+        return {**super().init_kwargs(params, context), "logit_adjustment": params.logit_adjustment}
+
+    def plan_local(self, round_num: int) -> dict[str, np.ndarray]:
+        """The global prototypes (once known) and, with ``logit_adjustment``, which clients'
+        heads carry the adjustment (``adjusted_clients``, one byte per client)."""
+        payload = super().plan_local(round_num)
+        if self.logit_adjustment and self._adjusted.any():
+            payload["adjusted_clients"] = self._adjusted.copy()
+        return payload
+
+    def aggregate(self, round_num: int, updates: dict[int, ClientResult]) -> None:
+        super().aggregate(round_num, updates)
+        self._adjusted[list(updates)] = 1
+
+    def evaluate_payload(self, round_num: int) -> dict[str, np.ndarray]:
+        """This round's global prototypes, for the nearest-prototype scores."""
+        return super().plan_local(round_num)
+
     @classmethod
     def client_round(
         cls,
@@ -189,25 +217,32 @@ class FedProto(PerClassStrategy):
         client_ids: list[int],
         payload: dict[str, np.ndarray],
     ) -> dict[int, ClientResult]:
-        """Local training pulled towards the global prototypes, the uploads, then (with
-        ``calibration_steps``) each client's head calibrated on the global prototypes
-        (`calibrate_head`; the uploads, embeddings' means, do not depend on the head)."""
-        results = super().client_round(params, learner, round_num, client_ids, payload)
+        """Local training pulled towards the global prototypes and the uploads, with the
+        head options around it.
+
+        With ``logit_adjustment`` (tau), a client's head leaves every round with its bias
+        shifted by tau times `balancing_offsets` of its label counts, and the shift is taken
+        off again before its next training (where ``adjusted_clients`` says its head carries
+        it), so that training itself is FedProto's. With ``calibration_steps``, the head is
+        calibrated on the global prototypes after training (`calibrate_head`). Neither
+        changes the uploads (means of embeddings, below the head). A head rewritten here gets
+        a fresh private-training optimizer (`Learner.set_weights`).
+        """
         assert isinstance(params, FedProtoParams)
-        if (not params.calibration_steps and not params.logit_adjustment) or (
-            cls.means_key not in payload
-        ):
-            return results
-        num_classes = learner.data.num_classes
-        for cid, weights in learner.get_weights(client_ids).items():
-            *_, weight_key, bias_key = weights  # the last layer: the head
-            weight, bias = weights[weight_key], weights[bias_key]
-            if weight.ndim != 2 or weight.shape[0] != num_classes or bias.shape != (num_classes,):
-                raise ValueError(
-                    "algorithm.calibration_steps: the student's last layer is not a linear head "
-                    f"({weight_key} {weight.shape}, {bias_key} {bias.shape}); set it to 0"
-                )
-            if params.calibration_steps:
+        tau = params.logit_adjustment
+
+        def offsets(cid: int) -> np.ndarray:
+            labels = learner.data.clients[cid].y_train
+            return balancing_offsets(np.bincount(labels, minlength=learner.data.num_classes))
+
+        adjusted = payload.get("adjusted_clients")
+        if tau and adjusted is not None:
+            carrying = [cid for cid in client_ids if adjusted[cid]]
+            cls._rewrite_heads(learner, carrying, lambda cid, w, b: (w, b - tau * offsets(cid)))
+        results = super().client_round(params, learner, round_num, client_ids, payload)
+
+        def after_training(cid: int, weight: np.ndarray, bias: np.ndarray) -> tuple:
+            if params.calibration_steps and cls.means_key in payload:
                 weight, bias = calibrate_head(
                     weight,
                     bias,
@@ -216,20 +251,36 @@ class FedProto(PerClassStrategy):
                     params.calibration_steps,
                     params.calibration_lr,
                 )
-            if params.logit_adjustment:
-                counts = results[cid].arrays[cls.counts_key]
-                bias = bias + params.logit_adjustment * balancing_offsets(
-                    counts, payload[cls.present_key]
-                )
-            weights[weight_key], weights[bias_key] = weight, bias
-            learner.set_weights([cid], weights)
+            return weight, bias + tau * offsets(cid)
+
+        if tau or (params.calibration_steps and cls.means_key in payload):
+            cls._rewrite_heads(learner, client_ids, after_training)
         return results
 
-    evaluation_metrics = ("client_proto_test_acc", "client_proto_local_acc", "client_proto_val_acc")
+    @staticmethod
+    def _rewrite_heads(
+        learner: Learner,
+        client_ids: list[int],
+        rewrite: Callable[[int, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+    ) -> None:
+        """Replace each client's head (its last layer, a linear one) by ``rewrite(cid, weight,
+        bias)``."""
+        num_classes = learner.data.num_classes
+        for cid, weights in learner.get_weights(client_ids).items():
+            *_, weight_key, bias_key = weights
+            weight, bias = weights[weight_key], weights[bias_key]
+            if weight.ndim != 2 or weight.shape[0] != num_classes or bias.shape != (num_classes,):
+                raise ValueError(
+                    "algorithm.logit_adjustment / calibration_steps: the student's last layer "
+                    f"is not a linear head ({weight_key} {weight.shape}, {bias_key} "
+                    f"{bias.shape}); set them to 0"
+                )
+            new_weight, new_bias = rewrite(cid, weight, bias)
+            weights[weight_key] = np.asarray(new_weight, dtype=weight.dtype)
+            weights[bias_key] = np.asarray(new_bias, dtype=bias.dtype)
+            learner.set_weights([cid], weights)
 
-    def evaluate_payload(self, round_num: int) -> dict[str, np.ndarray]:
-        """This round's global prototypes, for the nearest-prototype scores."""
-        return self.plan_local(round_num)
+    evaluation_metrics = ("client_proto_test_acc", "client_proto_local_acc", "client_proto_val_acc")
 
     @classmethod
     def client_evaluate(

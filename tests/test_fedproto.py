@@ -31,8 +31,8 @@ def data():
     return load_federated_data(source="digits", num_clients=4, proxy_size=50, seed=0)
 
 
-def config(arch_of=lambda cid: ("cnn_small", "mlp")[cid % 2]):
-    step = StepConfig(epochs=1, batch_size=32, optim=OptimConfig(momentum=0.9))
+def config(arch_of=lambda cid: ("cnn_small", "mlp")[cid % 2], epochs=1):
+    step = StepConfig(epochs=epochs, batch_size=32, optim=OptimConfig(momentum=0.9))
     return CohortConfig(seed=0, arch_of=arch_of, private=step, distill=step)
 
 
@@ -188,35 +188,46 @@ def heads(learner_cls, data, states):
 
 
 @pytest.mark.parametrize("learner_cls", [CohortLearner, VectorisedCohortLearner])
-def test_logit_adjustment_shifts_the_heads_bias_after_training(data, learner_cls):
-    """Round 2 (the first with global prototypes): the same training and uploads, then each
-    head's bias moved by tau times the balancing offsets of the client's counts."""
-    plain_states, _, plain = two_rounds(learner_cls, data)
-    states, plan, adjusted = two_rounds(learner_cls, data, logit_adjustment=0.5)
+def test_logit_adjustment_shifts_the_head_after_training_and_off_before_the_next(data, learner_cls):
+    params = FedProtoParams(logit_adjustment=0.5)
+    plain_states: dict[int, bytes] = {}
+    states: dict[int, bytes] = {}
+    plain = FedProto.client_round(
+        FedProtoParams(), learner_cls(data, config(), plain_states), 1, CLIENTS, {}
+    )
+    adjusted = FedProto.client_round(params, learner_cls(data, config(), states), 1, CLIENTS, {})
     plain_heads, adjusted_heads = (
         heads(learner_cls, data, plain_states),
         heads(learner_cls, data, states),
     )
-    for cid in CLIENTS:
-        counts = adjusted[cid].arrays["prototype_counts"]
+    for cid in CLIENTS:  # the same training and uploads; the bias moved by tau * offsets
         for key in ("prototypes", "prototype_counts"):
             np.testing.assert_array_equal(adjusted[cid].arrays[key], plain[cid].arrays[key])
         (weight, bias), (plain_weight, plain_bias) = adjusted_heads[cid], plain_heads[cid]
         np.testing.assert_array_equal(weight, plain_weight)
-        offsets = balancing_offsets(counts, plan["prototype_present"])
+        offsets = balancing_offsets(adjusted[cid].arrays["prototype_counts"])
         np.testing.assert_allclose(bias - plain_bias, 0.5 * offsets, atol=1e-6)
         assert np.abs(offsets).max() > 0.1  # skewed labels: a real shift
+    strategy = FedProto(data, seed=0, logit_adjustment=0.5)
+    strategy.aggregate(1, adjusted)
+    plan = strategy.plan_local(2)
+    assert plan["adjusted_clients"].tolist() == [1, 1, 1, 1]
+    assert "adjusted_clients" not in strategy.evaluate_payload(2)
+    assert "adjusted_clients" not in FedProto(data, seed=0).plan_local(1)
+    # A round without training steps: the shift comes off, then goes on again, once.
+    idle = learner_cls(data, config(epochs=0), states)
+    FedProto.client_round(params, idle, 2, CLIENTS, plan)
+    for cid, (_, bias) in heads(learner_cls, data, states).items():
+        np.testing.assert_allclose(bias, adjusted_heads[cid][1], atol=1e-5)
 
 
-def test_balancing_offsets_favour_a_clients_rare_classes_among_the_present_ones():
-    counts = np.array([30.0, 2.0, 0.0, 0.0])
-    present = np.array([1, 1, 1, 0], dtype=np.uint8)  # class 3: no global prototype
-    offsets = balancing_offsets(counts, present)
-    frequency = (counts + 1) / (32 + 4)
-    expected = -np.log(frequency[:3]) - np.mean(-np.log(frequency[:3]))
-    np.testing.assert_allclose(offsets[:3], expected, rtol=1e-6)
-    assert offsets[3] == 0.0
+def test_balancing_offsets_favour_a_clients_rare_classes():
+    counts = np.array([30.0, 2.0, 0.0])
+    offsets = balancing_offsets(counts)
+    centred = -np.log((counts + 1) / (32 + 3))
+    np.testing.assert_allclose(offsets, centred - centred.mean(), rtol=1e-6)
     assert offsets[0] < offsets[1] < offsets[2]
+    assert offsets.sum() == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("width", [EMBEDDING_WIDTH, 200])
