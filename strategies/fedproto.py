@@ -147,6 +147,21 @@ def calibrate_head(
     return w.detach().numpy(), b.detach().numpy()
 
 
+def balanced_accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean over the classes present in `y` of the accuracy on that class's examples (NaN
+    where `y` is empty).
+
+    A client's validation slice is drawn like its skewed private data, the global test set
+    is not: weighting every class alike estimates accuracy under balanced classes from it,
+    for the classes the slice holds (a selection metric for options that trade a client's
+    frequent classes for its rare ones).
+    """
+    if len(y) == 0:
+        return float("nan")
+    correct = np.asarray(logits).argmax(axis=1) == y
+    return float(np.mean([correct[y == c].mean() for c in np.unique(y)]))
+
+
 def balancing_offsets(counts: np.ndarray) -> np.ndarray:
     """Per-class logit offsets that move a head trained on a client's label `counts` towards
     balanced predictions (logit adjustment, Menon et al., ICLR 2021): minus the log of the
@@ -280,7 +295,12 @@ class FedProto(PerClassStrategy):
             weights[bias_key] = np.asarray(new_bias, dtype=bias.dtype)
             learner.set_weights([cid], weights)
 
-    evaluation_metrics = ("client_proto_test_acc", "client_proto_local_acc", "client_proto_val_acc")
+    evaluation_metrics = (
+        "client_proto_test_acc",
+        "client_proto_local_acc",
+        "client_proto_val_acc",
+        "client_balanced_val_acc",
+    )
 
     @classmethod
     def client_evaluate(
@@ -292,7 +312,8 @@ class FedProto(PerClassStrategy):
         payload: dict[str, np.ndarray],
     ) -> dict[int, dict[str, float]]:
         """Accuracy of the nearest global prototype on the global test subset, the client's
-        held-out slice and its validation slice (NaN where a slice is empty)."""
+        held-out slice and its validation slice (NaN where a slice is empty), and the head's
+        class-balanced accuracy on the validation slice (`balanced_accuracy`)."""
         if cls.means_key not in payload:
             return {}
         data = learner.data
@@ -316,6 +337,8 @@ class FedProto(PerClassStrategy):
                 ("client_proto_val_acc", client.x_val, client.y_val),
             ):
                 metrics[cid][name] = own_score(cid, x, y)
+            val_logits = learner.logits([cid], client.x_val)[cid]
+            metrics[cid]["client_balanced_val_acc"] = balanced_accuracy(val_logits, client.y_val)
         return metrics
 
     def round_metrics(self) -> dict[str, float]:

@@ -13,6 +13,7 @@ from fedkd.spec import load_spec
 from strategies.fedproto import (
     FedProto,
     FedProtoParams,
+    balanced_accuracy,
     balancing_offsets,
     calibrate_head,
     head_inputs,
@@ -251,3 +252,10 @@ def test_calibrated_head_predicts_each_global_prototypes_class(width):
 def test_bad_head_options_are_refused(options):
     with pytest.raises(ParamError, match=next(iter(options))):
         FedProtoParams(**options).check()
+
+
+def test_balanced_accuracy_weights_every_present_class_alike():
+    logits = np.eye(3, dtype=np.float32)[[0, 0, 0, 0, 1, 2]]  # predicts 0, 0, 0, 0, 1, 2
+    y = np.array([0, 0, 0, 1, 1, 1])  # class 0: 3/3 right, class 1: 1/3, class 2 absent
+    assert balanced_accuracy(logits, y) == pytest.approx((1.0 + 1 / 3) / 2)
+    assert np.isnan(balanced_accuracy(logits[:0], y[:0]))
