@@ -300,6 +300,7 @@ class FedProto(PerClassStrategy):
         "client_proto_local_acc",
         "client_proto_val_acc",
         "client_balanced_val_acc",
+        "client_public_val_acc",
     )
 
     @classmethod
@@ -312,8 +313,10 @@ class FedProto(PerClassStrategy):
         payload: dict[str, np.ndarray],
     ) -> dict[int, dict[str, float]]:
         """Accuracy of the nearest global prototype on the global test subset, the client's
-        held-out slice and its validation slice (NaN where a slice is empty), and the head's
-        class-balanced accuracy on the validation slice (`balanced_accuracy`)."""
+        held-out slice and its validation slice (NaN where a slice is empty); the head's
+        class-balanced accuracy on the validation slice (`balanced_accuracy`) and its accuracy
+        on the proxy set's labelled validation slice (``data.proxy_validation_size``; NaN
+        without one), public data drawn like the global test set."""
         if cls.means_key not in payload:
             return {}
         data = learner.data
@@ -328,6 +331,7 @@ class FedProto(PerClassStrategy):
             return score(learner.embeddings([cid], x)[cid], y)
 
         test = learner.embeddings(client_ids, data.test_x[test_idx])
+        public = learner.logits(client_ids, data.proxy_val_x) if len(data.proxy_val_y) else {}
         metrics = {}
         for cid in client_ids:
             client = data.clients[cid]
@@ -339,6 +343,8 @@ class FedProto(PerClassStrategy):
                 metrics[cid][name] = own_score(cid, x, y)
             val_logits = learner.logits([cid], client.x_val)[cid]
             metrics[cid]["client_balanced_val_acc"] = balanced_accuracy(val_logits, client.y_val)
+            scores = torch.as_tensor(public[cid]) if public else torch.empty(0)
+            metrics[cid]["client_public_val_acc"] = accuracy(scores, data.proxy_val_y)
         return metrics
 
     def round_metrics(self) -> dict[str, float]:
