@@ -263,7 +263,12 @@ def test_balanced_accuracy_weights_every_present_class_alike():
 
 def test_client_evaluate_scores_the_head_on_the_public_validation_slice():
     data = load_federated_data(
-        source="digits", num_clients=4, proxy_size=50, seed=0, proxy_validation_size=20
+        source="digits",
+        num_clients=4,
+        proxy_size=50,
+        seed=0,
+        proxy_validation_size=20,
+        validation_fraction=0.2,
     )
     learner = CohortLearner(data, config(), {})
     payload = {
@@ -276,6 +281,6 @@ def test_client_evaluate_scores_the_head_on_the_public_validation_slice():
         expected = np.mean(logits.argmax(axis=1) == data.proxy_val_y)
         assert out[cid]["client_public_val_acc"] == pytest.approx(expected)
         client = data.clients[cid]
-        if len(client.y_val):
-            balanced = balanced_accuracy(learner.logits([cid], client.x_val)[cid], client.y_val)
+        assert len(client.y_val) > 0
+        balanced = balanced_accuracy(learner.logits([cid], client.x_val)[cid], client.y_val)
             assert out[cid]["client_balanced_val_acc"] == balanced
