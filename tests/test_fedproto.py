@@ -283,4 +283,4 @@ def test_client_evaluate_scores_the_head_on_the_public_validation_slice():
         client = data.clients[cid]
         assert len(client.y_val) > 0
         balanced = balanced_accuracy(learner.logits([cid], client.x_val)[cid], client.y_val)
-            assert out[cid]["client_balanced_val_acc"] == balanced
+        assert out[cid]["client_balanced_val_acc"] == balanced
