@@ -19,6 +19,13 @@ There is no global model. Clients are scored two ways:
   (squared Euclidean distance, over the classes that have a prototype). It can predict classes
   the client never held. The global prototypes of the round travel with the evaluation.
 
+Two options act on the head after local training, off by default: a logit adjustment that
+makes it predict as if the client's classes were balanced (the global test set holds every
+class; one client's skewed labels teach its head to rarely predict the classes it lacks), and
+a calibration of the head on the global prototypes. Beside its own validation slice, a client's
+head is scored on that slice class-balanced and on the proxy set's public labelled validation
+slice (where the run sets one), validation sets that can see what these options change.
+
 Privacy: the regulariser runs outside DP-SGD, so DP-SGD is not supported; the counts are the
 clients' exact label counts.
 """
