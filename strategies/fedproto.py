@@ -183,6 +183,9 @@ class FedProto(PerClassStrategy):
 
     Parameters
     ----------
+    logit_adjustment : float, default 0.0
+        The spec's ``algorithm.logit_adjustment``: where it is not 0, each training request
+        says which clients' heads carry the adjustment (`client_round`).
     **kwargs
         See `strategies.base.Strategy`; no proxy set and no server student are used. The
         regulariser's weight is the spec's ``algorithm.proto_weight`` (applied by the clients).
