@@ -11,6 +11,7 @@ import numpy as np
 
 from fedkd.data.canaries import with_canaries
 from fedkd.data.placement import balanced_groups
+from fedkd.data.proxy import ProxySource
 from fedkd.data.site import SITE_KEY, load_site_data
 from fedkd.data.sources import DataError
 from fedkd.data.splits import FederatedData, load_federated_data
@@ -56,6 +57,7 @@ def federated_data(spec: Spec) -> FederatedData:
         seed=spec.seed,
         validation_fraction=d.validation_fraction,
         proxy_validation_size=d.proxy_validation_size,
+        proxy=run_proxy(spec),
     )
     a = spec.audit
     if a.enabled and a.canaries > 0:
@@ -63,6 +65,15 @@ def federated_data(spec: Spec) -> FederatedData:
     if spec.faults.attack == "label_flip":
         data = with_flipped_labels(data, run_byzantine_clients(spec))
     return data
+
+
+def run_proxy(spec: Spec) -> ProxySource | None:
+    """The run's proxy source, its file's path resolved; None for the in-domain proxy (so that
+    its data are cached under the same key as before the proxy had a source)."""
+    if spec.proxy.in_domain:
+        return None
+    path = str(resolve_path(spec, spec.proxy.path)) if spec.proxy.path else ""
+    return dataclasses.replace(spec.proxy, path=path)
 
 
 def run_byzantine_clients(spec: Spec) -> list[int]:

@@ -409,6 +409,9 @@ class RunRecorder:
             # Where the privacy mechanisms' noise came from (docs/noise.md): "seeded" epsilons
             # hold for the simulation only.
             "noise_rng": self.spec.privacy.noise,
+            # Where the proxy inputs came from, with the parameters of that source and their
+            # number (docs/proxy.md).
+            "proxy": self.spec.proxy.record(self.spec.proxy_inputs),
             "provenance": self.provenance,
             # The result: the round selected on validation data, and its test accuracy.
             **select_round_by_validation(self.rounds),

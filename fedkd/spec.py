@@ -18,13 +18,26 @@ import tomli_w
 
 from fedkd.data import PARTITION_SCHEMES as PARTITIONS
 from fedkd.data import SOURCES
+from fedkd.data.proxy import (
+    NOISE_DISTRIBUTIONS,
+    PROXY_SOURCES,
+    SEED_SOURCES,
+    SYNTHETIC_PROXIES,
+    ProxySource,
+)
 from fedkd.faults import ATTACKS, DEFENCES, LOGIT_ATTACKS, attacked_upload
 from fedkd.faults.draws import byzantine_count
 from fedkd.knowledge import DISTILL_LOSSES as LOSSES
 from fedkd.knowledge import HISTOGRAM_TEACHERS
 from fedkd.models import MODEL_NAMES as MODELS
 from strategies.base import Strategy
-from strategies.params import AlgorithmParams, Capabilities, ParamError, teacher_kind
+from strategies.params import (
+    AlgorithmParams,
+    Capabilities,
+    ParamError,
+    teacher_confidence,
+    teacher_kind,
+)
 from strategies.registry import BUILTIN, DEFAULT_ALGORITHM, AlgorithmNotFound, algorithm_class
 
 # The built-in algorithms' names (`strategies.registry`; a spec may also name an import path).
@@ -353,6 +366,8 @@ class Spec:
     seed: int = 0
     rounds: int = 10
     data: DataSpec = field(default_factory=DataSpec)
+    # Where the proxy inputs come from (fedkd.data.proxy; docs/proxy.md).
+    proxy: ProxySource = field(default_factory=ProxySource)
     clients: ClientsSpec = field(default_factory=ClientsSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     distill: DistillSpec = field(default_factory=DistillSpec)
@@ -372,6 +387,14 @@ class Spec:
     @property
     def num_nodes(self) -> int:
         return math.ceil(self.clients.num_clients / self.clients.clients_per_node)
+
+    @property
+    def proxy_inputs(self) -> int:
+        """Proxy inputs the run has: the in-domain proxy set less its validation slice, or
+        ``proxy.size`` (0: ``data.proxy_size``) inputs of another source."""
+        if self.proxy.in_domain:
+            return self.data.proxy_size - self.data.proxy_validation_size
+        return self.proxy.size or self.data.proxy_size
 
     def student_for(self, client_id: int) -> str:
         """The architecture of one client's student."""
@@ -566,7 +589,8 @@ def validate(spec: Spec) -> Spec:
     if spec.distill.loss:
         _one_of("distill.loss", spec.distill.loss, LOSSES)
     _positive("distill.proxy_per_round", spec.distill.proxy_per_round, zero_ok=True)
-    if spec.distill.proxy_per_round > d.proxy_size:
+    _validate_proxy(spec)
+    if spec.proxy.in_domain and spec.distill.proxy_per_round > d.proxy_size:
         raise SpecError(
             f"distill.proxy_per_round: {spec.distill.proxy_per_round} exceeds data.proxy_size "
             f"({d.proxy_size})"
@@ -585,8 +609,9 @@ def validate(spec: Spec) -> Spec:
         raise SpecError(
             f"algorithm.name = '{a.name}' needs server.student (the global model it trains)"
         )
-    if caps.needs_proxy and d.proxy_size == 0:
-        raise SpecError(f"data.proxy_size: algorithm '{a.name}' needs a proxy set (size > 0)")
+    if caps.needs_proxy and spec.proxy_inputs == 0:
+        key = "data.proxy_size" if spec.proxy.in_domain else "proxy.size"
+        raise SpecError(f"{key}: algorithm '{a.name}' needs a proxy set (size > 0)")
     if caps.uploads_weights:
         archs = {spec.student_for(i) for i in range(c.num_clients)}
         if len(archs) > 1:
@@ -619,6 +644,61 @@ def validate(spec: Spec) -> Spec:
             "(the loop learner trains in fp32)"
         )
     return spec
+
+
+def _validate_proxy(spec: Spec) -> None:
+    p, d = spec.proxy, spec.data
+    _one_of("proxy.source", p.source, PROXY_SOURCES)
+    _one_of("proxy.synthetic", p.synthetic, SYNTHETIC_PROXIES)
+    _one_of("proxy.noise", p.noise, NOISE_DISTRIBUTIONS)
+    _one_of("proxy.seed_source", p.seed_source, SEED_SOURCES)
+    _positive("proxy.size", p.size, zero_ok=True)
+    _positive("proxy.noise_std", p.noise_std)
+    _positive("proxy.mixup_alpha", p.mixup_alpha)
+    if p.seed_size < 2:
+        raise SpecError(
+            f"proxy.seed_size: mixup mixes pairs of at least 2 seeds, got {p.seed_size}"
+        )
+    if p.in_domain:
+        if p.size not in (0, d.proxy_size):
+            raise SpecError(
+                "proxy.size: the in_domain proxy is data.proxy_size examples of the private "
+                "source; set data.proxy_size instead and leave proxy.size at 0"
+            )
+        return
+    # Nothing of a proxy that is not in-domain has a label.
+    if d.proxy_validation_size:
+        raise SpecError(
+            f"data.proxy_validation_size: a proxy from proxy.source '{p.source}' has no labels "
+            "to validate the server student on; set it to 0, or use proxy.source = 'in_domain'"
+        )
+    key = "proxy.seed_source" if p.kind == "mixup" else "proxy.source"
+    # The bundled digits are one data set whoever loads them; npz files are compared below.
+    if d.source == "digits" and "digits" in p.public_sources():
+        raise SpecError(
+            f"{key}: '{d.source}' is the private data set (data.source), whose examples would "
+            "then be public too; choose another source, or proxy.source = 'in_domain'"
+        )
+    if p.uses_file():
+        if not p.path:
+            raise SpecError(f"proxy.path: required for {key} = 'npz' (an .npz with an array x)")
+        path = resolve_path(spec, p.path)
+        if not path.is_file():
+            raise SpecError(
+                f"proxy.path: file '{path}' not found; point it at an .npz holding the proxy "
+                "inputs as an array x"
+            )
+        if d.source == "npz" and d.path and path.resolve() == resolve_path(spec, d.path).resolve():
+            raise SpecError(
+                f"proxy.path: '{path}' is the private data file (data.path), whose examples "
+                "would then be public too; use proxy.source = 'in_domain' to carve the proxy "
+                "out of it"
+            )
+    if spec.distill.proxy_per_round > spec.proxy_inputs:
+        raise SpecError(
+            f"distill.proxy_per_round: {spec.distill.proxy_per_round} exceeds the proxy set's "
+            f"{spec.proxy_inputs} inputs (proxy.size, else data.proxy_size)"
+        )
 
 
 def _validate_privacy(spec: Spec) -> None:
@@ -664,6 +744,11 @@ def _validate_privacy(spec: Spec) -> None:
             raise SpecError(
                 "privacy.release_noise: the release is a noisy mean; "
                 f"algorithm.teacher '{teacher}' cannot be released this way"
+            )
+        if teacher_confidence(spec.algorithm.params) != "none":
+            raise SpecError(
+                "privacy.release_noise: the release is a noisy plain mean; "
+                "algorithm.teacher_confidence weighs clients per input: set it to 'none'"
             )
 
     if p.histogram_noise > 0 and teacher not in HISTOGRAM_TEACHERS:
@@ -975,21 +1060,23 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | None = None
             f"data: expected a table [data], got {data!r}; to choose a data set write "
             "data.source, e.g. --set data.source=digits"
         )
-    data_path = data.get("path")
-    if isinstance(data_path, str) and data_path and not Path(data_path).is_absolute():
-        raw["data"]["path"] = str(
-            (_origin_of_data_path(spec_path, overrides or []) / data_path).resolve()
-        )
+    for table in ("data", "proxy"):
+        section = raw.get(table, {})
+        path = section.get("path") if isinstance(section, dict) else None
+        if isinstance(path, str) and path and not Path(path).is_absolute():
+            origin = _origin_of_path(spec_path, overrides or [], table)
+            section["path"] = str((origin / path).resolve())
     return spec_from_dict(raw, base_dir=str(base_dir))
 
 
-def _origin_of_data_path(spec_path: Path, overrides: list[str]) -> Path:
-    """The folder a relative data.path is relative to: the cwd for --set, else its spec file."""
-    if any(o.split("=", 1)[0].strip() == "data.path" for o in overrides):
+def _origin_of_path(spec_path: Path, overrides: list[str], table: str) -> Path:
+    """The folder a relative `table`.path is relative to: the cwd for --set, else the spec file
+    that sets it."""
+    if any(o.split("=", 1)[0].strip() == f"{table}.path" for o in overrides):
         return Path.cwd()
     current = spec_path
     while True:
         raw = tomllib.loads(current.read_text())
-        if "path" in raw.get("data", {}) or "extends" not in raw:
+        if "path" in raw.get(table, {}) or "extends" not in raw:
             return current.resolve().parent
         current = current.parent / raw["extends"]

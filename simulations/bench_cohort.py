@@ -4,6 +4,7 @@ Usage::
 
     python simulations/bench_cohort.py [--clients 10 100 1000] [--quick] [--out table.md]
     python simulations/bench_cohort.py --phases [--quick]   # only the per-phase breakdown
+    python simulations/bench_cohort.py --eval-memory        # only one node's evaluation memory
 
 Every configuration runs the real engine (`fedkd.run.cli.simulate`: Flower's ServerApp and
 ClientApp on the Ray backend) in a fresh subprocess, for two warm-up rounds (Ray actors start, data
@@ -14,7 +15,8 @@ After the layout table comes a per-phase breakdown of one cohort node on the ful
 (`phase_table`: real 28x28 MNIST, 20 clients, Dirichlet 0.1, loop against vectorised, each in a
 fresh process): seconds and samples/s of private training with the logit upload, distillation
 and evaluation, the part spent (de)serialising client states, the process's peak RSS after each
-phase, and the rows private training computes with and without padding to the largest client.
+phase, the rows private training computes (in lockstep, as before commit 3f0e1e7, and now) and
+the training examples per node (balanced, and by id parity as before commit 82b3e73).
 ``--quick`` profiles a quarter of the node's clients. The layout table's columns:
 
 - round s: mean ``wall_s`` of the measured rounds (server's view: one exchange per round, which
@@ -34,11 +36,12 @@ phase, and the rows private training computes with and without padding to the la
   nodes train on a GPU, else resident set size);
 - ceiling: one model of the same student trained at batch 4,096 on this machine (all cores).
 
-Data: MNIST from ``../shared/data/mnist.npz`` (or ``--mnist``), average-pooled to ``--side``
-pixels, IID over the clients with ``--per-client`` examples each (10% held out locally), so
-that 1,000 clients fit in a few minutes; without MNIST, scikit-learn's digits sampled with
-replacement. Algorithm: DS-FL without a server student (its distillation would count as
-engine overhead), ``cnn_small`` students, SGD with momentum.
+Data: MNIST from ``../shared/data/mnist.npz`` (or ``--mnist``), full-size 28x28 by default
+(``--side 14`` or ``7``: average-pooled, the inputs of the figures before this default), IID
+over the clients with ``--per-client`` examples each (10% held out locally), so that 1,000
+clients fit in minutes; without MNIST, scikit-learn's digits sampled with replacement.
+Algorithm: DS-FL without a server student (its distillation would count as engine overhead),
+``cnn_small`` students, SGD with momentum.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ def build_npz(path: Path, num_clients: int, per_client: int, side: int, mnist: P
         i = rng.choice(len(y_train), take, replace=False)
         j = rng.choice(len(y_test), test, replace=False)
         xs = [_pool(x_train[i], side), _pool(x_test[j], side)]
-        source = f"MNIST average-pooled to {side}x{side}"
+        source = "full-size MNIST" if side == 28 else f"MNIST average-pooled to {side}x{side}"
         ys = [y_train[i], y_test[j]]
     else:
         from sklearn.datasets import load_digits
@@ -176,28 +179,41 @@ def _timed(fn: Any, totals: dict[str, float], key: str) -> Any:
     return wrapper
 
 
-def padded_rows(lengths: list[int], batch: int, epochs: int) -> tuple[int, int, int]:
-    """Rows of private training: real, computed when every client is padded to the largest
-    one's steps, and computed when each step covers only the clients that still have a batch
-    (a client's last short batch padded to the longest batch of that step)."""
-    steps = [epochs * math.ceil(n / batch) for n in lengths]
-    padded = max(steps, default=0) * len(lengths) * min(batch, max(lengths, default=1))
-    widths: dict[int, int] = {}  # step -> longest batch of the clients that take it
-    counts: dict[int, int] = {}
-    for n, k in zip(lengths, steps, strict=True):
-        per_epoch = math.ceil(n / batch)
-        for t in range(k):
-            last = t % per_epoch == per_epoch - 1
-            size = n - batch * (per_epoch - 1) if last else batch
-            widths[t] = max(widths.get(t, 0), size)
-            counts[t] = counts.get(t, 0) + 1
-    bucketed = sum(widths[t] * counts[t] for t in widths)
-    return sum(lengths) * epochs, padded, bucketed
+def private_rows(lengths: list[int], batch: int, epochs: int) -> dict[str, int]:
+    """Rows of one node's private training, from the learner's own batch plan (clients stacked
+    largest first): real rows, rows computed when every client is stepped for the largest
+    one's steps (lockstep, the learner before commit 3f0e1e7), and rows computed now (each
+    step covers only the clients that still have a batch; a client's last short batch is
+    padded to the longest batch of that step)."""
+    import torch
+
+    from fedkd.learner.batch_plans import plan_batches
+
+    ordered = sorted(lengths, reverse=True)
+    offsets = np.concatenate([[0], np.cumsum(ordered)[:-1]]).tolist()
+    gens = [torch.Generator().manual_seed(k) for k in range(len(ordered))]
+    plan = plan_batches(ordered, offsets, epochs, batch, gens, torch.device("cpu"))
+    return {
+        "real": plan.real_rows,
+        "lockstep": len(ordered) * sum(plan.width),
+        "computed": plan.computed_rows,
+    }
+
+
+def placement_balance(sizes: list[int], nodes: int) -> dict[str, list[int]]:
+    """Training examples per node: clients balanced by examples (the engine's placement) and
+    by id parity (its placement before commit 82b3e73)."""
+    from fedkd.data.placement import balanced_groups
+
+    balanced = [sum(sizes[c] for c in g) for g in balanced_groups(sizes, nodes)]
+    parity = [sum(sizes[c::nodes]) for c in range(nodes)]
+    return {"balanced": balanced, "parity": parity}
 
 
 def phase_one(cfg: dict[str, Any]) -> dict[str, Any]:
     """One node of the full-size MNIST workload (20 clients, Dirichlet 0.1, two cohort nodes):
     seconds per phase of one learner, state (de)serialisation, data to the device, peak RSS."""
+    import gc
     import resource
 
     import torch
@@ -213,6 +229,10 @@ def phase_one(cfg: dict[str, Any]) -> dict[str, Any]:
 
     def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def current_rss_mb() -> float:
+        with open("/proc/self/status") as status:
+            return next(int(ln.split()[1]) for ln in status if ln.startswith("VmRSS:")) / 1024
 
     spec = load_spec(
         PHASE_SPEC,
@@ -252,6 +272,10 @@ def phase_one(cfg: dict[str, Any]) -> dict[str, Any]:
         ("distill", lambda: learner.distill(1, cids, inputs, teacher.astype(np.float32))),
         ("evaluate", lambda: learner.evaluate(cids, test_idx)),
     ):
+        if cfg.get("only") and phase not in cfg["only"]:
+            continue
+        gc.collect()
+        rss[f"{phase}: before"] = current_rss_mb()
         before = times.get("state", 0.0)
         t0 = time.perf_counter()
         call()
@@ -259,7 +283,7 @@ def phase_one(cfg: dict[str, Any]) -> dict[str, Any]:
         times[f"{phase}: state"] = times.get("state", 0.0) - before
         rss[phase] = rss_mb()
     lengths = [len(data.clients[c].y_train) for c in cids]
-    real, padded, bucketed = padded_rows(lengths, spec.train.batch_size, spec.train.epochs)
+    sizes = [c.num_examples for c in data.clients]  # what the engine places clients by
     evaluated = len(cids) * len(test_idx)
     evaluated += sum(len(data.clients[c].y_local_test) + len(data.clients[c].y_val) for c in cids)
     return {
@@ -269,7 +293,8 @@ def phase_one(cfg: dict[str, Any]) -> dict[str, Any]:
         "examples": sum(lengths),
         "distilled": len(cids) * len(proxy) * spec.distill.epochs,
         "evaluated": evaluated,
-        "rows": {"real": real, "padded": padded, "bucketed": bucketed},
+        "rows": private_rows(lengths, spec.train.batch_size, spec.train.epochs),
+        "nodes": placement_balance(sizes, spec.num_nodes),
     }
 
 
@@ -296,12 +321,15 @@ def phase_table(archs: list[str], quick: bool) -> str:
                     f"| {arch} | {learner} | {phase} | {t[phase]:.2f} | "
                     f"{t[f'{phase}: state']:.2f} | {n / t[phase]:,.0f} | {rss[phase]:,.0f} |"
                 )
-        rows = res["rows"]
+        rows, nodes = res["rows"], res["nodes"]
         notes.append(
             f"{arch}: {res['clients']} clients, {res['examples']:,} private examples; rows "
-            f"computed in private training when padded to the largest client: {rows['padded']:,} "
-            f"({rows['padded'] / rows['real']:.2f}x the real rows); by step count: "
-            f"{rows['bucketed']:,} ({rows['bucketed'] / rows['real']:.2f}x)."
+            f"computed in private training in lockstep (every client for the largest one's "
+            f"steps, before 3f0e1e7): {rows['lockstep']:,} ({rows['lockstep'] / rows['real']:.2f}x "
+            f"the real rows); each step only the clients still stepping: {rows['computed']:,} "
+            f"({rows['computed'] / rows['real']:.2f}x). Training examples per node: "
+            f"{' / '.join(f'{n:,}' for n in nodes['balanced'])} balanced by examples, "
+            f"{' / '.join(f'{n:,}' for n in nodes['parity'])} by id parity (before 82b3e73)."
         )
     header = [
         "Per-phase breakdown of one cohort node (in process, 1 torch thread): full-size MNIST, "
@@ -316,6 +344,33 @@ def phase_table(archs: list[str], quick: bool) -> str:
         "",
     ]
     return "\n".join([*header, *lines, "", *notes])
+
+
+def eval_memory_table(archs: list[str]) -> str:
+    """One cohort node's evaluation alone (its fresh clients), loop against vectorised, each in
+    a fresh process: the process's resident memory before it and its peak during it."""
+    cols = ["model", "learner", "RSS before MiB", "peak during MiB", "peak vs loop"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for arch in archs:
+        peaks = {}
+        for learner in PHASE_LEARNERS:
+            cfg = {"phase": True, "arch": arch, "learner": learner, "quick": False}
+            rss = _subprocess({**cfg, "only": ["evaluate"]})["rss"]
+            peaks[learner] = rss["evaluate"]
+            lines.append(
+                f"| {arch} | {learner} | {rss['evaluate: before']:,.0f} | "
+                f"{rss['evaluate']:,.0f} | {rss['evaluate'] / peaks['loop']:.2f}x |"
+            )
+    header = [
+        "Peak memory of one cohort node's evaluation (in process, 1 torch thread): full-size "
+        "MNIST, 20 clients, Dirichlet 0.1, the 10 clients of node 0 of 2, fresh (untrained) "
+        "students; 2,000 test examples plus each client's local test and validation rows. The "
+        "peak is the process's (ru_maxrss), so it holds the data loading's too when that was "
+        "higher. The vectorised learner's memory before evaluation includes its copy of the "
+        "clients' data as one tensor (for its training steps).",
+        "",
+    ]
+    return "\n".join([*header, *lines])
 
 
 # -- the one-model ceiling -------------------------------------------------------------------
@@ -423,7 +478,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--cohort-nodes", type=int, default=None, help="default: CPU count")
     parser.add_argument("--per-client", type=int, default=36, help="examples per client")
-    parser.add_argument("--side", type=int, default=14, choices=(7, 14, 28))
+    parser.add_argument(
+        "--side", type=int, default=28, choices=(7, 14, 28), help="28: full size; 14, 7: pooled"
+    )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--proxy-per-round", type=int, default=32)
     parser.add_argument("--test-per-client", type=int, default=32)
@@ -436,7 +493,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-phases", action="store_true", help="leave the breakdown out")
     parser.add_argument(
-        "--phase-models", nargs="+", default=["cnn_small", "cnn_large"], help="for --phases"
+        "--eval-memory",
+        action="store_true",
+        help="only the peak memory of one node's evaluation (loop vs vectorised)",
+    )
+    parser.add_argument(
+        "--phase-models",
+        nargs="+",
+        default=["cnn_small", "cnn_large"],
+        help="for --phases and --eval-memory",
     )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config (JSON)
     args = parser.parse_args(argv)
@@ -446,8 +511,11 @@ def main(argv: list[str] | None = None) -> None:
         result = phase_one(cfg) if cfg.get("phase") else run_one(cfg)
         print("BENCH_RESULT " + json.dumps(result), flush=True)
         return
-    if args.phases:
-        table = phase_table(args.phase_models, args.quick)
+    if args.phases or args.eval_memory:
+        if args.eval_memory:
+            table = eval_memory_table(args.phase_models)
+        else:
+            table = phase_table(args.phase_models, args.quick)
         print(table)
         if args.out:
             args.out.write_text(table + "\n")

@@ -32,6 +32,7 @@ from fedkd.privacy.label_histogram import LabelHistogramRelease
 from fedkd.privacy.ledger import PrivacyEvent
 from fedkd.privacy.noise import NoiseSource, noise_source
 from strategies.params import AlgorithmParams, Capabilities, SelfTrainingParams, TeacherParams
+from strategies.self_distill import distill_with_earlier_self, keep_earlier_logits
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,15 @@ class Strategy:
         Fraction trimmed at each end (teacher "trimmed_mean").
     held_class_count : float, default 100.0
         Teacher "pooled_likelihood": label counts above this mean a client holds the class.
+    teacher_confidence : str, default "none"
+        Weigh each client's vote on each input by its confidence there
+        (`fedkd.knowledge.teachers.client_confidence`: ``"negative_entropy"``, ``"max_prob"``),
+        times its base weight (example counts, or label histograms for ``"class_weighted"``);
+        ``"none"``: the base weights alone. Computed from the uploaded logits: no privacy cost.
+    teacher_prior_agreement : bool, default False
+        Teacher ``"class_weighted"``: also weigh each client per input by how much the
+        ensemble's prediction there agrees with its released label histogram
+        (`fedkd.knowledge.teachers.histogram_agreement`; post-processing of the release).
     match_class_prior : bool, default False
         Histogram teachers: rescale the teacher so that its class totals on the inputs it labels
         (each round's proxy inputs; the test set for ``teacher_test_acc``) follow the pooled
@@ -161,6 +171,8 @@ class Strategy:
         era_temperature: float = 0.1,
         trim_fraction: float = 0.2,
         held_class_count: float = 100.0,
+        teacher_confidence: str = "none",
+        teacher_prior_agreement: bool = False,
         match_class_prior: bool = False,
         server_student: ServerStudent | None = None,
         release: GaussianRelease | None = None,
@@ -189,6 +201,13 @@ class Strategy:
         self.era_temperature = era_temperature
         self.trim_fraction = trim_fraction
         self.held_class_count = held_class_count
+        if teacher_confidence != "none" and release is not None:
+            raise ValueError(
+                "teacher_confidence weighs clients per input; the Gaussian release is a plain "
+                "noisy mean: remove one of them"
+            )
+        self.teacher_confidence = teacher_confidence
+        self.teacher_prior_agreement = teacher_prior_agreement
         if match_class_prior and teacher not in HISTOGRAM_TEACHERS:
             raise ValueError(
                 f"match_class_prior needs the clients' label histograms, which teacher "
@@ -242,6 +261,8 @@ class Strategy:
             era_temperature=self.era_temperature,
             trim_fraction=self.trim_fraction,
             held_count=self.held_class_count,
+            confidence=self.teacher_confidence,
+            prior_agreement=self.teacher_prior_agreement,
         )
         if self.match_class_prior:  # weights: the label histograms (K, C)
             teacher = match_class_prior(teacher, weights.clamp(min=0).sum(dim=0))
@@ -295,7 +316,7 @@ class Strategy:
         """Share of the labelled proxy inputs (``labels >= 0``) whose label is right: a
         diagnostic, the proxy's true labels reach no learner."""
         known = labels >= 0
-        if not known.any():
+        if not known.any() or self.data.proxy_y is None:
             return None
         return float((labels[known] == self.data.proxy_y[known]).mean())
 
@@ -418,7 +439,11 @@ class Strategy:
         -----
         By default: private training; a logit teacher's clients upload their logits on the
         payload's proxy inputs, with their released label histogram where the run has one.
+        With self-distillation (`TeacherParams.self_distill_weight`) each client first keeps
+        its logits on those inputs (its model before this round's training).
         """
+        if _self_distills(params):
+            keep_earlier_logits(learner, round_num, client_ids, payload["proxy_idx"])
         results = learner.train_private(round_num, client_ids)
         if cls.capabilities.logit_teacher:
             inputs = learner.data.proxy_x[payload["proxy_idx"].astype(np.int64)]
@@ -437,7 +462,18 @@ class Strategy:
         payload: dict[str, np.ndarray],
     ) -> dict[int, ClientResult]:
         """How the clients digest `digest_payload`'s arrays (arguments as `client_round`'s);
-        by default they distill towards its teacher logits on its proxy inputs."""
+        by default they distill towards its teacher logits on its proxy inputs (mixed with
+        their earlier logits under self-distillation,
+        `strategies.self_distill.distill_with_earlier_self`)."""
+        if _self_distills(params):
+            return distill_with_earlier_self(
+                learner,
+                round_num,
+                client_ids,
+                payload["proxy_idx"],
+                payload["teacher_logits"],
+                params.self_distill_weight,
+            )
         inputs = learner.data.proxy_x[payload["proxy_idx"].astype(np.int64)]
         return learner.distill(round_num, client_ids, inputs, payload["teacher_logits"])
 
@@ -469,13 +505,16 @@ class Strategy:
         """
         return {}
 
-    def round_metrics(self) -> dict[str, float]:
+    def round_metrics(self) -> dict[str, float | None]:
         """Strategy-specific extras for this round's metrics row: the accuracy of this round's
-        teacher on its proxy inputs (a diagnostic: the proxy's labels reach no learner)."""
+        teacher on its proxy inputs (a diagnostic: the proxy's labels reach no learner; None
+        for a proxy that is not in-domain, which has none)."""
         if self._teacher_logits is None or not self.capabilities.logit_teacher:
             return {}
-        truth = self.data.proxy_y[self._proxy_idx]
-        metrics = {"teacher_proxy_acc": float((self._teacher_logits.argmax(1) == truth).mean())}
+        metrics: dict[str, float | None] = {"teacher_proxy_acc": None}
+        if self.data.proxy_y is not None:
+            truth = self.data.proxy_y[self._proxy_idx]
+            metrics["teacher_proxy_acc"] = float((self._teacher_logits.argmax(1) == truth).mean())
         if self.confident_fraction > 0:
             metrics.update(
                 server_labels=float((self._server_labels >= 0).sum()),
@@ -514,6 +553,11 @@ class Strategy:
         return self.build_teacher(test_logits, weights)
 
 
+def _self_distills(params: AlgorithmParams) -> bool:
+    """Whether the clients distill from their own earlier model too (`strategies.self_distill`)."""
+    return isinstance(params, TeacherParams) and params.self_distill_weight > 0
+
+
 def self_training_kwargs(params: SelfTrainingParams) -> dict[str, Any]:
     """The server student's self-training settings as constructor arguments ({}: off)."""
     if params.self_training_confidence <= 0:
@@ -527,7 +571,8 @@ def self_training_kwargs(params: SelfTrainingParams) -> dict[str, Any]:
 class LogitTeacherStrategy(Strategy):
     """An algorithm whose knowledge is a teacher built from the clients' logits on proxy
     inputs (DS-FL, FedMD, FedDF-logit): `TeacherParams`, and the teacher's release, label
-    histograms and confident-labels server student from the context."""
+    histograms and confident-labels server student from the context. Its clients may distill
+    from their own earlier model too (``self_distill_weight``, `strategies.self_distill`)."""
 
     Params: ClassVar[type[AlgorithmParams]] = TeacherParams
     capabilities: ClassVar[Capabilities] = Capabilities(
@@ -542,6 +587,8 @@ class LogitTeacherStrategy(Strategy):
             era_temperature=params.era_temperature,
             trim_fraction=params.trim_fraction,
             held_class_count=params.held_class_count,
+            teacher_confidence=params.teacher_confidence,
+            teacher_prior_agreement=params.teacher_prior_agreement,
             match_class_prior=params.match_class_prior,
             **self_training_kwargs(params),
         )

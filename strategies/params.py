@@ -12,7 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedkd.knowledge import HISTOGRAM_TEACHERS, TEACHER_KINDS
+from fedkd.knowledge import (
+    CONFIDENCE_KINDS,
+    CONFIDENCE_TEACHERS,
+    HISTOGRAM_TEACHERS,
+    TEACHER_KINDS,
+)
 
 
 class ParamError(ValueError):
@@ -69,6 +74,14 @@ class TeacherParams(SelfTrainingParams):
     # Teacher "pooled_likelihood": a client holds a class when its released count of it is
     # above this (about twice privacy.histogram_noise).
     held_class_count: float = 100.0
+    # Weigh each client per proxy input by its confidence there (CONFIDENCE_KINDS).
+    teacher_confidence: str = "none"
+    # Teacher "class_weighted": weigh each client per proxy input also by how much the
+    # ensemble's prediction there agrees with its released label histogram.
+    teacher_prior_agreement: bool = False
+    # Clients distill towards the teacher mixed with their own earlier model's logits, this
+    # share of them (strategies.self_distill; 0: off).
+    self_distill_weight: float = 0.0
     # Histogram teachers: rescale the teacher so its class totals on the inputs it labels follow
     # the pooled prior of the released label histograms.
     match_class_prior: bool = False
@@ -84,6 +97,22 @@ class TeacherParams(SelfTrainingParams):
             raise ParamError(
                 f"held_class_count: must be >= 0 (a count), got {self.held_class_count}"
             )
+        check_one_of("teacher_confidence", self.teacher_confidence, CONFIDENCE_KINDS)
+        if self.teacher_prior_agreement and self.teacher != "class_weighted":
+            raise ParamError(
+                "teacher_prior_agreement: it weighs clients by their released label histograms; "
+                "set algorithm.teacher to class_weighted, or remove it"
+            )
+        if not 0 <= self.self_distill_weight < 1:
+            raise ParamError(
+                f"self_distill_weight: must be in [0, 1) (the earlier model's share of the "
+                f"teacher), got {self.self_distill_weight}"
+            )
+        if self.teacher_confidence != "none" and self.teacher not in ("", *CONFIDENCE_TEACHERS):
+            raise ParamError(
+                f"teacher_confidence: teacher '{self.teacher}' weighs no examples; choose one "
+                f"of {', '.join(CONFIDENCE_TEACHERS)} or remove teacher_confidence"
+            )
         if self.match_class_prior and self.teacher not in HISTOGRAM_TEACHERS:
             raise ParamError(
                 "match_class_prior: the prior comes from the clients' label histograms; "
@@ -94,6 +123,11 @@ class TeacherParams(SelfTrainingParams):
 def teacher_kind(params: AlgorithmParams) -> str:
     """The teacher an algorithm's parameters name ("" where it has none or its default)."""
     return params.teacher if isinstance(params, TeacherParams) else ""
+
+
+def teacher_confidence(params: AlgorithmParams) -> str:
+    """The per-input confidence weighting of the parameters' teacher ("none" without one)."""
+    return params.teacher_confidence if isinstance(params, TeacherParams) else "none"
 
 
 # What the server student is to an algorithm.

@@ -85,6 +85,11 @@ class RelationParams(TeacherParams):
         check_one_of("relation_aggregate", self.relation_aggregate, RELATION_AGGREGATES)
         check_positive("distance_weight", self.distance_weight, zero_ok=True)
         check_positive("angle_weight", self.angle_weight, zero_ok=True)
+        if self.self_distill_weight > 0:
+            raise ParamError(
+                "self_distill_weight: relation's clients distill the teacher together with "
+                "the relations, without their earlier logits; leave it 0"
+            )
 
 
 def similarity_matrices(outputs: Tensor) -> Tensor:

@@ -319,7 +319,8 @@ def test_dirichlet_small_alpha_many_clients_on_mnist_sized_pool() -> None:
     assert min(len(p) for p in parts) >= 10
 
 
-@pytest.mark.parametrize(("num_clients", "k"), [(5, 2), (10, 2), (3, 4), (20, 1), (4, 10)])
+# (50, 2): simulations/mnist_shards.toml's partition.
+@pytest.mark.parametrize(("num_clients", "k"), [(5, 2), (10, 2), (3, 4), (20, 1), (4, 10), (50, 2)])
 def test_shards_have_k_classes_and_use_every_class(num_clients: int, k: int) -> None:
     labels = _labels()
     parts = partition_indices(labels, num_clients, "shards", classes_per_client=k, seed=0)

@@ -8,9 +8,18 @@ from fedkd.data import load_federated_data
 from fedkd.learner.cohort import ClientResult, CohortConfig, CohortLearner
 from fedkd.learner.loop import OptimConfig, StepConfig
 from fedkd.learner.vectorised import VectorisedCohortLearner
-from fedkd.models.zoo import EMBEDDING_WIDTH
+from fedkd.models.zoo import EMBEDDING_WIDTH, fixed_projection
 from fedkd.spec import load_spec
-from strategies.fedproto import FedProto, FedProtoParams, nearest_prototype_scores
+from strategies.fedproto import (
+    FedProto,
+    FedProtoParams,
+    balanced_accuracy,
+    balancing_offsets,
+    calibrate_head,
+    head_inputs,
+    nearest_prototype_scores,
+)
+from strategies.params import ParamError
 from tests.test_engine import TIMINGS, run_inprocess
 from tests.test_resume import SMALL, resume, stop_after_row, straight_run
 
@@ -23,15 +32,15 @@ def data():
     return load_federated_data(source="digits", num_clients=4, proxy_size=50, seed=0)
 
 
-def config(arch_of=lambda cid: ("cnn_small", "mlp")[cid % 2]):
-    step = StepConfig(epochs=1, batch_size=32, optim=OptimConfig(momentum=0.9))
+def config(arch_of=lambda cid: ("cnn_small", "mlp")[cid % 2], epochs=1):
+    step = StepConfig(epochs=epochs, batch_size=32, optim=OptimConfig(momentum=0.9))
     return CohortConfig(seed=0, arch_of=arch_of, private=step, distill=step)
 
 
-def two_rounds(learner_cls, data, proto_weight=1.0):
+def two_rounds(learner_cls, data, proto_weight=1.0, **options):
     """Round 1 without prototypes, the server's average, round 2 pulled towards it."""
     states: dict[int, bytes] = {}
-    params = FedProtoParams(proto_weight=proto_weight)
+    params = FedProtoParams(proto_weight=proto_weight, **options)
     strategy = FedProto(data, seed=0)
     first = FedProto.client_round(params, learner_cls(data, config(), states), 1, CLIENTS, {})
     strategy.aggregate(1, first)
@@ -171,3 +180,107 @@ def test_a_resumed_fedproto_run_writes_the_straight_runs_metrics(tmp_path):
     expected = straight_run(spec, tmp_path / "straight")
     stop_after_row(spec, tmp_path / "resumed", 2)
     assert resume(spec, tmp_path / "resumed") == expected
+
+
+def heads(learner_cls, data, states):
+    """Each client's last layer (weight, bias): its head."""
+    weights = learner_cls(data, config(), states).get_weights(CLIENTS)
+    return {cid: [w[k] for k in list(w)[-2:]] for cid, w in weights.items()}
+
+
+@pytest.mark.parametrize("learner_cls", [CohortLearner, VectorisedCohortLearner])
+def test_logit_adjustment_shifts_the_head_after_training_and_off_before_the_next(data, learner_cls):
+    params = FedProtoParams(logit_adjustment=0.5)
+    plain_states: dict[int, bytes] = {}
+    states: dict[int, bytes] = {}
+    plain = FedProto.client_round(
+        FedProtoParams(), learner_cls(data, config(), plain_states), 1, CLIENTS, {}
+    )
+    adjusted = FedProto.client_round(params, learner_cls(data, config(), states), 1, CLIENTS, {})
+    plain_heads, adjusted_heads = (
+        heads(learner_cls, data, plain_states),
+        heads(learner_cls, data, states),
+    )
+    for cid in CLIENTS:  # the same training and uploads; the bias moved by tau * offsets
+        for key in ("prototypes", "prototype_counts"):
+            np.testing.assert_array_equal(adjusted[cid].arrays[key], plain[cid].arrays[key])
+        (weight, bias), (plain_weight, plain_bias) = adjusted_heads[cid], plain_heads[cid]
+        np.testing.assert_array_equal(weight, plain_weight)
+        offsets = balancing_offsets(adjusted[cid].arrays["prototype_counts"])
+        np.testing.assert_allclose(bias - plain_bias, 0.5 * offsets, atol=1e-6)
+        assert np.abs(offsets).max() > 0.1  # skewed labels: a real shift
+    strategy = FedProto(data, seed=0, logit_adjustment=0.5)
+    strategy.aggregate(1, adjusted)
+    plan = strategy.plan_local(2)
+    assert plan["adjusted_clients"].tolist() == [1, 1, 1, 1]
+    assert "adjusted_clients" not in strategy.evaluate_payload(2)
+    assert "adjusted_clients" not in FedProto(data, seed=0).plan_local(1)
+    # A round without training steps: the shift comes off, then goes on again, once.
+    idle = learner_cls(data, config(epochs=0), states)
+    FedProto.client_round(params, idle, 2, CLIENTS, plan)
+    for cid, (_, bias) in heads(learner_cls, data, states).items():
+        np.testing.assert_allclose(bias, adjusted_heads[cid][1], atol=1e-5)
+
+
+def test_balancing_offsets_favour_a_clients_rare_classes():
+    counts = np.array([30.0, 2.0, 0.0])
+    offsets = balancing_offsets(counts)
+    centred = -np.log((counts + 1) / (32 + 3))
+    np.testing.assert_allclose(offsets, centred - centred.mean(), rtol=1e-6)
+    assert offsets[0] < offsets[1] < offsets[2]
+    assert offsets.sum() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("width", [EMBEDDING_WIDTH, 200])
+def test_calibrated_head_predicts_each_global_prototypes_class(width):
+    gen = torch.Generator().manual_seed(0)
+    prototypes = torch.randn(4, EMBEDDING_WIDTH, generator=gen).abs().numpy()
+    present = np.array([1, 1, 1, 0], dtype=np.uint8)
+    # A head that only ever predicts class 0 (a client that held class 0 alone).
+    weight, bias = np.zeros((4, width), np.float32), np.array([5.0, 0, 0, 0], np.float32)
+    new_weight, new_bias = calibrate_head(weight, bias, prototypes, present, 200, 0.5)
+    virtual = head_inputs(torch.from_numpy(prototypes), width).numpy()
+    assert ((virtual @ new_weight.T + new_bias).argmax(axis=1)[:3] == [0, 1, 2]).all()
+    # The head's inputs map back onto the embeddings through the fixed projection.
+    if width != EMBEDDING_WIDTH:
+        np.testing.assert_allclose(virtual @ fixed_projection(width).numpy(), prototypes, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "options", [{"logit_adjustment": -1.0}, {"calibration_steps": -1}, {"calibration_lr": 0.0}]
+)
+def test_bad_head_options_are_refused(options):
+    with pytest.raises(ParamError, match=next(iter(options))):
+        FedProtoParams(**options).check()
+
+
+def test_balanced_accuracy_weights_every_present_class_alike():
+    logits = np.eye(3, dtype=np.float32)[[0, 0, 0, 0, 1, 2]]  # predicts 0, 0, 0, 0, 1, 2
+    y = np.array([0, 0, 0, 1, 1, 1])  # class 0: 3/3 right, class 1: 1/3, class 2 absent
+    assert balanced_accuracy(logits, y) == pytest.approx((1.0 + 1 / 3) / 2)
+    assert np.isnan(balanced_accuracy(logits[:0], y[:0]))
+
+
+def test_client_evaluate_scores_the_head_on_the_public_validation_slice():
+    data = load_federated_data(
+        source="digits",
+        num_clients=4,
+        proxy_size=50,
+        seed=0,
+        proxy_validation_size=20,
+        validation_fraction=0.2,
+    )
+    learner = CohortLearner(data, config(), {})
+    payload = {
+        "prototypes": np.zeros((10, EMBEDDING_WIDTH), np.float32),
+        "prototype_present": np.ones(10, np.uint8),
+    }
+    out = FedProto.client_evaluate(FedProtoParams(), learner, [0, 1], np.arange(30), payload)
+    for cid in (0, 1):
+        logits = learner.logits([cid], data.proxy_val_x)[cid]
+        expected = np.mean(logits.argmax(axis=1) == data.proxy_val_y)
+        assert out[cid]["client_public_val_acc"] == pytest.approx(expected)
+        client = data.clients[cid]
+        assert len(client.y_val) > 0
+        balanced = balanced_accuracy(learner.logits([cid], client.x_val)[cid], client.y_val)
+        assert out[cid]["client_balanced_val_acc"] == balanced

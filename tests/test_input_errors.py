@@ -40,6 +40,14 @@ BAD_SETS = [
     "data.local_test_fraction=-0.1",
     "data.source=hf",
     "data.colour=red",
+    "proxy=digits",
+    "proxy.source=generator",
+    "proxy.source=digits",
+    "proxy.source=npz",
+    "proxy.size=-1",
+    "proxy.size=100",
+    "proxy.synthetic=gan",
+    "proxy.bogus=1",
     "clients.num_clients=0",
     "clients.num_clients=5000",
     "clients.clients_per_node=0",
@@ -80,6 +88,9 @@ BAD_SETS = [
     "algorithm.client_teacher=nobody",
     "algorithm.era_temperature=0",
     "algorithm.match_class_prior=true",
+    "algorithm.teacher_confidence=surest",
+    "algorithm.self_distill_weight=1",
+    "algorithm.teacher_prior_agreement=true",
     "algorithm.name=no_such_module_xyz:Algo",
     "algorithm.name=strategies.dsfl:Nope",
     "algorithm.name=fedkd.spec:Spec",
@@ -159,6 +170,20 @@ OTHER_CASES = {
         "--set",
         "algorithm.era_temperature=0.5",
     ],
+    "confidence-with-median": [
+        "run",
+        "--set",
+        "algorithm.teacher=median",
+        "--set",
+        "algorithm.teacher_confidence=max_prob",
+    ],
+    "confidence-with-release": [
+        "run",
+        "--set",
+        "algorithm.teacher_confidence=negative_entropy",
+        "--set",
+        "privacy.release_noise=1",
+    ],
     "pate-without-server-student": [
         "run",
         "--set",
@@ -196,6 +221,37 @@ OTHER_CASES = {
         "data.source=hf",
         "--set",
         "data.hf_name={files}/no-such-hf-dataset",
+    ],
+    "proxy-labels-for-validation": [
+        "run",
+        "--set",
+        "proxy.source=synthetic",
+        "--set",
+        "data.proxy_validation_size=50",
+    ],
+    "proxy-noise-std-0": ["run", "--set", "proxy.source=synthetic", "--set", "proxy.noise_std=0"],
+    "proxy-mixup-one-seed": [
+        "run",
+        "--set",
+        "proxy.source=synthetic",
+        "--set",
+        "proxy.synthetic=mixup",
+        "--set",
+        "proxy.seed_size=1",
+    ],
+    "proxy-npz-without-x": [
+        "run",
+        "--set",
+        "proxy.source=npz",
+        "--set",
+        "proxy.path={files}/nokeys.npz",
+    ],
+    "proxy-npz-signals-for-images": [
+        "run",
+        "--set",
+        "proxy.source=npz",
+        "--set",
+        "proxy.path={files}/signals.npz",
     ],
     # Spec files.
     "spec-missing": ["run", "{files}/nothing.toml"],
@@ -328,6 +384,7 @@ def files(tmp_path_factory) -> Path:
     (d / "empty.npz").write_bytes(b"")
     (d / "text.npz").write_text("not an archive")
     _npz(d / "nokeys.npz", x_train=x, y_train=y)
+    _npz(d / "signals.npz", x=rng.random((600, 30)))  # 1-D inputs, more than proxy_size
     _npz(d / "nan.npz", **{**good, "x_train": np.where(x > 0.5, np.nan, x)})
     _npz(d / "neglabels.npz", **{**good, "y_train": y - 1})
     _npz(d / "floatlabels.npz", **{**good, "y_train": y + 0.5})

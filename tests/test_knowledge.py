@@ -13,8 +13,11 @@ from fedkd.knowledge import (
     aggregate_per_class,
     build_teacher,
     class_weighted_probs,
+    client_confidence,
+    confidence_weights,
     distillation_loss,
     era,
+    histogram_agreement,
     kl_distillation_loss,
     mae_logit_loss,
     match_class_prior,
@@ -403,6 +406,151 @@ def test_build_teacher_errors() -> None:
         build_teacher("class_weighted", logits, torch.ones(5))
     with pytest.raises(ValueError, match=r"shape \(5, 10\)"):
         class_weighted_probs(logits, torch.ones(5, 9))
+
+
+# ---------------------------------------------------------------------------- confidence weights
+
+
+def _two_experts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Client 0 saw only class 0, client 1 only class 1: each is sure of its own class's
+    inputs and hesitant on the other's. Inputs 0-1 are of class 0, inputs 2-3 of class 1."""
+    p0 = torch.tensor([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.4, 0.35, 0.25], [0.5, 0.3, 0.2]])
+    p1 = torch.tensor([[0.3, 0.4, 0.3], [0.35, 0.45, 0.2], [0.05, 0.9, 0.05], [0.1, 0.85, 0.05]])
+    return torch.log(torch.stack([p0, p1])), torch.tensor([0, 0, 1, 1])
+
+
+@pytest.mark.parametrize("kind", ["negative_entropy", "max_prob"])
+def test_confidence_weight_falls_on_the_class_a_client_never_saw(kind: str) -> None:
+    logits, label = _two_experts()
+    w = confidence_weights(logits, kind)
+    torch.testing.assert_close(w.sum(dim=0), torch.ones(4))
+    assert (w[0, label == 0] > 0.5).all() and (w[0, label == 1] < 0.5).all()
+    assert (w[1, label == 1] > 0.5).all() and (w[1, label == 0] < 0.5).all()
+    # Example-count weights multiply in: client 1 with 9 times client 0's data outweighs it
+    # on the inputs of client 0's class too, but less than without confidence (0.9).
+    counted = confidence_weights(logits, kind, torch.tensor([1.0, 9.0]))
+    torch.testing.assert_close(counted.sum(dim=0), torch.ones(4))
+    assert (counted[1, label == 0] < 0.9).all() and (
+        counted[1, label == 0] > w[1, label == 0]
+    ).all()
+
+
+def test_client_confidence_by_hand() -> None:
+    p = torch.tensor([[[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3]]])
+    entropy = -(p * p.log()).sum(dim=-1)
+    torch.testing.assert_close(client_confidence(p.log(), "negative_entropy"), (-entropy).exp())
+    torch.testing.assert_close(client_confidence(p.log(), "max_prob"), torch.tensor([[0.5, 1 / 3]]))
+    with pytest.raises(ValueError, match="unknown confidence kind 'margin'"):
+        client_confidence(p.log(), "margin")
+
+
+def test_confidence_weight_falls_for_a_trained_client_on_its_unseen_class() -> None:
+    # Two small MLPs on scikit-learn's digits: client 0 on every class, client 1 on all but 3.
+    from sklearn.datasets import load_digits
+
+    x_np, y_np = load_digits(return_X_y=True)
+    x, y = torch.tensor(x_np / 16.0, dtype=torch.float32), torch.tensor(y_np)
+    torch.manual_seed(0)
+    order = torch.randperm(len(y))
+    train, test = order[:1200], order[1200:]
+    unseen = 3
+
+    def fit(classes: list[int]) -> torch.nn.Module:
+        model = torch.nn.Sequential(
+            torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
+        )
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        idx = train[torch.isin(y[train], torch.tensor(classes))]
+        for _ in range(200):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+        return model
+
+    everything, without = fit(list(range(10))), fit([c for c in range(10) if c != unseen])
+    with torch.no_grad():
+        logits = torch.stack([everything(x[test]), without(x[test])])
+    is_unseen = y[test] == unseen
+    for kind in ("negative_entropy", "max_prob"):
+        conf = client_confidence(logits, kind)
+        assert conf[1, is_unseen].mean() < conf[1, ~is_unseen].mean() - 0.1
+        w = confidence_weights(logits, kind)
+        torch.testing.assert_close(w.sum(dim=0), torch.ones(len(test)))
+        assert w[1, is_unseen].mean() < w[1, ~is_unseen].mean() - 0.03
+        assert w[1, is_unseen].mean() < w[0, is_unseen].mean()
+
+
+def test_build_teacher_with_confidence_weights_then_sharpens() -> None:
+    logits = _client_logits()
+    counts = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    w = confidence_weights(logits, "negative_entropy", counts)
+    assert w.shape == (5, 20)
+    out = build_teacher("era", logits, counts, era_temperature=0.3, confidence="negative_entropy")
+    # ERA sharpens the confidence-weighted mean of the probabilities (not the other order).
+    weighted_mean = (w[:, :, None] * torch.softmax(logits, dim=-1)).sum(dim=0)
+    torch.testing.assert_close(out, torch.log_softmax(weighted_mean / 0.3, dim=-1))
+    assert not torch.allclose(out, build_teacher("era", logits, counts, era_temperature=0.3))
+    torch.testing.assert_close(
+        build_teacher("mean_logits", logits, counts, confidence="max_prob"),
+        (confidence_weights(logits, "max_prob", counts)[:, :, None] * logits).sum(dim=0),
+    )
+    torch.testing.assert_close(
+        build_teacher("mean_probs", logits, confidence="max_prob"),
+        mean_probs(logits, confidence_weights(logits, "max_prob")),
+    )
+    # "none" is the teacher without confidence, exactly.
+    assert torch.equal(
+        build_teacher("era", logits, counts, confidence="none"),
+        build_teacher("era", logits, counts),
+    )
+
+
+def test_class_weighted_teacher_with_confidence_by_hand() -> None:
+    logits, _ = _two_experts()
+    counts = torch.tensor([[10.0, 10.0, 0.0], [10.0, 10.0, 0.0]])  # both hold classes 0 and 1
+    out = build_teacher("class_weighted", logits, counts, confidence="max_prob")
+    e = confidence_weights(logits, "max_prob")
+    # Equal holdings: every class's weights are the confidence weights (class 2, held by
+    # nobody, too), so the teacher is the confidence-weighted mean of the probabilities.
+    torch.testing.assert_close(out, mean_probs(logits, e))
+    # A class only client 1 holds takes client 1's probability whatever the confidence.
+    only_1 = torch.tensor([[10.0, 0.0, 0.0], [10.0, 10.0, 0.0]])
+    scores = build_teacher("class_weighted", logits, only_1, confidence="max_prob").exp()
+    p = torch.softmax(logits, dim=-1)
+    expected = torch.stack(
+        [(e * p[:, :, 0]).sum(dim=0), p[1, :, 1], (e * p[:, :, 2]).sum(dim=0)], dim=1
+    )
+    torch.testing.assert_close(scores, expected / expected.sum(dim=1, keepdim=True))
+
+
+def test_prior_agreement_lowers_a_client_on_an_input_of_a_class_it_never_held() -> None:
+    # Client 0 holds classes 0 and 1, client 1 classes 1 and 2. On an input of class 2,
+    # client 0 (which never saw class 2) votes for class 1 with confidence.
+    probs = torch.tensor([[[0.03, 0.95, 0.02]], [[0.05, 0.35, 0.60]]])  # (K=2, N=1, C=3)
+    counts = torch.tensor([[50.0, 50.0, 0.0], [0.0, 50.0, 50.0]])
+    ones = torch.ones(2, 1)
+    agreement = histogram_agreement(probs.log(), counts, ones)
+    # q = the class-weighted teacher: class 0 from client 0, 2 from client 1, 1 from both.
+    q = torch.tensor([0.03, 0.65, 0.60]) / 1.28
+    torch.testing.assert_close(agreement[:, 0], torch.stack([q[0] + q[1], q[1] + q[2]]))
+    assert agreement[0, 0] < agreement[1, 0]
+    plain = build_teacher("class_weighted", probs.log(), counts).exp()[0]
+    agreed = build_teacher("class_weighted", probs.log(), counts, prior_agreement=True).exp()[0]
+    assert plain.argmax() == 1 and agreed.argmax() == 2  # class 1's score leans on client 1
+    w = agreement[:, 0] / agreement[:, 0].sum()
+    scores = torch.stack([probs[0, 0, 0], (w * probs[:, 0, 1]).sum(), probs[1, 0, 2]])
+    torch.testing.assert_close(agreed, scores / scores.sum())
+    with pytest.raises(ValueError, match="prior agreement needs the clients' label histograms"):
+        build_teacher("era", probs.log(), prior_agreement=True)
+
+
+def test_confidence_refused_by_teachers_that_weigh_no_examples() -> None:
+    logits = _client_logits()
+    for kind in ("median", "trimmed_mean", "pooled_likelihood"):
+        with pytest.raises(ValueError, match=f"teacher '{kind}' takes no per-example weights"):
+            build_teacher(kind, logits, torch.ones(5, 10), confidence="max_prob")
+    with pytest.raises(ValueError, match="weighted.*weights"):
+        build_teacher("weighted", logits, confidence="max_prob")
 
 
 def test_non_finite_client_logits_rejected() -> None:

@@ -213,6 +213,7 @@ def test_the_engine_gives_the_same_metrics_on_both_learners(tmp_path):
         ["algorithm.relation_space=pixels"],
         ["algorithm.relation_aggregate=mode"],
         ["algorithm.angle_weight=-1"],
+        ["algorithm.self_distill_weight=0.5"],  # not combined with the relational digest
         ["distill.proxy_per_round=10"],  # fewer than one relation batch of 20
         ["privacy.release_noise=1"],  # would protect the logit teacher, not the relations
     ],

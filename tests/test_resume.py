@@ -56,6 +56,8 @@ CASES = {
         "privacy.noise_rng=seeded",
     ],
     "cohort_audit": ["clients.clients_per_node=2", "audit.enabled=true", "audit.client=1"],
+    # Each client keeps its earlier logits for its digest: the checkpoint must keep them.
+    "self_distill": ["algorithm.self_distill_weight=0.5"],
     # The defence's scores carry over rounds: the checkpoint must keep them.
     "faults_defence": [
         "faults.byzantine_fraction=0.4",

@@ -334,6 +334,22 @@ def test_batch_plan_reproduces_the_loops_minibatches():
             assert float(plan.weight[t, k, size:].abs().sum()) == 0.0  # padding weighs nothing
 
 
+def test_batch_plan_counts_the_rows_its_steps_compute():
+    """Clients of 70, 64 and 5 examples, 2 epochs at batch 32 (6, 4 and 2 steps): each step
+    computes only the clients that still take it, at that step's longest batch."""
+    gens = [seeded_generator(0, 1, c, PHASE_TRAIN) for c in range(3)]
+    plan = plan_batches([70, 64, 5], [0, 70, 134], 2, 32, gens, torch.device("cpu"))
+    assert plan.computed == [3, 3, 2, 2, 1, 1]
+    assert plan.width == [32, 32, 32, 32, 32, 6]
+    assert plan.real_rows == 2 * (70 + 64 + 5)
+    # 2 x 3 x 32 + 2 x 2 x 32 + 32 + 6; in lockstep (all 3 clients each step): 3 x 166 = 498.
+    assert plan.computed_rows == 358
+    # Scattered steppers (not the largest first): every step computes the whole stack.
+    gens = [seeded_generator(0, 1, c, PHASE_TRAIN) for c in range(3)]
+    shuffled = plan_batches([5, 70, 64], [134, 0, 70], 2, 32, gens, torch.device("cpu"))
+    assert shuffled.computed == [3, 3, 3, 3, 3, 3]
+
+
 @pytest.mark.parametrize(
     ("functional", "torch_opt"),
     [
@@ -618,6 +634,67 @@ def test_train_dp_sgd_steps_and_masking(data):
         torch.testing.assert_close(out.params[name][1], value[0], atol=1e-6, rtol=0)
     for i, value in out.opt_state["momentum_buffer"].items():
         torch.testing.assert_close(value[1], alone.opt_state["momentum_buffer"][i][0])
+
+
+def test_train_dp_sgd_computes_only_the_clients_still_stepping(data, monkeypatch):
+    """Clients of 264, 100 and 40 examples (9, 4 and 2 steps at batch 32): each step computes
+    per-sample gradients of the clients that still step (15 client-steps, not 3 x 9); each
+    client ends as if trained alone; the caller's weights and state are left as they were."""
+    sizes = [264, 100, 40]
+    x = torch.from_numpy(np.concatenate([data.clients[k].x_train[: sizes[k]] for k in range(3)]))
+    y = torch.from_numpy(np.concatenate([data.clients[k].y_train[: sizes[k]] for k in range(3)]))
+    offsets = [0, 264, 364]
+    assert [len(data.clients[k].y_train) >= n for k, n in enumerate(sizes)] == [True] * 3
+    torch.manual_seed(0)
+    model = build_model("mlp", data.input_shape, 10)
+    params = {n: p.detach()[None].repeat(3, *[1] * p.dim()) for n, p in model.named_parameters()}
+    before = {n: p.clone() for n, p in params.items()}
+    opt = FunctionalAdam(lr=1e-3)
+    state = opt.init(params)
+
+    def run(ks, counted=None):
+        return vdp.train_dp_sgd(
+            model,
+            {n: p[ks].clone() for n, p in params.items()},
+            opt,
+            opt.init({n: p[ks] for n, p in params.items()}) if counted is None else state,
+            x,
+            y,
+            [sizes[k] for k in ks],
+            [offsets[k] for k in ks],
+            epochs=1,
+            batch_size=32,
+            max_grad_norm=1.0,
+            noise_multiplier=0.8,
+            sample_generators=[torch.Generator().manual_seed(k) for k in ks],
+            noise_generators=[torch.Generator().manual_seed(9 + k) for k in ks],
+        )
+
+    clients_per_step = []
+    per_sample_grads = vdp.per_sample_grads
+
+    def counting(model, params, x, *rest):
+        clients_per_step.append(x.shape[0])
+        return per_sample_grads(model, params, x, *rest)
+
+    monkeypatch.setattr(vdp, "per_sample_grads", counting)
+    together = vdp.train_dp_sgd(
+        model, params, opt, state, x, y, sizes, offsets, epochs=1, batch_size=32,
+        max_grad_norm=1.0, noise_multiplier=0.8,
+        sample_generators=[torch.Generator().manual_seed(k) for k in range(3)],
+        noise_generators=[torch.Generator().manual_seed(9 + k) for k in range(3)],
+    )  # fmt: skip
+    assert together.steps == [9, 4, 2]
+    assert clients_per_step == [3, 3, 2, 2, 1, 1, 1, 1, 1]
+    assert all(torch.equal(params[n], before[n]) for n in params)
+    assert all(float(v.abs().sum()) == 0 for v in state["exp_avg"].values())
+    for k in range(3):
+        alone = run([k])
+        for name, value in alone.params.items():
+            torch.testing.assert_close(together.params[name][k], value[0], atol=1e-6, rtol=0)
+        for i, value in alone.opt_state["exp_avg_sq"].items():
+            torch.testing.assert_close(together.opt_state["exp_avg_sq"][i][k], value[0])
+        assert float(together.loss[k]) == pytest.approx(float(alone.loss[0]), rel=1e-5)
 
 
 def test_clients_without_local_test_data_evaluate_like_the_loop():

@@ -35,7 +35,8 @@ from fedkd.spec import Spec, refuse_seeded_noise
 
 class NodeStateStore(MutableMapping[int, bytes]):
     """Per-client bytes in the node's `context.state` (one ConfigRecord per client): client
-    states under the prefix "client", what a client released once under another."""
+    states under the prefix "client", what a client released once or its algorithm keeps
+    under others."""
 
     def __init__(self, context: Context, prefix: str = "client") -> None:
         self.state = context.state
@@ -76,17 +77,18 @@ def _learner(spec: Spec, context: Context) -> CohortLearner:
     # The run's data, or (deployment, node config data-path) with the site's own private data.
     data = node_data(spec, context.node_config)
     config, store = cohort_config(spec), NodeStateStore(context)
-    released = NodeStateStore(context, "released")
+    released, kept = NodeStateStore(context, "released"), NodeStateStore(context, "kept")
     r = spec.resources
     if r.learner == "vectorised":
         return VectorisedCohortLearner(
-            data, config, store, released, device=r.device, precision=r.precision
+            data, config, store, released, kept, device=r.device, precision=r.precision
         )
-    return CohortLearner(data, config, store, released)
+    return CohortLearner(data, config, store, released, kept)
 
 
-# What a node keeps per client in its state (`NodeStateStore` prefixes), and so checkpoints.
-STATE_KINDS = ("client", "released")
+# What a node keeps per client in its state (`NodeStateStore` prefixes), and so checkpoints:
+# its student, what it released once, what its algorithm keeps (`Learner.keep`).
+STATE_KINDS = ("client", "released", "kept")
 
 
 def _checkpoint_folder(config: dict, context: Context, simulated: bool) -> Path | None:

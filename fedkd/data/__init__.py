@@ -1,4 +1,4 @@
-"""Data layer: sources to arrays, flwr-datasets partitions, proxy and test splits.
+"""Data layer: sources to arrays, flwr-datasets partitions, proxy and test splits, proxy sources.
 
 ``partition_indices`` is imported on first use: flwr-datasets takes seconds to import, and the
 spec layer and a ClientApp that reads a cached partition need none of it.
@@ -6,6 +6,7 @@ spec layer and a ClientApp that reads a cached partition need none of it.
 
 from typing import Any
 
+from fedkd.data.proxy import PROXY_SOURCES, ProxySource
 from fedkd.data.sources import SOURCES, ArrayDataset, DataError, load_source
 from fedkd.data.splits import (
     ClientData,
@@ -18,11 +19,13 @@ PARTITION_SCHEMES = ("iid", "dirichlet", "shards")
 
 __all__ = [
     "PARTITION_SCHEMES",
+    "PROXY_SOURCES",
     "SOURCES",
     "ArrayDataset",
     "ClientData",
     "DataError",
     "FederatedData",
+    "ProxySource",
     "build_federated_data",
     "load_federated_data",
     "load_source",

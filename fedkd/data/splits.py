@@ -10,6 +10,10 @@ The training split of a source is divided, reproducibly from one seed, into
 - optionally, a labelled validation slice of the proxy set (``proxy_validation_size``), taken
   out of the proxy inputs: the server student is selected on it and never trains on it.
 
+With a proxy source other than in-domain (:mod:`fedkd.data.proxy`), ``proxy_size`` examples are
+still set aside, unused, so that the clients' data are the same whatever the proxy; the proxy
+inputs are the source's, and have no labels.
+
 The source's test split is the global test set.
 """
 
@@ -22,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from fedkd.data.cache import cached_arrays
+from fedkd.data.proxy import ProxySource, proxy_inputs
 from fedkd.data.sources import ArrayDataset, DataError, load_source
 
 # Distinct streams of one seed, so that changing e.g. proxy_size leaves client shuffles alone.
@@ -108,9 +113,9 @@ class FederatedData:
         Shape of one input, channels first.
     proxy_x : np.ndarray
         Unlabeled public proxy inputs, shape ``(proxy_size, *input_shape)``.
-    proxy_y : np.ndarray
-        Labels of the proxy inputs: for diagnostics and the PATE oracle baseline only; never
-        sent to clients.
+    proxy_y : np.ndarray or None
+        Labels of the proxy inputs: for diagnostics only; never sent to clients. None for a
+        proxy that is not in-domain, which has no labels.
     test_x, test_y : np.ndarray
         Global test set (the source's test split).
     clients : list of ClientData
@@ -131,7 +136,7 @@ class FederatedData:
     num_classes: int
     input_shape: tuple[int, ...]
     proxy_x: np.ndarray
-    proxy_y: np.ndarray
+    proxy_y: np.ndarray | None
     test_x: np.ndarray
     test_y: np.ndarray
     clients: list[ClientData]
@@ -144,7 +149,7 @@ class FederatedData:
 
     def __post_init__(self) -> None:
         if self.proxy_val_x is None:
-            self.proxy_val_x, self.proxy_val_y = self.proxy_x[:0], self.proxy_y[:0]
+            self.proxy_val_x, self.proxy_val_y = self.proxy_x[:0], _empty_index()
 
     def pooled_train(self) -> tuple[np.ndarray, np.ndarray]:
         """All clients' private training data together (the centralised baseline).
@@ -172,6 +177,7 @@ def build_federated_data(
     seed: int = 0,
     validation_fraction: float = 0.0,
     proxy_validation_size: int = 0,
+    proxy: ProxySource | None = None,
 ) -> FederatedData:
     """Split a data set into a proxy set and per-client private data.
 
@@ -202,7 +208,11 @@ def build_federated_data(
     proxy_validation_size : int, optional
         Proxy examples (with labels) set aside as the server's validation slice and removed
         from the proxy inputs; 0 for none, else less than ``proxy_size``. The rest of the
-        proxy set is the same whatever this size is.
+        proxy set is the same whatever this size is. In-domain proxies only.
+    proxy : ProxySource, optional
+        Where the proxy inputs come from; None (the default) is in-domain. Another source
+        gives ``proxy.size`` inputs (0: ``proxy_size``) and no labels; ``proxy_size``
+        examples are still set aside.
 
     Returns
     -------
@@ -239,6 +249,12 @@ def build_federated_data(
         raise DataError(
             f"data.proxy_validation_size: expected 0 (none) or an integer below data.proxy_size "
             f"({proxy_size}), got {proxy_validation_size!r}"
+        )
+    external = proxy is not None and not proxy.in_domain
+    if external and proxy_validation_size:
+        raise DataError(
+            f"data.proxy_validation_size: a proxy from proxy.source '{proxy.source}' has no "
+            "labels to validate the server student on; set it to 0, or use the in_domain proxy"
         )
 
     proxy_rng = np.random.default_rng((seed, _PROXY_STREAM))
@@ -277,12 +293,16 @@ def build_federated_data(
                 val_indices=val_idx,
             )
         )
+    proxy_x, proxy_y = dataset.x_train[proxy_idx], dataset.y_train[proxy_idx]
+    if external:
+        proxy_x = proxy_inputs(proxy, dataset.input_shape, proxy.size or proxy_size, seed)
+        proxy_y, proxy_idx = None, _empty_index()
     return FederatedData(
         dataset_name=dataset.name,
         num_classes=dataset.num_classes,
         input_shape=dataset.input_shape,
-        proxy_x=dataset.x_train[proxy_idx],
-        proxy_y=dataset.y_train[proxy_idx],
+        proxy_x=proxy_x,
+        proxy_y=proxy_y,
         test_x=dataset.x_test,
         test_y=dataset.y_test,
         clients=clients,

@@ -9,12 +9,17 @@ from fedkd.knowledge.losses import (
     soft_targets,
 )
 from fedkd.knowledge.teachers import (
+    CONFIDENCE_KINDS,
+    CONFIDENCE_TEACHERS,
     HISTOGRAM_TEACHERS,
     TEACHER_KINDS,
     aggregate_per_class,
     build_teacher,
     class_weighted_probs,
+    client_confidence,
+    confidence_weights,
     era,
+    histogram_agreement,
     match_class_prior,
     mean_logits,
     mean_probs,
@@ -25,14 +30,19 @@ from fedkd.knowledge.teachers import (
 )
 
 __all__ = [
+    "CONFIDENCE_KINDS",
+    "CONFIDENCE_TEACHERS",
     "DISTILL_LOSSES",
     "HISTOGRAM_TEACHERS",
     "TEACHER_KINDS",
     "aggregate_per_class",
     "build_teacher",
     "class_weighted_probs",
+    "client_confidence",
+    "confidence_weights",
     "distillation_loss",
     "era",
+    "histogram_agreement",
     "kl_distillation_loss",
     "mae_logit_loss",
     "match_class_prior",

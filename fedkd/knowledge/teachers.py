@@ -3,8 +3,9 @@
 Conventions
 -----------
 - Client outputs come stacked as ``logits`` of shape ``(K, N, C)``: K clients, N proxy examples,
-  C classes. Optional ``weights`` of shape ``(K,)`` (e.g. example counts) are non-negative and
-  normalised inside.
+  C classes. Optional ``weights`` of shape ``(K,)`` (e.g. example counts) or, per example,
+  ``(K, N)`` (confidence weights, `client_confidence`) are non-negative and normalised inside
+  (over the clients, per example).
 - Every builder returns **teacher logits** of shape ``(N, C)``. Builders that work in probability
   space return the log of the probabilities, which are valid logits:
   ``softmax(log p) == p``.
@@ -31,6 +32,17 @@ TEACHER_KINDS: tuple[str, ...] = (
 )
 # Teachers that weigh clients per class by their label histograms (weights of shape (K, C)).
 HISTOGRAM_TEACHERS: tuple[str, ...] = ("class_weighted", "pooled_likelihood")
+# How sure each client is of each input (`client_confidence`), multiplied into its weight on
+# that input by `build_teacher`'s ``confidence``; "none" leaves the teacher as it was.
+CONFIDENCE_KINDS: tuple[str, ...] = ("none", "negative_entropy", "max_prob")
+# Teachers that take those per-example weights (the robust and pooled ones weigh no examples).
+CONFIDENCE_TEACHERS: tuple[str, ...] = (
+    "mean_logits",
+    "mean_probs",
+    "weighted",
+    "era",
+    "class_weighted",
+)
 
 
 def _check_logits(logits: Tensor) -> None:
@@ -48,19 +60,55 @@ def _check_logits(logits: Tensor) -> None:
 
 
 def _normalised_weights(weights: Tensor | None, logits: Tensor) -> Tensor | None:
-    """``weights`` as a probability vector of shape ``(K,)`` on ``logits``' device and dtype."""
+    """``weights`` normalised over the clients, on ``logits``' device and dtype: a probability
+    vector of shape ``(K,)``, or of shape ``(K, N)`` with every column summing to 1."""
     if weights is None:
         return None
-    k = logits.shape[0]
+    k, n = logits.shape[:2]
     w = torch.as_tensor(weights).to(device=logits.device, dtype=logits.dtype)
-    if w.shape != (k,):
-        raise ValueError(f"weights must have shape ({k},) for {k} clients, got {tuple(w.shape)}")
+    if w.shape not in ((k,), (k, n)):
+        raise ValueError(
+            f"weights must have shape ({k},) for {k} clients, or ({k}, {n}) per example, "
+            f"got {tuple(w.shape)}"
+        )
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
         raise ValueError(f"weights must be finite and non-negative, got {w.tolist()}")
-    total = w.sum()
-    if not bool(total > 0):
+    total = w.sum(dim=0)
+    if not bool((total > 0).all()):
         raise ValueError("weights must not all be zero")
     return w / total
+
+
+def client_confidence(logits: Tensor, kind: str) -> Tensor:
+    """How sure each client is of each input, from its own softmax: a weight in ``[1/C, 1]``.
+
+    A client that never saw an input's class has nothing to recognise it by, and tends to
+    spread its probability (where it does not, the weight cannot tell; the histogram teachers
+    can). Either score depends on the client's logits alone, which the server already holds.
+
+    Parameters
+    ----------
+    logits : Tensor
+        Shape ``(K, N, C)``.
+    kind : {"negative_entropy", "max_prob"}
+        ``"negative_entropy"``: ``exp(-H(p))``, the exponential of the negative entropy of the
+        client's probabilities (1 for a one-hot prediction, ``1/C`` for a uniform one);
+        ``"max_prob"``: its largest probability.
+
+    Returns
+    -------
+    Tensor
+        Shape ``(K, N)``, positive.
+    """
+    _check_logits(logits)
+    log_p = torch.log_softmax(logits, dim=-1)
+    if kind == "negative_entropy":
+        return torch.exp((log_p.exp() * log_p).sum(dim=-1))
+    if kind == "max_prob":
+        return log_p.max(dim=-1).values.exp()
+    raise ValueError(
+        f"unknown confidence kind {kind!r}; choose one of {', '.join(CONFIDENCE_KINDS[1:])}"
+    )
 
 
 def mean_logits(logits: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -71,7 +119,7 @@ def mean_logits(logits: Tensor, weights: Tensor | None = None) -> Tensor:
     logits : Tensor
         Shape ``(K, N, C)``.
     weights : Tensor, optional
-        Shape ``(K,)``, non-negative; uniform when omitted.
+        Shape ``(K,)`` or, per example, ``(K, N)``; non-negative; uniform when omitted.
 
     Returns
     -------
@@ -82,6 +130,8 @@ def mean_logits(logits: Tensor, weights: Tensor | None = None) -> Tensor:
     w = _normalised_weights(weights, logits)
     if w is None:
         return logits.mean(dim=0)
+    if w.dim() == 2:
+        return torch.einsum("kn,knc->nc", w, logits)
     return torch.einsum("k,knc->nc", w, logits)
 
 
@@ -93,7 +143,7 @@ def mean_probs(logits: Tensor, weights: Tensor | None = None) -> Tensor:
     logits : Tensor
         Shape ``(K, N, C)``.
     weights : Tensor, optional
-        Shape ``(K,)``, non-negative; uniform when omitted.
+        Shape ``(K,)`` or, per example, ``(K, N)``; non-negative; uniform when omitted.
 
     Returns
     -------
@@ -107,7 +157,8 @@ def mean_probs(logits: Tensor, weights: Tensor | None = None) -> Tensor:
         w = torch.full((k,), 1.0 / k, device=logits.device, dtype=logits.dtype)
     # Mixing in log space keeps tiny probabilities representable; zero weights give log 0 =
     # -inf terms that logsumexp drops exactly.
-    log_p = torch.log_softmax(logits, dim=-1) + torch.log(w)[:, None, None]
+    log_w = torch.log(w)[:, None, None] if w.dim() == 1 else torch.log(w)[:, :, None]
+    log_p = torch.log_softmax(logits, dim=-1) + log_w
     return torch.logsumexp(log_p, dim=0)
 
 
@@ -125,7 +176,8 @@ def era(logits: Tensor, temperature: float = 0.1, weights: Tensor | None = None)
     temperature : float, default 0.1
         Positive; DS-FL uses 0.1.
     weights : Tensor, optional
-        Shape ``(K,)``, non-negative; uniform when omitted.
+        Shape ``(K,)`` or, per example, ``(K, N)``; non-negative; uniform when omitted. The
+        sharpening applies to the weighted mean.
 
     Returns
     -------
@@ -148,7 +200,9 @@ def era(logits: Tensor, temperature: float = 0.1, weights: Tensor | None = None)
     return torch.log_softmax(p_mean / t, dim=-1)
 
 
-def class_weighted_probs(logits: Tensor, class_weights: Tensor) -> Tensor:
+def class_weighted_probs(
+    logits: Tensor, class_weights: Tensor, example_weights: Tensor | None = None
+) -> Tensor:
     """Each class's probability from the clients that hold that class (for label skew).
 
     Under label skew a client confidently predicts its own classes on inputs of classes it has
@@ -163,6 +217,10 @@ def class_weighted_probs(logits: Tensor, class_weights: Tensor) -> Tensor:
         Shape ``(K, N, C)``.
     class_weights : Tensor
         Shape ``(K, C)``, finite; negative entries (noisy counts) count as 0.
+    example_weights : Tensor, optional
+        Shape ``(K, N)``, positive (`client_confidence`): client k's weight on class c of input
+        n is ``class_weights[k, c] * example_weights[k, n]``, renormalised over the clients; a
+        class no client holds is weighted by ``example_weights`` alone.
 
     Returns
     -------
@@ -177,6 +235,15 @@ def class_weighted_probs(logits: Tensor, class_weights: Tensor) -> Tensor:
     if not bool(torch.isfinite(w).all()):
         raise ValueError("class_weights must be finite")
     w = w.clamp(min=0)
+    if example_weights is not None:
+        e = _normalised_weights(example_weights, logits)
+        if e is None or e.dim() != 2:
+            raise ValueError(f"example_weights must have shape ({k}, {logits.shape[1]})")
+        w = w[:, None, :] * e[:, :, None]  # (K, N, C)
+        total = w.sum(dim=0)
+        w = torch.where(total > 0, w / total.clamp(min=1e-12), e[:, :, None].expand_as(w))
+        scores = (w * torch.softmax(logits, dim=-1)).sum(dim=0)
+        return torch.log(scores / scores.sum(dim=1, keepdim=True))
     total = w.sum(dim=0)
     w = torch.where(total > 0, w / total.clamp(min=1e-12), torch.full_like(w, 1.0 / k))
     scores = torch.einsum("kc,knc->nc", w, torch.softmax(logits, dim=-1))
@@ -369,6 +436,8 @@ def build_teacher(
     era_temperature: float = 0.1,
     trim_fraction: float = 0.2,
     held_count: float = 100.0,
+    confidence: str = "none",
+    prior_agreement: bool = False,
 ) -> Tensor:
     """Build a teacher of the given kind from stacked client logits.
 
@@ -392,6 +461,15 @@ def build_teacher(
         Fraction trimmed at each end by ``"trimmed_mean"``.
     held_count : float, default 100.0
         ``"pooled_likelihood"``: counts above this mean a client holds the class.
+    confidence : str, default "none"
+        One of :data:`CONFIDENCE_KINDS`: other than ``"none"``, each client's weight on each
+        input is multiplied by its confidence there (:func:`client_confidence`), then
+        normalised over the clients per input; for the :data:`CONFIDENCE_TEACHERS` only.
+        ``"era"`` sharpens the weighted mean.
+    prior_agreement : bool, default False
+        ``"class_weighted"`` only: multiply each client's weight on each input by the
+        agreement of the ensemble's prediction there with its label histogram
+        (:func:`histogram_agreement`), after the confidence.
 
     Returns
     -------
@@ -401,8 +479,13 @@ def build_teacher(
     Raises
     ------
     ValueError
-        Unknown ``kind``, ``"weighted"`` without weights, or invalid inputs.
+        Unknown ``kind``, ``"weighted"`` without weights, a confidence the teacher does not
+        take, or invalid inputs.
     """
+    if confidence != "none" or prior_agreement:
+        return _per_example_weighted(
+            kind, logits, weights, confidence, prior_agreement, era_temperature
+        )
     if kind == "mean_logits":
         return mean_logits(logits, weights)
     if kind == "mean_probs":
@@ -425,6 +508,102 @@ def build_teacher(
             return class_weighted_probs(logits, weights)
         return pooled_likelihood(logits, weights, held_count)
     raise ValueError(f"unknown teacher kind {kind!r}; choose one of {', '.join(TEACHER_KINDS)}")
+
+
+def confidence_weights(logits: Tensor, confidence: str, weights: Tensor | None = None) -> Tensor:
+    """Per-example client weights: each client's base weight times its confidence on the input
+    (:func:`client_confidence`), normalised over the clients.
+
+    Parameters
+    ----------
+    logits : Tensor
+        Shape ``(K, N, C)``.
+    confidence : {"negative_entropy", "max_prob"}
+        The confidence score.
+    weights : Tensor, optional
+        Shape ``(K,)`` (e.g. example counts) or ``(K, N)``, non-negative; uniform when omitted.
+
+    Returns
+    -------
+    Tensor
+        Shape ``(K, N)``, non-negative, every column summing to 1.
+    """
+    conf = client_confidence(logits, confidence)
+    base = _normalised_weights(weights, logits)
+    if base is not None:
+        conf = conf * (base if base.dim() == 2 else base[:, None])
+    return _normalised_weights(conf, logits)
+
+
+def histogram_agreement(logits: Tensor, class_counts: Tensor, example_weights: Tensor) -> Tensor:
+    """How much each input's likely class is one its client holds: per-example client weights
+    from the agreement of the ensemble's prediction with each client's label histogram.
+
+    A client's vote on an input of a class it never held is a guess, however sure it is. With
+    ``q`` the class-weighted teacher of the clients (:func:`class_weighted_probs` with
+    `example_weights`) and ``s_k(c)`` client k's count of class c over its largest count, client
+    k's agreement on input n is ``sum_c q(c | x_n) s_k(c)``: near 1 where the ensemble thinks the
+    input is of one of the client's main classes, near 0 where it thinks it is of a class the
+    client never held. Post-processing of the logits and the released histograms.
+
+    Parameters
+    ----------
+    logits : Tensor
+        Shape ``(K, N, C)``.
+    class_counts : Tensor
+        Shape ``(K, C)``, finite; the clients' (possibly noisy) label counts, negative entries
+        count as 0.
+    example_weights : Tensor
+        Shape ``(K, N)``, positive: the clients' weights in ``q``.
+
+    Returns
+    -------
+    Tensor
+        Shape ``(K, N)``, in ``[0, 1]``; a client with no positive count gets 0 everywhere.
+    """
+    q = torch.exp(class_weighted_probs(logits, class_counts, example_weights))
+    counts = torch.as_tensor(class_counts).to(device=logits.device, dtype=logits.dtype)
+    counts = counts.clamp(min=0)
+    share = counts / counts.max(dim=1, keepdim=True).values.clamp(min=1e-12)
+    return torch.einsum("nc,kc->kn", q, share)
+
+
+def _per_example_weighted(
+    kind: str,
+    logits: Tensor,
+    weights: Tensor | None,
+    confidence: str,
+    agreement: bool,
+    era_temperature: float,
+) -> Tensor:
+    """`build_teacher` with per-example weights: the base weights times the confidence, times
+    the agreement with the label histograms (``class_weighted`` only)."""
+    if kind not in CONFIDENCE_TEACHERS:
+        raise ValueError(
+            f"teacher '{kind}' takes no per-example weights; confidence and prior agreement "
+            f"need one of {', '.join(CONFIDENCE_TEACHERS)}"
+        )
+    if kind == "weighted" and weights is None:
+        raise ValueError("teacher 'weighted' needs per-client weights (e.g. example counts)")
+    if kind == "class_weighted":
+        if weights is None or weights.dim() != 2:
+            raise ValueError(f"teacher '{kind}' needs per-client class counts, shape (K, C)")
+        if confidence == "none":
+            example = torch.ones(logits.shape[:2], dtype=logits.dtype, device=logits.device)
+        else:
+            example = confidence_weights(logits, confidence)
+        if agreement:
+            # Clients that hold no likely class of an input keep a sliver of weight there, so
+            # that an input no client agrees on falls back to the confidence weights.
+            example = example * histogram_agreement(logits, weights, example).clamp(min=1e-6)
+        return class_weighted_probs(logits, weights, example)
+    if agreement:
+        raise ValueError(
+            f"prior agreement needs the clients' label histograms: teacher 'class_weighted', "
+            f"not '{kind}'"
+        )
+    per_example = confidence_weights(logits, confidence, weights)
+    return build_teacher(kind, logits, per_example, era_temperature=era_temperature)
 
 
 def per_class_mean_logits(

@@ -4,7 +4,7 @@ Each client of a stack must see exactly the minibatches the per-client loop woul
 the same order. A plan lays each client's batches end to end over its epochs and aligns the
 clients' steps by index; a short batch is padded with weight-0 rows. Stacking clients in
 order of their step counts, most first, makes the clients that still have a batch at any step
-the first ones of the stack, so a step computes on them alone (`BatchPlan.active`).
+the first ones of the stack, so a step computes on them alone (`BatchPlan.computed`).
 """
 
 from __future__ import annotations
@@ -29,13 +29,24 @@ class BatchPlan:
     weight: Tensor  # (T, K, B) float32
     size: Tensor  # (T, K) int64
     width: list[int] = field(default_factory=list)  # longest batch of each step
-    # Per step: how many clients take it when they are the first ones of the stack (clients
-    # ordered by step count), else None (the steppers are scattered: mask the whole stack).
-    active: list[int | None] = field(default_factory=list)
+    # Per step: how many leading clients of the stack it computes: the clients that take it
+    # when they are the first ones of the stack (clients ordered by step count), else all K
+    # (the steppers are scattered: the whole stack, the others masked out of the update).
+    computed: list[int] = field(default_factory=list)
 
     @property
     def steps(self) -> int:
         return len(self.width)
+
+    @property
+    def real_rows(self) -> int:
+        """Examples trained on: the rows of all clients' batches."""
+        return int(self.size.sum())
+
+    @property
+    def computed_rows(self) -> int:
+        """Rows the steps compute: each step's computed clients times its longest batch."""
+        return sum(a * w for a, w in zip(self.computed, self.width, strict=True))
 
 
 def batch_rows(batch_size: int, group_size: int = 1) -> int:
@@ -103,16 +114,40 @@ def plan_batches(
             weight[t, j, : len(c)] = 1.0 / len(c)
             size[t, j] = len(c)
     widths = [max(1, int(size[t].max())) for t in range(steps)]
-    stepping = size > 0
+    computed = leading_steppers(size > 0)
+    return BatchPlan(index.to(device), weight.to(device), size.to(device), widths, computed)
+
+
+def leading_steppers(stepping: Tensor) -> list[int]:
+    """Per step, how many leading clients of the stack a step must compute.
+
+    Parameters
+    ----------
+    stepping : Tensor
+        ``(T, K)`` bool: client k takes step t.
+
+    Returns
+    -------
+    list of int
+        The number of clients that take step t when they are the first ones of the stack,
+        else K (the whole stack, clients without the step masked out of the update).
+    """
+    k = stepping.shape[1]
     counts = stepping.sum(1).tolist()
-    active = [a if bool(stepping[t, :a].all()) else None for t, a in enumerate(counts)]
-    return BatchPlan(index.to(device), weight.to(device), size.to(device), widths, active)
+    return [a if bool(stepping[t, :a].all()) else k for t, a in enumerate(counts)]
 
 
 def most_steps_first(client_ids: Sequence[int], num_examples: Callable[[int], int]) -> list[int]:
     """`client_ids` ordered by training set size, largest first (stable): the stacking order
-    under which each step's steppers are a prefix of the stack (see `BatchPlan.active`)."""
+    under which each step's steppers are a prefix of the stack (see `BatchPlan.computed`)."""
     return sorted(client_ids, key=lambda c: -num_examples(c))
 
 
-__all__ = ["BatchPlan", "batch_rows", "most_steps_first", "plan_batches", "shuffled_batches"]
+__all__ = [
+    "BatchPlan",
+    "batch_rows",
+    "leading_steppers",
+    "most_steps_first",
+    "plan_batches",
+    "shuffled_batches",
+]

@@ -10,6 +10,7 @@ the round and the run seed, so one client per node and cohorts give the same num
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 
@@ -134,6 +135,9 @@ class CohortLearner:
     released : MutableMapping[int, bytes], optional
         Where each client keeps what it released once and resends (its noisy label
         histogram), persisting like `states`; default: a dict of this learner's own.
+    kept : MutableMapping[int, bytes], optional
+        Where each client keeps what its algorithm's client side carries from one phase to a
+        later one (`keep`, `kept`), persisting like `states`; default: a dict of its own.
     """
 
     def __init__(
@@ -142,11 +146,13 @@ class CohortLearner:
         config: CohortConfig,
         states: MutableMapping[int, bytes],
         released: MutableMapping[int, bytes] | None = None,
+        kept: MutableMapping[int, bytes] | None = None,
     ) -> None:
         self.data = data
         self.config = config
         self.states = states
         self.released = {} if released is None else released
+        self.kept_arrays = {} if kept is None else kept
 
     # -- state ---------------------------------------------------------------------------------
     def _load(self, client_id: int) -> ClientState:
@@ -262,6 +268,21 @@ class CohortLearner:
             )
             state.private_opt = make_optimizer(state.model.parameters(), self.config.private.optim)
             self._save(state)
+
+    def keep(self, client_id: int, arrays: dict[str, np.ndarray]) -> None:
+        """Keep `arrays` in the client's own state, in place of what it kept before (see
+        `fedkd.learner.protocol.Learner`)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        self.kept_arrays[client_id] = buffer.getvalue()
+
+    def kept(self, client_id: int) -> dict[str, np.ndarray]:
+        """What the client last kept with `keep` ({} if nothing)."""
+        blob = self.kept_arrays.get(client_id)
+        if blob is None:
+            return {}
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
 
     def label_histogram(self, client_id: int) -> dict[str, np.ndarray]:
         """``{"label_histogram": counts}`` when the teacher needs it, else ``{}``; drawn once

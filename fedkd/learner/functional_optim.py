@@ -39,6 +39,12 @@ class FunctionalOptimizer(Protocol):
         """One update of every client with ``active[k]`` true; the others are unchanged."""
         ...
 
+    def step_first(
+        self, params: Params, grads: Params, state: dict[str, Any], active: Tensor, a: int
+    ) -> tuple[Params, dict[str, Any]]:
+        """`step` of the first `a` clients only (`grads`, `active`: theirs); see `StepFirst`."""
+        ...
+
     def from_torch(
         self, client_states: Sequence[dict[int, dict[str, Tensor]]], params: Params
     ) -> dict[str, Any]:
@@ -50,8 +56,53 @@ class FunctionalOptimizer(Protocol):
         ...
 
 
+class StepFirst:
+    """`step_first`: an optimizer step computed on the first `a` stacked clients only.
+
+    When the clients that take a step are the first ones of the stack (clients ordered by step
+    count), the others need no computation at all: their weights and state are left as they
+    are. The first `a` clients' new weights and state are written into `params` and `state` in
+    place (which must therefore not be shared with a caller that still needs them), unless
+    ``a`` is the whole stack: then it is `step`, which returns new tensors.
+    """
+
+    def step_first(
+        self, params: Params, grads: Params, state: dict[str, Any], active: Tensor, a: int
+    ) -> tuple[Params, dict[str, Any]]:
+        """One update of the first `a` clients (``active[k]`` true), the rest untouched.
+
+        Parameters
+        ----------
+        params : dict of str to Tensor
+            The whole stack, ``(K, *shape)`` each.
+        grads : dict of str to Tensor
+            Gradients of the first `a` clients, ``(a, *shape)`` each.
+        state : dict
+            The whole stack's optimizer state.
+        active : Tensor
+            ``(a,)`` bool: which of the first `a` clients take the step.
+        a : int
+            How many leading clients of the stack are computed.
+
+        Returns
+        -------
+        tuple of (dict, dict)
+            The stack's weights and state after the step.
+        """
+        step = self.step  # type: ignore[attr-defined]  # FunctionalSGD's or FunctionalAdam's
+        if a == num_clients(params):
+            return step(params, grads, state, active)
+        head, head_state = step(
+            {n: p[:a] for n, p in params.items()}, grads, state_prefix(state, a), active
+        )
+        for n, p in head.items():
+            params[n][:a] = p
+        write_state_prefix(state, head_state, a)
+        return params, state
+
+
 @dataclass(frozen=True)
-class FunctionalSGD:
+class FunctionalSGD(StepFirst):
     """``torch.optim.SGD(lr, momentum, weight_decay)`` (dampening 0, no Nesterov), stacked.
 
     torch's update, per parameter: ``g = grad + wd * p``; the momentum buffer is ``g.clone()``
@@ -116,7 +167,7 @@ class FunctionalSGD:
 
 
 @dataclass(frozen=True)
-class FunctionalAdam:
+class FunctionalAdam(StepFirst):
     """``torch.optim.Adam(lr, weight_decay)`` with default betas and eps, no AMSGrad, stacked.
 
     torch's update (single-tensor path), per parameter: ``step += 1``; ``g = grad + wd * p``;
@@ -222,6 +273,7 @@ __all__ = [
     "FunctionalOptimizer",
     "FunctionalSGD",
     "Params",
+    "StepFirst",
     "functional_optimizer",
     "num_clients",
     "state_prefix",

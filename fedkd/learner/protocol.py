@@ -110,6 +110,16 @@ class Learner(Protocol):
         (momentum of the old weights does not carry over to new ones)."""
         ...
 
+    def keep(self, client_id: int, arrays: dict[str, np.ndarray]) -> None:
+        """Keep `arrays` in the client's own state until it keeps others (its algorithm's
+        memory across phases and rounds, e.g. its earlier outputs; never sent anywhere).
+        Checkpointed with the client's state, so a resumed run finds them."""
+        ...
+
+    def kept(self, client_id: int) -> dict[str, np.ndarray]:
+        """What the client last kept with `keep` ({} if nothing)."""
+        ...
+
     def label_histogram(self, client_id: int) -> dict[str, np.ndarray]:
         """``{"label_histogram": counts}``, the client's released label histogram, where the
         run releases one ({} otherwise); drawn once per client and resent every round."""

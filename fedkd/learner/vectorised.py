@@ -68,8 +68,6 @@ from fedkd.learner.functional_optim import (
     Params,
     functional_optimizer,
     num_clients,
-    state_prefix,
-    write_state_prefix,
 )
 from fedkd.learner.loop import (
     PHASE_DISTILL,
@@ -125,6 +123,8 @@ class VectorisedCohortLearner(CohortLearner):
         bytes as the loop learner's `ClientState.to_bytes`.
     released : MutableMapping[int, bytes], optional
         What each client released once and resends (see `CohortLearner`).
+    kept : MutableMapping[int, bytes], optional
+        What each client's algorithm keeps across phases (see `CohortLearner`).
     device : str, default "auto"
         ``auto``, ``cpu`` or ``cuda`` (the device Ray assigned to this actor).
     precision : str, default "fp32"
@@ -147,13 +147,14 @@ class VectorisedCohortLearner(CohortLearner):
         config: CohortConfig,
         states: MutableMapping[int, bytes],
         released: MutableMapping[int, bytes] | None = None,
+        kept: MutableMapping[int, bytes] | None = None,
         *,
         device: str = "auto",
         precision: str = "fp32",
         max_chunk: int | None = None,
         predict_rows: int | None = None,
     ) -> None:
-        super().__init__(data, config, states, released)
+        super().__init__(data, config, states, released, kept)
         if precision not in PRECISIONS:
             raise ValueError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
         self.device = resolve_device(device)
@@ -204,8 +205,14 @@ class VectorisedCohortLearner(CohortLearner):
             self._param_groups[key] = groups
         return self._param_groups[key]
 
-    def _load_stack(self, arch: str, client_ids: list[int]) -> StackedStates:
-        """Read the clients' bytes (or initialise them as `ClientState.create` does)."""
+    def _load_stack(
+        self, arch: str, client_ids: list[int], weights_only: bool = False
+    ) -> StackedStates:
+        """Read the clients' bytes (or initialise them as `ClientState.create` does).
+
+        `weights_only`: the optimizers' states are left empty (logits, evaluation and weights
+        need none; such a stack is never saved), which keeps them out of memory.
+        """
         cfg = self.config
         models, private, distill, rounds, pgroups, dgroups = [], [], [], [], [], []
         dp_steps = []
@@ -220,8 +227,9 @@ class VectorisedCohortLearner(CohortLearner):
                 distill.append({})
                 rounds.append(0)
                 dp_steps.append(0)
-                pgroups.append(self._fresh_groups(arch, cfg.private.optim))
-                dgroups.append(self._fresh_groups(arch, cfg.distill.optim))
+                if not weights_only:
+                    pgroups.append(self._fresh_groups(arch, cfg.private.optim))
+                    dgroups.append(self._fresh_groups(arch, cfg.distill.optim))
                 continue
             # Shared with the process's state cache: stacking below copies every tensor.
             saved = decode_client_state(blob, shared=True)
@@ -242,8 +250,8 @@ class VectorisedCohortLearner(CohortLearner):
             client_ids=list(client_ids),
             arch=arch,
             params=params,
-            private_state=self.private_opt.from_torch(private, params),
-            distill_state=self.distill_opt.from_torch(distill, params),
+            private_state={} if weights_only else self.private_opt.from_torch(private, params),
+            distill_state={} if weights_only else self.distill_opt.from_torch(distill, params),
             rounds_trained=rounds,
             dp_steps=dp_steps,
             private_groups=pgroups,
@@ -465,36 +473,23 @@ class VectorisedCohortLearner(CohortLearner):
         opt = self.private_opt if which == "private" else self.distill_opt
         state = stack.private_state if which == "private" else stack.distill_state
         params = dict(stack.params)
-        k = len(stack.client_ids)
-        total = torch.zeros(k, dtype=torch.float64, device=self.device)
-        active = plan.active
+        total = torch.zeros(len(stack.client_ids), dtype=torch.float64, device=self.device)
         with precision_context(self.precision, self.device):
-            for t in range(plan.steps):
-                a = active[t]
+            for t, a in enumerate(plan.computed):
+                # Clients are ordered by step count: only the first `a` still have batches, so
+                # only they are computed (no rows of clients that have finished).
                 if a == 0:
                     continue
                 width = plan.width[t]
-                if a is None or a == k:
-                    # Every client steps (or the steppers are not a prefix): the whole stack,
-                    # clients without a batch masked out of the update.
-                    idx = plan.index[t, :, :width]
-                    size = plan.size[t]
-                    grads, loss = step_fn(
-                        params, x_all[idx], targets[idx], plan.weight[t, :, :width]
-                    )
-                    params, state = opt.step(params, grads, state, size > 0)
-                    total += loss.double() * size
-                    continue
-                # Clients are ordered by step count: only the first `a` still have batches, so
-                # only they are computed (no rows of clients that have finished), in place.
                 idx = plan.index[t, :a, :width]
                 size = plan.size[t, :a]
-                sub = {n: p[:a] for n, p in params.items()}
-                grads, loss = step_fn(sub, x_all[idx], targets[idx], plan.weight[t, :a, :width])
-                new_sub, new_state = opt.step(sub, grads, state_prefix(state, a), size > 0)
-                for n, p in new_sub.items():
-                    params[n][:a] = p
-                write_state_prefix(state, new_state, a)
+                grads, loss = step_fn(
+                    {n: p[:a] for n, p in params.items()},
+                    x_all[idx],
+                    targets[idx],
+                    plan.weight[t, :a, :width],
+                )
+                params, state = opt.step_first(params, grads, state, size > 0, a)
                 total[:a] += loss.double() * size
         stack.params = params
         if which == "private":
@@ -585,7 +580,7 @@ class VectorisedCohortLearner(CohortLearner):
         x = torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device)
         out: dict[int, np.ndarray] = {}
         for arch, cids in self._groups(client_ids):
-            stack = self._load_stack(arch, cids)
+            stack = self._load_stack(arch, cids, weights_only=True)
             with precision_context(self.precision, self.device):
                 values = self._predict_shared(self._template(arch), stack.params, x, embed).cpu()
             for j, cid in enumerate(cids):
@@ -609,7 +604,7 @@ class VectorisedCohortLearner(CohortLearner):
         x_all, _, offsets = self.dev.train
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for arch, cids in self._groups(client_ids):
-            stack = self._load_stack(arch, cids)
+            stack = self._load_stack(arch, cids, weights_only=True)
             model = self._template(arch)
             with precision_context(self.precision, self.device):
                 own = self._predict_own(
@@ -623,7 +618,10 @@ class VectorisedCohortLearner(CohortLearner):
         """Each client's student weights (see `fedkd.learner.protocol.Learner`)."""
         out: dict[int, dict[str, np.ndarray]] = {}
         for arch, cids in self._groups(client_ids):
-            cpu = {n: p.detach().cpu() for n, p in self._load_stack(arch, cids).params.items()}
+            cpu = {
+                n: p.detach().cpu()
+                for n, p in self._load_stack(arch, cids, weights_only=True).params.items()
+            }
             for j, cid in enumerate(cids):
                 out[cid] = {n: p[j].numpy().copy() for n, p in cpu.items()}
         return {cid: out[cid] for cid in client_ids}
@@ -666,7 +664,7 @@ class VectorisedCohortLearner(CohortLearner):
         val_x, _, val_offsets = dev.validation
         results: dict[int, ClientResult] = {}
         for arch, cids in self._groups(client_ids):
-            stack = self._load_stack(arch, cids)
+            stack = self._load_stack(arch, cids, weights_only=True)
             model = self._template(arch)
             with precision_context(self.precision, self.device):
                 test_logits = self._predict_shared(model, stack.params, test_x).cpu()

@@ -271,9 +271,10 @@ def train_dp_sgd(
     Each client samples at rate ``1 / ceil(n / batch_size)`` for that many steps per epoch
     (Opacus's Poisson loader); a client that has taken its steps is masked out of the update.
     `optimizer` is a functional optimizer of `fedkd.learner.functional_optim` (``step(params,
-    grads, state, active)``). `noise_multiplier` is one value, one per client, or a function of
-    a client's ``(sample_rate, steps_per_epoch)`` (`fedkd.privacy.dpsgd.DpSgdSettings.noise_for`:
-    noise calibrated for the client's whole run, as the Opacus path does).
+    grads, state, active)``, and ``step_first``: the same on the first clients of the stack).
+    `noise_multiplier` is one value, one per client, or a function of a client's
+    ``(sample_rate, steps_per_epoch)`` (`fedkd.privacy.dpsgd.DpSgdSettings.noise_for`: noise
+    calibrated for the client's whole run, as the Opacus path does).
     """
     rates_steps = [sample_rate_and_steps_per_epoch(n, batch_size) for n in lengths]
     rates = [q for q, _ in rates_steps]
@@ -286,25 +287,35 @@ def train_dp_sgd(
     plan = poisson_plan(lengths, offsets, rates, steps, sample_generators, device)
     divisors = [max(1, expected_batch_size(n, q)) for n, q in zip(lengths, rates, strict=True)]
     k = len(lengths)
+    # Clients that have taken all their steps are left out of the computation when the ones
+    # still stepping are the first ones of the stack (the learner stacks clients by size,
+    # largest first), instead of computing their padded, masked-out batches; their weights are
+    # written in place, so the caller's tensors are copied first.
+    params = {n: p.clone() for n, p in params.items()}
+    opt_state = _cloned(opt_state)
+    stepping = plan.active.sum(1).tolist()
     total = torch.zeros(k, dtype=torch.float64, device=device)
     seen = torch.zeros(k, dtype=torch.float64, device=device)
     for t in range(plan.steps):
-        idx, msk = plan.index[t], plan.mask[t]
+        a = stepping[t] if bool(plan.active[t, : stepping[t]].all()) else k
+        if a == 0:
+            continue
+        idx, msk = plan.index[t][:a], plan.mask[t][:a]
         grads, loss_sums = dp_sgd_gradients(
             model,
-            params,
+            {n: p[:a] for n, p in params.items()},
             x_all[idx],
             y_all[idx],
             msk,
             max_grad_norm=max_grad_norm,
-            noise_multiplier=sigmas,
-            expected_batch_sizes=divisors,
-            noise_generators=noise_generators,
+            noise_multiplier=sigmas[:a],
+            expected_batch_sizes=divisors[:a],
+            noise_generators=noise_generators[:a],
         )
-        active = plan.active[t]
-        params, opt_state = optimizer.step(params, grads, opt_state, active)
-        total += loss_sums.double() * active
-        seen += msk.sum(dim=1).double() * active
+        active = plan.active[t, :a]
+        params, opt_state = optimizer.step_first(params, grads, opt_state, active, a)
+        total[:a] += loss_sums.double() * active
+        seen[:a] += msk.sum(dim=1).double() * active
     return DpSgdRound(
         params=params,
         opt_state=opt_state,
@@ -313,6 +324,15 @@ def train_dp_sgd(
         noise_multipliers=sigmas,
         loss=(total / seen.clamp(min=1)).float(),
     )
+
+
+def _cloned(state: Any) -> Any:
+    """A copy of an optimizer state (nested dicts of tensors) whose tensors nothing else holds."""
+    if isinstance(state, Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {key: _cloned(value) for key, value in state.items()}
+    return state
 
 
 __all__ = [

@@ -104,7 +104,8 @@ def _client_dir(root: Path, client_id: int) -> Path:
 
 
 def save_client_state(root: Path, client_id: int, rnd: int, blobs: dict[str, bytes]) -> None:
-    """Keep a client's state bytes (per kind: ``client``, ``released``) as of round `rnd`."""
+    """Keep a client's state bytes (per kind: ``client``, ``released``, ``kept``) as of round
+    `rnd`."""
     folder = _client_dir(root, client_id)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"round-{rnd:04d}.npz"
