@@ -87,7 +87,7 @@ def test_every_algorithm_runs_and_writes_the_contract(tmp_path, algorithm):
     assert (tmp_path / "run" / "spec.toml").is_file()
     assert (tmp_path / "run" / "accuracy.png").stat().st_size > 0
     final = rows[-1]
-    if algorithm in ("dsfl", "fedmd", "feddf", "fedavg", "centralized", "pate"):
+    if algorithm in ("dsfl", "fedmd", "feddf", "relation", "fedavg", "centralized", "pate"):
         assert 0.0 <= final["server_test_acc"] <= 1.0
     else:
         assert final["server_test_acc"] is None
@@ -105,6 +105,9 @@ def test_every_algorithm_runs_and_writes_the_contract(tmp_path, algorithm):
         assert final["bytes_up_per_client"] == 200 * 10 * 4
         assert final["teacher_test_acc"] is not None
         assert 0.2 < final["teacher_proxy_acc"] <= 1.0  # chance is 0.1
+    elif algorithm == "relation":  # the logits, and 10 batches x 190 similarities
+        assert final["bytes_up_per_client"] == (200 * 10 + 10 * 190) * 4
+        assert 0.2 < final["teacher_proxy_acc"] <= 1.0
     else:
         assert "teacher_proxy_acc" not in final
     if algorithm == "fd":
