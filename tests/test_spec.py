@@ -97,7 +97,7 @@ def test_bad_values_name_the_key(override, message):
         (["server.confident_fraction=1.5"], "must be in [0, 1], got 1.5"),
         (
             ["algorithm.name=fd", "server.confident_fraction=0.5"],
-            "a logit teacher (dsfl, fedmd, feddf), not 'fd'",
+            "a logit teacher (dsfl, fedmd, feddf, relation), not 'fd'",
         ),
     ],
 )
