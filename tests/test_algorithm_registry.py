@@ -181,3 +181,17 @@ def test_a_sweep_point_run_before_the_change_still_counts_as_done(tmp_path):
     before["algorithm"]["fd_weight"] = 0.5  # a value that did not come from the defaults
     saved.write_text(tomli_w.dumps(before))
     assert spec_mismatch(saved, now) == ["algorithm.fd_weight"]
+
+
+def test_a_run_recorded_before_a_key_existed_matches_only_at_that_keys_default(tmp_path):
+    from fedkd.run.sweep import spec_mismatch
+
+    now = load_spec(None, ["rounds=2"]).to_dict()
+    older = tomllib.loads(tomli_w.dumps(now))
+    del older["algorithm"]["teacher_confidence"]  # an option added after the run was made
+    del older["proxy"]  # a table added after the run was made
+    saved = tmp_path / "spec.toml"
+    saved.write_text(tomli_w.dumps(older))
+    assert spec_mismatch(saved, now) == []
+    changed = load_spec(None, ["rounds=2", "algorithm.teacher_confidence=max_prob"]).to_dict()
+    assert spec_mismatch(saved, changed) == ["algorithm.teacher_confidence"]

@@ -63,6 +63,7 @@ from fedkd.spec import (
     Spec,
     SpecError,
     load_spec,
+    spec_from_dict,
     with_noise_rng,
 )
 
@@ -238,7 +239,20 @@ def spec_mismatch(saved_toml: Path, expected: dict[str, Any]) -> list[str]:
         if k.startswith("algorithm.")
         and LEGACY_ALGORITHM_DEFAULTS.get(k.split(".", 1)[1], ...) == saved[k]
     }
+    # A run recorded before a key existed lacks it: a key added since, at its default, changes
+    # nothing (a new option's default keeps the old behaviour).
+    defaults = _default_flat_spec(want.get("algorithm.name"))
+    keys -= {k for k in set(want) - set(saved) if k in defaults and defaults[k] == want[k]}
     return sorted(k for k in keys if saved.get(k) != want.get(k))
+
+
+def _default_flat_spec(algorithm_name: Any) -> dict[str, Any]:
+    """Every key of a spec that sets only ``algorithm.name``, flattened; empty if none builds."""
+    try:
+        spec = spec_from_dict({"algorithm": {"name": algorithm_name}} if algorithm_name else {})
+    except (SpecError, ValueError, ImportError):
+        return {}
+    return _flat(tomllib.loads(tomli_w.dumps(spec.to_dict())))
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
