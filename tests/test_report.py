@@ -137,6 +137,27 @@ def test_groups_with_one_name_are_told_apart_by_their_settings(tmp_path):
     assert {r["group"] for r in rows} == {"same (train.lr=0.05)", "same (train.lr=0.1)"}
 
 
+def test_seeds_recorded_before_and_after_a_key_existed_form_one_group(tmp_path):
+    import tomllib
+
+    import tomli_w
+
+    old = fake_run(tmp_path, "x-seed=0", seed=0, accs=(0.8,))
+    new = fake_run(tmp_path, "x-seed=1", seed=1, accs=(0.9,))
+    spec = tomllib.loads((old / "spec.toml").read_text())
+    del spec["algorithm"]["teacher_confidence"]  # the older run predates the option
+    del spec["proxy"]
+    (old / "spec.toml").write_text(tomli_w.dumps(spec))
+    other = fake_run(tmp_path, "y", accs=(0.7,))
+    (other / "spec.toml").write_text(
+        load_spec(None, ['name="y"', "algorithm.teacher_confidence=max_prob"]).to_toml()
+    )
+    rows = list(csv.DictReader(io.StringIO(report(old, new, other, "--format", "csv").stdout)))
+    groups = {r["group"]: r for r in rows if r["metric"] == "server_test_acc"}
+    assert groups["x"]["n"] == "2"
+    assert groups["y"]["n"] == "1"
+
+
 def test_report_on_real_runs_and_their_provenance(tmp_path):
     run_inprocess(tmp_path, [], name="dsfl")
     run_inprocess(tmp_path, ["algorithm.name=local_only"], name="local")

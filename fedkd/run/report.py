@@ -22,7 +22,7 @@ from fedkd.provenance import commit_label, machine_label
 from fedkd.results import read_run
 
 # The sweep's flattening of specs, and its keys that label or file a run (not compared).
-from fedkd.run.sweep import _NOT_COMPARED, _flat
+from fedkd.run.sweep import _NOT_COMPARED, _flat, default_flat_spec
 from fedkd.stats import CONFIDENCE, Stats, describe
 
 # Keys a seed-only difference may change (besides what the sweep already ignores).
@@ -126,11 +126,15 @@ def _setting(run: Run) -> tuple:
     """What must agree for two runs to be seeds of one experiment."""
     if not run.spec:  # no spec.toml: a group of its own
         return (("run_dir", str(run.dir.resolve())),)
+    # A key at its default is left out, so that runs recorded before and after it existed group.
+    defaults = default_flat_spec(run.spec.get("algorithm.name"))
     return tuple(
         sorted(
             (k, repr(v))
             for k, v in run.spec.items()
-            if k not in NOT_GROUPED and k.split(".")[0] not in _NOT_COMPARED
+            if k not in NOT_GROUPED
+            and k.split(".")[0] not in _NOT_COMPARED
+            and not (k in defaults and defaults[k] == v)
         )
     )
 
@@ -157,9 +161,17 @@ def group_runs(runs: list[Run]) -> list[Group]:
     for i, group in enumerate(groups):
         twins = [j for j, label in enumerate(labels) if label == labels[i] and j != i]
         if twins:
-            differ = [k for j in twins for k, v in settings[j].items() if settings[i].get(k) != v]
-            keys = sorted(set(differ) & set(settings[i])) or ["run_dir"]
-            shown = ", ".join(f"{k}={group.runs[0].spec.get(k, group.runs[0].dir)}" for k in keys)
+            # A key missing from one setting is at its default there (see _setting).
+            differ = {
+                k
+                for j in twins
+                for k in set(settings[i]) | set(settings[j])
+                if settings[i].get(k) != settings[j].get(k)
+            }
+            keys = sorted(differ) or ["run_dir"]
+            first = group.runs[0]
+            defaults = default_flat_spec(first.spec.get("algorithm.name"))
+            shown = ", ".join(f"{k}={first.spec.get(k, defaults.get(k, first.dir))}" for k in keys)
             group.label = f"{labels[i]} ({shown})"
     for group in groups:
         for metric in METRICS:

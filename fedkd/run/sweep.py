@@ -38,6 +38,7 @@ test accuracy would have picked is shown beside it as a diagnostic (docs/validat
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import math
@@ -73,6 +74,7 @@ __all__ = [
     "SweepError",
     "SweepPoint",
     "accuracy_vs_epsilon_points",
+    "default_flat_spec",
     "expand_grid",
     "plot_accuracy_vs_epsilon",
     "run_sweep",
@@ -241,18 +243,24 @@ def spec_mismatch(saved_toml: Path, expected: dict[str, Any]) -> list[str]:
     }
     # A run recorded before a key existed lacks it: a key added since, at its default, changes
     # nothing (a new option's default keeps the old behaviour).
-    defaults = _default_flat_spec(want.get("algorithm.name"))
+    defaults = default_flat_spec(want.get("algorithm.name"))
     keys -= {k for k in set(want) - set(saved) if k in defaults and defaults[k] == want[k]}
     return sorted(k for k in keys if saved.get(k) != want.get(k))
 
 
-def _default_flat_spec(algorithm_name: Any) -> dict[str, Any]:
-    """Every key of a spec that sets only ``algorithm.name``, flattened; empty if none builds."""
+@functools.lru_cache(maxsize=32)
+def default_flat_spec(algorithm_name: Any) -> dict[str, Any]:
+    """Every key of a spec that sets only ``algorithm.name``, flattened; empty if none builds.
+
+    A run recorded before a key existed lacks it; at this default the key changes nothing.
+    """
     try:
         spec = spec_from_dict({"algorithm": {"name": algorithm_name}} if algorithm_name else {})
     except (SpecError, ValueError, ImportError):
         return {}
-    return _flat(tomllib.loads(tomli_w.dumps(spec.to_dict())))
+    flat = _flat(tomllib.loads(tomli_w.dumps(spec.to_dict())))
+    del flat["algorithm.name"]  # the name picks the defaults: never a default itself
+    return flat
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
