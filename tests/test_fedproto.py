@@ -109,7 +109,9 @@ def test_fedproto_runs_end_to_end_with_tiny_uploads(tmp_path, learner):
     # does each round's evaluation of its 4 clients.
     prototypes = classes * EMBEDDING_WIDTH * 4 + classes
     assert rows[0]["bytes_down"] == 4 * prototypes
-    assert rows[1]["bytes_down"] == 2 * 4 * prototypes
+    # With the default logit adjustment each of round 2's 4 training requests also says which
+    # of the 4 clients' heads carry the shift (one byte per client).
+    assert rows[1]["bytes_down"] == 2 * 4 * prototypes + 4 * 4
     assert rows[1]["prototype_classes"] == classes
 
 
@@ -194,7 +196,11 @@ def test_logit_adjustment_shifts_the_head_after_training_and_off_before_the_next
     plain_states: dict[int, bytes] = {}
     states: dict[int, bytes] = {}
     plain = FedProto.client_round(
-        FedProtoParams(), learner_cls(data, config(), plain_states), 1, CLIENTS, {}
+        FedProtoParams(logit_adjustment=0.0),
+        learner_cls(data, config(), plain_states),
+        1,
+        CLIENTS,
+        {},
     )
     adjusted = FedProto.client_round(params, learner_cls(data, config(), states), 1, CLIENTS, {})
     plain_heads, adjusted_heads = (
