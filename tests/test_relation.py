@@ -202,7 +202,7 @@ def test_the_relational_loss_and_its_gradient_stay_bounded_on_degenerate_outputs
     assert outputs.grad.norm().item() < 2.0
     assert loss.item() < 1.0
     _, angles = relation_potentials(similarity_matrices(outputs.detach()))
-    assert angles.abs().max().item() <= 1.0
+    assert angles.abs().max().item() <= 1.01  # cosines, up to float32 rounding
 
 
 def test_a_group_regulariser_refuses_groups_that_do_not_divide_the_inputs(data):
