@@ -55,8 +55,20 @@ from strategies.params import (
 )
 
 RELATION_AGGREGATES = ("mean", "median")
-# Below this a squared distance or a product of distances is treated as zero.
-EPS = 1e-12
+# An output shorter than this fraction of its batch's mean output norm, or than NORM_FLOOR,
+# is divided by that floor instead of its norm: a point near the origin, not a direction.
+# The direction of a (nearly) all-zero embedding, a dead ReLU layer's on some inputs, is noise,
+# and normalising it to unit length multiplies its gradient by 1 / norm.
+RELATIVE_NORM_FLOOR = 0.01
+NORM_FLOOR = 1e-3
+# Unit vectors whose squared distance is below this (about 0.6 degrees apart) count as one
+# point: their distance is taken as its square root and no angle is read at them. An angle's
+# cosine read off a Gram matrix divides a difference of inner products, whose float32 rounding
+# is about 1e-7, by the product of two distances, so near-duplicate outputs gave cosines far
+# outside [-1, 1] and gradients up to 1 / (distance * distance); above the floor the rounding
+# moves a cosine by at most about 1e-3. Healthy outputs (no pair this close, no output this
+# short) get the same potentials, bit for bit, as without these floors.
+COINCIDENT = 1e-4
 
 
 @dataclass
@@ -94,8 +106,11 @@ class RelationParams(TeacherParams):
 
 def similarity_matrices(outputs: Tensor) -> Tensor:
     """Cosine similarities ``(..., b, b)`` between the rows of ``outputs`` ``(..., b, D)``: the
-    Gram matrix of the L2-normalised rows."""
-    unit = F.normalize(outputs, dim=-1)
+    Gram matrix of the L2-normalised rows (rows far shorter than the others' mean norm are
+    divided by a floor instead: `RELATIVE_NORM_FLOOR`)."""
+    norms = outputs.norm(dim=-1, keepdim=True)
+    floor = (RELATIVE_NORM_FLOOR * norms.detach().mean(dim=-2, keepdim=True)).clamp(min=NORM_FLOOR)
+    unit = outputs / torch.maximum(norms, floor)
     return unit @ unit.transpose(-1, -2)
 
 
@@ -129,10 +144,11 @@ def relation_potentials(gram: Tensor) -> tuple[Tensor, Tensor]:
     -------
     distances : Tensor
         ``(..., b, b)``: the Euclidean distance of every pair divided by the mean distance over
-        the pairs of distinct points (0 on the diagonal).
+        the pairs of distinct points (0 on the diagonal; at least ``sqrt(COINCIDENT)`` before
+        the division).
     angles : Tensor
         ``(..., b, b, b)``: ``[j, i, k]`` the cosine of the angle at point j between points i
-        and k (0 where i or k is j).
+        and k (0 where i or k is j or coincides with it: `COINCIDENT`).
 
     Notes
     -----
@@ -142,15 +158,18 @@ def relation_potentials(gram: Tensor) -> tuple[Tensor, Tensor]:
     diag = gram.diagonal(dim1=-2, dim2=-1)
     other = 1.0 - torch.eye(b, dtype=gram.dtype, device=gram.device)
     squared = diag[..., :, None] + diag[..., None, :] - 2.0 * gram
-    dist = squared.clamp(min=EPS).sqrt() * other
+    # Distances of (nearly) coincident points are held at the floor's root, so the gradient
+    # of the root is bounded and the mean distance is never below it.
+    dist = squared.clamp(min=COINCIDENT).sqrt() * other
     mean = dist.sum(dim=(-2, -1), keepdim=True) / (b * (b - 1))
-    distances = dist / mean.clamp(min=EPS)
+    distances = dist / mean
     # <x_i - x_j, x_k - x_j> from inner products, at [j, i, k].
     inner = gram[..., None, :, :] - gram[..., :, :, None] - gram[..., :, None, :]
     inner = inner + diag[..., :, None, None]
-    valid = other[:, :, None] * other[:, None, :]
+    apart = torch.where(squared >= COINCIDENT, other, 0.0)
+    valid = apart[..., :, :, None] * apart[..., :, None, :]
     norms = dist[..., :, :, None] * dist[..., :, None, :]
-    angles = inner / torch.where(valid > 0, norms.clamp(min=EPS), 1.0) * valid
+    angles = inner / torch.where(valid > 0, norms, 1.0) * valid
     return distances, angles
 
 

@@ -171,6 +171,40 @@ def test_the_loss_is_zero_on_its_own_target_and_positive_elsewhere():
     assert relational_loss(outputs, own.flip(1).flip(2).roll(1, 1), 1.0, 2.0).item() > 1e-3
 
 
+def degenerate(case: str) -> torch.Tensor:
+    """Post-ReLU-like outputs ``(3, 20, 64)`` with one degenerate relation batch, as a student's
+    embeddings were on MNIST before its distillation diverged."""
+    gen = torch.Generator().manual_seed(0)
+    outputs = torch.randn(3, 20, 64, generator=gen).relu()
+    noise = torch.rand(20, 64, generator=gen)
+    if case == "near-zero embedding":  # a nearly dead ReLU layer on one input
+        outputs[0, 3] = 1e-6 * noise[0]
+    elif case == "near-duplicate outputs":
+        outputs[0, 4] = outputs[0, 3] + 1e-3 * (noise[0] - 0.5)
+    else:  # the whole batch in (nearly) one direction
+        outputs[0] = outputs[0, 0] + 1e-3 * noise
+    return outputs
+
+
+@pytest.mark.parametrize(
+    "case", ["near-zero embedding", "near-duplicate outputs", "collapsed batch"]
+)
+def test_the_relational_loss_and_its_gradient_stay_bounded_on_degenerate_outputs(case):
+    """Normalising a near-zero output, reading angles at near-coincident points and dividing by
+    a vanishing mean distance gave gradients of 1e3 to 1e6 (and losses of 1e3), which sent
+    MNIST students to chance; on healthy outputs the gradient's norm is about 0.01."""
+    outputs = degenerate(case).requires_grad_(True)
+    gen = torch.Generator().manual_seed(1)
+    target = similarity_matrices(torch.randn(3, 20, 64, generator=gen).relu())
+    loss = relational_loss(outputs, target, 5.0, 10.0)
+    loss.backward()
+    assert torch.isfinite(outputs.grad).all()
+    assert outputs.grad.norm().item() < 2.0
+    assert loss.item() < 1.0
+    _, angles = relation_potentials(similarity_matrices(outputs.detach()))
+    assert angles.abs().max().item() <= 1.01  # cosines, up to float32 rounding
+
+
 def test_a_group_regulariser_refuses_groups_that_do_not_divide_the_inputs(data):
     regulariser = GroupRegulariser(
         group_size=3, targets=torch.zeros(20, 3), loss=lambda o, t: o.sum() * 0
