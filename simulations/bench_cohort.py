@@ -141,6 +141,7 @@ def spec_overrides(cfg: dict[str, Any]) -> list[str]:
         f"clients.clients_per_node={per_node}",
         f"clients.fraction={min(1.0, cfg.get('per_round', n) / n)}",
         f"resources.state_memory_mb={cfg.get('state_memory_mb', 1024.0)}",
+        f"resources.round_timeout={cfg.get('round_timeout', 600.0)}",
         "clients.min_clients=1",
         'clients.students="cnn_small"',
         f"train.epochs={cfg['epochs']}",
@@ -523,6 +524,12 @@ def main(argv: list[str] | None = None) -> None:
         help="resources.state_memory_mb: client states a node keeps in memory; the rest spill",
     )
     parser.add_argument(
+        "--round-timeout",
+        type=float,
+        default=600.0,
+        help="resources.round_timeout: on a loaded machine, 10,000 clients' nodes need longer",
+    )
+    parser.add_argument(
         "--side", type=int, default=28, choices=(7, 14, 28), help="28: full size; 14, 7: pooled"
     )
     parser.add_argument("--epochs", type=int, default=1)
@@ -595,6 +602,7 @@ def main(argv: list[str] | None = None) -> None:
                     "test_per_client": args.test_per_client,
                     "per_round": args.per_round or n,
                     "state_memory_mb": args.state_memory_mb,
+                    "round_timeout": args.round_timeout,
                     "out_dir": str(Path(tmp) / f"run_{n}_{layout}_{learner}"),
                 }
                 res = _subprocess(cfg)
