@@ -269,6 +269,9 @@ class ResourcesSpec:
     # split over another number of threads rounds differently, and the same seed then gives
     # other numbers.
     num_threads: int = 0
+    # MiB of client states (students and optimizers) a node keeps in its memory in a
+    # simulation; the rest spill to a file per node under the run's folder (docs/scale.md).
+    state_memory_mb: float = 1024.0
 
     @property
     def torch_threads(self) -> int:
@@ -636,6 +639,7 @@ def validate(spec: Spec) -> Spec:
             f"reply; give at least {MIN_ROUND_TIMEOUT:g} (seconds per phase, default 600)"
         )
     _positive("resources.num_threads", r.num_threads, zero_ok=True)
+    _positive("resources.state_memory_mb", r.state_memory_mb, zero_ok=True)
     _one_of("resources.learner", r.learner, LEARNERS)
     _one_of("resources.precision", r.precision, PRECISIONS)
     if r.precision != "fp32" and r.learner != "vectorised":

@@ -3,6 +3,8 @@
 Usage::
 
     python simulations/bench_cohort.py [--clients 10 100 1000] [--quick] [--out table.md]
+    python simulations/bench_cohort.py --clients 10000 --per-round 1000 --per-client 12 \
+        --layouts cohort-vectorised [--state-memory-mb 0]   # cross-device scale
     python simulations/bench_cohort.py --phases [--quick]   # only the per-phase breakdown
     python simulations/bench_cohort.py --eval-memory        # only one node's evaluation memory
 
@@ -32,14 +34,21 @@ the training examples per node (balanced, and by id parity as before commit 82b3
   nodes' learner seconds / nodes running at once)`` per exchange, i.e. ``wall_s`` minus the
   larger of ``learner_max_s`` and ``learner_s / parallel``: what the engine adds beyond the
   work that the slowest node must do;
+- x learner: round s over the learner's critical path (the ratio that overhead (critical
+  path) s leaves: 1.0 is a round that costs only its slowest node's learning);
 - peak MiB / node: the largest node process's peak memory (CUDA memory allocated when the
-  nodes train on a GPU, else resident set size);
+  nodes train on a GPU, else resident set size); driver MiB: the peak resident memory of the
+  process that runs the server and Flower's simulation engine (it holds the nodes' states
+  that stay in their memory, `resources.state_memory_mb`);
 - ceiling: one model of the same student trained at batch 4,096 on this machine (all cores).
 
 Data: MNIST from ``../shared/data/mnist.npz`` (or ``--mnist``), full-size 28x28 by default
 (``--side 14`` or ``7``: average-pooled, the inputs of the figures before this default), IID
-over the clients with ``--per-client`` examples each (10% held out locally), so that 1,000
-clients fit in minutes; without MNIST, scikit-learn's digits sampled with replacement.
+over the clients with ``--per-client`` examples each (10% held out locally, 10% for
+validation), so that 1,000 clients fit in minutes; drawn with replacement where the clients
+ask for more examples than MNIST has (10,000 clients of a dozen examples each); without MNIST,
+scikit-learn's digits sampled with replacement. ``--per-round`` samples that many clients per
+round (``clients.fraction``); samples/s counts the sampled clients' examples.
 Algorithm: DS-FL without a server student (its distillation would count as engine overhead),
 ``cnn_small`` students, SGD with momentum.
 """
@@ -67,6 +76,8 @@ LAYOUTS = {
     "cohort nodes, loop": ("cohort", "loop"),
     "cohort nodes, vectorised": ("cohort", "vectorised"),
 }
+# --layouts: the command line's names of LAYOUTS
+LAYOUT_OPTIONS = dict(zip(("single", "cohort-loop", "cohort-vectorised"), LAYOUTS, strict=True))
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -80,10 +91,13 @@ def build_npz(path: Path, num_clients: int, per_client: int, side: int, mnist: P
             x_train, y_train, x_test, y_test = (
                 d[k] for k in ("x_train", "y_train", "x_test", "y_test")
             )
-        i = rng.choice(len(y_train), take, replace=False)
+        again = take > len(y_train)  # more examples asked for than MNIST has
+        i = rng.choice(len(y_train), take, replace=again)
         j = rng.choice(len(y_test), test, replace=False)
         xs = [_pool(x_train[i], side), _pool(x_test[j], side)]
         source = "full-size MNIST" if side == 28 else f"MNIST average-pooled to {side}x{side}"
+        if again:
+            source += " (training examples drawn with replacement)"
         ys = [y_train[i], y_test[j]]
     else:
         from sklearn.datasets import load_digits
@@ -125,6 +139,9 @@ def spec_overrides(cfg: dict[str, Any]) -> list[str]:
         "data.local_test_fraction=0.1",
         f"clients.num_clients={n}",
         f"clients.clients_per_node={per_node}",
+        f"clients.fraction={min(1.0, cfg.get('per_round', n) / n)}",
+        f"resources.state_memory_mb={cfg.get('state_memory_mb', 1024.0)}",
+        f"resources.round_timeout={cfg.get('round_timeout', 600.0)}",
         "clients.min_clients=1",
         'clients.students="cnn_small"',
         f"train.epochs={cfg['epochs']}",
@@ -142,6 +159,9 @@ def spec_overrides(cfg: dict[str, Any]) -> list[str]:
 
 def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run one layout on the real engine; return per-round rows and what the table needs."""
+    import resource
+
+    from fedkd.apps.server_app import sample_clients
     from fedkd.assembly import federated_data
     from fedkd.run.cli import simulate
     from fedkd.spec import load_spec
@@ -152,14 +172,19 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     simulate(spec, out, show_progress=False)
     total = time.perf_counter() - started
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    data = federated_data(spec)
-    private = sum(c.num_examples for c in data.clients) * spec.train.epochs
-    distilled = spec.clients.num_clients * spec.distill.proxy_per_round * spec.distill.epochs
+    driver_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
+    sizes = [c.num_examples for c in federated_data(spec).clients]
+    measured = range(cfg["warmup"] + 1, cfg["warmup"] + cfg["rounds"] + 1)
+    sampled = [sample_clients(spec, r) for r in measured]  # the server's own draw
+    private = np.mean([sum(sizes[c] for c in s) for s in sampled]) * spec.train.epochs
+    distilled = np.mean([len(s) for s in sampled]) * spec.distill.proxy_per_round
     return {
         "rows": rows,
         "nodes": spec.num_nodes,
-        "samples_per_round": private + distilled,
+        "samples_per_round": float(private + distilled * spec.distill.epochs),
+        "per_round": len(sampled[0]),
         "total_s": total,
+        "driver_peak_mb": driver_mb,
     }
 
 
@@ -432,7 +457,10 @@ def summarise(name: str, cfg: dict[str, Any], res: dict[str, Any]) -> dict[str, 
         "learner_s": learner,
         "overhead_s": wall - learner,
         "overhead_critical_s": wall - critical,
+        "x_learner": wall / critical,
         "peak_mb": _peak_mb(measured),
+        "per_round": res["per_round"],
+        "driver_mb": res["driver_peak_mb"],
     }
 
 
@@ -446,21 +474,22 @@ def _peak_mb(rows: list[dict[str, Any]]) -> str:
 
 
 def format_table(rows: list[dict[str, Any]], ceiling_sps: float, header: list[str]) -> str:
-    cols = ["clients", "layout", "nodes", "rounds", "round s", "samples/s", "learner s"]
-    cols += ["overhead s", "overhead (critical path) s", "x vs 1/node", "peak MiB / node"]
+    cols = ["clients", "per round", "layout", "nodes", "rounds", "round s", "samples/s"]
+    cols += ["learner s", "overhead s", "overhead (critical path) s", "x learner"]
+    cols += ["x vs 1/node", "peak MiB / node", "driver MiB"]
     lines = [*header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     base = {r["clients"]: r["round_s"] for r in rows if r["layout"].startswith("1 client")}
     for r in rows:
         speedup = base.get(r["clients"], float("nan")) / r["round_s"]
         lines.append(
-            f"| {r['clients']} | {r['layout']} | {r['nodes']} | {r['rounds']} | "
-            f"{r['round_s']:.3f} | {r['samples_s']:,.0f} | {r['learner_s']:.3f} | "
-            f"{r['overhead_s']:.3f} | {r['overhead_critical_s']:.3f} | {speedup:.1f}x | "
-            f"{r['peak_mb']} |"
+            f"| {r['clients']} | {r['per_round']} | {r['layout']} | {r['nodes']} | "
+            f"{r['rounds']} | {r['round_s']:.3f} | {r['samples_s']:,.0f} | "
+            f"{r['learner_s']:.3f} | {r['overhead_s']:.3f} | {r['overhead_critical_s']:.3f} | "
+            f"{r['x_learner']:.2f} | {speedup:.1f}x | {r['peak_mb']} | {r['driver_mb']:,.0f} |"
         )
     lines.append(
-        f"| - | ceiling: one cnn_small, batch 4,096 | - | - | - | {ceiling_sps:,.0f} | - | - | - "
-        "| - | - |"
+        f"| - | - | ceiling: one cnn_small, batch 4,096 | - | - | - | {ceiling_sps:,.0f} | - "
+        "| - | - | - | - | - | - |"
     )
     return "\n".join(lines)
 
@@ -478,6 +507,28 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--cohort-nodes", type=int, default=None, help="default: CPU count")
     parser.add_argument("--per-client", type=int, default=36, help="examples per client")
+    parser.add_argument(
+        "--per-round", type=int, default=None, help="clients sampled per round (default: all)"
+    )
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        choices=list(LAYOUT_OPTIONS),
+        default=list(LAYOUT_OPTIONS),
+        help="which layouts to run (one client per node is impractical at 10,000 clients)",
+    )
+    parser.add_argument(
+        "--state-memory-mb",
+        type=float,
+        default=1024.0,
+        help="resources.state_memory_mb: client states a node keeps in memory; the rest spill",
+    )
+    parser.add_argument(
+        "--round-timeout",
+        type=float,
+        default=600.0,
+        help="resources.round_timeout: on a loaded machine, 10,000 clients' nodes need longer",
+    )
     parser.add_argument(
         "--side", type=int, default=28, choices=(7, 14, 28), help="28: full size; 14, 7: pooled"
     )
@@ -531,7 +582,8 @@ def main(argv: list[str] | None = None) -> None:
         for n in clients:
             npz = Path(tmp) / f"data_{n}.npz"
             source = build_npz(npz, n, args.per_client, args.side, args.mnist)
-            for name, (layout, learner) in LAYOUTS.items():
+            for name in (LAYOUT_OPTIONS[o] for o in args.layouts):
+                layout, learner = LAYOUTS[name]
                 measured = rounds
                 if layout == "single" and n >= 1000:
                     measured = min(rounds, args.single_rounds_1000)
@@ -548,6 +600,9 @@ def main(argv: list[str] | None = None) -> None:
                     "epochs": args.epochs,
                     "proxy_per_round": args.proxy_per_round,
                     "test_per_client": args.test_per_client,
+                    "per_round": args.per_round or n,
+                    "state_memory_mb": args.state_memory_mb,
+                    "round_timeout": args.round_timeout,
                     "out_dir": str(Path(tmp) / f"run_{n}_{layout}_{learner}"),
                 }
                 res = _subprocess(cfg)
@@ -565,7 +620,10 @@ def main(argv: list[str] | None = None) -> None:
         f"bench_cohort: DS-FL, cnn_small, {source}; {args.per_client} examples per client "
         f"(90% private training, batch 32, {args.epochs} epoch(s)), "
         f"{args.proxy_per_round} proxy examples distilled per client per round, "
-        f"{args.test_per_client} test examples evaluated per client per round.",
+        f"{args.test_per_client} test examples evaluated per client per round; "
+        f"{args.per_round or 'all'} clients sampled per round; client states in node memory "
+        f"up to {args.state_memory_mb:g} MiB per node (resources.state_memory_mb), the rest "
+        "spilled to a file per node.",
         f"Flower + Ray simulation, {_ray_actors()} CPUs (one Ray actor each, 1 torch thread), "
         f"cohort layouts on {cohort_nodes} nodes; 2 warm-up rounds, the measured rounds "
         f"(one client per node at >= 1,000 clients: {args.single_rounds_1000}), 1 last round "

@@ -20,7 +20,8 @@ from flwr.app import Context, RecordDict
 from typer.testing import CliRunner
 
 from fedkd.apps.client_app import _checkpoint_folder, make_client_app
-from fedkd.apps.server_app import run_rounds
+from fedkd.apps.server_app import NODE_STATES, run_rounds
+from fedkd.learner.state_store import DiskStateStore
 from fedkd.results import LOCK_NAME, RunRecorder
 from fedkd.rounds.checkpoint import (
     CHECKPOINTS,
@@ -56,6 +57,13 @@ CASES = {
         "privacy.noise_rng=seeded",
     ],
     "cohort_audit": ["clients.clients_per_node=2", "audit.enabled=true", "audit.client=1"],
+    # Every client state in the nodes' spill files: the checkpoints and the export read them.
+    "spilled_audit": [
+        "resources.state_memory_mb=0",
+        "clients.clients_per_node=2",
+        "audit.enabled=true",
+        "audit.client=1",
+    ],
     # Each client keeps its earlier logits for its digest: the checkpoint must keep them.
     "self_distill": ["algorithm.self_distill_weight=0.5"],
     # The defence's scores carry over rounds: the checkpoint must keep them.
@@ -120,6 +128,21 @@ def test_a_resumed_run_writes_the_straight_runs_metrics(tmp_path, case):
             json.loads((tmp_path / d / "ledgers.json").read_text()) for d in ("straight", "resumed")
         ]
         assert ledgers[0] == ledgers[1]
+
+
+def test_a_resumed_run_ignores_the_spill_files_a_killed_run_left(tmp_path):
+    spec = load_spec(None, [*SMALL, "resources.state_memory_mb=0"])
+    expected = straight_run(spec, tmp_path / "straight")
+    stop_after_row(spec, tmp_path / "resumed", 2)
+    # A SIGKILL leaves the nodes' files (here stale states, as garbage): the resumed run must
+    # take its clients from the checkpoints, not from them.
+    left = tmp_path / "resumed" / NODE_STATES
+    stale = DiskStateStore(left / "node-0.states", spec.clients.num_clients)
+    for cid in range(spec.clients.num_clients):
+        stale[cid] = b"a state of a killed run"
+    stale.close()
+    assert resume(spec, tmp_path / "resumed") == expected
+    assert not left.exists()
 
 
 def test_a_half_written_checkpoint_is_ignored_and_only_the_last_two_are_kept(tmp_path):

@@ -28,6 +28,7 @@ from fedkd.apps.faults import act_in_clients
 from fedkd.apps.run_config import spec_from_run_config
 from fedkd.assembly import cohort_config, eval_test_indices, hosted_clients, node_data
 from fedkd.learner.cohort import ClientResult, CohortLearner
+from fedkd.learner.state_store import SpillingStateStore
 from fedkd.learner.vectorised import VectorisedCohortLearner
 from fedkd.rounds.checkpoint import load_client_state, save_client_state
 from fedkd.spec import Spec, refuse_seeded_noise
@@ -70,14 +71,42 @@ def _node_clients(spec: Spec, context: Context) -> list[int]:
     return hosted_clients(spec, partition_id, num_partitions)
 
 
-def _learner(spec: Spec, context: Context) -> CohortLearner:
+def _client_states(
+    spec: Spec, context: Context, request: dict, simulated: bool
+) -> MutableMapping[int, bytes]:
+    """Where the node's clients keep their states: the node's memory, spilling past
+    ``resources.state_memory_mb`` into a file of this node's in the folder the server names
+    (``state_dir``) in a simulation; a deployed node keeps them all in its own memory (it never
+    writes where a server tells it to)."""
+    folder = str(request.get("state_dir", "")) if simulated else ""
+    spill = None
+    if folder:
+        partition_id = int(context.node_config.get("partition-id", 0))
+        spill = Path(folder) / f"node-{partition_id}.states"
+    budget = int(spec.resources.state_memory_mb * 2**20)
+    return SpillingStateStore(NodeStateStore(context), spill, spec.clients.num_clients, budget)
+
+
+def _stores(
+    spec: Spec, context: Context, request: dict, simulated: bool
+) -> dict[str, MutableMapping[int, bytes]]:
+    """The node's per-client stores by kind (`STATE_KINDS`); `request`: the message's config."""
+    return {
+        "client": _client_states(spec, context, request, simulated),
+        "released": NodeStateStore(context, "released"),
+        "kept": NodeStateStore(context, "kept"),
+    }
+
+
+def _learner(spec: Spec, context: Context, request: dict, simulated: bool) -> CohortLearner:
     """The node's cohort learner: the per-client loop, or torch.func over stacked clients."""
     # A long-lived Ray worker may have served other runs: set the count every time.
     torch.set_num_threads(spec.resources.torch_threads)
     # The run's data, or (deployment, node config data-path) with the site's own private data.
     data = node_data(spec, context.node_config)
-    config, store = cohort_config(spec), NodeStateStore(context)
-    released, kept = NodeStateStore(context, "released"), NodeStateStore(context, "kept")
+    stores = _stores(spec, context, request, simulated)
+    config, store = cohort_config(spec), stores["client"]
+    released, kept = stores["released"], stores["kept"]
     r = spec.resources
     if r.learner == "vectorised":
         return VectorisedCohortLearner(
@@ -102,11 +131,13 @@ def _checkpoint_folder(config: dict, context: Context, simulated: bool) -> Path 
     return Path(folder) if folder else None
 
 
-def _restore_clients(folder: Path, config: dict, context: Context, ids: set[int]) -> None:
+def _restore_clients(
+    spec: Spec, folder: Path, config: dict, context: Context, ids: set[int], simulated: bool
+) -> None:
     """A resumed run: clients this node holds no state for take theirs back as of the
     checkpoint's round (``restore_round``; a client with no file yet starts fresh)."""
     restore_round = int(config.get("restore_round", 0))
-    stores = {kind: NodeStateStore(context, kind) for kind in STATE_KINDS}
+    stores = _stores(spec, context, config, simulated)
     for cid in sorted(ids):
         if restore_round <= 0 or cid in stores["client"]:
             continue
@@ -114,9 +145,11 @@ def _restore_clients(folder: Path, config: dict, context: Context, ids: set[int]
             stores[kind][cid] = blob
 
 
-def _checkpoint_clients(folder: Path, config: dict, context: Context, ids: set[int]) -> None:
+def _checkpoint_clients(
+    spec: Spec, folder: Path, config: dict, context: Context, ids: set[int], simulated: bool
+) -> None:
     """Keep the state of every client this message touched, as of its round."""
-    stores = {kind: NodeStateStore(context, kind) for kind in STATE_KINDS}
+    stores = _stores(spec, context, config, simulated)
     for cid in sorted(ids):
         blobs = {kind: store[cid] for kind, store in stores.items() if cid in store}
         if blobs:
@@ -188,8 +221,8 @@ def handle_round(
     touched = {c for part in wire.PARTS for c in wire.part_ids(config, part)}
     checkpoints = _checkpoint_folder(config, context, simulated)
     if checkpoints is not None:
-        _restore_clients(checkpoints, config, context, touched)
-    learner = _learner(spec, context)
+        _restore_clients(spec, checkpoints, config, context, touched, simulated)
+    learner = _learner(spec, context, config, simulated)
     algorithm, params = spec.algorithm.cls, spec.algorithm.params
     parts: dict[str, dict[int, ClientResult]] = {}
 
@@ -223,11 +256,13 @@ def handle_round(
         )
         parts = act_in_clients(spec, int(config["round"]), parts)  # simulated faults, if any
     if checkpoints is not None:
-        _checkpoint_clients(checkpoints, config, context, touched)
+        _checkpoint_clients(spec, checkpoints, config, context, touched, simulated)
     return _reply(spec, parts, started, msg, oracle)
 
 
-def handle_export(spec: Spec, msg: Message, context: Context, oracle: bool = False) -> Message:
+def handle_export(
+    spec: Spec, msg: Message, context: Context, oracle: bool = False, simulated: bool = True
+) -> Message:
     """The audited clients' final student weights (``query.export``, end of an audited run)."""
     config, _ = _parse(spec, msg, context)
     if not spec.algorithm.capabilities.client_students:
@@ -236,7 +271,7 @@ def handle_export(spec: Spec, msg: Message, context: Context, oracle: bool = Fal
             f"export: algorithm '{spec.algorithm.name}' has no client student to export; "
             "audit a run of an algorithm whose clients train students"
         )
-    results = _learner(spec, context).export(wire.part_ids(config, "export"))
+    results = _learner(spec, context, config, simulated).export(wire.part_ids(config, "export"))
     return _reply(spec, {"export": results}, None, msg, oracle)
 
 
@@ -283,7 +318,8 @@ def make_client_app(spec: Spec | None = None, oracle: bool | None = None) -> Cli
 
     @app.query("export")
     def export(msg: Message, context: Context) -> Message:
-        return handle_export(_spec(context), msg, context, oracle)
+        simulated = spec is not None or in_simulation_engine()
+        return handle_export(_spec(context), msg, context, oracle, simulated)
 
     return app
 

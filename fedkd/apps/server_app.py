@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import threading
 import time
 from collections import defaultdict
@@ -411,6 +412,8 @@ def run_rounds(
             raise RunStopped("stopped by a signal") from err
         recorder.finish(status="failed", error=f"{type(err).__name__}: {err}")
         raise
+    finally:  # after the audit's export, the last reader of the clients' states
+        shutil.rmtree(state_store_root(recorder), ignore_errors=True)
     if after_run is not None:
         after_run(spec, recorder.dir)
     return summary
@@ -578,7 +581,7 @@ def _build_hooks(
                 node_of,
                 {"export": [cid]},
                 wire.MSG_EXPORT,
-                {"round": spec.rounds},
+                {"round": spec.rounds, "state_dir": str(state_store_root(recorder))},
                 {},
                 spec.resources.round_timeout,
             )
@@ -597,6 +600,17 @@ def _build_hooks(
 def checkpoint_root(recorder: RunRecorder) -> Path:
     """Where a run's checkpoints go (absolute: the nodes' processes may run elsewhere)."""
     return (recorder.dir / CHECKPOINTS).resolve()
+
+
+# The nodes' client states past their memory budget (`resources.state_memory_mb`), a file per
+# node: scratch of one engine's run, deleted when it ends however it ends (a resumed run
+# restores its clients from their checkpoints; a killed run's files go when it resumes).
+NODE_STATES = "node-states"
+
+
+def state_store_root(recorder: RunRecorder) -> Path:
+    """Where the nodes spill their clients' states during a run (absolute, as checkpoints)."""
+    return (recorder.dir / NODE_STATES).resolve()
 
 
 def _aggregate(strategy: Strategy, spec: Spec, state: RoundState) -> None:
@@ -673,6 +687,9 @@ def _run_rounds(
         )
     loop = LoopState()
     faults = ServerFaults(spec)
+    # Spilled client states of an earlier engine's run in this folder (killed, now resumed)
+    # are stale: this run's nodes start from the checkpoints.
+    shutil.rmtree(state_store_root(recorder), ignore_errors=True)
     hooks, checkpoint = _build_hooks(
         grid, spec, recorder, on_round, strategy, data, node_of, loop, faults
     )
@@ -686,6 +703,7 @@ def _run_rounds(
     node_checkpoints = {
         "checkpoint_dir": str(checkpoint_root(recorder)),
         "restore_round": loop.round,
+        "state_dir": str(state_store_root(recorder)),
     }
 
     # One exchange per round (wire.MSG_ROUND): round r's digest and evaluation travel with
