@@ -269,6 +269,11 @@ def _layer_terms(
     return sq, sums
 
 
+def clip_factors(norms: Tensor, mask: Tensor, max_grad_norm: float, eps: float) -> Tensor:
+    """Opacus's per-example scale ``min(1, C / (norm + eps))``, zero where `mask` is False."""
+    return (max_grad_norm / (norms + eps)).clamp(max=1.0) * mask.to(norms.dtype)
+
+
 def _clip(
     layers: dict[str, nn.Module],
     inputs: dict[str, Tensor],
@@ -284,7 +289,7 @@ def _clip(
         for name, m in layers.items()
     }
     norms = torch.stack([sq for sq, _ in terms.values()]).sum(0).sqrt()  # (K, L)
-    factor = (max_grad_norm / (norms + eps)).clamp(max=1.0) * mask.to(norms.dtype)
+    factor = clip_factors(norms, mask, max_grad_norm, eps)
     out = {}
     for name, (_, sums) in terms.items():
         for leaf, value in sums(factor).items():
@@ -365,4 +370,4 @@ def clipped_sums(
     return ClippedSums(sums={n: sums[n] for n in params}, norms=norms, losses=losses)
 
 
-__all__ = ["ClippedSums", "clipped_sums", "supports"]
+__all__ = ["ClippedSums", "clip_factors", "clipped_sums", "supports"]

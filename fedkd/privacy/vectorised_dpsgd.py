@@ -151,7 +151,7 @@ def clip_and_sum(grads: Params, mask: Tensor, max_grad_norm: float) -> Params:
     norms = torch.stack([g.flatten(2).norm(2, dim=-1) for g in grads.values()], dim=-1).norm(
         2, dim=-1
     )  # (K, L)
-    factor = (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * mask.to(norms.dtype)
+    factor = layer_grads.clip_factors(norms, mask, max_grad_norm, CLIP_EPS)
     return {name: torch.einsum("kl,kl...->k...", factor, g) for name, g in grads.items()}
 
 
