@@ -671,13 +671,13 @@ def test_train_dp_sgd_computes_only_the_clients_still_stepping(data, monkeypatch
         )
 
     clients_per_step = []
-    per_sample_grads = vdp.per_sample_grads
+    clipped_sum_and_losses = vdp.clipped_sum_and_losses
 
     def counting(model, params, x, *rest):
         clients_per_step.append(x.shape[0])
-        return per_sample_grads(model, params, x, *rest)
+        return clipped_sum_and_losses(model, params, x, *rest)
 
-    monkeypatch.setattr(vdp, "per_sample_grads", counting)
+    monkeypatch.setattr(vdp, "clipped_sum_and_losses", counting)
     together = vdp.train_dp_sgd(
         model, params, opt, state, x, y, sizes, offsets, epochs=1, batch_size=32,
         max_grad_norm=1.0, noise_multiplier=0.8,

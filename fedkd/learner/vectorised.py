@@ -26,7 +26,8 @@ reference loop) and computes the same numbers up to float rounding, many clients
   (`fedkd.learner.device`).
 - DP-SGD (a config with ``dp`` set) runs `fedkd.privacy.vectorised_dpsgd`: Opacus's math
   (Poisson sampling, per-example clipping, Gaussian noise, the expected batch size as divisor)
-  with per-sample gradients by nested ``vmap``, the same sample rate, steps and calibrated noise
+  with per-sample norms and clipped sums from the layers' activations and backprops
+  (`fedkd.privacy.layer_grads`), the same sample rate, steps and calibrated noise
   multiplier per client as the Opacus path, hence the same ledger events. Its random draws
   (batches, noise) come from the client's own seeded generators, not Opacus's, so weights
   agree with the loop in distribution, not bit for bit.

@@ -1,14 +1,17 @@
-"""DP-SGD for the vectorised learner: per-sample gradients by nested ``vmap``, many clients at once.
+"""DP-SGD for the vectorised learner: many clients at once.
 
 The math is Opacus's (``GradSampleModule`` + ``DPOptimizer`` with ``loss_reduction="mean"``), per
 client and step:
 
 1. Poisson sampling: each of the client's ``n`` examples joins the batch with probability
    ``sample_rate``, independently (`poisson_plan`); an empty batch still takes a noise-only step.
-2. Per-sample gradients of the per-example loss: ``vmap`` over examples inside ``vmap`` over
-   clients, of ``grad`` of ``functional_call``.
-3. Clipping: each example's gradient, flattened over *all* parameters, is scaled by
-   ``min(1, max_grad_norm / (norm + 1e-6))`` (Opacus's factor).
+2. Per-sample gradients of the per-example loss, and
+3. clipping: each example's gradient, flattened over *all* parameters, is scaled by
+   ``min(1, max_grad_norm / (norm + 1e-6))`` (Opacus's factor). Both by closed forms from each
+   layer's activations and backprops (`fedkd.privacy.layer_grads`: one forward and one
+   backward per batch, the per-example norms of linear layers never materialised) where the
+   model has only the zoo's layer types, else by nested ``vmap`` (over examples inside
+   ``vmap`` over clients, of ``grad`` of ``functional_call``); `clipped_sum_and_losses`.
 4. Sum over the batch, plus Gaussian noise ``N(0, (noise_multiplier * max_grad_norm)^2)`` per
    coordinate, from the client's own noise source (`fedkd.privacy.noise`).
 5. Division by the *expected* batch size ``int(n * sample_rate)`` (Opacus's convention for
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedkd.privacy import layer_grads
 from fedkd.privacy.dpsgd import sample_rate_and_steps_per_epoch
 from fedkd.privacy.noise import NoiseSource, as_noise_source
 
@@ -147,8 +151,34 @@ def clip_and_sum(grads: Params, mask: Tensor, max_grad_norm: float) -> Params:
     norms = torch.stack([g.flatten(2).norm(2, dim=-1) for g in grads.values()], dim=-1).norm(
         2, dim=-1
     )  # (K, L)
-    factor = (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * mask.to(norms.dtype)
+    factor = layer_grads.clip_factors(norms, mask, max_grad_norm, CLIP_EPS)
     return {name: torch.einsum("kl,kl...->k...", factor, g) for name, g in grads.items()}
+
+
+def clipped_sum_and_losses(
+    model: nn.Module,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    mask: Tensor,
+    max_grad_norm: float,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    method: str = "auto",
+) -> tuple[Params, Tensor]:
+    """The clipped per-example gradients summed per client, and the ``(K, L)`` losses.
+
+    `method` ``"layers"`` computes them from the layers' activations and backprops
+    (`fedkd.privacy.layer_grads`, faster), ``"vmap"`` from nested ``vmap`` (`per_sample_grads`
+    and `clip_and_sum`); ``"auto"`` takes ``"layers"`` where the model has only layer types it
+    knows.
+    """
+    if method not in ("auto", "layers", "vmap"):
+        raise ValueError(f"method must be 'auto', 'layers' or 'vmap', got {method!r}")
+    if method == "layers" or (method == "auto" and layer_grads.supports(model)):
+        out = layer_grads.clipped_sums(model, params, x, y, mask, max_grad_norm, CLIP_EPS, loss_fn)
+        return out.sums, out.losses
+    grads, losses = per_sample_grads(model, params, x, y, loss_fn)
+    return clip_and_sum(grads, mask, max_grad_norm), losses
 
 
 def add_noise(
@@ -227,8 +257,7 @@ def dp_sgd_gradients(
     loss_sums : Tensor
         ``(K,)`` sums of the sampled examples' losses (for the reported mean loss).
     """
-    grads, losses = per_sample_grads(model, params, x, y, loss_fn)
-    summed = clip_and_sum(grads, mask, max_grad_norm)
+    summed, losses = clipped_sum_and_losses(model, params, x, y, mask, max_grad_norm, loss_fn)
     sigmas = per_client(noise_multiplier, len(noise_generators))
     noisy = add_noise(summed, [m * max_grad_norm for m in sigmas], noise_generators)
     first = next(iter(params.values()))
@@ -341,6 +370,7 @@ __all__ = [
     "PoissonPlan",
     "add_noise",
     "clip_and_sum",
+    "clipped_sum_and_losses",
     "dp_sgd_gradients",
     "expected_batch_size",
     "per_client",
