@@ -66,7 +66,12 @@ def test_old_spec_toml_with_the_flat_algorithm_table_loads(tmp_path):
     spec = load_spec(path)
     assert spec.algorithm.params == FDParams(fd_weight=0.5)
     # The spec as run now records the algorithm's own keys only.
-    assert tomllib.loads(spec.to_toml())["algorithm"] == {"name": "fd", "fd_weight": 0.5}
+    assert tomllib.loads(spec.to_toml())["algorithm"] == {
+        "name": "fd",
+        "logit_adjustment": 0.0,
+        "fd_weight": 0.5,
+        "fd_normalise": False,
+    }
 
 
 def test_another_algorithms_key_away_from_its_old_default_is_refused():

@@ -13,13 +13,12 @@ from fedkd.spec import load_spec
 from strategies.fedproto import (
     FedProto,
     FedProtoParams,
-    balanced_accuracy,
-    balancing_offsets,
     calibrate_head,
     head_inputs,
     nearest_prototype_scores,
 )
 from strategies.params import ParamError
+from strategies.per_class import balanced_accuracy, balancing_offsets
 from tests.test_engine import TIMINGS, run_inprocess
 from tests.test_resume import SMALL, resume, stop_after_row, straight_run
 
@@ -265,28 +264,3 @@ def test_balanced_accuracy_weights_every_present_class_alike():
     y = np.array([0, 0, 0, 1, 1, 1])  # class 0: 3/3 right, class 1: 1/3, class 2 absent
     assert balanced_accuracy(logits, y) == pytest.approx((1.0 + 1 / 3) / 2)
     assert np.isnan(balanced_accuracy(logits[:0], y[:0]))
-
-
-def test_client_evaluate_scores_the_head_on_the_public_validation_slice():
-    data = load_federated_data(
-        source="digits",
-        num_clients=4,
-        proxy_size=50,
-        seed=0,
-        proxy_validation_size=20,
-        validation_fraction=0.2,
-    )
-    learner = CohortLearner(data, config(), {})
-    payload = {
-        "prototypes": np.zeros((10, EMBEDDING_WIDTH), np.float32),
-        "prototype_present": np.ones(10, np.uint8),
-    }
-    out = FedProto.client_evaluate(FedProtoParams(), learner, [0, 1], np.arange(30), payload)
-    for cid in (0, 1):
-        logits = learner.logits([cid], data.proxy_val_x)[cid]
-        expected = np.mean(logits.argmax(axis=1) == data.proxy_val_y)
-        assert out[cid]["client_public_val_acc"] == pytest.approx(expected)
-        client = data.clients[cid]
-        assert len(client.y_val) > 0
-        balanced = balanced_accuracy(learner.logits([cid], client.x_val)[cid], client.y_val)
-        assert out[cid]["client_balanced_val_acc"] == balanced

@@ -80,7 +80,7 @@ def test_bad_values_name_the_key(override, message):
         (
             ["algorithm.name=fd", "algorithm.teacher=class_weighted"],
             "unknown key 'algorithm.teacher' in spec; allowed in [algorithm] for 'fd': name, "
-            "fd_weight",
+            "logit_adjustment, fd_weight, fd_normalise",
         ),
         (
             ["algorithm.teacher=pooled_likelihood", "privacy.release_noise=5"],

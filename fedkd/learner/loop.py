@@ -189,6 +189,10 @@ class ClassRegulariser:
         (`fedkd.models.zoo.EmbeddingOutput`) to ``targets[c]``.
     temperature : float or None, default None
         T of ``"logits"``; None: the learner's distillation temperature.
+    normalise : bool, default False
+        Divide the loss (cross-entropy plus `weight` times the penalty) by ``1 + weight``: a
+        convex mix of the two terms whose gradient keeps the scale of cross-entropy alone
+        (where the targets agree with the labels, an added penalty would scale the step up).
     """
 
     targets: Tensor
@@ -196,6 +200,7 @@ class ClassRegulariser:
     weight: float = 1.0
     space: str = "logits"
     temperature: float | None = None
+    normalise: bool = False
 
     def __post_init__(self) -> None:
         _check_space("ClassRegulariser", self.space)
@@ -337,6 +342,8 @@ def train_supervised(
                         out[keep], soft_targets(targets, temperature), temperature
                     )
                 loss = loss + regulariser.weight * penalty
+            if regulariser.normalise:
+                loss = loss / (1.0 + regulariser.weight)
         return loss
 
     return fit_batches(model, opt, len(y), step, gen, batch_loss)

@@ -409,6 +409,8 @@ class VectorisedCohortLearner(CohortLearner):
                 keep = (present[yb] & (wb > 0)).to(out.dtype)
                 per_example = penalty(out, embedding, yb)
                 loss = loss + weight * (per_example * keep).sum() / keep.sum().clamp(min=1)
+                if regulariser.normalise:
+                    loss = loss / (1.0 + weight)
             return loss
 
         step_fn = vmap(grad_and_value(loss_fn))
