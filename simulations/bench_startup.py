@@ -2,7 +2,7 @@
 
 Usage::
 
-    python simulations/bench_startup.py [SPEC ...] [--repeat 1] [--out table.md]
+    python simulations/bench_startup.py [SPEC ...] [--repeat 1] [--timeout S] [--out table.md]
 
 Runs ``fedkd run SPEC --set rounds=1`` (default: the built-in quickstart and
 ``simulations/mnist/fedavg.toml``) in a fresh process per repetition, with a tracer loaded
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -201,8 +202,12 @@ DRIVER = (
 )
 
 
-def traced_run(spec: str, workdir: Path) -> dict[str, float]:
-    """Milestone -> seconds since the driver process started, for one traced 1-round run."""
+def traced_run(spec: str, workdir: Path, timeout: float | None = None) -> dict[str, float]:
+    """Milestone -> seconds since the driver process started, for one traced 1-round run.
+
+    A run still going after `timeout` seconds is stopped (SIGTERM twice: fedkd's own stop,
+    which shuts Ray down) and keeps the milestones it reached, with ``"stopped"`` set to 1.
+    """
     trace = workdir / "trace.txt"
     trace.unlink(missing_ok=True)
     (workdir / "sitecustomize.py").write_text(TRACER)
@@ -212,9 +217,27 @@ def traced_run(spec: str, workdir: Path) -> dict[str, float]:
     args = [] if spec == "quickstart" else [spec]
     out = Path(tempfile.mkdtemp(dir=workdir)) / "run"
     cmd = [sys.executable, "-c", DRIVER, "run", *args, "--quiet", "--set", "rounds=1"]
-    subprocess.run([*cmd, "--out", str(out)], env=env, check=True, cwd=ROOT)
+    driver = subprocess.Popen([*cmd, "--out", str(out)], env=env, cwd=ROOT)
+    stopped = False
+    try:
+        driver.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stopped = True
+        for _ in range(2):  # the first asks for a stop after the replies in flight
+            driver.send_signal(signal.SIGTERM)
+            try:
+                driver.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            driver.kill()
+            driver.wait()
+    if not stopped and driver.returncode != 0:
+        raise subprocess.CalledProcessError(driver.returncode, cmd)
     driver_start, rows = _read_trace(trace)
-    return {key: min(times) - driver_start for key, times in rows.items()}
+    times = {key: min(stamps) - driver_start for key, stamps in rows.items()}
+    return {**times, "stopped": float(stopped)}
 
 
 def _read_trace(trace: Path) -> tuple[float, dict[str, list[float]]]:
@@ -243,6 +266,13 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
             got = [run[key] for run in results[spec] if key in run]
             cells.append(f"{statistics.median(got):.2f}" if got else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    stopped = [str(sum(int(run.get("stopped", 0)) for run in results[spec])) for spec in specs]
+    if any(count != "0" for count in stopped):
+        lines.append(
+            "| runs stopped at --timeout (their unreached rows left out) | "
+            + " | ".join(stopped)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -252,12 +282,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per spec (median shown)")
     parser.add_argument("--out", type=Path, help="also write the table (Markdown) here")
     parser.add_argument("--json", type=Path, help="also write every run's milestones here")
+    parser.add_argument(
+        "--timeout", type=float, help="stop a run after this many seconds, keep what it reached"
+    )
     args = parser.parse_args()
     results: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="fedkd-startup-") as tmp:
         for spec in args.specs:
             for _ in range(args.repeat):
-                results.setdefault(spec, []).append(traced_run(spec, Path(tmp)))
+                results.setdefault(spec, []).append(traced_run(spec, Path(tmp), args.timeout))
     text = table(results)
     print(text)
     if args.out:
