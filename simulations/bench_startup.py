@@ -25,6 +25,9 @@ the workers for a worker milestone):
 - first round done: the first ``train.round`` exchange's replies are back;
 - exit: the driver's interpreter exits (audit, Ray shut down).
 
+Two rows are not times: the niceness of the driver and of the first worker when each imported
+the ClientApp (Ray renices its workers by ``RAY_worker_niceness`` as they start).
+
 Milestones a run does not reach (e.g. no worker training step in a vectorised run) show "-".
 """
 
@@ -129,6 +132,8 @@ def _patch_server_app(m):
 
 def _patch_client_app(m):
     mark("client_app_imported")
+    with open(_PATH, "a") as f:  # by now a Ray worker has reniced itself (RAY_worker_niceness)
+        f.write(f"{os.getpid()} {_ROLE[0]} niceness {os.getpriority(os.PRIO_PROCESS, 0)}\n")
     _wrap(m, "handle_hello", after="hello_handled")
 
 
@@ -236,8 +241,9 @@ def traced_run(spec: str, workdir: Path, timeout: float | None = None) -> dict[s
     if not stopped and driver.returncode != 0:
         raise subprocess.CalledProcessError(driver.returncode, cmd)
     driver_start, rows = _read_trace(trace)
-    times = {key: min(stamps) - driver_start for key, stamps in rows.items()}
-    return {**times, "stopped": float(stopped)}
+    niceness = {key: max(values) for key, values in rows.items() if key.endswith(" niceness")}
+    times = {key: min(t) - driver_start for key, t in rows.items() if key not in niceness}
+    return {**times, **niceness, "stopped": float(stopped)}
 
 
 def _read_trace(trace: Path) -> tuple[float, dict[str, list[float]]]:
@@ -266,6 +272,13 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
             got = [run[key] for run in results[spec] if key in run]
             cells.append(f"{statistics.median(got):.2f}" if got else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for role in ("driver", "worker"):
+        got = [
+            [run[f"{role} niceness"] for run in results[spec] if f"{role} niceness" in run]
+            for spec in specs
+        ]
+        cells = [f"{statistics.median(values):.0f}" if values else "-" for values in got]
+        lines.append(f"| {role} niceness (at ClientApp import) | " + " | ".join(cells) + " |")
     stopped = [str(sum(int(run.get("stopped", 0)) for run in results[spec])) for spec in specs]
     if any(count != "0" for count in stopped):
         lines.append(
