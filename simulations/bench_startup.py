@@ -211,7 +211,8 @@ def traced_run(spec: str, workdir: Path, timeout: float | None = None) -> dict[s
     """Milestone -> seconds since the driver process started, for one traced 1-round run.
 
     A run still going after `timeout` seconds is stopped (SIGTERM twice: fedkd's own stop,
-    which shuts Ray down) and keeps the milestones it reached, with ``"stopped"`` set to 1.
+    which shuts Ray down) and keeps the milestones it reached, with ``"stopped"`` set to 1; a
+    run that fails (e.g. Ray did not start) keeps them too, with ``"failed"`` set to 1.
     """
     trace = workdir / "trace.txt"
     trace.unlink(missing_ok=True)
@@ -238,12 +239,11 @@ def traced_run(spec: str, workdir: Path, timeout: float | None = None) -> dict[s
         else:
             driver.kill()
             driver.wait()
-    if not stopped and driver.returncode != 0:
-        raise subprocess.CalledProcessError(driver.returncode, cmd)
+    failed = not stopped and driver.returncode != 0  # e.g. Ray did not start: keep what it reached
     driver_start, rows = _read_trace(trace)
     niceness = {key: max(values) for key, values in rows.items() if key.endswith(" niceness")}
     times = {key: min(t) - driver_start for key, t in rows.items() if key not in niceness}
-    return {**times, **niceness, "stopped": float(stopped)}
+    return {**times, **niceness, "stopped": float(stopped), "failed": float(failed)}
 
 
 def _read_trace(trace: Path) -> tuple[float, dict[str, list[float]]]:
@@ -279,13 +279,12 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
         ]
         cells = [f"{statistics.median(values):.0f}" if values else "-" for values in got]
         lines.append(f"| {role} niceness (at ClientApp import) | " + " | ".join(cells) + " |")
-    stopped = [str(sum(int(run.get("stopped", 0)) for run in results[spec])) for spec in specs]
-    if any(count != "0" for count in stopped):
-        lines.append(
-            "| runs stopped at --timeout (their unreached rows left out) | "
-            + " | ".join(stopped)
-            + " |"
-        )
+    for key, label in [("stopped", "stopped at --timeout"), ("failed", "that failed")]:
+        counts = [str(sum(int(run.get(key, 0)) for run in results[spec])) for spec in specs]
+        if any(count != "0" for count in counts):
+            lines.append(
+                f"| runs {label} (rows they did not reach left out) | " + " | ".join(counts) + " |"
+            )
     return "\n".join(lines)
 
 
