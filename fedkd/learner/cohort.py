@@ -254,16 +254,13 @@ class CohortLearner:
             state, other = self._load(cid), partner._load(cid)
             client = self.data.clients[cid]
             stats = train_mutual(
-                state.model,
-                state.private_opt,
-                other.model,
-                other.private_opt,
+                (state.model, other.model),
+                (state.private_opt, other.private_opt),
                 client.x_train,
                 client.y_train,
                 self.config.private.for_round(round_num),
                 seeded_generator(self.config.seed, round_num, cid, PHASE_TRAIN),
-                weight,
-                partner_weight,
+                (weight, partner_weight),
             )
             state.rounds_trained += 1
             other.rounds_trained += 1

@@ -365,36 +365,32 @@ def train_supervised(
 
 
 def train_mutual(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    partner: nn.Module,
-    partner_opt: torch.optim.Optimizer,
+    models: tuple[nn.Module, nn.Module],
+    opts: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
     x: np.ndarray | Tensor,
     y: np.ndarray | Tensor,
     step: StepConfig,
     gen: torch.Generator,
-    weight: float,
-    partner_weight: float,
+    weights: tuple[float, float],
 ) -> dict[str, float]:
-    """Deep mutual learning of two models on (x, y): on each batch, the same for both, `model`
-    minimises cross-entropy plus `weight` times ``KL(partner || model)`` and `partner`
-    cross-entropy plus `partner_weight` times ``KL(model || partner)``, each towards the other's
-    detached softmax at temperature 1 (Zhang et al., 2018). Returns `model`'s mean loss and the
-    steps."""
+    """Deep mutual learning of two models on (x, y) (Zhang et al., 2018): on each batch, the
+    same for both, each model minimises cross-entropy plus its weight in `weights` times the KL
+    divergence from the other's detached softmax (temperature 1) to its own. Returns the first
+    model's mean loss and the steps."""
     x, y = as_tensor(x), as_tensor(y)
 
     def batch_loss(idx: Tensor) -> Tensor:
         xb, yb = x[idx], y[idx]
-        out, other = model(xb), partner(xb)
-        own = nn.functional.cross_entropy(out, yb) + weight * kl_distillation_loss(
-            out, soft_targets(other.detach())
+        outs = [model(xb) for model in models]
+        return torch.stack(
+            [
+                nn.functional.cross_entropy(out, yb)
+                + weight * kl_distillation_loss(out, soft_targets(other.detach()))
+                for out, other, weight in zip(outs, outs[::-1], weights, strict=True)
+            ]
         )
-        theirs = nn.functional.cross_entropy(other, yb) + partner_weight * kl_distillation_loss(
-            other, soft_targets(out.detach())
-        )
-        return torch.stack([own, theirs])
 
-    return fit_batches([model, partner], [opt, partner_opt], len(y), step, gen, batch_loss)
+    return fit_batches(models, opts, len(y), step, gen, batch_loss)
 
 
 def distill(
