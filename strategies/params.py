@@ -132,6 +132,7 @@ class TeacherParams(SelfTrainingParams):
             )
 
     def trains_outside_dpsgd(self) -> str:
+        """Mutual learning's meme model trains on private data outside DP-SGD."""
         if self.mutual_weight > 0:
             return (
                 "mutual_weight: mutual learning trains each client's two models on its private "
