@@ -738,6 +738,9 @@ def _validate_privacy(spec: Spec) -> None:
             f"privacy.dpsgd: not supported with algorithm '{name}' (its training on private "
             "data runs outside DP-SGD)"
         )
+    outside = spec.algorithm.params.trains_outside_dpsgd()
+    if p.dpsgd and outside:
+        raise SpecError(f"algorithm.{outside}")
     if p.release_noise > 0:
         if not caps.teacher_release:
             raise SpecError(

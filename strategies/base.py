@@ -31,6 +31,7 @@ from fedkd.privacy.gaussian_release import GaussianRelease
 from fedkd.privacy.label_histogram import LabelHistogramRelease
 from fedkd.privacy.ledger import PrivacyEvent
 from fedkd.privacy.noise import NoiseSource, noise_source
+from strategies.mutual import knowledge_model, train_on_private_data
 from strategies.params import AlgorithmParams, Capabilities, SelfTrainingParams, TeacherParams
 from strategies.self_distill import distill_with_earlier_self, keep_earlier_logits
 
@@ -440,14 +441,17 @@ class Strategy:
         By default: private training; a logit teacher's clients upload their logits on the
         payload's proxy inputs, with their released label histogram where the run has one.
         With self-distillation (`TeacherParams.self_distill_weight`) each client first keeps
-        its logits on those inputs (its model before this round's training).
+        its logits on those inputs (its model before this round's training). With mutual
+        learning (`TeacherParams.mutual_weight`, `strategies.mutual`) the client's local and
+        meme models train together and the meme model computes what is uploaded.
         """
+        knower = knowledge_model(params, learner)
         if _self_distills(params):
-            keep_earlier_logits(learner, round_num, client_ids, payload["proxy_idx"])
-        results = learner.train_private(round_num, client_ids)
+            keep_earlier_logits(knower, round_num, client_ids, payload["proxy_idx"])
+        results = train_on_private_data(params, learner, round_num, client_ids)
         if cls.capabilities.logit_teacher:
             inputs = learner.data.proxy_x[payload["proxy_idx"].astype(np.int64)]
-            for cid, logits in learner.logits(client_ids, inputs).items():
+            for cid, logits in knower.logits(client_ids, inputs).items():
                 results[cid].arrays["logits"] = logits
                 results[cid].arrays.update(learner.label_histogram(cid))
         return results
@@ -464,7 +468,9 @@ class Strategy:
         """How the clients digest `digest_payload`'s arrays (arguments as `client_round`'s);
         by default they distill towards its teacher logits on its proxy inputs (mixed with
         their earlier logits under self-distillation,
-        `strategies.self_distill.distill_with_earlier_self`)."""
+        `strategies.self_distill.distill_with_earlier_self`), into their meme model under
+        mutual learning (`strategies.mutual`)."""
+        learner = knowledge_model(params, learner)
         if _self_distills(params):
             return distill_with_earlier_self(
                 learner,
@@ -572,7 +578,8 @@ class LogitTeacherStrategy(Strategy):
     """An algorithm whose knowledge is a teacher built from the clients' logits on proxy
     inputs (DS-FL, FedMD, FedDF-logit): `TeacherParams`, and the teacher's release, label
     histograms and confident-labels server student from the context. Its clients may distill
-    from their own earlier model too (``self_distill_weight``, `strategies.self_distill`)."""
+    from their own earlier model too (``self_distill_weight``, `strategies.self_distill`), and
+    learn mutually with a meme model (``mutual_weight``, `strategies.mutual`)."""
 
     Params: ClassVar[type[AlgorithmParams]] = TeacherParams
     capabilities: ClassVar[Capabilities] = Capabilities(

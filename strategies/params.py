@@ -47,6 +47,11 @@ class AlgorithmParams:
         """Raise `ParamError` naming the first bad value; cross-section rules (what the rest of
         the spec must provide) follow from `Capabilities` and are checked by the spec."""
 
+    def trains_outside_dpsgd(self) -> str:
+        """``key: problem`` of an option under which the clients train on private data outside
+        DP-SGD (the spec refuses it with ``privacy.dpsgd``); "" where there is none."""
+        return ""
+
 
 @dataclass
 class SelfTrainingParams(AlgorithmParams):
@@ -82,6 +87,10 @@ class TeacherParams(SelfTrainingParams):
     # Clients distill towards the teacher mixed with their own earlier model's logits, this
     # share of them (strategies.self_distill; 0: off).
     self_distill_weight: float = 0.0
+    # Deep mutual learning (strategies.mutual; 0: off): each client's local model learns from
+    # its meme model with this weight, the meme from the local model with mutual_meme_weight.
+    mutual_weight: float = 0.0
+    mutual_meme_weight: float = 1.0
     # Histogram teachers: rescale the teacher so its class totals on the inputs it labels follow
     # the pooled prior of the released label histograms.
     match_class_prior: bool = False
@@ -108,6 +117,9 @@ class TeacherParams(SelfTrainingParams):
                 f"self_distill_weight: must be in [0, 1) (the earlier model's share of the "
                 f"teacher), got {self.self_distill_weight}"
             )
+        for key in ("mutual_weight", "mutual_meme_weight"):
+            if not 0 <= getattr(self, key) < math.inf:
+                raise ParamError(f"{key}: must be a finite number >= 0, got {getattr(self, key)}")
         if self.teacher_confidence != "none" and self.teacher not in ("", *CONFIDENCE_TEACHERS):
             raise ParamError(
                 f"teacher_confidence: teacher '{self.teacher}' weighs no examples; choose one "
@@ -118,6 +130,15 @@ class TeacherParams(SelfTrainingParams):
                 "match_class_prior: the prior comes from the clients' label histograms; "
                 "set algorithm.teacher to class_weighted or pooled_likelihood, or remove it"
             )
+
+    def trains_outside_dpsgd(self) -> str:
+        """Mutual learning's meme model trains on private data outside DP-SGD."""
+        if self.mutual_weight > 0:
+            return (
+                "mutual_weight: mutual learning trains each client's two models on its private "
+                "data outside DP-SGD; set it to 0 or turn privacy.dpsgd off"
+            )
+        return super().trains_outside_dpsgd()
 
 
 def teacher_kind(params: AlgorithmParams) -> str:

@@ -102,6 +102,11 @@ class RelationParams(TeacherParams):
                 "self_distill_weight: relation's clients distill the teacher together with "
                 "the relations, without their earlier logits; leave it 0"
             )
+        if self.mutual_weight > 0:
+            raise ParamError(
+                "mutual_weight: relation's clients upload and digest with their own student; "
+                "mutual learning with a meme model is not built for it, leave it 0"
+            )
 
 
 def similarity_matrices(outputs: Tensor) -> Tensor:

@@ -66,6 +66,8 @@ CASES = {
     ],
     # Each client keeps its earlier logits for its digest: the checkpoint must keep them.
     "self_distill": ["algorithm.self_distill_weight=0.5"],
+    # Each client's meme model lives beside its student: the checkpoint must keep it.
+    "mutual": ["algorithm.mutual_weight=1"],
     # The defence's scores carry over rounds: the checkpoint must keep them.
     "faults_defence": [
         "faults.byzantine_fraction=0.4",

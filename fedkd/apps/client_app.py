@@ -95,6 +95,7 @@ def _stores(
         "client": _client_states(spec, context, request, simulated),
         "released": NodeStateStore(context, "released"),
         "kept": NodeStateStore(context, "kept"),
+        "partner": NodeStateStore(context, "partner"),
     }
 
 
@@ -106,18 +107,19 @@ def _learner(spec: Spec, context: Context, request: dict, simulated: bool) -> Co
     data = node_data(spec, context.node_config)
     stores = _stores(spec, context, request, simulated)
     config, store = cohort_config(spec), stores["client"]
-    released, kept = stores["released"], stores["kept"]
+    others = (stores["released"], stores["kept"], stores["partner"])
     r = spec.resources
     if r.learner == "vectorised":
         return VectorisedCohortLearner(
-            data, config, store, released, kept, device=r.device, precision=r.precision
+            data, config, store, *others, device=r.device, precision=r.precision
         )
-    return CohortLearner(data, config, store, released, kept)
+    return CohortLearner(data, config, store, *others)
 
 
 # What a node keeps per client in its state (`NodeStateStore` prefixes), and so checkpoints:
-# its student, what it released once, what its algorithm keeps (`Learner.keep`).
-STATE_KINDS = ("client", "released", "kept")
+# its student, what it released once, what its algorithm keeps (`Learner.keep`), its partner
+# model (`Learner.partner`).
+STATE_KINDS = ("client", "released", "kept", "partner")
 
 
 def _checkpoint_folder(config: dict, context: Context, simulated: bool) -> Path | None:

@@ -10,6 +10,7 @@ the round and the run seed, so one client per node and cohorts give the same num
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from fedkd.learner.loop import (
     PHASE_DISTILL,
     PHASE_HISTOGRAM,
     PHASE_INIT,
+    PHASE_PARTNER,
     PHASE_TRAIN,
     ClassRegulariser,
     ClientState,
@@ -36,6 +38,7 @@ from fedkd.learner.loop import (
     predict_embeddings,
     predict_logits,
     seeded_generator,
+    train_mutual,
     train_supervised,
 )
 from fedkd.learner.state_codec import decode_teachers, encode_teachers
@@ -138,6 +141,9 @@ class CohortLearner:
     kept : MutableMapping[int, bytes], optional
         Where each client keeps what its algorithm's client side carries from one phase to a
         later one (`keep`, `kept`), persisting like `states`; default: a dict of its own.
+    partners : MutableMapping[int, bytes], optional
+        Where each client's partner model persists (`partner`, `train_mutual`), like
+        `states`; default: a dict of its own.
     """
 
     def __init__(
@@ -147,12 +153,16 @@ class CohortLearner:
         states: MutableMapping[int, bytes],
         released: MutableMapping[int, bytes] | None = None,
         kept: MutableMapping[int, bytes] | None = None,
+        partners: MutableMapping[int, bytes] | None = None,
     ) -> None:
         self.data = data
         self.config = config
         self.states = states
         self.released = {} if released is None else released
         self.kept_arrays = {} if kept is None else kept
+        self.partners = {} if partners is None else partners
+        # Where a client's model draws its initial weights (`PHASE_PARTNER` in `partner`).
+        self.init_phase = PHASE_INIT
 
     # -- state ---------------------------------------------------------------------------------
     def _load(self, client_id: int) -> ClientState:
@@ -165,6 +175,7 @@ class CohortLearner:
             cfg.seed,
             cfg.private.optim,
             cfg.distill.optim,
+            self.init_phase,
         )
         blob = self.states.get(client_id)
         if blob is not None:
@@ -221,6 +232,43 @@ class CohortLearner:
             result.metrics["train_loss"] = stats["loss"]
             self._save(state)
             results[cid] = result
+        return results
+
+    def partner(self) -> CohortLearner:
+        """This learner on each client's partner model, a second model of the client's
+        architecture kept in `partners` (see `fedkd.learner.protocol.Learner`)."""
+        view = copy.copy(self)
+        view.states, view.init_phase = self.partners, PHASE_PARTNER
+        return view
+
+    def train_mutual(
+        self, round_num: int, client_ids: list[int], weight: float, partner_weight: float
+    ) -> dict[int, ClientResult]:
+        """Train each client's student and its partner model together on its private data
+        (see `fedkd.learner.protocol.Learner`); on the loop in both learners."""
+        if self.config.dp is not None:
+            raise ValueError("mutual learning does not run under DP-SGD")
+        partner = self.partner()
+        results = {}
+        for cid in client_ids:
+            state, other = self._load(cid), partner._load(cid)
+            client = self.data.clients[cid]
+            stats = train_mutual(
+                (state.model, other.model),
+                (state.private_opt, other.private_opt),
+                client.x_train,
+                client.y_train,
+                self.config.private.for_round(round_num),
+                seeded_generator(self.config.seed, round_num, cid, PHASE_TRAIN),
+                (weight, partner_weight),
+            )
+            state.rounds_trained += 1
+            other.rounds_trained += 1
+            self._save(state)
+            partner._save(other)
+            results[cid] = ClientResult(
+                metrics={"num_examples": float(client.num_examples), "train_loss": stats["loss"]}
+            )
         return results
 
     def logits(self, client_ids: list[int], inputs: np.ndarray) -> dict[int, np.ndarray]:

@@ -7,7 +7,7 @@ or cohort runs it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,6 +23,9 @@ from fedkd.models.zoo import build_model
 # Phase codes mixed into seeds so that each phase draws its own stream.
 PHASE_INIT, PHASE_TRAIN, PHASE_DISTILL, PHASE_SERVER, PHASE_SAMPLE, PHASE_EVAL = range(6)
 PHASE_HISTOGRAM = 6
+# A client's partner model (`CohortLearner.partner`) draws its initial weights from its own
+# stream, so that it does not start as a copy of the client's student.
+PHASE_PARTNER = 7
 
 
 def derive_seed(*keys: int) -> int:
@@ -115,8 +118,9 @@ class ClientState:
         seed: int,
         private: OptimConfig,
         distill: OptimConfig,
+        init_phase: int = PHASE_INIT,
     ) -> ClientState:
-        model = init_student(arch, input_shape, num_classes, seed, client_id, PHASE_INIT)
+        model = init_student(arch, input_shape, num_classes, seed, client_id, init_phase)
         return cls(
             client_id,
             arch,
@@ -258,8 +262,8 @@ class GroupRegulariser:
 
 
 def fit_batches(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
+    model: nn.Module | Sequence[nn.Module],
+    opt: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     n: int,
     step: StepConfig,
     gen: torch.Generator,
@@ -268,24 +272,35 @@ def fit_batches(
 ) -> dict[str, float]:
     """`step.epochs` passes over n examples in seeded minibatches (of whole groups of
     `group_size` consecutive rows: `fedkd.learner.batch_plans.shuffled_batches`); `batch_loss(idx)`
-    gives the loss of one batch. Returns the example-weighted mean loss and the number of steps."""
-    model.train()
+    gives the loss of one batch. Returns the example-weighted mean loss and the number of steps.
+
+    Several models (a sequence, each with its optimizer in `opt`) train on the same batches:
+    `batch_loss` then gives each model's loss ``(len(model),)``, each a function of its own
+    model's weights alone (the others' outputs detached); the first one is reported.
+    """
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    opts = [opt] if isinstance(opt, torch.optim.Optimizer) else list(opt)
+    for m in models:
+        m.train()
     total, steps, seen = 0.0, 0, 0
-    scheduler = None
+    schedulers = []
     if step.lr_schedule == "cosine":
         planned = step.epochs * -(-n // batch_rows(step.batch_size, group_size))
-        for group in opt.param_groups:  # the last fit left it near 0: start again from lr
-            group["lr"] = step.optim.lr
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(planned, 1))
+        for o in opts:
+            for group in o.param_groups:  # the last fit left it near 0: start again from lr
+                group["lr"] = step.optim.lr
+            schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(planned, 1)))
     for _ in range(step.epochs):
         for idx in shuffled_batches(n, step.batch_size, gen, group_size):
             loss = batch_loss(idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if scheduler is not None:
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            (loss if loss.dim() == 0 else loss.sum()).backward()
+            for o in opts:
+                o.step()
+            for scheduler in schedulers:
                 scheduler.step()
-            total += loss.item() * len(idx)
+            total += loss.reshape(-1)[0].item() * len(idx)
             seen += len(idx)
             steps += 1
     return {"loss": total / max(seen, 1), "steps": float(steps)}
@@ -347,6 +362,35 @@ def train_supervised(
         return loss
 
     return fit_batches(model, opt, len(y), step, gen, batch_loss)
+
+
+def train_mutual(
+    models: tuple[nn.Module, nn.Module],
+    opts: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+    x: np.ndarray | Tensor,
+    y: np.ndarray | Tensor,
+    step: StepConfig,
+    gen: torch.Generator,
+    weights: tuple[float, float],
+) -> dict[str, float]:
+    """Deep mutual learning of two models on (x, y) (Zhang et al., 2018): on each batch, the
+    same for both, each model minimises cross-entropy plus its weight in `weights` times the KL
+    divergence from the other's detached softmax (temperature 1) to its own. Returns the first
+    model's mean loss and the steps."""
+    x, y = as_tensor(x), as_tensor(y)
+
+    def batch_loss(idx: Tensor) -> Tensor:
+        xb, yb = x[idx], y[idx]
+        outs = [model(xb) for model in models]
+        return torch.stack(
+            [
+                nn.functional.cross_entropy(out, yb)
+                + weight * kl_distillation_loss(out, soft_targets(other.detach()))
+                for out, other, weight in zip(outs, outs[::-1], weights, strict=True)
+            ]
+        )
+
+    return fit_batches(models, opts, len(y), step, gen, batch_loss)
 
 
 def distill(

@@ -58,6 +58,32 @@ class Learner(Protocol):
         """
         ...
 
+    def partner(self) -> Learner:
+        """This learner on each client's partner model: a second model of the client's
+        architecture, with its own initial weights and optimizers, kept in the client's own
+        state beside its student (checkpointed with it, never sent anywhere). Every operation
+        of the view (logits, distill, evaluate...) acts on the partners; the view's keep/kept
+        and released histograms are the client's own."""
+        ...
+
+    def train_mutual(
+        self, round_num: int, client_ids: list[int], weight: float, partner_weight: float
+    ) -> dict[int, ClientResult]:
+        """Train each client's student and its partner model (`partner`) together on its
+        private data: deep mutual learning (Zhang et al., 2018).
+
+        On each minibatch, the same for both (the batches `train_private` would draw), the
+        student minimises cross-entropy plus `weight` times the KL divergence from the
+        partner's detached softmax to its own, and the partner cross-entropy plus
+        `partner_weight` times the KL divergence from the student's. Not under DP-SGD.
+
+        Returns
+        -------
+        dict of int to ClientResult
+            As `train_private`'s; ``train_loss`` is the student's.
+        """
+        ...
+
     def logits(self, client_ids: list[int], inputs: np.ndarray) -> dict[int, np.ndarray]:
         """Each client's ``(N, C)`` float32 logits on `inputs` (eval mode)."""
         ...

@@ -31,7 +31,8 @@ reference loop) and computes the same numbers up to float rounding, many clients
   multiplier per client as the Opacus path, hence the same ledger events. Its random draws
   (batches, noise) come from the client's own seeded generators, not Opacus's, so weights
   agree with the loop in distribution, not bit for bit.
-- Teachers on shards of a client's data (`shard_teacher_votes`) train in the reference loop.
+- Teachers on shards of a client's data (`shard_teacher_votes`) and mutual learning of a
+  client's student with its partner model (`train_mutual`) train in the reference loop.
 """
 
 from __future__ import annotations
@@ -72,7 +73,6 @@ from fedkd.learner.functional_optim import (
 )
 from fedkd.learner.loop import (
     PHASE_DISTILL,
-    PHASE_INIT,
     PHASE_TRAIN,
     REGULARISER_SPACES,
     ClassRegulariser,
@@ -126,6 +126,9 @@ class VectorisedCohortLearner(CohortLearner):
         What each client released once and resends (see `CohortLearner`).
     kept : MutableMapping[int, bytes], optional
         What each client's algorithm keeps across phases (see `CohortLearner`).
+    partners : MutableMapping[int, bytes], optional
+        Each client's partner model (see `CohortLearner.partner`; `train_mutual` runs the
+        loop's, the partner's other phases this learner's).
     device : str, default "auto"
         ``auto``, ``cpu`` or ``cuda`` (the device Ray assigned to this actor).
     precision : str, default "fp32"
@@ -149,13 +152,14 @@ class VectorisedCohortLearner(CohortLearner):
         states: MutableMapping[int, bytes],
         released: MutableMapping[int, bytes] | None = None,
         kept: MutableMapping[int, bytes] | None = None,
+        partners: MutableMapping[int, bytes] | None = None,
         *,
         device: str = "auto",
         precision: str = "fp32",
         max_chunk: int | None = None,
         predict_rows: int | None = None,
     ) -> None:
-        super().__init__(data, config, states, released, kept)
+        super().__init__(data, config, states, released, kept, partners)
         if precision not in PRECISIONS:
             raise ValueError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
         self.device = resolve_device(device)
@@ -221,7 +225,12 @@ class VectorisedCohortLearner(CohortLearner):
             blob = self.states.get(cid)
             if blob is None:
                 model = init_student(
-                    arch, self.data.input_shape, self.data.num_classes, cfg.seed, cid, PHASE_INIT
+                    arch,
+                    self.data.input_shape,
+                    self.data.num_classes,
+                    cfg.seed,
+                    cid,
+                    self.init_phase,
                 )
                 models.append({k: v.detach() for k, v in model.state_dict().items()})
                 private.append({})
