@@ -1,4 +1,4 @@
-"""What building a run's data costs one process: CPU seconds and peak resident memory.
+"""What building a run's data costs one process: CPU seconds and peak resident memory (Linux).
 
 Times ``fedkd.assembly.federated_data(spec)`` (what the driver and every node call) in a fresh
 process, after one warm-up process has filled the on-disk partition cache, so that the figure is
@@ -32,20 +32,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cohort import DEFAULT_MNIST, build_npz, spec_overrides  # noqa: E402
 
 
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM), in MiB."""
+    with open("/proc/self/status") as status:
+        return next(int(ln.split()[1]) for ln in status if ln.startswith(f"{field}:")) / 1024
+
+
 def _measure(spec_path: str | None, overrides: list[str], touch_nodes: int) -> dict:
     """In this process: federated_data's CPU seconds and the process's peak RSS."""
     from fedkd.assembly import federated_data, hosted_clients
     from fedkd.spec import load_spec
 
     spec = load_spec(spec_path, overrides)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = _status_mib("VmRSS")
+    # Linux: reset the peak (VmHWM) to the current RSS, so that the peak is federated_data's.
+    Path("/proc/self/clear_refs").write_text("5")
     started = time.process_time()
     data = federated_data(spec)
     out = {
         "clients": len(data.clients),
         "cpu_s": time.process_time() - started,
-        "peak_rss_mib_before": rss_before,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_mib_before": rss_before,
+        "peak_rss_mib": _status_mib("VmHWM"),
+        "rss_mib_after": _status_mib("VmRSS"),
+        "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if touch_nodes:
         started = time.process_time()
@@ -54,7 +64,7 @@ def _measure(spec_path: str | None, overrides: list[str], touch_nodes: int) -> d
             for part in (c.x_train, c.y_train, c.x_val, c.y_val, c.x_local_test, c.y_local_test):
                 part.sum()
         out["touch_cpu_s"] = time.process_time() - started
-        out["touch_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out["touch_peak_rss_mib"] = _status_mib("VmHWM")
     return out
 
 
