@@ -115,8 +115,7 @@ def with_canaries(data: FederatedData, client_id: int, m: int, seed: int) -> Fed
     canaries = make_canaries(data, client_id, m, seed)
     client = data.clients[client_id]
     inc = canaries.included
-    audited = dataclasses.replace(
-        client,
+    audited = client.replaced(
         x_train=np.concatenate([client.x_train, canaries.x[inc].astype(client.x_train.dtype)]),
         y_train=np.concatenate([client.y_train, canaries.y[inc].astype(client.y_train.dtype)]),
         train_indices=np.concatenate(

@@ -15,12 +15,18 @@ still set aside, unused, so that the clients' data are the same whatever the pro
 inputs are the source's, and have no labels.
 
 The source's test split is the global test set.
+
+The split computes index arrays only: a client's arrays are taken from the source's when read
+(:class:`ClientRows`, which keeps the recently used ones in a bounded cache), so that a process
+pays for the clients it uses, not for the whole federation.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -57,9 +63,129 @@ def _empty_index() -> np.ndarray:
     return np.zeros(0, dtype=np.int64)
 
 
+# How many bytes of materialised client arrays one federation's `ClientRows` keeps (least
+# recently used first out): a round's sampled clients are used several times (train, logits,
+# distill, evaluate), but a node need not keep every hosted client's arrays between rounds.
+CLIENT_ROWS_CACHE_BYTES = 256 * 2**20
+
+# Which index array each per-client array is taken at.
+_INDICES_OF = {
+    "x_train": "train_indices",
+    "y_train": "train_indices",
+    "x_val": "val_indices",
+    "y_val": "val_indices",
+    "x_local_test": "local_test_indices",
+    "y_local_test": "local_test_indices",
+}
+
+
+class ClientRows:
+    """The source arrays that lazily built clients take their rows from, and a bounded cache.
+
+    A client's array is ``x[indices]`` (or ``y[indices]``), computed when first asked for and
+    kept in a least-recently-used cache of at most `max_bytes` (beyond it, the oldest arrays
+    are dropped and computed again when asked for: the same values, since the source does not
+    change).
+
+    Parameters
+    ----------
+    x, y : np.ndarray
+        The source's training inputs and labels (shared, never copied as a whole).
+    max_bytes : int, optional
+        Most bytes of taken arrays kept; the newest array is kept whatever its size.
+
+    Attributes
+    ----------
+    taken : int
+        How many arrays were computed so far (cache misses): what a test counts.
+    """
+
+    def __init__(
+        self, x: np.ndarray, y: np.ndarray, max_bytes: int = CLIENT_ROWS_CACHE_BYTES
+    ) -> None:
+        self.x, self.y = x, y
+        self.max_bytes = max_bytes
+        self.taken = 0
+        self._cache: OrderedDict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()  # the server's thread and sweep points share clients
+
+    def take(self, client_id: int, name: str, indices: np.ndarray) -> np.ndarray:
+        """Client `client_id`'s array `name` (``x_train``, ``y_val``, ...) at `indices`.
+
+        Parameters
+        ----------
+        client_id : int
+            The client.
+        name : str
+            Which of its arrays; names starting with ``x`` are inputs, others labels.
+        indices : np.ndarray
+            Its rows in the source (a cached array is reused only for the same object).
+
+        Returns
+        -------
+        np.ndarray
+            ``x[indices]`` or ``y[indices]``: a new C-contiguous array, as fancy indexing gives.
+        """
+        key = (client_id, name)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] is indices:
+                self._cache.move_to_end(key)
+                return hit[1]
+        rows = (self.x if name.startswith("x") else self.y)[indices]
+        with self._lock:
+            self.taken += 1
+            old = self._cache.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1].nbytes
+            self._cache[key] = (indices, rows)
+            self._bytes += rows.nbytes
+            while self._bytes > self.max_bytes and len(self._cache) > 1:
+                _, (_, dropped) = self._cache.popitem(last=False)
+                self._bytes -= dropped.nbytes
+        return rows
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled without its lock and cache
+        state = dict(self.__dict__, _cache=OrderedDict(), _bytes=0)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def cached_clients(self) -> set[int]:
+        """The clients with at least one array in the cache now."""
+        with self._lock:
+            return {cid for cid, _ in self._cache}
+
+
+class _ClientArray:
+    """A `ClientData` array field: the array it was given, else (a lazily built client) the
+    client's rows taken from its `ClientRows` at the matching indices, on every access."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.indices = name, _INDICES_OF[name]
+
+    def __get__(self, obj: ClientData | None, owner: type | None = None) -> np.ndarray | None:
+        if obj is None:
+            return None  # the dataclass field's default
+        value = obj.__dict__.get(self.name)
+        if value is None and obj.rows is not None:
+            return obj.rows.take(obj.client_id, self.name, getattr(obj, self.indices))
+        return value
+
+    def __set__(self, obj: ClientData, value: np.ndarray | None) -> None:
+        obj.__dict__[self.name] = value
+
+
 @dataclass
 class ClientData:
     """One client's private data.
+
+    Built either with its arrays, or lazily (`rows`): then it holds only its index arrays, and
+    each array is taken from the source when read (`ClientRows`), with the values and dtype the
+    eager arrays would have. ``dataclasses.replace`` gives a client with its arrays.
 
     Attributes
     ----------
@@ -70,33 +196,68 @@ class ClientData:
     x_local_test, y_local_test : np.ndarray
         The client's own held-out inputs and labels.
     train_indices, local_test_indices : np.ndarray
-        Positions of these examples in the source's ``x_train`` (bookkeeping).
+        Positions of these examples in the source's ``x_train`` (bookkeeping; what a lazily
+        built client takes its rows at).
     x_val, y_val : np.ndarray or None
         The client's validation slice, for selecting rounds and hyperparameters; None (the
         default) means none, and becomes an empty slice shaped like ``x_train``.
     val_indices : np.ndarray
         Positions of the validation examples in the source's ``x_train`` (bookkeeping).
+    rows : ClientRows or None
+        Where a lazily built client's arrays come from; None when they were given.
     """
 
     client_id: int
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_local_test: np.ndarray
-    y_local_test: np.ndarray
+    # Descriptor fields (default None): given arrays, else taken from `rows` when read.
+    x_train: np.ndarray = _ClientArray()  # type: ignore[assignment]
+    y_train: np.ndarray = _ClientArray()  # type: ignore[assignment]
+    x_local_test: np.ndarray = _ClientArray()  # type: ignore[assignment]
+    y_local_test: np.ndarray = _ClientArray()  # type: ignore[assignment]
     train_indices: np.ndarray = field(default_factory=_empty_index)
     local_test_indices: np.ndarray = field(default_factory=_empty_index)
-    x_val: np.ndarray | None = None
-    y_val: np.ndarray | None = None
+    x_val: np.ndarray | None = _ClientArray()
+    y_val: np.ndarray | None = _ClientArray()
     val_indices: np.ndarray = field(default_factory=_empty_index)
+    rows: ClientRows | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if self.rows is not None:
+            return
+        missing = [
+            k
+            for k in ("x_train", "y_train", "x_local_test", "y_local_test")
+            if self.__dict__.get(k) is None
+        ]
+        if missing:
+            raise TypeError(f"ClientData: give {', '.join(missing)}, or rows to take them from")
         if self.x_val is None:
             self.x_val, self.y_val = self.x_train[:0], self.y_train[:0]
 
+    def __repr__(self) -> str:  # the dataclass's would read (and so take) every array
+        lazy = ", lazy" if self.rows is not None else ""
+        return f"ClientData(client_id={self.client_id}, num_examples={self.num_examples}{lazy})"
+
+    def replaced(self, **changes: Any) -> ClientData:
+        """A copy with `changes` (as ``dataclasses.replace``), whose other arrays stay lazy.
+
+        Parameters
+        ----------
+        **changes
+            Fields to change, e.g. ``y_train``.
+
+        Returns
+        -------
+        ClientData
+            The copy; arrays not in `changes` are taken from `rows` when read, as here.
+        """
+        stored = {f.name: self.__dict__.get(f.name) for f in fields(self)}
+        return ClientData(**{**stored, **changes})
+
     @property
     def num_examples(self) -> int:
-        """Number of private training examples."""
-        return len(self.y_train)
+        """Number of private training examples (a lazily built client's without its arrays)."""
+        y = self.__dict__.get("y_train")
+        return len(self.train_indices) if y is None else len(y)
 
 
 @dataclass
@@ -273,6 +434,8 @@ def build_federated_data(
         seed=seed,
     )
 
+    # Index arrays only: a client's arrays are taken from the source when it is used.
+    rows = ClientRows(dataset.x_train, dataset.y_train)
     clients = []
     for cid, part in enumerate(parts):
         idx = pool_idx[part]
@@ -282,15 +445,10 @@ def build_federated_data(
         clients.append(
             ClientData(
                 client_id=cid,
-                x_train=dataset.x_train[train_idx],
-                y_train=dataset.y_train[train_idx],
-                x_local_test=dataset.x_train[test_idx],
-                y_local_test=dataset.y_train[test_idx],
                 train_indices=train_idx,
                 local_test_indices=test_idx,
-                x_val=dataset.x_train[val_idx],
-                y_val=dataset.y_train[val_idx],
                 val_indices=val_idx,
+                rows=rows,
             )
         )
     proxy_x, proxy_y = dataset.x_train[proxy_idx], dataset.y_train[proxy_idx]

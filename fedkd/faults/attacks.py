@@ -155,8 +155,8 @@ def with_flipped_labels(data: FederatedData, client_ids: list[int]) -> Federated
         return hit[1]
     clients = list(data.clients)
     for cid in client_ids:
-        clients[cid] = dataclasses.replace(
-            clients[cid], y_train=flip_labels(clients[cid].y_train, data.num_classes)
+        clients[cid] = clients[cid].replaced(
+            y_train=flip_labels(clients[cid].y_train, data.num_classes)
         )
     flipped = dataclasses.replace(data, clients=clients)
     _FLIPPED[key] = (data, flipped)
