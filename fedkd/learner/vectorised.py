@@ -194,7 +194,7 @@ class VectorisedCohortLearner(CohortLearner):
         for cid in client_ids:
             by_arch.setdefault(self.config.arch_of(cid), []).append(cid)
         for arch, cids in by_arch.items():
-            cids = most_steps_first(cids, lambda c: len(self.data.clients[c].y_train))
+            cids = most_steps_first(cids, lambda c: self.data.clients[c].num_examples)
             for start in range(0, len(cids), self.max_chunk):
                 yield arch, cids[start : start + self.max_chunk]
 
