@@ -7,6 +7,7 @@ Usage::
         --layouts cohort-vectorised [--state-memory-mb 0]   # cross-device scale
     python simulations/bench_cohort.py --phases [--quick]   # only the per-phase breakdown
     python simulations/bench_cohort.py --eval-memory        # only one node's evaluation memory
+    python simulations/bench_cohort.py --workload mnist [--quick] [--out table.md]
 
 Every configuration runs the real engine (`fedkd.run.cli.simulate`: Flower's ServerApp and
 ClientApp on the Ray backend) in a fresh subprocess, for two warm-up rounds (Ray actors start, data
@@ -51,6 +52,31 @@ scikit-learn's digits sampled with replacement. ``--per-round`` samples that man
 round (``clients.fraction``); samples/s counts the sampled clients' examples.
 Algorithm: DS-FL without a server student (its distillation would count as engine overhead),
 ``cnn_small`` students, SGD with momentum.
+
+``--workload mnist`` is the work users run, measured beside what the machine can do:
+``simulations/mnist_dirichlet.toml`` (full-size MNIST, 20 clients, Dirichlet 0.1) with FedAvg and
+DS-FL (``--algorithms``), one student architecture at a time (``cnn_small``, ``cnn_large``:
+``--models``), 1 epoch at batch 32, the spec's server student and distillation kept (they are
+part of DS-FL's round), evaluation only in the last round, plots off; the same layouts, warm-up,
+measured and last rounds as the layout table, then the ceilings of each model, all in the same
+invocation. ``--quick``: FedAvg, ``cnn_small``, 1 measured round, 100 ceiling steps. Its header
+names the commit (short hash, ``dirty``) and the machine (CPU model, cores, GPU or none). Columns:
+
+- round s, learner s, peak MiB / node: as in the layout table (learner s is the clients' work
+  alone: DS-FL's server student runs in the driver, outside it);
+- train samples/s: the sampled clients' private training examples x epochs per round (all 20
+  clients' training rows: no proxy, distillation or evaluation rows) / round s;
+- of batch-32 ceiling: train samples/s over the batch-32 ceiling of the same model: one
+  single-thread process per core, each training its own model at batch 32 on MNIST's training
+  rows for ``--ceiling-steps`` steps, all timed together (after a barrier), samples/s summed;
+- of large-batch ceiling: over one model trained at batch 4,096 with all cores;
+- x vs 1/node, x vs cohort loop: the round's speed-up over one client per node (the loop) and
+  over cohort nodes with the loop, same algorithm and model (above 1: faster);
+- s before round 1: seconds from the driver process's start (read from /proc) to the first
+  training step of round 1 in any node (``loss.backward`` in the loop, the first step made by
+  ``torch.func.grad_and_value`` in the vectorised learner), recorded by
+  ``simulations/bench_startup.py``'s tracer loaded into every process of the run; "-" where the
+  trace holds no such step.
 """
 
 from __future__ import annotations
@@ -59,6 +85,7 @@ import argparse
 import json
 import math
 import os
+import queue
 import subprocess
 import sys
 import tempfile
@@ -70,6 +97,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
+# --workload mnist (and the per-phase breakdown): the setting users run
+WORKLOAD_SPEC = REPO / "simulations" / "mnist_dirichlet.toml"
+WORKLOAD_ALGORITHMS = ("fedavg", "dsfl")
+WORKLOAD_MODELS = ("cnn_small", "cnn_large")
 LAYOUTS = {
     # name: (clients per node as a function of N, learner)
     "1 client/node (loop)": ("single", "loop"),
@@ -78,6 +109,8 @@ LAYOUTS = {
 }
 # --layouts: the command line's names of LAYOUTS
 LAYOUT_OPTIONS = dict(zip(("single", "cohort-loop", "cohort-vectorised"), LAYOUTS, strict=True))
+# the layouts the table's "x vs 1/node" and "x vs cohort loop" compare with
+BASE_LAYOUTS = ("single", "cohort-loop")
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -123,9 +156,17 @@ def _pool(images: np.ndarray, side: int) -> np.ndarray:
 
 
 # -- one configuration (runs in a subprocess) ------------------------------------------------
+def clients_per_node(cfg: dict[str, Any]) -> int:
+    """One client per node, or the clients spread over ``cohort_nodes`` cohort nodes."""
+    return 1 if cfg["layout"] == "single" else math.ceil(cfg["clients"] / cfg["cohort_nodes"])
+
+
 def spec_overrides(cfg: dict[str, Any]) -> list[str]:
+    """The ``key=value`` overrides of one configuration (on `WORKLOAD_SPEC` for ``mnist``)."""
+    if cfg.get("workload") == "mnist":
+        return mnist_overrides(cfg)
     n = cfg["clients"]
-    per_node = 1 if cfg["layout"] == "single" else math.ceil(n / cfg["cohort_nodes"])
+    per_node = clients_per_node(cfg)
     return [
         "name=bench_cohort",
         f"seed={cfg['seed']}",
@@ -157,6 +198,30 @@ def spec_overrides(cfg: dict[str, Any]) -> list[str]:
     ]
 
 
+def mnist_overrides(cfg: dict[str, Any]) -> list[str]:
+    """`WORKLOAD_SPEC` (full-size MNIST, 20 clients, Dirichlet 0.1) as the users run it, with
+    one algorithm and one student architecture, 1 epoch at batch 32, and evaluation only in
+    the last round (left out of the means); the spec's server student is kept."""
+    rounds = cfg["warmup"] + cfg["rounds"] + cfg["tail"]
+    return [
+        f"name=bench_cohort_{cfg['algorithm']}_{cfg['arch']}",
+        f"rounds={rounds}",
+        f"algorithm.name={cfg['algorithm']}",
+        f'data.path="{cfg["mnist"]}"',
+        f'clients.students=["{cfg["arch"]}"]',
+        f"clients.clients_per_node={clients_per_node(cfg)}",
+        "train.epochs=1",
+        "train.batch_size=32",
+        # A round evaluates when its number is a multiple of `every` or it is the last one.
+        f"eval.every={rounds + 1}",
+        "eval.client_test_samples=100",
+        "resources.num_cpus=1",
+        f"resources.learner={cfg['learner']}",
+        "resources.device=cpu",
+        "output.plots=false",
+    ]
+
+
 def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run one layout on the real engine; return per-round rows and what the table needs."""
     import resource
@@ -166,7 +231,8 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     from fedkd.run.cli import simulate
     from fedkd.spec import load_spec
 
-    spec = load_spec(None, spec_overrides(cfg))
+    spec_path = WORKLOAD_SPEC if cfg.get("workload") == "mnist" else None
+    spec = load_spec(spec_path, spec_overrides(cfg))
     out = Path(cfg["out_dir"])
     started = time.perf_counter()
     simulate(spec, out, show_progress=False)
@@ -182,6 +248,7 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
         "rows": rows,
         "nodes": spec.num_nodes,
         "samples_per_round": float(private + distilled * spec.distill.epochs),
+        "private_per_round": float(private),
         "per_round": len(sampled[0]),
         "total_s": total,
         "driver_peak_mb": driver_mb,
@@ -189,7 +256,7 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- per-phase breakdown of one node (in process, no Flower) ---------------------------------
-PHASE_SPEC = REPO / "simulations" / "mnist_dirichlet.toml"
+PHASE_SPEC = WORKLOAD_SPEC
 PHASE_LEARNERS = ("loop", "vectorised")
 
 
@@ -398,35 +465,140 @@ def eval_memory_table(archs: list[str]) -> str:
     return "\n".join([*header, *lines])
 
 
-# -- the one-model ceiling -------------------------------------------------------------------
-def ceiling(npz: str, batch: int = 4096, steps: int = 5) -> float:
-    """Samples/s of one cnn_small trained with SGD at batch `batch` on this machine's cores."""
+CEILING_LABELS = {
+    "batch 32": "ceiling: batch 32, one single-thread process per core",
+    "large batch": "ceiling: one model, batch 4,096, all cores",
+}
+
+
+# -- the one-model ceilings ------------------------------------------------------------------
+def _training_batches(npz: str, batch: int, steps: int) -> list[tuple[Any, Any]]:
+    """`steps` batches of the npz's training rows (float in [0, 1], one channel), consecutive
+    slices of one shuffle, the rows repeated where the file holds fewer than needed."""
+    import torch
+
+    with np.load(npz) as d:
+        x, y = d["x_train"], d["y_train"]
+    take = np.random.default_rng(0).permutation(len(y))
+    take = np.resize(take, batch * steps)  # repeats the shuffle where it is too short
+    rows = x[take].astype(np.float32)
+    if x.dtype == np.uint8:  # raw MNIST pixels
+        rows /= 255.0
+    xs = torch.from_numpy(rows[:, None]).split(batch)
+    ys = torch.from_numpy(y[take].astype(np.int64)).split(batch)
+    return list(zip(xs, ys, strict=True))
+
+
+def _train_model(arch: str, batches: list[tuple[Any, Any]], ready: Any = None) -> float:
+    """Samples/s of one `arch` trained with SGD (the learner's optimizer) on `batches`; the
+    first batch is a warm-up step, not timed. `ready`: a barrier to wait at before timing."""
     import torch
 
     from fedkd.learner.loop import OptimConfig, make_optimizer
     from fedkd.models.zoo import build_model
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    with np.load(npz) as d:
-        x = torch.from_numpy(d["x_train"][:, None].astype(np.float32))
-        y = torch.from_numpy(d["y_train"].astype(np.int64))
-    reps = math.ceil(batch / len(y))
-    x, y = x.repeat(reps, 1, 1, 1)[:batch], y.repeat(reps)[:batch]
     torch.manual_seed(0)
-    model = build_model("cnn_small", tuple(x.shape[1:]), 10)
+    model = build_model(arch, tuple(batches[0][0].shape[1:]), 10)
     opt = make_optimizer(model.parameters(), OptimConfig())
 
-    def step() -> None:
+    def step(x: Any, y: Any) -> None:
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    step()  # warm-up
+    step(*batches[0])  # warm-up
+    if ready is not None:
+        ready.wait()
     started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return batch * steps / (time.perf_counter() - started)
+    for x, y in batches[1:]:
+        step(x, y)
+    return sum(len(y) for _, y in batches[1:]) / (time.perf_counter() - started)
+
+
+def ceiling(npz: str, batch: int = 4096, steps: int = 5, arch: str = "cnn_small") -> float:
+    """Samples/s of one `arch` trained with SGD at batch `batch` on this machine's cores.
+
+    Parameters
+    ----------
+    npz : str
+        An .npz with ``x_train`` and ``y_train`` (uint8 pixels or floats in [0, 1]).
+    batch, steps : int
+        Batch size and timed steps (after one warm-up step).
+    arch : str
+        The student architecture (`fedkd.models.zoo`).
+
+    Returns
+    -------
+    float
+        Training examples per second, all cores as torch's intra-op threads.
+    """
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    return _train_model(arch, _training_batches(npz, batch, steps + 1))
+
+
+def _single_thread_worker(
+    npz: str, arch: str, batch: int, steps: int, ready: Any, out: Any
+) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    out.put(_train_model(arch, _training_batches(npz, batch, steps + 1), ready))
+
+
+def ceiling_processes(
+    npz: str, arch: str, batch: int = 32, steps: int = 300, processes: int | None = None
+) -> float:
+    """Samples/s of `processes` single-thread processes (default: one per core), each training
+    its own `arch` at batch `batch` for `steps` steps, summed.
+
+    The processes time their steps together: each waits at a barrier after its warm-up step,
+    so the sum is the machine's rate with every core training at once.
+
+    Parameters
+    ----------
+    npz : str
+        An .npz with ``x_train`` and ``y_train``.
+    arch : str
+        The student architecture (`fedkd.models.zoo`).
+    batch, steps : int
+        Batch size and timed steps per process (after one warm-up step).
+    processes : int, optional
+        How many processes train at once (default: the CPU count).
+
+    Returns
+    -------
+    float
+        Training examples per second, summed over the processes.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no torch threads inherited by a fork
+    count = processes or os.cpu_count() or 1
+    ready, out = context.Barrier(count), context.Queue()
+    workers = [
+        context.Process(target=_single_thread_worker, args=(npz, arch, batch, steps, ready, out))
+        for _ in range(count)
+    ]
+    for worker in workers:
+        worker.start()
+    rates: list[float] = []
+    while len(rates) < count:
+        try:
+            rates.append(out.get(timeout=5))
+        except queue.Empty:
+            failed = [w.exitcode for w in workers if w.exitcode]
+            if failed:  # the others would wait at the barrier for ever
+                for worker in workers:
+                    worker.terminate()
+                raise RuntimeError(
+                    f"batch-{batch} ceiling process failed (exit {failed[0]})"
+                ) from None
+    for worker in workers:
+        worker.join()
+    return float(sum(rates))
 
 
 # -- driver ----------------------------------------------------------------------------------
@@ -461,6 +633,8 @@ def summarise(name: str, cfg: dict[str, Any], res: dict[str, Any]) -> dict[str, 
         "peak_mb": _peak_mb(measured),
         "per_round": res["per_round"],
         "driver_mb": res["driver_peak_mb"],
+        "train_samples_s": res["private_per_round"] / wall,
+        "before_round1_s": res.get("before_round1_s"),
     }
 
 
@@ -492,6 +666,146 @@ def format_table(rows: list[dict[str, Any]], ceiling_sps: float, header: list[st
         "| - | - | - | - | - | - |"
     )
     return "\n".join(lines)
+
+
+# -- --workload mnist: the setting users run, beside its ceilings ----------------------------
+def first_training_step_s(trace: Path) -> float | None:
+    """Seconds from the driver process's start to the first training step in any node (the
+    tracer's ``first_backward``), or None where the trace holds none."""
+    from bench_startup import read_trace
+
+    if not trace.is_file():
+        return None
+    start, rows = read_trace(trace)
+    steps = rows.get("worker first_backward")
+    return min(steps) - start if steps else None
+
+
+def provenance() -> str:
+    """One line: the commit (short hash, ``dirty`` with uncommitted changes to tracked files)
+    and the machine (CPU model, cores, GPU or none)."""
+    import torch
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = ", dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
+    cpu = "unknown CPU"
+    if Path("/proc/cpuinfo").is_file():
+        names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return f"Commit {commit}{dirty}; machine: {cpu}, {os.cpu_count()} cores, GPU: {gpu}."
+
+
+def format_workload_table(
+    rows: list[dict[str, Any]], ceilings: dict[str, dict[str, float]], header: list[str]
+) -> str:
+    """The Markdown table of ``--workload mnist``: one row per algorithm, model and layout,
+    then each model's two ceilings (columns: the module's docstring)."""
+    cols = ["algorithm", "model", "layout", "nodes", "rounds", "round s", "train samples/s"]
+    cols += ["of batch-32 ceiling", "of large-batch ceiling", "learner s", "x vs 1/node"]
+    cols += ["x vs cohort loop", "peak MiB / node", "s before round 1"]
+    lines = [*header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    round_s = {(r["algorithm"], r["model"], r["layout_option"]): r["round_s"] for r in rows}
+    for r in rows:
+        ceiling_sps = ceilings[r["model"]]
+        single, loop = (round_s.get((r["algorithm"], r["model"], o)) for o in BASE_LAYOUTS)
+        before = r["before_round1_s"]
+        lines.append(
+            f"| {r['algorithm']} | {r['model']} | {r['layout']} | {r['nodes']} | {r['rounds']} "
+            f"| {r['round_s']:.3f} | {r['train_samples_s']:,.0f} | "
+            f"{r['train_samples_s'] / ceiling_sps['batch 32']:.0%} | "
+            f"{r['train_samples_s'] / ceiling_sps['large batch']:.0%} | {r['learner_s']:.3f} | "
+            f"{_times(single, r['round_s'])} | {_times(loop, r['round_s'])} | {r['peak_mb']} | "
+            f"{'-' if before is None else f'{before:.1f}'} |"
+        )
+    for arch, ceiling_sps in ceilings.items():
+        for kind, label in CEILING_LABELS.items():
+            cells = ["-", arch, label, "-", "-", "-", f"{ceiling_sps[kind]:,.0f}"]
+            lines.append("| " + " | ".join(cells + ["-"] * (len(cols) - len(cells))) + " |")
+    return "\n".join(lines)
+
+
+def _times(base: float | None, round_s: float) -> str:
+    """How many times faster than `base` a round of `round_s` is ("-" without a base)."""
+    return "-" if base is None else f"{base / round_s:.2f}x"
+
+
+def workload_table(args: argparse.Namespace) -> str:
+    """Run ``--workload mnist``: every algorithm, model and layout in a fresh process, then
+    each model's ceilings, all in this invocation; return the table with its header."""
+    from fedkd.spec import load_spec
+
+    algorithms = args.algorithms or (["fedavg"] if args.quick else list(WORKLOAD_ALGORITHMS))
+    models = args.models or (["cnn_small"] if args.quick else list(WORKLOAD_MODELS))
+    rounds = args.rounds or (1 if args.quick else 3)
+    steps = args.ceiling_steps or (100 if args.quick else 300)
+    cohort_nodes = args.cohort_nodes or _ray_actors()
+    mnist = args.mnist.resolve()
+    num_clients = load_spec(WORKLOAD_SPEC).clients.num_clients
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_cohort_mnist_") as tmp:
+        for algorithm in algorithms:
+            for arch in models:
+                for option in args.layouts:
+                    name = LAYOUT_OPTIONS[option]
+                    layout, learner = LAYOUTS[name]
+                    cfg = {
+                        "workload": "mnist",
+                        "algorithm": algorithm,
+                        "arch": arch,
+                        "mnist": str(mnist),
+                        "clients": num_clients,
+                        "layout": layout,
+                        "learner": learner,
+                        "cohort_nodes": cohort_nodes,
+                        "warmup": 2,
+                        "rounds": rounds,
+                        "tail": 1,
+                        "out_dir": str(Path(tmp) / f"run_{algorithm}_{arch}_{option}"),
+                    }
+                    res = _subprocess(cfg, trace_dir=Path(tmp))
+                    row = summarise(name, cfg, res)
+                    row.update(algorithm=algorithm, model=arch, layout_option=option)
+                    rows.append(row)
+                    print(
+                        f"  {algorithm} {arch} {name:<26} round {row['round_s']:.3f} s "
+                        f"(run {res['total_s']:.0f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    ceilings = {
+        arch: {
+            "batch 32": ceiling_processes(str(mnist), arch, batch=32, steps=steps),
+            "large batch": ceiling(str(mnist), batch=4096, steps=5, arch=arch),
+        }
+        for arch in models
+    }
+    header = [
+        provenance(),
+        f"bench_cohort --workload mnist: {WORKLOAD_SPEC.relative_to(REPO)} (full-size MNIST, "
+        f"{num_clients} clients, Dirichlet 0.1) with one student architecture, 1 epoch at "
+        "batch 32, the spec's server student and distillation (DS-FL), evaluation only in the "
+        "last round. Flower + Ray simulation on the CPU, one Ray actor per CPU (1 torch "
+        f"thread each); cohort layouts on {cohort_nodes} nodes. 2 warm-up rounds, {rounds} "
+        "measured round(s), 1 last round not measured.",
+        "train samples/s = the sampled clients' private training examples x epochs per round "
+        "/ round s (DS-FL's distillation rows on the clients and its server student are in "
+        "round s, not in the numerator); learner s = nodes' learner seconds per round / nodes "
+        "running at once (the clients' work only: no server student); x vs 1/node, x vs "
+        "cohort loop = speed-up of the round over that layout (same algorithm and model); "
+        "s before round 1 = seconds from the driver process's start to the first training "
+        "step in any node (bench_startup's tracer). Ceilings, in this invocation on the same "
+        f"MNIST training rows: batch 32 = {_ray_actors()} single-thread processes at once, "
+        f"{steps} steps each, samples/s summed; large batch = one model at batch 4,096 on all "
+        f"cores. Load average at the end: {os.getloadavg()[0]:.2f}. "
+        f"Total {time.perf_counter() - started:.0f} s.",
+    ]
+    return format_workload_table(rows, ceilings, header)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -554,10 +868,42 @@ def main(argv: list[str] | None = None) -> None:
         default=["cnn_small", "cnn_large"],
         help="for --phases and --eval-memory",
     )
+    parser.add_argument(
+        "--workload",
+        choices=("iid", "mnist"),
+        default="iid",
+        help="iid: tiny IID clients at 10-1,000 clients (the layout table); mnist: "
+        "simulations/mnist_dirichlet.toml beside the batch-32 and large-batch ceilings",
+    )
+    parser.add_argument(
+        "--algorithms",
+        nargs="+",
+        choices=WORKLOAD_ALGORITHMS,
+        default=None,
+        help="--workload mnist (default: both; --quick: fedavg)",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="--workload mnist: student architectures (default: cnn_small cnn_large; "
+        "--quick: cnn_small)",
+    )
+    parser.add_argument(
+        "--ceiling-steps",
+        type=int,
+        default=None,
+        help="--workload mnist: timed steps of each batch-32 ceiling process (default 300; "
+        "--quick: 100)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config (JSON)
     args = parser.parse_args(argv)
 
     if args.one:
+        if os.environ.get("FEDKD_STARTUP_TRACE"):  # _subprocess(trace_dir=...): time the start
+            import sitecustomize
+
+            sitecustomize.become_driver()
         cfg = json.loads(args.one)
         result = phase_one(cfg) if cfg.get("phase") else run_one(cfg)
         print("BENCH_RESULT " + json.dumps(result), flush=True)
@@ -567,6 +913,19 @@ def main(argv: list[str] | None = None) -> None:
             table = eval_memory_table(args.phase_models)
         else:
             table = phase_table(args.phase_models, args.quick)
+        print(table)
+        if args.out:
+            args.out.write_text(table + "\n")
+        return
+    if args.workload == "mnist":
+        if not args.mnist.is_file():
+            print(
+                f"error: --workload mnist needs full-size MNIST at {args.mnist}; "
+                "pass its .npz with --mnist PATH",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+        table = workload_table(args)
         print(table)
         if args.out:
             args.out.write_text(table + "\n")
@@ -641,18 +1000,37 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(table + "\n")
 
 
-def _subprocess(cfg: dict[str, Any]) -> dict[str, Any]:
-    """One configuration in a fresh interpreter: a fresh Ray instance, no state carried over."""
+def _subprocess(cfg: dict[str, Any], trace_dir: Path | None = None) -> dict[str, Any]:
+    """One configuration in a fresh interpreter: a fresh Ray instance, no state carried over.
+
+    With `trace_dir`, every process of the run loads `bench_startup`'s milestone tracer, and
+    the result gains ``before_round1_s`` (`first_training_step_s`).
+    """
+    env = None
+    if trace_dir is not None:
+        from bench_startup import TRACER
+
+        trace = trace_dir / "trace.txt"
+        trace.unlink(missing_ok=True)
+        (trace_dir / "sitecustomize.py").write_text(TRACER)
+        env = dict(os.environ)
+        path = [str(trace_dir), str(REPO), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+        env["FEDKD_STARTUP_TRACE"] = str(trace)
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(cfg)],
         capture_output=True,
         text=True,
         cwd=REPO,
         check=False,
+        env=env,
     )
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
-            return json.loads(line[len("BENCH_RESULT ") :])
+            result = json.loads(line[len("BENCH_RESULT ") :])
+            if trace_dir is not None:
+                result["before_round1_s"] = first_training_step_s(trace_dir / "trace.txt")
+            return result
     raise RuntimeError(
         f"benchmark run {cfg.get('clients')} / {cfg.get('layout')} / {cfg['learner']} failed:\n"
         + proc.stderr[-3000:]

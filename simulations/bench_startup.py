@@ -21,7 +21,8 @@ the workers for a worker milestone):
 - worker torch._dynamo: the first worker's import of ``torch._dynamo``, which
   ``torch.optim.Optimizer`` does on its first construction (``add_param_group``) and step;
 - first training step: the first ``backward`` of a client's training loss in any worker
-  (the loop learner and the Opacus path; the vectorised learner never calls ``backward``);
+  (the loop learner and the Opacus path), or the first call of a function made by
+  ``torch.func.grad_and_value`` (the vectorised learner's steps, which never call ``backward``);
 - first round done: the first ``train.round`` exchange's replies are back;
 - exit: the driver's interpreter exits (audit, Ray shut down).
 
@@ -145,6 +146,18 @@ def _patch_torch(m):
         return backward(self, *args, **kwargs)
 
     m.Tensor.backward = traced_backward
+    grad_and_value = m.func.grad_and_value  # the vectorised learner's step (no backward)
+
+    def traced_grad_and_value(*args, **kwargs):
+        step = grad_and_value(*args, **kwargs)
+
+        def traced_step(*step_args, **step_kwargs):
+            mark("first_backward")
+            return step(*step_args, **step_kwargs)
+
+        return traced_step
+
+    m.func.grad_and_value = traced_grad_and_value
 
 
 _PATCHES = {
@@ -240,13 +253,25 @@ def traced_run(spec: str, workdir: Path, timeout: float | None = None) -> dict[s
             driver.kill()
             driver.wait()
     failed = not stopped and driver.returncode != 0  # e.g. Ray did not start: keep what it reached
-    driver_start, rows = _read_trace(trace)
+    driver_start, rows = read_trace(trace)
     niceness = {key: max(values) for key, values in rows.items() if key.endswith(" niceness")}
     times = {key: min(t) - driver_start for key, t in rows.items() if key not in niceness}
     return {**times, **niceness, "stopped": float(stopped), "failed": float(failed)}
 
 
-def _read_trace(trace: Path) -> tuple[float, dict[str, list[float]]]:
+def read_trace(trace: Path) -> tuple[float, dict[str, list[float]]]:
+    """The driver's start (epoch seconds) and every ``"role milestone"`` key's timestamps.
+
+    Parameters
+    ----------
+    trace : Path
+        The file the tracer (`TRACER`, through ``$FEDKD_STARTUP_TRACE``) appended to.
+
+    Returns
+    -------
+    tuple of float and dict
+        The driver process's start, and each milestone's timestamps (one per process).
+    """
     start = None
     rows: dict[str, list[float]] = {}
     for line in trace.read_text().splitlines():
