@@ -62,7 +62,8 @@ LEGACY_ALGORITHM_DEFAULTS: dict[str, Any] = {
 }
 OPTIMIZERS = ("sgd", "adam")
 # Cohort learners (fedkd.learner: the per-client loop, torch.func over stacked clients, or the
-# faster of the two: fedkd.learner.auto.LEARNER_CHOICES) and the vectorised learner's numerics (fedkd.learner.device.PRECISIONS; tests check they agree).
+# faster of the two: fedkd.learner.auto.LEARNER_CHOICES) and the vectorised learner's numerics
+# (fedkd.learner.device.PRECISIONS; tests check they agree).
 LEARNERS = ("loop", "vectorised", "auto")
 PRECISIONS = ("fp32", "tf32", "bf16")
 # Sources of the privacy mechanisms' noise (fedkd.privacy.noise.NOISE_RNGS; tests check they
