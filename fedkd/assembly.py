@@ -125,8 +125,8 @@ def learner_choice(spec: Spec, data: FederatedData, *, use_cache: bool = True) -
 
     ``resources.learner = "auto"`` is resolved here, once per run: by `fedkd.learner.auto`'s
     calibration of each architecture the run's students use, on the device its nodes train on,
-    with as many clients as a node trains in a round (nodes of one client: the loop, with no
-    calibration).
+    with as many clients as a node trains in a round, at least two (nodes of one client: the
+    loop, with no calibration).
 
     Returns
     -------
@@ -142,8 +142,11 @@ def learner_choice(spec: Spec, data: FederatedData, *, use_cache: bool = True) -
     from fedkd.learner.auto import CalibrationTask, choose_learner
 
     c, r = spec.clients, spec.resources
-    sampled = max(c.min_clients, math.ceil(c.fraction * c.num_clients))
-    per_node = min(c.clients_per_node, math.ceil(min(sampled, c.num_clients) / spec.num_nodes))
+    if c.clients_per_node == 1:  # nothing to vectorise
+        return {"requested": requested, "chosen": "loop", "calibration": None}
+    # A node's clients in a round (on average), and at least two: there is something to stack.
+    sampled = min(c.num_clients, max(c.min_clients, math.ceil(c.fraction * c.num_clients)))
+    per_node = max(2, min(c.clients_per_node, math.ceil(sampled / spec.num_nodes)))
     archs = list(dict.fromkeys(spec.student_for(cid) for cid in range(c.num_clients)))
     tasks = [
         CalibrationTask(

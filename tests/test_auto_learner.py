@@ -15,13 +15,14 @@ from typer.testing import CliRunner
 
 from fedkd.apps.client_app import make_client_app
 from fedkd.apps.server_app import run_rounds
+from fedkd.assembly import federated_data, learner_choice
 from fedkd.learner import auto
 from fedkd.learner.auto import CalibrationTask, calibrate, choose_learner
 from fedkd.learner.loop import StepConfig
 from fedkd.results import LEARNER_FILE, RunDirError, RunRecorder
 from fedkd.run import cli
 from fedkd.run.resume import resume_point
-from fedkd.spec import SpecError, load_spec
+from fedkd.spec import LEARNERS, SpecError, load_spec
 from tests.inprocess import InProcessGrid
 from tests.test_algorithm_fingerprints import TINY
 from tests.test_resume import engine, resume, rows_of, stop_after_row  # noqa: F401
@@ -72,6 +73,10 @@ def test_spec_accepts_auto_and_refuses_other_values_in_one_line():
     assert "\n" not in message and "resources.learner" in message and "auto" in message
     with pytest.raises(SpecError, match="'auto' may choose it"):
         load_spec(None, ["resources.learner=auto", "resources.precision=bf16"])
+
+
+def test_the_specs_learners_are_the_choices_and_auto():
+    assert LEARNERS == (*auto.LEARNER_CHOICES, "auto")
 
 
 # -- the calibration ---------------------------------------------------------------------------
@@ -128,6 +133,9 @@ def test_the_faster_learner_is_chosen_over_all_architectures(monkeypatch):
 def test_one_client_per_node_means_the_loop_without_calibrating(monkeypatch):
     timed = force(monkeypatch, {"loop": 2.0, "vectorised": 1.0})
     assert choose_learner([auto.replace(TINY_TASK, clients=1)]) == ("loop", {})
+    spec = load_spec(None, [*TINY, "resources.learner=auto"])
+    choice = learner_choice(spec, federated_data(spec))
+    assert choice == {"requested": "auto", "chosen": "loop", "calibration": None}
     assert timed == []
 
 
@@ -162,7 +170,7 @@ def test_an_auto_run_gives_the_chosen_learners_metrics_and_records_the_choice(
     calibration = summary["learner"]["calibration"]
     assert sorted(calibration) == ["cnn_small", "mlp"]
     assert calibration["mlp"]["loop_s"] == seconds["loop"]
-    assert calibration["mlp"]["clients"] == 2  # a node's clients
+    assert calibration["mlp"]["clients"] == 2  # a node's clients, at least two
     assert json.loads((tmp_path / "auto" / LEARNER_FILE).read_text()) == summary["learner"]
 
 
