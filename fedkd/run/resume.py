@@ -34,7 +34,9 @@ def resume_point(run_dir: Path, spec_path: str | None, overrides: list[str]) -> 
     Raises
     ------
     RunDirError
-        If the folder holds no run, no whole checkpoint, or the given spec differs.
+        If the folder holds no run, no whole checkpoint, or the given spec differs; or the
+        run's spec says ``resources.learner = "auto"`` and its ``learner.json`` (the choice it
+        started with, which the resumed run reuses) is missing.
     SpecError
         If the stored or the given spec does not load.
     """
