@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,6 +118,64 @@ def cohort_config(spec: Spec) -> CohortConfig:
         label_histogram_noise=_noise_std(label_histogram_release(spec)),
         noise_rng=spec.privacy.noise,
     )
+
+
+def learner_choice(spec: Spec, data: FederatedData, *, use_cache: bool = True) -> dict[str, Any]:
+    """The cohort learner the run's nodes use, as ``summary.json`` records it.
+
+    ``resources.learner = "auto"`` is resolved here, once per run: by `fedkd.learner.auto`'s
+    calibration of each architecture the run's students use, on the device its nodes train on,
+    with as many clients as a node trains in a round, at least two (nodes of one client: the
+    loop, with no calibration).
+
+    Returns
+    -------
+    dict
+        ``requested`` (the spec's value), ``chosen`` (``loop`` or ``vectorised``: what every
+        node runs) and ``calibration`` (per architecture: seconds of a round of each learner;
+        None where nothing was calibrated).
+    """
+    requested = spec.resources.learner
+    if requested != "auto":
+        return {"requested": requested, "chosen": requested, "calibration": None}
+    # Imported here: the vectorised learner's imports are only needed when calibrating.
+    from fedkd.learner.auto import CalibrationTask, choose_learner
+
+    c, r = spec.clients, spec.resources
+    if c.clients_per_node == 1:  # nothing to vectorise
+        return {"requested": requested, "chosen": "loop", "calibration": None}
+    # A node's clients in a round (on average), and at least two: there is something to stack.
+    sampled = min(c.num_clients, max(c.min_clients, math.ceil(c.fraction * c.num_clients)))
+    per_node = max(2, min(c.clients_per_node, math.ceil(sampled / spec.num_nodes)))
+    archs = list(dict.fromkeys(spec.student_for(cid) for cid in range(c.num_clients)))
+    tasks = [
+        CalibrationTask(
+            arch=arch,
+            input_shape=tuple(data.input_shape),
+            num_classes=data.num_classes,
+            step=step_config(spec.train),
+            dp=dpsgd_settings(spec),
+            clients=per_node,
+            device=_node_device(spec),
+            threads=r.torch_threads,
+        )
+        for arch in archs
+    ]
+    chosen, calibration = choose_learner(tasks, use_cache=use_cache)
+    return {"requested": requested, "chosen": chosen, "calibration": calibration or None}
+
+
+def _node_device(spec: Spec) -> str:
+    """The device the run's nodes train on: CUDA where asked for, or where ``auto`` finds it
+    and nodes are given GPUs; else the CPU."""
+    r = spec.resources
+    if r.device != "auto":
+        return r.device
+    if r.num_gpus <= 0:
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def label_histogram_release(spec: Spec) -> LabelHistogramRelease | None:

@@ -127,6 +127,8 @@ TAKEOVER_NAME = ".fedkd.lock.takeover"
 PRE_RUN_FILES = frozenset({"run.log"})
 # Statuses of summary.json.
 STATUSES = ("completed", "failed", "interrupted")
+# The run's cohort learner, as chosen when it started (`RunRecorder.record_learner`).
+LEARNER_FILE = "learner.json"
 
 
 class RunDirError(ValueError):
@@ -314,6 +316,14 @@ def reclaim_run_dir(path: str | Path) -> Path:
     return _acquire_lock(Path(path))
 
 
+def recorded_learner(run_dir: str | Path) -> dict[str, Any] | None:
+    """The learner choice a run recorded as it started (``learner.json``), or None."""
+    try:
+        return json.loads((Path(run_dir) / LEARNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class RunRecorder:
     """Writes one run's results folder as the run goes.
 
@@ -337,12 +347,16 @@ class RunRecorder:
         self.rounds: list[dict[str, Any]] = []
         self.started = time.perf_counter()
         self.provenance = run_provenance()  # the code as the run starts (fedkd.provenance)
+        # The cohort learner the nodes run (`fedkd.assembly.learner_choice`); a resumed run
+        # keeps the one it recorded as it started.
+        self.learner: dict[str, Any] | None = None
         if keep_rows is None:
             self.lock: Path | None = claim_run_dir(self.dir)
             (self.dir / "spec.toml").write_text(self.spec.to_toml())
         else:
             self.lock = reclaim_run_dir(self.dir)
             self._keep_rows(keep_rows)
+            self.learner = recorded_learner(self.dir)
 
     def _keep_rows(self, count: int) -> None:
         """Cut ``metrics.jsonl`` to its first `count` rows (a resumed run writes the rest)."""
@@ -365,6 +379,13 @@ class RunRecorder:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+    def record_learner(self, choice: dict[str, Any]) -> dict[str, Any]:
+        """Keep the run's learner choice in ``learner.json`` (before the first round, so that
+        a resumed run finds it) and, when the run ends, in ``summary.json``."""
+        self.learner = choice
+        self.write_extra(LEARNER_FILE, choice)
+        return choice
 
     def write_extra(self, name: str, payload: Any) -> None:
         (self.dir / name).write_text(json.dumps(_clean(payload), indent=2))
@@ -413,6 +434,9 @@ class RunRecorder:
             # number (docs/proxy.md).
             "proxy": self.spec.proxy.record(self.spec.proxy_inputs),
             "provenance": self.provenance,
+            # The cohort learner the nodes ran: requested, chosen, and the calibration behind
+            # an "auto" choice (docs/scale.md).
+            "learner": self.learner,
             # The result: the round selected on validation data, and its test accuracy.
             **select_round_by_validation(self.rounds),
         }

@@ -61,9 +61,10 @@ LEGACY_ALGORITHM_DEFAULTS: dict[str, Any] = {
     "self_training_iterations": 1,
 }
 OPTIMIZERS = ("sgd", "adam")
-# Cohort learners (fedkd.learner: the per-client loop, or torch.func over stacked clients) and
-# the vectorised learner's numerics (fedkd.learner.device.PRECISIONS; tests check they agree).
-LEARNERS = ("loop", "vectorised")
+# Cohort learners (fedkd.learner: the per-client loop, torch.func over stacked clients, or the
+# faster of the two: fedkd.learner.auto.LEARNER_CHOICES) and the vectorised learner's numerics
+# (fedkd.learner.device.PRECISIONS; tests check they agree).
+LEARNERS = ("loop", "vectorised", "auto")
 PRECISIONS = ("fp32", "tf32", "bf16")
 # Sources of the privacy mechanisms' noise (fedkd.privacy.noise.NOISE_RNGS; tests check they
 # agree), and which one a spec that names none gets where.
@@ -259,8 +260,9 @@ class ResourcesSpec:
     device: str = "auto"  # auto | cpu | cuda
     # Seconds the server waits for replies in one phase; late nodes count as failed.
     round_timeout: float = 600.0
-    # How a node trains its cohort: "loop" (one client after another, the reference) or
-    # "vectorised" (clients of one architecture together with torch.func).
+    # How a node trains its cohort: "loop" (one client after another, the reference),
+    # "vectorised" (clients of one architecture together with torch.func), or "auto" (the faster
+    # of the two on this machine, chosen once per run by a short calibration: docs/scale.md).
     learner: str = "loop"
     # Vectorised learner only: "fp32", "tf32" (TF32 matmuls/convolutions on CUDA) or "bf16".
     precision: str = "fp32"
@@ -645,7 +647,7 @@ def validate(spec: Spec) -> Spec:
     if r.precision != "fp32" and r.learner != "vectorised":
         raise SpecError(
             f"resources.precision: '{r.precision}' needs resources.learner = 'vectorised' "
-            "(the loop learner trains in fp32)"
+            "(the loop learner trains in fp32, and 'auto' may choose it)"
         )
     return spec
 

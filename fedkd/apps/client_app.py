@@ -27,6 +27,7 @@ from fedkd.apps import wire
 from fedkd.apps.faults import act_in_clients
 from fedkd.apps.run_config import spec_from_run_config
 from fedkd.assembly import cohort_config, eval_test_indices, hosted_clients, node_data
+from fedkd.learner.auto import LEARNER_CHOICES
 from fedkd.learner.cohort import ClientResult, CohortLearner
 from fedkd.learner.state_store import SpillingStateStore
 from fedkd.learner.vectorised import VectorisedCohortLearner
@@ -99,6 +100,20 @@ def _stores(
     }
 
 
+def chosen_learner(spec: Spec, request: dict) -> str:
+    """The cohort learner this node runs: the spec's, or for ``"auto"`` the one the server
+    chose for the whole run and names in every message (``learner``)."""
+    if spec.resources.learner != "auto":
+        return spec.resources.learner
+    chosen = str(request.get("learner", ""))
+    if chosen not in LEARNER_CHOICES:
+        raise ValueError(
+            f"resources.learner = 'auto': the server's message names no chosen learner "
+            f"({chosen!r}; expected one of {', '.join(LEARNER_CHOICES)})"
+        )
+    return chosen
+
+
 def _learner(spec: Spec, context: Context, request: dict, simulated: bool) -> CohortLearner:
     """The node's cohort learner: the per-client loop, or torch.func over stacked clients."""
     # A long-lived Ray worker may have served other runs: set the count every time.
@@ -109,7 +124,7 @@ def _learner(spec: Spec, context: Context, request: dict, simulated: bool) -> Co
     config, store = cohort_config(spec), stores["client"]
     others = (stores["released"], stores["kept"], stores["partner"])
     r = spec.resources
-    if r.learner == "vectorised":
+    if chosen_learner(spec, request) == "vectorised":
         return VectorisedCohortLearner(
             data, config, store, *others, device=r.device, precision=r.precision
         )

@@ -34,6 +34,7 @@ from fedkd.assembly import (
     build_strategy,
     eval_test_indices,
     federated_data,
+    learner_choice,
     ledger_book,
     unprotected_outputs,
 )
@@ -581,7 +582,11 @@ def _build_hooks(
                 node_of,
                 {"export": [cid]},
                 wire.MSG_EXPORT,
-                {"round": spec.rounds, "state_dir": str(state_store_root(recorder))},
+                {
+                    "round": spec.rounds,
+                    "state_dir": str(state_store_root(recorder)),
+                    **node_learner(recorder),
+                },
                 {},
                 spec.resources.round_timeout,
             )
@@ -595,6 +600,12 @@ def _build_hooks(
     checkpoint = CheckpointHook(checkpoint_root(recorder), strategy, list(hooks), loop, recorder)
     chain = HookChain([*hooks, checkpoint])
     return chain, checkpoint
+
+
+def node_learner(recorder: RunRecorder) -> dict[str, str]:
+    """The message config that names the run's cohort learner: every node of a run uses the
+    one chosen as it started (``resources.learner = "auto"``: `fedkd.assembly.learner_choice`)."""
+    return {"learner": str(recorder.learner["chosen"])} if recorder.learner else {}
 
 
 def checkpoint_root(recorder: RunRecorder) -> Path:
@@ -685,6 +696,8 @@ def _run_rounds(
             "epsilon is reported as inf (set privacy.dpsgd = true for a finite guarantee)",
             ", ".join(unprotected),
         )
+    if recorder.learner is None:  # not chosen before the engine started (`fedkd run` does)
+        recorder.record_learner(learner_choice(spec, data))
     loop = LoopState()
     faults = ServerFaults(spec)
     # Spilled client states of an earlier engine's run in this folder (killed, now resumed)
@@ -704,6 +717,7 @@ def _run_rounds(
         "checkpoint_dir": str(checkpoint_root(recorder)),
         "restore_round": loop.round,
         "state_dir": str(state_store_root(recorder)),
+        **node_learner(recorder),
     }
 
     # One exchange per round (wire.MSG_ROUND): round r's digest and evaluation travel with

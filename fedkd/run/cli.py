@@ -263,6 +263,11 @@ def run(
         recorder = RunRecorder(out_dir, parsed, keep_rows)
     except (SpecError, RunDirError) as err:
         fail(str(err))
+    if recorder.learner is None:  # a resumed run keeps the learner it started with
+        from fedkd.assembly import federated_data, learner_choice
+
+        # Once per run, before the engine starts: every node gets this learner.
+        recorder.record_learner(learner_choice(parsed, federated_data(parsed)))
     console.print(
         f"fedkd: [bold]{escape(parsed.name)}[/] - {parsed.algorithm.name}, "
         f"{parsed.clients.num_clients} clients on {parsed.num_nodes} nodes, "
@@ -277,6 +282,10 @@ def run(
         )
     if checkpoint is not None:
         console.print(f"resuming from {escape(str(checkpoint))}", highlight=False)
+    if parsed.resources.learner == "auto":
+        console.print(
+            escape(learner_line(recorder.learner, checkpoint is not None)), highlight=False
+        )
     summary = simulate(parsed, out_dir, not quiet, recorder, checkpoint)
     final = summary["final"] or {}
     acc = final.get("server_test_acc")
@@ -305,6 +314,22 @@ def run(
             f"({parsed.resources.round_timeout:g} s; raise it on a slow or shared machine)",
             highlight=False,
         )
+
+
+def learner_line(choice: dict[str, Any] | None, resumed: bool = False) -> str:
+    """One line on what ``resources.learner = "auto"`` chose, and from which timings."""
+    choice = choice or {}
+    timings = choice.get("calibration") or {}
+    if not timings:
+        why = "one client per node: nothing to vectorise"
+    else:
+        why = "; ".join(
+            f"{arch}: loop {c['loop_s']:.3g} s, vectorised {c['vectorised_s']:.3g} s"
+            + (" (cached)" if c.get("cached") else "")
+            for arch, c in timings.items()
+        )
+    how = "as the run chose when it started" if resumed else why
+    return f"learner: auto -> {choice.get('chosen')} ({how})"
 
 
 REPORT_FORMATS = ("table", "md", "csv")

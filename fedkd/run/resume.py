@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedkd.results import RunDirError
+from fedkd.results import LEARNER_FILE, RunDirError, recorded_learner
 from fedkd.rounds.checkpoint import CHECKPOINTS, checkpoint_info, last_checkpoint
 from fedkd.run.sweep import read_summary, spec_mismatch
 from fedkd.spec import Spec, load_spec, with_noise_rng
@@ -34,7 +34,9 @@ def resume_point(run_dir: Path, spec_path: str | None, overrides: list[str]) -> 
     Raises
     ------
     RunDirError
-        If the folder holds no run, no whole checkpoint, or the given spec differs.
+        If the folder holds no run, no whole checkpoint, or the given spec differs; or the
+        run's spec says ``resources.learner = "auto"`` and its ``learner.json`` (the choice it
+        started with, which the resumed run reuses) is missing.
     SpecError
         If the stored or the given spec does not load.
     """
@@ -57,5 +59,12 @@ def resume_point(run_dir: Path, spec_path: str | None, overrides: list[str]) -> 
             f"--resume {run_dir}: no complete checkpoint under {CHECKPOINTS}/ (the run "
             "stopped before its first round ended, or predates checkpoints); start it again "
             "with fedkd run --out <new folder>"
+        )
+    if spec.resources.learner == "auto" and recorded_learner(run_dir) is None:
+        # Calibrating again could choose the other learner: the rounds to come would not be
+        # the rounds the run began with (docs/scale.md).
+        raise RunDirError(
+            f"--resume {run_dir}: resources.learner = 'auto' but the run's {LEARNER_FILE} is "
+            "missing; start it again with fedkd run --out <new folder>"
         )
     return ResumePoint(spec, checkpoint, checkpoint_info(checkpoint)["rows"])
