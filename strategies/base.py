@@ -410,7 +410,8 @@ class Strategy:
     # -- the interface the round loop calls -----------------------------------------------------
     def plan_local(self, round_num: int) -> dict[str, np.ndarray]:
         """The arrays the sampled clients get with their training request (`client_round`'s
-        payload): a logit teacher's proxy indices; nothing by default."""
+        payload): a logit teacher's proxy indices (with the generator proxy, the generator's
+        payload too, and the round's inputs made from it); nothing by default."""
         if not self.capabilities.logit_teacher:
             return {}
         if self.generator is not None:
@@ -426,7 +427,8 @@ class Strategy:
 
     def digest_payload(self, round_num: int) -> dict[str, np.ndarray] | None:
         """The arrays the clients that uploaded get to digest (`client_digest`'s payload), or
-        None: a logit teacher's proxy indices and teacher logits."""
+        None: a logit teacher's proxy indices and teacher logits (and the round's generator
+        payload with the generator proxy)."""
         if self._teacher_logits is None:
             return None
         return {
