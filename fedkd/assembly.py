@@ -19,6 +19,7 @@ from fedkd.data.splits import FederatedData, load_federated_data
 from fedkd.faults import byzantine_clients, with_flipped_labels
 from fedkd.knowledge import HISTOGRAM_TEACHERS
 from fedkd.learner.cohort import CohortConfig
+from fedkd.learner.generator import ProxyGenerator
 from fedkd.learner.loop import PHASE_EVAL, OptimConfig, StepConfig, derive_seed
 from fedkd.learner.server_student import ServerStudent
 from fedkd.privacy.dpsgd import DpSgdSettings
@@ -397,6 +398,15 @@ def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
             proxy_size=len(data.proxy_x),
             augment_shift=spec.server.augment_shift,
         )
+    generator = None
+    if spec.proxy.kind == "generator":  # the spec made sure there is a server student
+        generator = ProxyGenerator(
+            spec.proxy,
+            data.input_shape,
+            spec.seed,
+            spec.proxy_inputs,
+            server_student.model,
+        )
     context = BuildContext(
         data=data,
         seed=spec.seed,
@@ -407,5 +417,6 @@ def build_strategy(spec: Spec, data: FederatedData) -> Strategy:
         release=teacher_release(spec),
         label_histograms=label_histogram_release(spec),
         confident_fraction=spec.server.confident_fraction,
+        generator=generator,
     )
     return algorithm.cls.from_params(algorithm.params, context)

@@ -705,6 +705,44 @@ def _validate_proxy(spec: Spec) -> None:
             f"distill.proxy_per_round: {spec.distill.proxy_per_round} exceeds the proxy set's "
             f"{spec.proxy_inputs} inputs (proxy.size, else data.proxy_size)"
         )
+    if p.kind == "generator":
+        _validate_generator(spec)
+
+
+def _validate_generator(spec: Spec) -> None:
+    """The generator proxy: its settings, and what it needs (a server student to train against,
+    a logit teacher to label its inputs) or cannot serve (inputs kept across rounds)."""
+    p, caps = spec.proxy, spec.algorithm.capabilities
+    for key in ("latent_dim", "generator_hidden", "generator_batch", "generator_lr"):
+        _positive(f"proxy.{key}", getattr(p, key))
+    for key in ("generator_steps", "generator_balance", "generator_disagreement"):
+        _positive(f"proxy.{key}", getattr(p, key), zero_ok=True)
+    if not caps.logit_teacher or caps.server_student in ("unused", "own"):
+        raise SpecError(
+            f"proxy.synthetic: 'generator' feeds a logit teacher and trains against its server "
+            f"student, which algorithm '{spec.algorithm.name}' does not have; use dsfl, fedmd, "
+            "feddf or relation, or another proxy"
+        )
+    if not spec.server.student:
+        raise SpecError(
+            "proxy.synthetic: 'generator' trains against the server student; set server.student"
+        )
+    # Each round's inputs are new: nothing labelled in an earlier round can be revisited.
+    if spec.server.distill_on != "round":
+        raise SpecError(
+            f"server.distill_on: '{spec.server.distill_on}' revisits earlier rounds' proxy "
+            "inputs, which the generator proxy replaces every round; use 'round'"
+        )
+    if spec.server.confident_fraction > 0:
+        raise SpecError(
+            "server.confident_fraction: keeps labels of earlier rounds' proxy inputs, which the "
+            "generator proxy replaces every round; set it to 0"
+        )
+    if spec.audit.enabled:
+        raise SpecError(
+            "audit.enabled: the audit replays digests on a fixed proxy set, and the generator "
+            "proxy has none; audit a run with another proxy"
+        )
 
 
 def _validate_privacy(spec: Spec) -> None:

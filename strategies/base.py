@@ -24,6 +24,7 @@ import torch
 from fedkd.data.splits import FederatedData
 from fedkd.knowledge.teachers import HISTOGRAM_TEACHERS, build_teacher, era, match_class_prior
 from fedkd.learner.cohort import ClientResult
+from fedkd.learner.generator import ProxyGenerator, payload_proxy_inputs
 from fedkd.learner.loop import PHASE_SAMPLE, derive_seed, seeded_generator
 from fedkd.learner.protocol import Learner
 from fedkd.learner.server_student import ServerStudent
@@ -62,6 +63,9 @@ class BuildContext:
         where the teacher uses them.
     confident_fraction : float, default 0.0
         The confident-labels server student (the spec's ``server.confident_fraction``).
+    generator : ProxyGenerator or None, default None
+        The generator proxy (``proxy.synthetic = "generator"``), trained against
+        `server_student`.
     """
 
     data: FederatedData
@@ -73,6 +77,7 @@ class BuildContext:
     release: GaussianRelease | None = None
     label_histograms: LabelHistogramRelease | None = None
     confident_fraction: float = 0.0
+    generator: ProxyGenerator | None = None
 
 
 def stack_uploads(updates: dict[int, ClientResult], key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +161,10 @@ class Strategy:
         inputs it is at least this sure of join its training set with its own labels (0: off).
     self_training_iterations : int, default 1
         How many times the student relabels those inputs and fits again.
+    generator : ProxyGenerator or None, default None
+        A logit teacher's proxy set is made afresh each round by this generator
+        (`fedkd.learner.generator`), whose weights travel with the round's plan and digest;
+        it is trained against the server student after each round's distillation.
     """
 
     name = "base"
@@ -182,8 +191,14 @@ class Strategy:
         self_training_confidence: float = 0.0,
         self_training_iterations: int = 1,
         noise_rng: str = "seeded",
+        generator: ProxyGenerator | None = None,
     ) -> None:
         self.data = data
+        self.generator = generator
+        # The generator's payload of the round and the proxy set it makes (None: data.proxy_x).
+        self._generator_payload: dict[str, np.ndarray] = {}
+        self._generated_x: np.ndarray | None = None
+        self._generator_metrics: dict[str, float] = {}
         self.noise_rng = noise_rng  # the server's releases: "seeded" or "secure" noise
         self.release = release
         self._release_events: dict[int, list[PrivacyEvent]] = {}
@@ -240,15 +255,23 @@ class Strategy:
     @classmethod
     def init_kwargs(cls, params: AlgorithmParams, context: BuildContext) -> dict[str, Any]:
         """Keyword arguments of the constructor (besides data and seed) for `from_params`."""
-        return {
+        kwargs: dict[str, Any] = {
             "proxy_per_round": context.proxy_per_round,
             "server_student": context.server_student,
             "noise_rng": context.noise_rng,
         }
+        if context.generator is not None:
+            kwargs["generator"] = context.generator
+        return kwargs
 
     # -- helpers shared by the logit-exchanging strategies --------------------------------------
+    def proxy_set(self) -> np.ndarray:
+        """The proxy set the round's indices point into: the run's, or the inputs the
+        generator made for the round."""
+        return self.data.proxy_x if self._generated_x is None else self._generated_x
+
     def _sample_proxy(self, round_num: int) -> np.ndarray:
-        n = len(self.data.proxy_x)
+        n = self.generator.size if self.generator is not None else len(self.data.proxy_x)
         if self.proxy_per_round == 0 or self.proxy_per_round >= n:
             return np.arange(n, dtype=np.int64)
         rng = np.random.default_rng(derive_seed(self.seed, round_num, PHASE_SAMPLE, 1))
@@ -285,8 +308,10 @@ class Strategy:
             self._fit_confident_fraction(round_num, teacher)
         else:
             self.server_student.fit(
-                round_num, self.data.proxy_x, self._proxy_idx, self._teacher_logits
+                round_num, self.proxy_set(), self._proxy_idx, self._teacher_logits
             )
+        if self.generator is not None:  # after the round's distillation, for the next round
+            self._generator_metrics = self.generator.train(round_num, self.server_student.model)
 
     def _fit_confident_fraction(self, round_num: int, teacher: torch.Tensor) -> None:
         label = teacher.argmax(dim=1)
@@ -385,11 +410,15 @@ class Strategy:
     # -- the interface the round loop calls -----------------------------------------------------
     def plan_local(self, round_num: int) -> dict[str, np.ndarray]:
         """The arrays the sampled clients get with their training request (`client_round`'s
-        payload): a logit teacher's proxy indices; nothing by default."""
+        payload): a logit teacher's proxy indices (with the generator proxy, the generator's
+        payload too, and the round's inputs made from it); nothing by default."""
         if not self.capabilities.logit_teacher:
             return {}
+        if self.generator is not None:
+            self._generator_payload = self.generator.payload(round_num)
+            self._generated_x = self.generator.inputs(self._generator_payload)
         self._proxy_idx = self._sample_proxy(round_num)
-        return {"proxy_idx": self._proxy_idx.astype(np.int32)}
+        return {"proxy_idx": self._proxy_idx.astype(np.int32), **self._generator_payload}
 
     def aggregate(self, round_num: int, updates: dict[int, ClientResult]) -> None:
         """Build the round's knowledge from the clients' uploads (a logit teacher's ensemble)."""
@@ -398,12 +427,14 @@ class Strategy:
 
     def digest_payload(self, round_num: int) -> dict[str, np.ndarray] | None:
         """The arrays the clients that uploaded get to digest (`client_digest`'s payload), or
-        None: a logit teacher's proxy indices and teacher logits."""
+        None: a logit teacher's proxy indices and teacher logits (and the round's generator
+        payload with the generator proxy)."""
         if self._teacher_logits is None:
             return None
         return {
             "proxy_idx": self._proxy_idx.astype(np.int32),
             "teacher_logits": self._teacher_logits,
+            **self._generator_payload,
         }
 
     # -- the client side (`fedkd.learner.protocol.Learner`; no server state) -------------------
@@ -446,11 +477,12 @@ class Strategy:
         meme models train together and the meme model computes what is uploaded.
         """
         knower = knowledge_model(params, learner)
+        needs_inputs = cls.capabilities.logit_teacher or _self_distills(params)
+        inputs = payload_proxy_inputs(learner.data, payload) if needs_inputs else None
         if _self_distills(params):
-            keep_earlier_logits(knower, round_num, client_ids, payload["proxy_idx"])
+            keep_earlier_logits(knower, round_num, client_ids, payload["proxy_idx"], inputs)
         results = train_on_private_data(params, learner, round_num, client_ids)
         if cls.capabilities.logit_teacher:
-            inputs = learner.data.proxy_x[payload["proxy_idx"].astype(np.int64)]
             for cid, logits in knower.logits(client_ids, inputs).items():
                 results[cid].arrays["logits"] = logits
                 results[cid].arrays.update(learner.label_histogram(cid))
@@ -471,16 +503,17 @@ class Strategy:
         `strategies.self_distill.distill_with_earlier_self`), into their meme model under
         mutual learning (`strategies.mutual`)."""
         learner = knowledge_model(params, learner)
+        inputs = payload_proxy_inputs(learner.data, payload)
         if _self_distills(params):
             return distill_with_earlier_self(
                 learner,
                 round_num,
                 client_ids,
                 payload["proxy_idx"],
+                inputs,
                 payload["teacher_logits"],
                 params.self_distill_weight,
             )
-        inputs = learner.data.proxy_x[payload["proxy_idx"].astype(np.int64)]
         return learner.distill(round_num, client_ids, inputs, payload["teacher_logits"])
 
     # Per-client metrics `client_evaluate` adds to the evaluation (the row gets each one's
@@ -517,7 +550,7 @@ class Strategy:
         for a proxy that is not in-domain, which has none)."""
         if self._teacher_logits is None or not self.capabilities.logit_teacher:
             return {}
-        metrics: dict[str, float | None] = {"teacher_proxy_acc": None}
+        metrics: dict[str, float | None] = {"teacher_proxy_acc": None, **self._generator_metrics}
         if self.data.proxy_y is not None:
             truth = self.data.proxy_y[self._proxy_idx]
             metrics["teacher_proxy_acc"] = float((self._teacher_logits.argmax(1) == truth).mean())

@@ -68,6 +68,6 @@ class FedDFLogit(LogitTeacherStrategy):
         payload = super().digest_payload(round_num)
         if payload is None or self.client_teacher == "ensemble":
             return payload
-        student_logits = self.server_student.logits(self.data.proxy_x[self._proxy_idx])
+        student_logits = self.server_student.logits(self.proxy_set()[self._proxy_idx])
         payload["teacher_logits"] = student_logits.numpy().astype(np.float32)
         return payload

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from fedkd.knowledge.teachers import mean_logits, median_logits
 from fedkd.learner.cohort import ClientResult
+from fedkd.learner.generator import payload_proxy_inputs
 from fedkd.learner.loop import PHASE_SAMPLE, REGULARISER_SPACES, GroupRegulariser, derive_seed
 from fedkd.learner.protocol import Learner
 from strategies.base import BuildContext, LogitTeacherStrategy, stack_uploads
@@ -300,8 +301,7 @@ class Relation(LogitTeacherStrategy):
         if params.relation_space == "logits":
             outputs = {cid: results[cid].arrays["logits"] for cid in client_ids}
         else:
-            inputs = learner.data.proxy_x[payload["proxy_idx"].astype(np.int64)]
-            outputs = learner.embeddings(client_ids, inputs)
+            outputs = learner.embeddings(client_ids, payload_proxy_inputs(learner.data, payload))
         for cid, out in outputs.items():
             batches = torch.from_numpy(out).reshape(-1, b, out.shape[-1])
             packed = pack_upper(similarity_matrices(batches))
@@ -320,7 +320,7 @@ class Relation(LogitTeacherStrategy):
         """Distill towards the teacher's logits and, on whole relation batches, towards the
         aggregated similarities (RKD's distance and angle terms)."""
         assert isinstance(params, RelationParams)
-        inputs = learner.data.proxy_x[payload["proxy_idx"].astype(np.int64)]
+        inputs = payload_proxy_inputs(learner.data, payload)
         b = params.relation_batch
         matrices = unpack_similarities(torch.from_numpy(payload["relations"]), b)
         regulariser = GroupRegulariser(

@@ -24,12 +24,16 @@ from fedkd.learner.protocol import Learner
 
 
 def keep_earlier_logits(
-    learner: Learner, round_num: int, client_ids: list[int], proxy_idx: np.ndarray
+    learner: Learner,
+    round_num: int,
+    client_ids: list[int],
+    proxy_idx: np.ndarray,
+    inputs: np.ndarray,
 ) -> None:
-    """Each client keeps its current model's logits on the round's proxy inputs (call before
-    its local training), with the round and the inputs' indices they belong to."""
+    """Each client keeps its current model's logits on the round's proxy inputs `inputs`
+    (call before its local training), with the round and the inputs' indices they belong to."""
     idx = np.asarray(proxy_idx, dtype=np.int64)
-    for cid, logits in learner.logits(client_ids, learner.data.proxy_x[idx]).items():
+    for cid, logits in learner.logits(client_ids, inputs).items():
         learner.keep(cid, {"round": np.array([round_num]), "proxy_idx": idx, "logits": logits})
 
 
@@ -38,6 +42,7 @@ def distill_with_earlier_self(
     round_num: int,
     client_ids: list[int],
     proxy_idx: np.ndarray,
+    inputs: np.ndarray,
     teacher_logits: np.ndarray,
     weight: float,
 ) -> dict[int, ClientResult]:
@@ -55,6 +60,8 @@ def distill_with_earlier_self(
         The digesting clients.
     proxy_idx : ndarray
         The round's proxy inputs (indices into the proxy set).
+    inputs : ndarray
+        Those inputs.
     teacher_logits : ndarray
         The teacher, ``(N, C)``.
     weight : float
@@ -66,7 +73,6 @@ def distill_with_earlier_self(
         As `Learner.distill`'s.
     """
     idx = np.asarray(proxy_idx, dtype=np.int64)
-    inputs = learner.data.proxy_x[idx]
     results: dict[int, ClientResult] = {}
     for cid in client_ids:
         kept = learner.kept(cid)

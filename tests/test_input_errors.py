@@ -232,6 +232,25 @@ OTHER_CASES = {
         "data.proxy_validation_size=50",
     ],
     "proxy-noise-std-0": ["run", "--set", "proxy.source=synthetic", "--set", "proxy.noise_std=0"],
+    **{
+        f"proxy-generator-{name}": [
+            "run",
+            *("--set", "proxy.source=synthetic", "--set", "proxy.synthetic=generator"),
+            *(arg for setting in settings for arg in ("--set", setting)),
+        ]
+        for name, settings in {
+            "fd": ["algorithm.name=fd"],
+            "pate": ["algorithm.name=pate"],
+            "no-server-student": ["server.student=''"],
+            "seen": ["server.distill_on=seen"],
+            "confident": ["server.confident_fraction=0.3"],
+            "audit": ["audit.enabled=true"],
+            "latent-0": ["proxy.latent_dim=0"],
+            "lr-0": ["proxy.generator_lr=0"],
+            "balance-negative": ["proxy.generator_balance=-1"],
+            "validation": ["data.proxy_validation_size=50"],
+        }.items()
+    },
     "proxy-mixup-one-seed": [
         "run",
         "--set",

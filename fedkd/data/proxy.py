@@ -5,7 +5,9 @@ The in-domain proxy (``source = "in_domain"``, the default) is drawn from the pr
 training split by :func:`fedkd.data.splits.build_federated_data`. Every other source is one
 function of :data:`PROXY_BUILDERS`: it makes ``size`` unlabelled inputs of the private inputs'
 shape, on their scale, reproducibly from a seed. None of them has labels, and none is computed
-from private data: such a proxy set is public by construction (docs/proxy.md).
+from private data: such a proxy set is public by construction (docs/proxy.md). The generator
+proxy (``synthetic = "generator"``) has no fixed inputs: the server's generator makes each
+round's (`fedkd.learner.generator`).
 
 External images (scikit-learn's digits, a local ``.npz``) are scaled the way the private
 sources scale their own: brought to ``[0, 1]`` (digits' 0..16 divided by 16, ``uint8`` divided
@@ -29,8 +31,18 @@ from fedkd.data.cache import cached_arrays
 from fedkd.data.sources import DataError, _channels_first, _scale_uint8
 
 PROXY_SOURCES = ("in_domain", "digits", "npz", "synthetic")
-SYNTHETIC_PROXIES = ("noise", "mixup")
+SYNTHETIC_PROXIES = ("noise", "mixup", "generator")
 NOISE_DISTRIBUTIONS = ("gaussian", "uniform")
+# The generator's keys (`fedkd.learner.generator`), recorded with its proxy.
+GENERATOR_KEYS = (
+    "latent_dim",
+    "generator_hidden",
+    "generator_steps",
+    "generator_lr",
+    "generator_batch",
+    "generator_balance",
+    "generator_disagreement",
+)
 # Where mixup's seed set comes from: the public image sources above.
 SEED_SOURCES = ("digits", "npz")
 # A seed stream of its own (splits.py uses 0, 1 and 3, site.py 2, canaries.py 101).
@@ -52,7 +64,8 @@ class ProxySource:
     path : str
         The ``.npz`` of ``source = "npz"`` or of mixup's ``seed_source = "npz"``.
     synthetic : str
-        ``source = "synthetic"``: ``"noise"`` or ``"mixup"``.
+        ``source = "synthetic"``: ``"noise"``, ``"mixup"`` or ``"generator"`` (made each round
+        by the server's generator, `fedkd.learner.generator`: no fixed inputs).
     noise : str
         ``"noise"``: ``"gaussian"`` or ``"uniform"``.
     noise_std : float
@@ -64,6 +77,20 @@ class ProxySource:
     mixup_alpha : float
         ``"mixup"``: each input is ``lam * a + (1 - lam) * b`` of two distinct seed examples,
         with ``lam ~ Beta(mixup_alpha, mixup_alpha)``.
+    latent_dim : int
+        ``"generator"``: size of the generator's latents.
+    generator_hidden : int
+        ``"generator"``: width of its two hidden layers.
+    generator_steps : int
+        ``"generator"``: its training steps after each round's distillation.
+    generator_lr : float
+        ``"generator"``: its Adam learning rate.
+    generator_batch : int
+        ``"generator"``: latents per training step.
+    generator_balance : float
+        ``"generator"``: weight of the batch-mean prediction's entropy (class balance).
+    generator_disagreement : float
+        ``"generator"``: weight of the disagreement with the earlier server student.
     """
 
     source: str = "in_domain"
@@ -75,6 +102,13 @@ class ProxySource:
     seed_source: str = "digits"
     seed_size: int = 100
     mixup_alpha: float = 1.0
+    latent_dim: int = 64
+    generator_hidden: int = 128
+    generator_steps: int = 50
+    generator_lr: float = 0.001
+    generator_batch: int = 64
+    generator_balance: float = 5.0
+    generator_disagreement: float = 1.0
 
     @property
     def in_domain(self) -> bool:
@@ -105,6 +139,7 @@ class ProxySource:
             "npz": ("path",),
             "noise": ("synthetic", "noise", "noise_std"),
             "mixup": ("synthetic", "seed_source", "seed_size", "mixup_alpha"),
+            "generator": ("synthetic", *GENERATOR_KEYS),
         }[self.kind]
         if self.kind == "mixup" and self.seed_source == "npz":
             keys = (*keys, "path")
@@ -182,6 +217,13 @@ def _mixup_proxy(
     return lam * seeds[first] + (1 - lam) * seeds[second]
 
 
+def _generated_each_round(
+    proxy: ProxySource, input_shape: tuple[int, ...], size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """No fixed inputs: the server's generator makes each round's (`fedkd.learner.generator`)."""
+    return np.empty((0, *input_shape), dtype=np.float32)
+
+
 def _draw(x: np.ndarray, size: int, rng: np.random.Generator, where: str) -> np.ndarray:
     if size > len(x):
         raise DataError(
@@ -248,6 +290,7 @@ PROXY_BUILDERS: dict[
     "npz": _public_proxy,
     "noise": _noise_proxy,
     "mixup": _mixup_proxy,
+    "generator": _generated_each_round,
 }
 
 
