@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -38,6 +37,7 @@ from fedkd.learner.cohort import CohortConfig, CohortLearner
 from fedkd.learner.loop import StepConfig
 from fedkd.learner.vectorised import VectorisedCohortLearner
 from fedkd.privacy.dpsgd import DpSgdSettings
+from fedkd.provenance import cpu_model
 
 __all__ = [
     "CALIBRATION_ENV",
@@ -105,13 +105,7 @@ def _device_name(device: str) -> str:
     """The device's model: the GPU's name, or the CPU's (``/proc/cpuinfo``) where known."""
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model()
 
 
 def _cache_key(task: CalibrationTask) -> dict[str, Any]:
