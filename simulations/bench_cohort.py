@@ -682,20 +682,16 @@ def first_training_step_s(trace: Path) -> float | None:
 
 
 def provenance() -> str:
-    """One line: the commit (short hash, ``dirty`` with uncommitted changes to tracked files)
-    and the machine (CPU model, cores, GPU or none)."""
+    """One line: the commit (short hash, ``dirty`` where the checkout differs from it, as
+    `fedkd.provenance.git_state` says) and the machine (CPU model, cores, GPU or none)."""
     import torch
 
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO)
-        return done.stdout.strip() if done.returncode == 0 else ""
+    from fedkd.provenance import cpu_model, git_state
 
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = ", dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
-    cpu = "unknown CPU"
-    if Path("/proc/cpuinfo").is_file():
-        names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    state = git_state()
+    commit = (state["git_commit"] or "unknown")[:7]
+    dirty = ", dirty" if state["git_dirty"] else ""
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return f"Commit {commit}{dirty}; machine: {cpu}, {os.cpu_count()} cores, GPU: {gpu}."
 
