@@ -128,6 +128,11 @@ def test_the_faster_learner_is_chosen_over_all_architectures(monkeypatch):
     assert choose_learner([TINY_TASK])[0] == "vectorised"
     force(monkeypatch, {"loop": 1.0, "vectorised": 1.0})  # a tie: the reference
     assert choose_learner([TINY_TASK], use_cache=False)[0] == "loop"
+    # Faster, but not by the margin a real round's extra vectorised costs need: the loop.
+    force(monkeypatch, {"loop": 1.0, "vectorised": 0.9})
+    assert choose_learner([TINY_TASK], use_cache=False)[0] == "loop"
+    force(monkeypatch, {"loop": 1.0, "vectorised": 0.7})
+    assert choose_learner([TINY_TASK], use_cache=False)[0] == "vectorised"
 
 
 def test_one_client_per_node_means_the_loop_without_calibrating(monkeypatch):
