@@ -654,12 +654,12 @@ def format_table(rows: list[dict[str, Any]], ceiling_sps: float, header: list[st
     lines = [*header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     base = {r["clients"]: r["round_s"] for r in rows if r["layout"].startswith("1 client")}
     for r in rows:
-        speedup = base.get(r["clients"], float("nan")) / r["round_s"]
+        speedup = _times(base.get(r["clients"]), r["round_s"])
         lines.append(
             f"| {r['clients']} | {r['per_round']} | {r['layout']} | {r['nodes']} | "
             f"{r['rounds']} | {r['round_s']:.3f} | {r['samples_s']:,.0f} | "
             f"{r['learner_s']:.3f} | {r['overhead_s']:.3f} | {r['overhead_critical_s']:.3f} | "
-            f"{r['x_learner']:.2f} | {speedup:.1f}x | {r['peak_mb']} | {r['driver_mb']:,.0f} |"
+            f"{r['x_learner']:.2f} | {speedup} | {r['peak_mb']} | {r['driver_mb']:,.0f} |"
         )
     lines.append(
         f"| - | - | ceiling: one cnn_small, batch 4,096 | - | - | - | {ceiling_sps:,.0f} | - "
