@@ -19,6 +19,7 @@ from fedkd.data.splits import FederatedData, load_federated_data
 from fedkd.faults import byzantine_clients, with_flipped_labels
 from fedkd.knowledge import HISTOGRAM_TEACHERS
 from fedkd.learner.cohort import CohortConfig
+from fedkd.learner.device import resolve_device
 from fedkd.learner.generator import ProxyGenerator
 from fedkd.learner.loop import PHASE_EVAL, OptimConfig, StepConfig, derive_seed
 from fedkd.learner.server_student import ServerStudent
@@ -172,11 +173,7 @@ def _node_device(spec: Spec) -> str:
     r = spec.resources
     if r.device != "auto":
         return r.device
-    if r.num_gpus <= 0:
-        return "cpu"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device("auto").type if r.num_gpus > 0 else "cpu"
 
 
 def label_histogram_release(spec: Spec) -> LabelHistogramRelease | None:
