@@ -116,6 +116,7 @@ def cohort_config(spec: Spec) -> CohortConfig:
         distill=step_config(spec.distill),
         distill_loss=distill_loss(spec),
         distill_temperature=spec.distill.temperature,
+        distill_private_weight=spec.distill.private_weight,
         dp=dpsgd_settings(spec),
         label_histogram_noise=_noise_std(label_histogram_release(spec)),
         noise_rng=spec.privacy.noise,

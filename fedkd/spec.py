@@ -145,6 +145,9 @@ class DistillSpec:
     loss: str = ""  # "" = the algorithm's own (FedMD: mae, others: kl)
     # Proxy inputs per round (indices into the proxy set); 0 = the whole proxy set.
     proxy_per_round: int = 0
+    # > 0: each distillation batch adds this times cross-entropy on as many of the client's own
+    # private examples (a private anchor: the digest keeps what private training taught).
+    private_weight: float = 0.0
 
 
 @dataclass
@@ -594,6 +597,7 @@ def validate(spec: Spec) -> Spec:
     if spec.distill.loss:
         _one_of("distill.loss", spec.distill.loss, LOSSES)
     _positive("distill.proxy_per_round", spec.distill.proxy_per_round, zero_ok=True)
+    _validate_private_anchor(spec)
     _validate_proxy(spec)
     if spec.proxy.in_domain and spec.distill.proxy_per_round > d.proxy_size:
         raise SpecError(
@@ -650,6 +654,32 @@ def validate(spec: Spec) -> Spec:
             "(the loop learner trains in fp32, and 'auto' may choose it)"
         )
     return spec
+
+
+def _digests(cls: type[Strategy]) -> bool:
+    """Whether an algorithm's clients distill in a digest: a logit teacher's do, as does any
+    algorithm with a `client_digest` of its own."""
+    return cls.capabilities.logit_teacher or cls.client_digest.__func__ is not (
+        Strategy.client_digest.__func__
+    )
+
+
+def _validate_private_anchor(spec: Spec) -> None:
+    weight = spec.distill.private_weight
+    _positive("distill.private_weight", weight, zero_ok=True)
+    if weight == 0:
+        return
+    name = spec.algorithm.name
+    if not _digests(spec.algorithm.cls):
+        raise SpecError(
+            f"distill.private_weight: algorithm '{name}' has no client distillation for the "
+            f"private anchor to join; set it to 0 or use one of {_algorithms_with('logit_teacher')}"
+        )
+    if spec.privacy.dpsgd:
+        raise SpecError(
+            "distill.private_weight: the private anchor trains on private data outside "
+            "DP-SGD; set it to 0 or turn privacy.dpsgd off"
+        )
 
 
 def _validate_proxy(spec: Spec) -> None:

@@ -354,6 +354,23 @@ OTHER_CASES = {
         "--set",
         "privacy.noise_multiplier=1",
     ],
+    "private-anchor-dpsgd": [
+        "run",
+        "--set",
+        "distill.private_weight=1",
+        "--set",
+        "privacy.dpsgd=true",
+        "--set",
+        "privacy.noise_multiplier=1",
+    ],
+    "private-anchor-without-digest": [
+        "run",
+        "--set",
+        "algorithm.name=local_only",
+        "--set",
+        "distill.private_weight=1",
+    ],
+    "private-anchor-negative": ["run", "--set", "distill.private_weight=-0.5"],
     "npz-folder-as-path": ["run", "--set", "data.source=npz", "--set", "data.path={files}"],
     # Results folders.
     "out-is-a-file": ["run", "--out", "{files}/a_file"],

@@ -25,6 +25,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
 from fedkd.learner.loop import (
+    PHASE_ANCHOR,
+    PrivateAnchor,
     StepConfig,
     distill,
     init_student,
@@ -186,6 +188,8 @@ class ShadowRecipe:
         Its loss (``kl``, ``mae``, ``mse``).
     distill_temperature : float
         Its temperature.
+    distill_private_weight : float
+        Its private anchor's weight (0: none): a shadow anchors on its own training data.
     teachers : list of (np.ndarray, np.ndarray)
         The digests the client distilled from, in round order: proxy inputs and teacher
         logits. Shadow round ``i`` distills from the ``i``-th after its private training.
@@ -201,6 +205,7 @@ class ShadowRecipe:
     distill: StepConfig | None = None
     distill_loss: str = "kl"
     distill_temperature: float = 1.0
+    distill_private_weight: float = 0.0
     teachers: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
@@ -246,8 +251,19 @@ def train_shadow(recipe: ShadowRecipe, x: np.ndarray, y: np.ndarray, shadow: int
                 seeded_generator(recipe.seed, rnd, key, 1),
                 recipe.distill_loss,
                 recipe.distill_temperature,
+                anchor=_shadow_anchor(recipe, x, y, rnd, key),
             )
     return model
+
+
+def _shadow_anchor(
+    recipe: ShadowRecipe, x: np.ndarray, y: np.ndarray, rnd: int, key: int
+) -> PrivateAnchor | None:
+    """The shadow's private anchor on its own training data, as the client's digest has one."""
+    if recipe.distill_private_weight <= 0 or len(y) == 0:
+        return None
+    gen = seeded_generator(recipe.seed, rnd, key, PHASE_ANCHOR)
+    return PrivateAnchor(x, y, recipe.distill_private_weight, gen)
 
 
 def shadow_confidences(

@@ -185,6 +185,7 @@ def audit_run(
         distill=step_config(spec.distill),
         distill_loss=distill_loss(spec),
         distill_temperature=spec.distill.temperature,
+        distill_private_weight=spec.distill.private_weight,
         teachers=[
             (data.proxy_x[idx.astype(np.int64)], logits) for idx, logits in load_teachers(run_dir)
         ],

@@ -21,6 +21,7 @@ import torch
 from fedkd.data.splits import FederatedData
 from fedkd.knowledge.teachers import per_class_mean_logits
 from fedkd.learner.loop import (
+    PHASE_ANCHOR,
     PHASE_DISTILL,
     PHASE_HISTOGRAM,
     PHASE_INIT,
@@ -29,6 +30,7 @@ from fedkd.learner.loop import (
     ClassRegulariser,
     ClientState,
     GroupRegulariser,
+    PrivateAnchor,
     StepConfig,
     accuracy,
     derive_seed,
@@ -71,6 +73,9 @@ class CohortConfig:
     distill: StepConfig
     distill_loss: str = "kl"
     distill_temperature: float = 1.0
+    # > 0: each distillation batch adds this times cross-entropy on as many of the client's
+    # private examples (`fedkd.learner.loop.PrivateAnchor`); never with `dp` (outside DP-SGD).
+    distill_private_weight: float = 0.0
     # DP-SGD for private training (None: plain SGD); distillation is never charged.
     dp: DpSgdSettings | None = None
     # Class-weighted teacher: noise std of the label histogram each client sends with its
@@ -440,6 +445,7 @@ class CohortLearner:
                 self.config.distill_loss,
                 self.config.distill_temperature,
                 regulariser=regulariser,
+                anchor=self._private_anchor(round_num, cid),
             )
             metrics = {"distill_loss": stats["loss"]}
             if not all(torch.isfinite(p).all() for p in state.model.parameters()):
@@ -450,6 +456,17 @@ class CohortLearner:
             self._save(state)
             results[cid] = ClientResult(metrics=metrics)
         return results
+
+    def _private_anchor(self, round_num: int, cid: int) -> PrivateAnchor | None:
+        """The client's private anchor of its digest (`CohortConfig.distill_private_weight`;
+        None where the weight is 0 or the client holds no training examples)."""
+        weight, client = self.config.distill_private_weight, self.data.clients[cid]
+        if weight <= 0 or len(client.y_train) == 0:
+            return None
+        if self.config.dp is not None:
+            raise ValueError("the private anchor of distillation does not run under DP-SGD")
+        gen = seeded_generator(self.config.seed, round_num, cid, PHASE_ANCHOR)
+        return PrivateAnchor(client.x_train, client.y_train, weight, gen)
 
     def evaluate(self, client_ids: list[int], test_idx: np.ndarray) -> dict[int, ClientResult]:
         """Accuracy on the global test subset, the local held-out slice and the validation

@@ -26,6 +26,10 @@ PHASE_HISTOGRAM = 6
 # A client's partner model (`CohortLearner.partner`) draws its initial weights from its own
 # stream, so that it does not start as a copy of the client's student.
 PHASE_PARTNER = 7
+# The private anchor's minibatches during distillation (`PrivateAnchor`): a stream of its own,
+# so that the distillation's batches are the same with and without it (8 and 9 are the faults'
+# and the data-free generator's phases).
+PHASE_ANCHOR = 10
 
 
 def derive_seed(*keys: int) -> int:
@@ -393,6 +397,50 @@ def train_mutual(
     return fit_batches(models, opts, len(y), step, gen, batch_loss)
 
 
+@dataclass
+class PrivateAnchor:
+    """Cross-entropy on a client's own labelled private examples, joined to its distillation.
+
+    Each distillation batch of B proxy inputs adds ``weight`` times the mean cross-entropy of
+    the student on B private examples (no augmentation): the next B of a stream of seeded
+    random permutations of the private set (drawn from `gen`, a new permutation whenever one
+    runs out), so every private example is seen once before any is seen twice.
+
+    Parameters
+    ----------
+    x, y : ndarray or Tensor
+        The client's private training inputs and labels (at least one example).
+    weight : float
+        Factor of the cross-entropy in each batch's loss (> 0).
+    gen : torch.Generator
+        The stream of the permutations (`PHASE_ANCHOR`'s, not the distillation's).
+    """
+
+    x: np.ndarray | Tensor
+    y: np.ndarray | Tensor
+    weight: float
+    gen: torch.Generator
+
+    def __post_init__(self) -> None:
+        self.x, self.y = as_tensor(self.x), as_tensor(self.y)
+        if len(self.y) == 0 or not self.weight > 0:
+            raise ValueError("PrivateAnchor: needs private examples and a weight > 0")
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def next_indices(self, size: int) -> Tensor:
+        """The next `size` positions of the permutation stream."""
+        while len(self._order) < size:
+            fresh = torch.randperm(len(self.y), generator=self.gen)
+            self._order = torch.cat([self._order, fresh])
+        taken, self._order = self._order[:size], self._order[size:]
+        return taken
+
+    def loss(self, model: nn.Module, size: int) -> Tensor:
+        """`weight` times the model's cross-entropy on the next `size` private examples."""
+        idx = self.next_indices(size)
+        return self.weight * nn.functional.cross_entropy(model(self.x[idx]), self.y[idx])
+
+
 def distill(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -404,28 +452,28 @@ def distill(
     temperature: float = 1.0,
     augment_shift: int = 0,
     regulariser: GroupRegulariser | None = None,
+    anchor: PrivateAnchor | None = None,
 ) -> dict[str, float]:
     """Fit the model's outputs on x (optionally randomly shifted) to the teacher's logits, plus
-    a `GroupRegulariser`'s term on batches of whole groups where one is given."""
+    a `GroupRegulariser`'s term on batches of whole groups where one is given, plus a
+    `PrivateAnchor`'s cross-entropy on as many private examples as each batch has inputs."""
     x, teacher = as_tensor(x), as_tensor(teacher_logits).float()
-    if regulariser is None:
+    targets = None if regulariser is None else regulariser.targets.float()
 
-        def batch_loss(idx: Tensor) -> Tensor:
-            xb = random_shift(x[idx], augment_shift, gen)
-            return distillation_loss(loss_kind, model(xb), teacher[idx], temperature)
-
-        return fit_batches(model, opt, len(x), step, gen, batch_loss)
-    targets = regulariser.targets.float()
-
-    def regularised_loss(idx: Tensor) -> Tensor:
+    def batch_loss(idx: Tensor) -> Tensor:
         xb = random_shift(x[idx], augment_shift, gen)
-        out, embedding = model(xb, embed=True)
-        loss = distillation_loss(loss_kind, out, teacher[idx], temperature)
-        return loss + regulariser.penalty(out, embedding, targets[idx])
+        if regulariser is None:
+            loss = distillation_loss(loss_kind, model(xb), teacher[idx], temperature)
+        else:
+            out, embedding = model(xb, embed=True)
+            loss = distillation_loss(loss_kind, out, teacher[idx], temperature)
+            loss = loss + regulariser.penalty(out, embedding, targets[idx])
+        if anchor is not None:
+            loss = loss + anchor.loss(model, len(idx))
+        return loss
 
-    return fit_batches(
-        model, opt, len(x), step, gen, regularised_loss, group_size=regulariser.group_size
-    )
+    group_size = 1 if regulariser is None else regulariser.group_size
+    return fit_batches(model, opt, len(x), step, gen, batch_loss, group_size=group_size)
 
 
 @torch.no_grad()

@@ -123,8 +123,10 @@ class Learner(Protocol):
     ) -> dict[int, ClientResult]:
         """Fit each client's logits on `inputs` to the target logits (the spec's distillation
         loss, temperature and steps), plus `regulariser`'s term on groups of inputs where one is
-        given (batches of whole groups). A client whose student turns non-finite keeps its
-        state from before and reports ``digest_diverged``; the others report ``distill_loss``."""
+        given (batches of whole groups), plus the spec's private anchor where its weight is > 0
+        (`fedkd.learner.loop.PrivateAnchor`: cross-entropy on the client's private examples). A
+        client whose student turns non-finite keeps its state from before and reports
+        ``digest_diverged``; the others report ``distill_loss``."""
         ...
 
     def get_weights(self, client_ids: list[int]) -> dict[int, dict[str, np.ndarray]]:

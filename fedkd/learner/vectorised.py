@@ -31,8 +31,10 @@ reference loop) and computes the same numbers up to float rounding, many clients
   multiplier per client as the Opacus path, hence the same ledger events. Its random draws
   (batches, noise) come from the client's own seeded generators, not Opacus's, so weights
   agree with the loop in distribution, not bit for bit.
-- Teachers on shards of a client's data (`shard_teacher_votes`) and mutual learning of a
-  client's student with its partner model (`train_mutual`) train in the reference loop.
+- Teachers on shards of a client's data (`shard_teacher_votes`), mutual learning of a
+  client's student with its partner model (`train_mutual`) and distillation with a private
+  anchor (``config.distill_private_weight > 0``, `fedkd.learner.loop.PrivateAnchor`) train in
+  the reference loop.
 """
 
 from __future__ import annotations
@@ -646,7 +648,10 @@ class VectorisedCohortLearner(CohortLearner):
         targets: np.ndarray,
         regulariser: GroupRegulariser | None = None,
     ) -> dict[int, ClientResult]:
-        """Distill towards the target logits on `inputs` (see `fedkd.learner.protocol.Learner`)."""
+        """Distill towards the target logits on `inputs` (see `fedkd.learner.protocol.Learner`);
+        with a private anchor (``config.distill_private_weight > 0``) in the reference loop."""
+        if self.config.distill_private_weight > 0:
+            return super().distill(round_num, client_ids, inputs, targets, regulariser)
         proxy = torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device)
         teacher = torch.as_tensor(np.asarray(targets)).float().to(self.device)
         results: dict[int, ClientResult] = {}
