@@ -14,6 +14,7 @@ import torch
 
 from fedkd import spec as spec_module
 from fedkd.data import load_federated_data
+from fedkd.learner import stacked_cnn
 from fedkd.learner import vectorised as vec
 from fedkd.learner.batch_plans import plan_batches
 from fedkd.learner.cohort import DIGEST_DIVERGED, CohortConfig, CohortLearner
@@ -127,11 +128,13 @@ def assert_same_outputs(a, b, atol):
 
 
 # -- the learner against the loop --------------------------------------------------------------
-def test_sgd_training_and_distillation_match_the_loop(data):
-    """SGD + momentum + weight decay, 6 clients of different sizes, 2 epochs, 2 rounds, KL."""
+@pytest.mark.parametrize("stacked", [None, False])
+def test_sgd_training_and_distillation_match_the_loop(data, stacked):
+    """SGD + momentum + weight decay, 6 clients of different sizes, 2 epochs, 2 rounds, KL; the
+    CPU's default steps (`stacked_cnn`'s grouped convolutions) and ``vmap``'s."""
     cfg = config()
     sa, oa = run_rounds(CohortLearner, data, cfg, teacher_seed=0)
-    sb, ob = run_rounds(VectorisedCohortLearner, data, cfg, teacher_seed=0)
+    sb, ob = run_rounds(VectorisedCohortLearner, data, cfg, teacher_seed=0, stacked=stacked)
     assert_same_states(data, cfg, sa, sb, atol=1e-5)
     assert_same_outputs(oa, ob, atol=1e-5)  # proxy logits, train_loss, distill_loss
 
@@ -191,8 +194,10 @@ def test_mae_distillation_and_mixed_architectures_match_the_loop(data):
     assert_same_outputs(oa, ob, atol=1e-5)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_very_unequal_clients_match_the_loop_without_computing_on_padding(monkeypatch, optimizer):
+@pytest.mark.parametrize(("optimizer", "stacked"), [("sgd", None), ("adam", None), ("sgd", False)])
+def test_very_unequal_clients_match_the_loop_without_computing_on_padding(
+    monkeypatch, optimizer, stacked
+):
     """Clients of 13 to 421 examples (Dirichlet 0.1), not in size order, two epochs: the same
     states and outputs as the loop, and private training computes each step only on the
     clients that still have a batch (not every client padded to the largest one's steps)."""
@@ -201,23 +206,28 @@ def test_very_unequal_clients_match_the_loop_without_computing_on_padding(monkey
     assert max(lengths) > 20 * min(lengths) and lengths != sorted(lengths, reverse=True)
     cfg = config(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 1e-3)
     sa, oa = run_rounds(CohortLearner, data, cfg, teacher_seed=4)
-    sb, ob = run_rounds(VectorisedCohortLearner, data, cfg, teacher_seed=4)
+    sb, ob = run_rounds(VectorisedCohortLearner, data, cfg, teacher_seed=4, stacked=stacked)
     assert_same_states(data, cfg, sa, sb, atol=1e-5)
     assert_same_outputs(oa, ob, atol=1e-5)
 
-    rows = []  # (clients, rows per client) of every vmapped training step
+    rows = []  # (clients, rows per client) of every training step
 
-    def counting_vmap(fn, *args, **kwargs):
-        mapped = torch.func.vmap(fn, *args, **kwargs)
-
+    def counting(step):
         def call(params, x, *rest):
             rows.append(tuple(x.shape[:2]))
-            return mapped(params, x, *rest)
+            return step(params, x, *rest)
 
         return call
 
+    def counting_vmap(fn, *args, **kwargs):
+        return counting(torch.func.vmap(fn, *args, **kwargs))
+
+    def counting_stacked(*args, **kwargs):
+        return counting(stacked_cnn.stacked_grad_and_value(*args, **kwargs))
+
     monkeypatch.setattr(vec, "vmap", counting_vmap)
-    VectorisedCohortLearner(data, cfg, {}).train_private(1, CLIENTS)
+    monkeypatch.setattr(vec, "stacked_grad_and_value", counting_stacked)
+    VectorisedCohortLearner(data, cfg, {}, stacked=stacked).train_private(1, CLIENTS)
     computed = sum(k * b for k, b in rows)
     # At most one short batch per client and epoch is padded to the batch size.
     assert computed <= 2 * sum(lengths) + 2 * len(lengths) * 32

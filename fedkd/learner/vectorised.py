@@ -5,7 +5,9 @@ reference loop) and computes the same numbers up to float rounding, many clients
 
 - Clients of a node are grouped by architecture (``config.arch_of``); a group's weights are
   stacked along a leading client dimension and every step is one ``vmap(grad(...))`` over
-  ``functional_call``, followed by a functional SGD or Adam update that reproduces
+  ``functional_call`` (on a CPU, for the zoo's CNNs: one forward and backward pass of the
+  model written out for the stack, `fedkd.learner.stacked_cnn`), followed by a functional SGD
+  or Adam update that reproduces
   ``torch.optim.SGD`` / ``torch.optim.Adam`` exactly (`fedkd.learner.functional_optim`).
 - Each client sees exactly the minibatches the loop would show it: the same
   ``torch.randperm(n, generator=seeded_generator(seed, round, cid, phase))`` per epoch, split
@@ -87,6 +89,8 @@ from fedkd.learner.loop import (
     make_optimizer,
     seeded_generator,
 )
+from fedkd.learner.stacked_cnn import OutputLoss, stacked_grad_and_value
+from fedkd.learner.stacked_cnn import supports as stacked_supports
 from fedkd.learner.state_codec import SavedClientState, decode_client_state, encode_client_state
 from fedkd.models.zoo import EMBEDDING_WIDTH
 from fedkd.privacy.ledger import DpSgdEvent
@@ -145,6 +149,13 @@ class VectorisedCohortLearner(CohortLearner):
         logits are computed one client at a time (a plain forward pass at a large batch is
         faster there than ``vmap``'s batched convolutions) in passes of this many rows; None:
         1024, the loop's batch.
+    stacked : bool or None, default None
+        Training steps (private training and distillation) of the models that
+        `fedkd.learner.stacked_cnn` supports run its stacked forward pass (grouped convolutions
+        in ``channels_last`` memory, batched matmuls, autograd) instead of ``vmap`` over
+        ``functional_call``; other models always use ``vmap``. None: on a CPU, where ``vmap``'s
+        batched convolutions are slow; ``vmap`` on other devices. The numbers are the same up
+        to float rounding either way.
     """
 
     def __init__(
@@ -160,6 +171,7 @@ class VectorisedCohortLearner(CohortLearner):
         precision: str = "fp32",
         max_chunk: int | None = None,
         predict_rows: int | None = None,
+        stacked: bool | None = None,
     ) -> None:
         super().__init__(data, config, states, released, kept, partners)
         if precision not in PRECISIONS:
@@ -170,6 +182,7 @@ class VectorisedCohortLearner(CohortLearner):
         if max_chunk < 1:
             raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
         self.precision = precision
+        self.stacked = stacked
         self.max_chunk = max_chunk
         self.per_client_predict = self.device.type == "cpu"
         if predict_rows is None:
@@ -310,6 +323,29 @@ class VectorisedCohortLearner(CohortLearner):
 
         return forward
 
+    def _step_fn(
+        self, arch: str, loss: OutputLoss, embed: bool
+    ) -> Callable[[Params, Tensor, Tensor, Tensor], tuple[Params, Tensor]]:
+        """``(params, x, targets, weights) -> (grads, losses)`` of the stacked clients, for
+        `loss` of each client's float outputs (and embeddings, with `embed`): `stacked_cnn`'s
+        grouped convolutions where `_stacked` holds, else ``vmap`` over ``functional_call``."""
+        model = self._template(arch)
+        if self._stacked(model):
+            return stacked_grad_and_value(model, loss, embed)
+
+        def loss_fn(params: Params, xb: Tensor, tb: Tensor, wb: Tensor) -> Tensor:
+            if not embed:
+                return loss(functional_call(model, params, (xb,)).float(), None, tb, wb)
+            out, embedding = functional_call(model, params, (xb,), {"embed": True})
+            return loss(out.float(), embedding.float(), tb, wb)
+
+        return vmap(grad_and_value(loss_fn))
+
+    def _stacked(self, model: nn.Module) -> bool:
+        """Whether training steps run `stacked_cnn` for `model` (see the `stacked` argument)."""
+        wanted = self.device.type == "cpu" if self.stacked is None else self.stacked
+        return wanted and stacked_supports(model)
+
     def _width(self, embed: bool) -> int:
         return EMBEDDING_WIDTH if embed else self.data.num_classes
 
@@ -399,20 +435,13 @@ class VectorisedCohortLearner(CohortLearner):
             [seeded_generator(self.config.seed, round_num, c, PHASE_TRAIN) for c in cids],
             self.device,
         )
-        model = self._template(stack.arch)
-        forward = self._forward(model)
         on_embeddings = regulariser is not None and regulariser.space == "embeddings"
         if regulariser is not None:
             penalty = _penalty(regulariser, self.device)
             present = regulariser.present.to(self.device)
             weight = float(regulariser.weight)
 
-        def loss_fn(params: Params, xb: Tensor, yb: Tensor, wb: Tensor) -> Tensor:
-            if on_embeddings:
-                out, embedding = functional_call(model, params, (xb,), {"embed": True})
-                out, embedding = out.float(), embedding.float()
-            else:
-                out, embedding = forward(params, xb), None
+        def loss_fn(out: Tensor, embedding: Tensor | None, yb: Tensor, wb: Tensor) -> Tensor:
             loss = (F.cross_entropy(out, yb, reduction="none") * wb).sum()
             if regulariser is not None:
                 # As in the loop: the batch mean over the examples of classes with a target,
@@ -424,7 +453,7 @@ class VectorisedCohortLearner(CohortLearner):
                     loss = loss / (1.0 + weight)
             return loss
 
-        step_fn = vmap(grad_and_value(loss_fn))
+        step_fn = self._step_fn(stack.arch, loss_fn, on_embeddings)
         return self._run_steps(stack, plan, x_all, y_all, step_fn, "private")
 
     def _train_private_dp(
@@ -535,25 +564,21 @@ class VectorisedCohortLearner(CohortLearner):
             self.device,
             group_size=1 if regulariser is None else regulariser.group_size,
         )
-        model = self._template(stack.arch)
-        forward = self._forward(model)
         kind, temperature = self.config.distill_loss, self.config.distill_temperature
         classes = teacher.shape[1]
         if regulariser is not None:  # its targets travel beside the teacher's, row by row
             teacher = torch.cat([teacher, regulariser.targets.float().to(self.device)], dim=1)
 
-        def loss_fn(params: Params, xb: Tensor, tb: Tensor, wb: Tensor) -> Tensor:
+        def loss_fn(out: Tensor, embedding: Tensor | None, tb: Tensor, wb: Tensor) -> Tensor:
             # All clients distill on the same n rows, so batches are never padded here and the
             # loss is exactly the loop's batch mean.
             del wb
             if regulariser is None:
-                return distillation_loss(kind, forward(params, xb), tb, temperature)
-            out, embedding = functional_call(model, params, (xb,), {"embed": True})
-            out, embedding = out.float(), embedding.float()
+                return distillation_loss(kind, out, tb, temperature)
             loss = distillation_loss(kind, out, tb[:, :classes], temperature)
             return loss + regulariser.penalty(out, embedding, tb[:, classes:])
 
-        step_fn = vmap(grad_and_value(loss_fn))
+        step_fn = self._step_fn(stack.arch, loss_fn, regulariser is not None)
         return self._run_steps(stack, plan, proxy, teacher, step_fn, "distill")
 
     # -- phases --------------------------------------------------------------------------------
