@@ -12,9 +12,11 @@ from fedkd.learner.loop import (
     StepConfig,
     derive_seed,
     fit_batches,
+    init_student,
     random_shift,
 )
 from fedkd.learner.server_student import ServerStudent
+from fedkd.models.zoo import build_model
 from strategies.dsfl import DSFL
 from strategies.fd import FD, FDParams
 
@@ -32,6 +34,22 @@ def config(arch="cnn_small", optimizer="sgd"):
 def test_seeds_are_stable_and_distinct():
     assert derive_seed(0, 1, 2) == derive_seed(0, 1, 2)
     assert len({derive_seed(0, r, c) for r in range(5) for c in range(-2, 5)}) == 35
+
+
+def test_init_student_seeds_only_the_cpu_generator(monkeypatch):
+    # torch.manual_seed would also seed every accelerator (a lazy call with a formatted stack
+    # trace each, paid three times per client and round); the weights are the CPU draw alone.
+    seeded = []
+    for module in (torch.cuda, torch.xpu, torch.mtia):
+        monkeypatch.setattr(module, "manual_seed_all", lambda seed, m=module: seeded.append(m))
+    model = init_student("cnn_small", (1, 8, 8), 10, 0, 3, 0)
+    assert seeded == []
+    monkeypatch.undo()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(0, 3, 0))
+        expected = build_model("cnn_small", (1, 8, 8), 10)
+    for got, want in zip(model.state_dict().values(), expected.state_dict().values(), strict=True):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
