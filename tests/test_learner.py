@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fedkd.data import load_federated_data
+from fedkd.learner import cohort
 from fedkd.learner.cohort import CohortConfig, CohortLearner
 from fedkd.learner.loop import (
     ClientState,
@@ -12,11 +13,14 @@ from fedkd.learner.loop import (
     StepConfig,
     derive_seed,
     fit_batches,
+    init_student,
     random_shift,
 )
 from fedkd.learner.server_student import ServerStudent
+from fedkd.models.zoo import build_model
 from strategies.dsfl import DSFL
 from strategies.fd import FD, FDParams
+from strategies.fedavg import FedAvg
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +36,22 @@ def config(arch="cnn_small", optimizer="sgd"):
 def test_seeds_are_stable_and_distinct():
     assert derive_seed(0, 1, 2) == derive_seed(0, 1, 2)
     assert len({derive_seed(0, r, c) for r in range(5) for c in range(-2, 5)}) == 35
+
+
+def test_init_student_seeds_only_the_cpu_generator(monkeypatch):
+    # torch.manual_seed would also seed every accelerator (a lazy call with a formatted stack
+    # trace each, paid three times per client and round); the weights are the CPU draw alone.
+    seeded = []
+    for module in (torch.cuda, torch.xpu, torch.mtia):
+        monkeypatch.setattr(module, "manual_seed_all", lambda seed, m=module: seeded.append(m))
+    model = init_student("cnn_small", (1, 8, 8), 10, 0, 3, 0)
+    assert seeded == []
+    monkeypatch.undo()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(0, 3, 0))
+        expected = build_model("cnn_small", (1, 8, 8), 10)
+    for got, want in zip(model.state_dict().values(), expected.state_dict().values(), strict=True):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -50,6 +70,50 @@ def test_state_round_trip_keeps_model_and_optimizer(data, optimizer):
         ClientState.create(
             0, "mlp", data.input_shape, 10, 0, cfg.private.optim, cfg.distill.optim
         ).load_bytes(states[0])
+
+
+def _fedavg_rounds(data, decoded):
+    """Two FedAvg rounds of clients 0 and 1, each in a learner of its own (one message each);
+    `decoded` counts the states decoded in the second."""
+    states, out = {}, None
+    weights = {
+        k: v.numpy()
+        for k, v in ClientState.create(
+            9, "cnn_small", data.input_shape, 10, 0, OptimConfig(), OptimConfig()
+        )
+        .model.state_dict()
+        .items()
+    }
+    for rnd in (1, 2):
+        decoded.clear()
+        learner = CohortLearner(data, config(), states)
+        out = FedAvg.client_round(FedAvg.Params(), learner, rnd, [0, 1], weights)
+        weights = out[0].arrays
+        learner.logits([0, 1], data.proxy_x[:20])
+    return out, states
+
+
+def test_a_message_decodes_each_client_state_once(data, monkeypatch):
+    # FedAvg loads a client three times per message (set_weights, train, get_weights): the
+    # state saved by one step is reused by the next, with the numbers of decoding it again.
+    decoded = []
+    load_bytes = ClientState.load_bytes
+
+    def counting(self, blob):
+        decoded.append(self.client_id)
+        load_bytes(self, blob)
+
+    monkeypatch.setattr(ClientState, "load_bytes", counting)
+    out, states = _fedavg_rounds(data, decoded)
+    assert sorted(decoded) == [0, 1]  # set_weights' load only
+    monkeypatch.setattr(cohort, "SAVED_STATES_BYTES", 0)  # every load decodes
+    again, again_states = _fedavg_rounds(data, decoded)
+    assert sorted(decoded) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert states == again_states
+    for cid in (0, 1):
+        assert out[cid].metrics == again[cid].metrics
+        for k, v in out[cid].arrays.items():
+            np.testing.assert_array_equal(v, again[cid].arrays[k])
 
 
 def test_training_continues_from_saved_state(data):

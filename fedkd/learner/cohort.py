@@ -96,6 +96,12 @@ def dp_step_metrics(event: DpSgdEvent, steps_total: int) -> dict[str, float]:
     }
 
 
+# Most bytes of saved client states a `CohortLearner` keeps live for its next loads of them
+# (the states past it are decoded again when loaded: the same values). Holds a node of ten
+# `cnn_large` clients (about 5 MB each with momentum).
+SAVED_STATES_BYTES = 64 * 2**20
+
+
 # Metrics computed on a client's private examples with no mechanism behind them: its training
 # loss and its accuracy on its private held-out slice. Where a run claims privacy they never
 # travel as metrics (see `ClientResult.oracle` and docs/what-leaves-a-client.md).
@@ -168,9 +174,28 @@ class CohortLearner:
         self.partners = {} if partners is None else partners
         # Where a client's model draws its initial weights (`PHASE_PARTNER` in `partner`).
         self.init_phase = PHASE_INIT
+        # The state each client last saved through this learner, with its bytes (at most
+        # `SAVED_STATES_BYTES` of bytes): a later load of the client whose stored bytes are
+        # still those reuses it instead of building and decoding a new one (FedAvg loads each
+        # client three times per round: set_weights, train, get_weights).
+        self._saved: dict[int, tuple[bytes, ClientState]] = {}
+        self._saved_bytes = 0
 
     # -- state ---------------------------------------------------------------------------------
-    def _load(self, client_id: int) -> ClientState:
+    def _load(self, client_id: int, read_only: bool = False) -> ClientState:
+        """The client's state from its stored bytes (a fresh one without). `read_only`: the
+        caller only computes outputs or copies weights, so a state kept by `_save` stays
+        kept; otherwise it is handed over, and a caller that changes it without saving it (a
+        diverged digest) leaves the stored bytes, which the next load decodes."""
+        blob = self.states.get(client_id)
+        saved = self._saved.get(client_id)
+        if saved is not None:
+            if not read_only or blob is None or saved[0] != blob:
+                del self._saved[client_id]
+                self._saved_bytes -= len(saved[0])
+            if blob is not None and saved[0] == blob:
+                saved[1].model.train()  # as a model built anew
+                return saved[1]
         cfg = self.config
         state = ClientState.create(
             client_id,
@@ -182,13 +207,25 @@ class CohortLearner:
             cfg.distill.optim,
             self.init_phase,
         )
-        blob = self.states.get(client_id)
         if blob is not None:
             state.load_bytes(blob)
         return state
 
     def _save(self, state: ClientState) -> None:
-        self.states[state.client_id] = state.to_bytes()
+        blob = state.to_bytes()
+        self.states[state.client_id] = blob
+        # Kept as a load would rebuild it from `blob`: no gradients, in training mode.
+        state.model.zero_grad(set_to_none=True)
+        state.model.train()
+        old = self._saved.pop(state.client_id, None)
+        if old is not None:
+            self._saved_bytes -= len(old[0])
+        # Full: the new state is not kept (dropping the oldest instead would miss every load
+        # of a cohort larger than the budget, which loads its clients in the order it saved
+        # them; this way the first ones are still found).
+        if self._saved_bytes + len(blob) <= SAVED_STATES_BYTES:
+            self._saved[state.client_id] = (blob, state)
+            self._saved_bytes += len(blob)
 
     # -- the learner interface (`fedkd.learner.protocol.Learner`) ------------------------------
     def train_private(
@@ -244,6 +281,7 @@ class CohortLearner:
         architecture kept in `partners` (see `fedkd.learner.protocol.Learner`)."""
         view = copy.copy(self)
         view.states, view.init_phase = self.partners, PHASE_PARTNER
+        view._saved, view._saved_bytes = {}, 0  # other states, other bytes
         return view
 
     def train_mutual(
@@ -279,14 +317,18 @@ class CohortLearner:
     def logits(self, client_ids: list[int], inputs: np.ndarray) -> dict[int, np.ndarray]:
         """Each client's logits on `inputs` (see `fedkd.learner.protocol.Learner`)."""
         return {
-            cid: predict_logits(self._load(cid).model, inputs).numpy().astype(np.float32)
+            cid: predict_logits(self._load(cid, read_only=True).model, inputs)
+            .numpy()
+            .astype(np.float32)
             for cid in client_ids
         }
 
     def embeddings(self, client_ids: list[int], inputs: np.ndarray) -> dict[int, np.ndarray]:
         """Each client's embeddings on `inputs` (see `fedkd.learner.protocol.Learner`)."""
         return {
-            cid: predict_embeddings(self._load(cid).model, inputs).numpy().astype(np.float32)
+            cid: predict_embeddings(self._load(cid, read_only=True).model, inputs)
+            .numpy()
+            .astype(np.float32)
             for cid in client_ids
         }
 
@@ -297,7 +339,7 @@ class CohortLearner:
         predict = _PREDICTORS[space]
         return {
             cid: self._per_class_mean(
-                cid, predict(self._load(cid).model, self.data.clients[cid].x_train)
+                cid, predict(self._load(cid, read_only=True).model, self.data.clients[cid].x_train)
             )
             for cid in client_ids
         }
@@ -310,7 +352,7 @@ class CohortLearner:
 
     def get_weights(self, client_ids: list[int]) -> dict[int, dict[str, np.ndarray]]:
         """Each client's student weights (see `fedkd.learner.protocol.Learner`)."""
-        return {cid: _weights_of(self._load(cid).model) for cid in client_ids}
+        return {cid: _weights_of(self._load(cid, read_only=True).model) for cid in client_ids}
 
     def set_weights(self, client_ids: list[int], weights: dict[str, np.ndarray]) -> None:
         """Load `weights` into every client's student with a fresh private optimizer."""
@@ -473,7 +515,7 @@ class CohortLearner:
         slice (NaN where a slice is empty), plus test logits."""
         results = {}
         for cid in client_ids:
-            state = self._load(cid)
+            state = self._load(cid, read_only=True)
             client = self.data.clients[cid]
             test_logits = predict_logits(state.model, self.data.test_x[test_idx])
             local_logits = predict_logits(state.model, client.x_local_test)
@@ -492,7 +534,7 @@ class CohortLearner:
         """Each client's current student weights (for the privacy audit at the end of a run)."""
         results = {}
         for cid in client_ids:
-            state = self._load(cid)
+            state = self._load(cid, read_only=True)
             results[cid] = ClientResult(
                 arrays=_weights_of(state.model),
                 metrics={"rounds_trained": float(state.rounds_trained)},

@@ -93,9 +93,12 @@ def init_student(
     arch: str, input_shape: tuple[int, ...], num_classes: int, *seed_keys: int
 ) -> nn.Module:
     """Build `arch` with weights drawn from a generator seeded by `seed_keys`."""
-    # build_model draws from the global RNG; fork it so callers' RNG state is untouched.
+    # build_model draws from the global CPU RNG; fork it so callers' RNG state is untouched.
+    # Only the CPU generator is seeded (the model is built on the CPU): torch.manual_seed
+    # would also queue a seeding of every accelerator torch knows (CUDA, XPU, MTIA), each with
+    # a formatted stack trace, on every call in a process where none is initialised.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(*seed_keys))
+        torch.default_generator.manual_seed(derive_seed(*seed_keys))
         return build_model(arch, input_shape, num_classes)
 
 
