@@ -116,6 +116,8 @@ def run_rounds(learner_cls, data, cfg, rounds=2, teacher_seed=None, **kw):
 
 
 def assert_same_outputs(a, b, atol):
+    # Arrays also get a relative 1e-5: proxy logits reach about 10 after two epochs, where float32
+    # summation order alone (which differs between CPUs' kernels) moves them by more than 1e-5.
     for ra, rb in zip(a, b, strict=True):
         assert ra.keys() == rb.keys()
         for cid in ra:
@@ -124,7 +126,7 @@ def assert_same_outputs(a, b, atol):
                 assert rb[cid].metrics[key] == pytest.approx(value, abs=atol), key
             assert ra[cid].arrays.keys() == rb[cid].arrays.keys()
             for key, value in ra[cid].arrays.items():
-                np.testing.assert_allclose(rb[cid].arrays[key], value, atol=atol, rtol=0)
+                np.testing.assert_allclose(rb[cid].arrays[key], value, atol=atol, rtol=1e-5)
 
 
 # -- the learner against the loop --------------------------------------------------------------
