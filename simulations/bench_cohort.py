@@ -741,7 +741,8 @@ def workload_table(args: argparse.Namespace) -> str:
     steps = args.ceiling_steps or (100 if args.quick else 300)
     cohort_nodes = args.cohort_nodes or _ray_actors()
     mnist = args.mnist.resolve()
-    num_clients = load_spec(WORKLOAD_SPEC).clients.num_clients
+    # The spec names ../shared/data/mnist.npz; --mnist may point elsewhere.
+    num_clients = load_spec(WORKLOAD_SPEC, [f'data.path="{mnist}"']).clients.num_clients
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_cohort_mnist_") as tmp:
