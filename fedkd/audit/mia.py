@@ -25,7 +25,6 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
 from fedkd.learner.loop import (
-    PHASE_ANCHOR,
     PrivateAnchor,
     StepConfig,
     distill,
@@ -251,19 +250,12 @@ def train_shadow(recipe: ShadowRecipe, x: np.ndarray, y: np.ndarray, shadow: int
                 seeded_generator(recipe.seed, rnd, key, 1),
                 recipe.distill_loss,
                 recipe.distill_temperature,
-                anchor=_shadow_anchor(recipe, x, y, rnd, key),
+                # The shadow anchors on its own training data, as the client's digest does.
+                anchor=PrivateAnchor.seeded(
+                    x, y, recipe.distill_private_weight, recipe.seed, rnd, key
+                ),
             )
     return model
-
-
-def _shadow_anchor(
-    recipe: ShadowRecipe, x: np.ndarray, y: np.ndarray, rnd: int, key: int
-) -> PrivateAnchor | None:
-    """The shadow's private anchor on its own training data, as the client's digest has one."""
-    if recipe.distill_private_weight <= 0 or len(y) == 0:
-        return None
-    gen = seeded_generator(recipe.seed, rnd, key, PHASE_ANCHOR)
-    return PrivateAnchor(x, y, recipe.distill_private_weight, gen)
 
 
 def shadow_confidences(

@@ -21,7 +21,6 @@ import torch
 from fedkd.data.splits import FederatedData
 from fedkd.knowledge.teachers import per_class_mean_logits
 from fedkd.learner.loop import (
-    PHASE_ANCHOR,
     PHASE_DISTILL,
     PHASE_HISTOGRAM,
     PHASE_INIT,
@@ -502,13 +501,13 @@ class CohortLearner:
     def _private_anchor(self, round_num: int, cid: int) -> PrivateAnchor | None:
         """The client's private anchor of its digest (`CohortConfig.distill_private_weight`;
         None where the weight is 0 or the client holds no training examples)."""
-        weight, client = self.config.distill_private_weight, self.data.clients[cid]
-        if weight <= 0 or len(client.y_train) == 0:
-            return None
-        if self.config.dp is not None:
+        client, cfg = self.data.clients[cid], self.config
+        anchor = PrivateAnchor.seeded(
+            client.x_train, client.y_train, cfg.distill_private_weight, cfg.seed, round_num, cid
+        )
+        if anchor is not None and cfg.dp is not None:
             raise ValueError("the private anchor of distillation does not run under DP-SGD")
-        gen = seeded_generator(self.config.seed, round_num, cid, PHASE_ANCHOR)
-        return PrivateAnchor(client.x_train, client.y_train, weight, gen)
+        return anchor
 
     def evaluate(self, client_ids: list[int], test_idx: np.ndarray) -> dict[int, ClientResult]:
         """Accuracy on the global test subset, the local held-out slice and the validation

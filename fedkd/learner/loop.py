@@ -443,6 +443,16 @@ class PrivateAnchor:
         idx = self.next_indices(size)
         return self.weight * nn.functional.cross_entropy(model(self.x[idx]), self.y[idx])
 
+    @classmethod
+    def seeded(
+        cls, x: np.ndarray, y: np.ndarray, weight: float, seed: int, round_num: int, key: int
+    ) -> PrivateAnchor | None:
+        """The anchor of client (or shadow) `key`'s digest in round `round_num`, on its stream
+        of `PHASE_ANCHOR`; None where `weight` is 0 or there are no examples."""
+        if weight <= 0 or len(y) == 0:
+            return None
+        return cls(x, y, weight, seeded_generator(seed, round_num, key, PHASE_ANCHOR))
+
 
 def distill(
     model: nn.Module,
