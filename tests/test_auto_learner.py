@@ -1,7 +1,7 @@
 """``resources.learner = "auto"`` (docs/scale.md): the faster cohort learner, chosen once per run.
 
 The calibration's timings are never asserted on: tests that need a choice force it through
-`fedkd.learner.auto._time_learner`, and check that a run with the forced choice gives the same
+`fedkd.learner.auto._time_learners`, and check that a run with the forced choice gives the same
 metrics as a run that names that learner, that the choice is recorded, cached and reused.
 """
 
@@ -56,11 +56,11 @@ def force(monkeypatch, seconds: dict[str, float]) -> list[str]:
     """Make every calibration time `seconds` per learner; returns the learners it timed."""
     timed: list[str] = []
 
-    def time_learner(name, task, timer):
-        timed.append(name)
-        return seconds[name]
+    def time_learners(task, timer):
+        timed.extend(auto.LEARNER_CHOICES)
+        return dict(seconds)
 
-    monkeypatch.setattr(auto, "_time_learner", time_learner)
+    monkeypatch.setattr(auto, "_time_learners", time_learners)
     return timed
 
 
@@ -94,6 +94,51 @@ def test_a_real_calibration_times_both_learners_and_caches_its_figures(cache, mo
     faster = first["vectorised_s"] < auto.VECTORISED_MARGIN * first["loop_s"]
     assert chosen == ("vectorised" if faster else "loop")
     assert calibrations == {"mlp": second}
+
+
+def test_each_learner_counts_its_fastest_of_alternating_timed_rounds(monkeypatch):
+    """A burst of load that slows one round does not decide: the loop's one slow round (5 s)
+    would have made the vectorised learner look faster in a single timed round."""
+    rounds: list[tuple[str, int]] = []
+    for name, learner in (
+        ("loop", auto.CohortLearner),
+        ("vectorised", auto.VectorisedCohortLearner),
+    ):
+        monkeypatch.setattr(
+            learner,
+            "train_private",
+            lambda self, round_, cids, name=name: rounds.append((name, round_)),
+        )
+    monkeypatch.setattr(auto, "CALIBRATION_REPEATS", 3)
+    # Each timed round takes one pair of clock readings; the warm-ups read no clock.
+    durations = iter([5.0, 2.0, 2.5, 1.0, 1.5, 3.0])  # loop, vect, vect, loop, loop, vect
+    clock = [0.0]
+    readings: list[float] = []
+
+    def scripted_timer() -> float:
+        # Even reading: a round starts; odd: it ends, `durations`' next value later.
+        if len(readings) % 2 == 0:
+            readings.append(clock[0])
+        else:
+            clock[0] += next(durations)
+            readings.append(clock[0])
+        return readings[-1]
+
+    seconds = auto._time_learners(TINY_TASK, scripted_timer)
+    assert rounds == [
+        ("loop", 1),
+        ("vectorised", 1),  # warm-ups, untimed
+        ("loop", 2),
+        ("vectorised", 2),
+        ("vectorised", 3),  # the order alternates
+        ("loop", 3),
+        ("loop", 4),
+        ("vectorised", 4),
+    ]
+    assert seconds == {"loop": 1.0, "vectorised": 2.0}
+    monkeypatch.setattr(auto, "_time_learners", lambda task, timer: dict(seconds))
+    assert choose_learner([TINY_TASK], use_cache=False)[0] == "loop"
+    assert calibrate(TINY_TASK, use_cache=False)["repeats"] == 3
 
 
 def test_the_cache_is_keyed_by_what_the_timing_depends_on(monkeypatch):
