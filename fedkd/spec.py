@@ -751,7 +751,9 @@ def _validate_hf_proxy(spec: Spec, key: str) -> None:
             "folder that datasets.load_dataset reads)"
         )
     if not p.hf_split:
-        raise SpecError("proxy.hf_split: the split to read the proxy inputs from, e.g. 'train'")
+        raise SpecError(
+            f"proxy.hf_split: required for {key} = 'hf' (the split to read, e.g. 'train')"
+        )
     # The private side reads the train split (the clients' data) and the test split (the
     # evaluation's); the proxy's inputs may come from any other split of the same data set.
     if d.source == "hf" and p.hf_split in ("train", "test") and _same_hf(p.hf_name, d.hf_name):

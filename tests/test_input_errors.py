@@ -285,6 +285,7 @@ OTHER_CASES = {
         for name, settings in {
             "missing-folder": ["proxy.hf_name={files}/no-such-hf-dataset"],
             "missing-split": ["proxy.hf_name={files}/hf_images", "proxy.hf_split=extra"],
+            "empty-split": ["proxy.hf_name={files}/hf_images", "proxy.hf_split=''"],
             "missing-column": ["proxy.hf_name={files}/hf_images", "proxy.image_key=pixels"],
             "text-column": ["proxy.hf_name={files}/hf_signals", "proxy.image_key=name"],
             "signals-for-images": ["proxy.hf_name={files}/hf_signals", "proxy.size=10"],

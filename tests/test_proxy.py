@@ -244,7 +244,7 @@ def test_spec_of_an_hf_proxy_records_it_and_refuses_the_private_data_set(tmp_pat
     assert record["seed_source"] == "hf" and record["hf_name"] == str(tmp_path)
     assert _refusal(["proxy.source=hf"]).startswith("proxy.hf_name: required for proxy.source")
     assert _refusal(mixup).startswith("proxy.hf_name: required for proxy.seed_source")
-    assert _refusal([*hf, "proxy.hf_split=''"]).startswith("proxy.hf_split")
+    assert _refusal([*hf, "proxy.hf_split=''"]).startswith("proxy.hf_split: required")
     private = ["data.source=hf", f"data.hf_name={tmp_path}/."]
     for split in ("train", "test"):
         message = _refusal([*private, *hf, f"proxy.hf_split={split}"])
