@@ -730,6 +730,8 @@ def _validate_proxy(spec: Spec) -> None:
                 "would then be public too; use proxy.source = 'in_domain' to carve the proxy "
                 "out of it"
             )
+    if "hf" in p.public_sources():
+        _validate_hf_proxy(spec, key)
     if spec.distill.proxy_per_round > spec.proxy_inputs:
         raise SpecError(
             f"distill.proxy_per_round: {spec.distill.proxy_per_round} exceeds the proxy set's "
@@ -737,6 +739,37 @@ def _validate_proxy(spec: Spec) -> None:
         )
     if p.kind == "generator":
         _validate_generator(spec)
+
+
+def _validate_hf_proxy(spec: Spec, key: str) -> None:
+    """A proxy (or mixup seed set) of a Hugging Face data set's inputs: a data set and a split
+    to read, neither of them the private data set's train or test split."""
+    p, d = spec.proxy, spec.data
+    if not p.hf_name:
+        raise SpecError(
+            f"proxy.hf_name: required for {key} = 'hf' (a Hugging Face data set, or a local "
+            "folder that datasets.load_dataset reads)"
+        )
+    if not p.hf_split:
+        raise SpecError(
+            f"proxy.hf_split: required for {key} = 'hf' (the split to read, e.g. 'train')"
+        )
+    # The private side reads the train split (the clients' data) and the test split (the
+    # evaluation's); the proxy's inputs may come from any other split of the same data set.
+    if d.source == "hf" and p.hf_split in ("train", "test") and _same_hf(p.hf_name, d.hf_name):
+        raise SpecError(
+            f"proxy.hf_split: '{p.hf_split}' of '{p.hf_name}' is a split of the private data "
+            "set (data.hf_name), whose examples would then be public too; choose another data "
+            "set or split, or proxy.source = 'in_domain'"
+        )
+
+
+def _same_hf(a: str, b: str) -> bool:
+    """Whether two hf_name values name one data set: one local folder, or one hub name."""
+    folder_a, folder_b = Path(a).expanduser(), Path(b).expanduser()
+    if folder_a.exists() or folder_b.exists():
+        return folder_a.resolve() == folder_b.resolve()
+    return a == b
 
 
 def _validate_generator(spec: Spec) -> None:

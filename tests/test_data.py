@@ -7,7 +7,6 @@ import random
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from fedkd.data import (
     load_source,
     partition_indices,
 )
+from tests.hf_folder import write_hf_split
 
 MNIST_NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 
@@ -196,44 +196,9 @@ def test_unknown_source_lists_sources() -> None:
 # ------------------------------------------------------------------------------ hf source
 
 
-@pytest.fixture
-def hf_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Offline Hugging Face setup with a private cache; returns a folder for data sets."""
-    import datasets
-    import flwr_datasets.common.telemetry as telemetry
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    # datasets and flwr-datasets read these at import time, so the variables alone are late.
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    monkeypatch.setattr(telemetry, "FLWR_TELEMETRY_ENABLED", "0")
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    folder = tmp_path / "hf-data"
-    folder.mkdir()
-    yield folder
-    if bars:
-        datasets.enable_progress_bars()
-
-
-def _write_hf_split(folder: Path, split: str, n: int, seed: int) -> np.ndarray:
-    import datasets
-
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, 8, 8), dtype=np.uint8)
-    features = datasets.Features(
-        {"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)}
-    )
-    table = datasets.Dataset.from_dict(
-        {"img": list(images), "label": np.arange(n) % 3}, features=features
-    )
-    table.to_parquet(str(folder / f"{split}.parquet"))
-    return images
-
-
 def test_hf_local_folder(hf_offline: Path) -> None:
-    train_images = _write_hf_split(hf_offline, "train", 300, seed=0)
-    _write_hf_split(hf_offline, "test", 60, seed=1)
+    train_images = write_hf_split(hf_offline, "train", 300, seed=0)
+    write_hf_split(hf_offline, "test", 60, seed=1)
 
     ds = load_source("hf", hf_name=str(hf_offline))
     _assert_normalised(ds, (1, 8, 8), 3)
@@ -245,10 +210,10 @@ def test_hf_local_folder(hf_offline: Path) -> None:
 
 
 def test_hf_errors(hf_offline: Path) -> None:
-    _write_hf_split(hf_offline, "train", 40, seed=0)
+    write_hf_split(hf_offline, "train", 40, seed=0)
     with pytest.raises(DataError, match=r"data\.hf_name.*'test'"):
         load_source("hf", hf_name=str(hf_offline))
-    _write_hf_split(hf_offline, "test", 10, seed=1)
+    write_hf_split(hf_offline, "test", 10, seed=1)
     with pytest.raises(DataError, match=r"data\.image_key.*'pixels'"):
         load_source("hf", hf_name=str(hf_offline), image_key="pixels")
     with pytest.raises(DataError, match=r"data\.hf_name"):

@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedkd.run import cli
+from tests.hf_folder import write_hf_split
 
 # --set overrides of `fedkd run` that a spec check, a data check or a machine check refuses.
 BAD_SETS = [
@@ -44,6 +45,7 @@ BAD_SETS = [
     "proxy.source=generator",
     "proxy.source=digits",
     "proxy.source=npz",
+    "proxy.source=hf",
     "proxy.size=-1",
     "proxy.size=100",
     "proxy.synthetic=gan",
@@ -274,6 +276,32 @@ OTHER_CASES = {
         "--set",
         "proxy.path={files}/signals.npz",
     ],
+    **{
+        f"proxy-hf-{name}": [
+            "run",
+            *("--set", "proxy.source=hf"),
+            *(arg for setting in settings for arg in ("--set", setting)),
+        ]
+        for name, settings in {
+            "missing-folder": ["proxy.hf_name={files}/no-such-hf-dataset"],
+            "missing-split": ["proxy.hf_name={files}/hf_images", "proxy.hf_split=extra"],
+            "empty-split": ["proxy.hf_name={files}/hf_images", "proxy.hf_split=''"],
+            "missing-column": ["proxy.hf_name={files}/hf_images", "proxy.image_key=pixels"],
+            "text-column": ["proxy.hf_name={files}/hf_signals", "proxy.image_key=name"],
+            "signals-for-images": ["proxy.hf_name={files}/hf_signals", "proxy.size=10"],
+            "too-few-examples": ["proxy.hf_name={files}/hf_images"],
+            "private-split": [
+                "proxy.hf_name={files}/hf_images",
+                "data.source=hf",
+                "data.hf_name={files}/hf_images",
+            ],
+        }.items()
+    },
+    "proxy-hf-mixup-seeds-without-name": [
+        "run",
+        *("--set", "proxy.source=synthetic", "--set", "proxy.synthetic=mixup"),
+        *("--set", "proxy.seed_source=hf"),
+    ],
     # Spec files.
     "spec-missing": ["run", "{files}/nothing.toml"],
     "spec-is-a-folder": ["run", "{files}"],
@@ -439,6 +467,7 @@ def files(tmp_path_factory) -> Path:
     _npz(d / "strings.npz", **{**good, "x_train": np.array(["a"] * 40)})
     _npz(d / "shapes.npz", **{**good, "x_test": rng.random((10, 6, 6))})
     _npz(d / "tiny.npz", x_train=x[:3], y_train=y[:3], x_test=x[:2], y_test=y[:2])
+    _hf_folders(d)
     (d / "latin1.toml").write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
     (d / "broken.toml").write_text("rounds = = 3\n")
     (d / "data_string.toml").write_text('data = "digits"\n')
@@ -469,6 +498,17 @@ def files(tmp_path_factory) -> Path:
     return d
 
 
+def _hf_folders(d: Path) -> None:
+    """Local Hugging Face data sets: 40 grey 8x8 images, and 1-D signals with a text column."""
+    import datasets
+
+    (d / "hf_images").mkdir()
+    write_hf_split(d / "hf_images", "train", 40, seed=0)
+    (d / "hf_signals").mkdir()
+    signals = {"x": list(np.zeros((20, 30), np.float32)), "name": ["a"] * 20}
+    datasets.Dataset.from_dict(signals).to_parquet(str(d / "hf_signals" / "train.parquet"))
+
+
 @pytest.fixture
 def no_engine(monkeypatch, tmp_path):
     """No case may start a simulation; submit's Flower config is a throwaway one."""
@@ -482,7 +522,9 @@ def no_engine(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_and_exit_2(case, files, no_engine):
+def test_bad_input_is_one_line_and_exit_2(case, files, no_engine, request):
+    if "hf" in case:
+        request.getfixturevalue("hf_offline")  # no network, and a throwaway datasets cache
     args = [a.replace("{files}", str(files)) for a in CASES[case]]
     result = CliRunner().invoke(cli.app, args)
     stderr = result.stderr

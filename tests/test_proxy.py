@@ -13,6 +13,7 @@ import pytest
 from fedkd.data import ArrayDataset, DataError, ProxySource, build_federated_data, load_source
 from fedkd.data.proxy import fit_to, proxy_inputs
 from fedkd.spec import SpecError, load_spec
+from tests.hf_folder import write_hf_split
 
 NOISE = ProxySource(source="synthetic", synthetic="noise")
 UNIFORM = dataclasses.replace(NOISE, noise="uniform", noise_std=0.5)
@@ -112,6 +113,66 @@ def test_npz_proxy_reads_x_and_names_what_is_wrong(tmp_path: Path, proxy_npz: Pa
             proxy_inputs(proxy, (1, 8, 8), 2, seed=0)
 
 
+def _hf(folder: Path, **keys) -> ProxySource:
+    return ProxySource(source="hf", hf_name=str(folder), **keys)
+
+
+def test_hf_proxy_is_the_folders_inputs_resized(hf_offline: Path) -> None:
+    from PIL import Image
+
+    images = write_hf_split(hf_offline, "train", 30, seed=0, shape=(28, 28))
+    x = proxy_inputs(_hf(hf_offline), (3, 14, 14), 20, seed=5)
+    # Directly: the run's draw of 20 of the 30 rows in stored order, each image in [0, 1]
+    # resized by PIL's bilinear filter, repeated to 3 channels and standardised as a whole.
+    rows = np.sort(np.random.default_rng((5, 4)).choice(30, size=20, replace=False))
+    small = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(img / np.float32(255), mode="F").resize((14, 14), Image.BILINEAR)
+            )
+            for img in images[rows].astype(np.float32)
+        ]
+    )
+    expected = np.repeat(_standardised(small.astype(np.float64))[:, None], 3, axis=1)
+    assert x.shape == (20, 3, 14, 14) and x.dtype == np.float32
+    np.testing.assert_allclose(x, expected, atol=1e-5)
+    # Every party builds the same proxy set from the run's seed; another seed draws others.
+    assert np.array_equal(x, proxy_inputs(_hf(hf_offline), (3, 14, 14), 20, seed=5))
+    assert not np.array_equal(x, proxy_inputs(_hf(hf_offline), (3, 14, 14), 20, seed=6))
+
+
+def test_hf_proxy_reads_the_split_and_column_asked_for(hf_offline: Path) -> None:
+    write_hf_split(hf_offline, "train", 12, seed=0)
+    other = write_hf_split(hf_offline, "validation", 12, seed=1)
+    x = proxy_inputs(_hf(hf_offline, hf_split="validation", image_key="img"), (1, 8, 8), 12, 0)
+    np.testing.assert_allclose(x[:, 0], _standardised(other / 255.0), atol=1e-5)
+    # A mixup seed set can come from it too.
+    mixup = dataclasses.replace(_mixup(seed_source="hf"), hf_name=str(hf_offline))
+    assert proxy_inputs(mixup, (1, 8, 8), 40, seed=0).shape == (40, 1, 8, 8)
+
+
+def test_hf_proxy_names_what_is_wrong(hf_offline: Path) -> None:
+    import datasets
+
+    write_hf_split(hf_offline, "train", 12, seed=0)
+    signals = hf_offline.parent / "signals"
+    signals.mkdir()
+    datasets.Dataset.from_dict(
+        {"x": list(np.zeros((5, 30), np.float32)), "name": ["a"] * 5}
+    ).to_parquet(str(signals / "train.parquet"))
+    for proxy, match in [
+        (ProxySource(source="hf"), "proxy.hf_name: required"),
+        (_hf(hf_offline.parent / "nowhere"), "proxy.hf_name: cannot load"),
+        (_hf(hf_offline, hf_split="extra"), "proxy.hf_split: .* no usable 'extra'"),
+        (_hf(hf_offline, image_key="pixels"), "proxy.image_key: column 'pixels' not found"),
+        (_hf(signals, image_key="name"), "proxy.image_key: column 'name' .* must hold numbers"),
+        (_hf(signals), "proxy.source 'hf': its inputs of shape \\(1, 30\\) cannot become"),
+        (_hf(hf_offline, size=13), "proxy.source 'hf': holds 12 examples, fewer than the 13"),
+    ]:
+        with pytest.raises(DataError, match=match):
+            proxy_inputs(proxy, (1, 8, 8), proxy.size or 2, seed=0)
+
+
 @pytest.mark.parametrize("proxy", [NOISE, _mixup()], ids=["noise", "mixup"])
 def test_external_proxy_leaves_the_clients_data_alone(digits: ArrayDataset, proxy) -> None:
     """The private pool still sets data.proxy_size aside: only the proxy inputs change."""
@@ -168,6 +229,29 @@ def test_spec_resolves_proxy_path_from_the_spec_file(tmp_path: Path, proxy_npz: 
     }
 
 
+def test_spec_of_an_hf_proxy_records_it_and_refuses_the_private_data_set(tmp_path: Path) -> None:
+    hf = ["proxy.source=hf", f"proxy.hf_name={tmp_path}"]
+    spec = load_spec(None, [*hf, "proxy.size=40"])
+    assert spec.proxy.record(spec.proxy_inputs) == {
+        "source": "hf",
+        "hf_name": str(tmp_path),
+        "hf_split": "train",
+        "image_key": "",
+        "size": 40,
+    }
+    mixup = ["proxy.source=synthetic", "proxy.synthetic=mixup", "proxy.seed_source=hf"]
+    record = load_spec(None, [*mixup, f"proxy.hf_name={tmp_path}"]).proxy.record(500)
+    assert record["seed_source"] == "hf" and record["hf_name"] == str(tmp_path)
+    assert _refusal(["proxy.source=hf"]).startswith("proxy.hf_name: required for proxy.source")
+    assert _refusal(mixup).startswith("proxy.hf_name: required for proxy.seed_source")
+    assert _refusal([*hf, "proxy.hf_split=''"]).startswith("proxy.hf_split: required")
+    private = ["data.source=hf", f"data.hf_name={tmp_path}/."]
+    for split in ("train", "test"):
+        message = _refusal([*private, *hf, f"proxy.hf_split={split}"])
+        assert message.startswith(f"proxy.hf_split: '{split}' of '{tmp_path}' is a split of")
+    assert load_spec(None, [*private, *hf, "proxy.hf_split=unlabelled"]).proxy.hf_split
+
+
 # Each metric that scores something against the proxy's labels, and a run that computes it.
 LABEL_DIAGNOSTICS = {
     "teacher_proxy_acc": ["algorithm.name=dsfl"],
@@ -211,3 +295,31 @@ def test_a_run_with_a_noise_proxy_records_it_and_scores_nothing_on_proxy_labels(
     assert metric in row and row[metric] is None and row["server_test_acc"] is not None
     # Inputs that did get a label, so that the metric had something to score.
     assert row.get("pate_answered", 1) > 0 and row.get("server_labels", 1) > 0
+
+
+def test_a_run_with_an_hf_proxy_distils_on_the_folders_inputs(tmp_path, hf_offline) -> None:
+    from fedkd.apps.client_app import make_client_app
+    from fedkd.apps.server_app import run_rounds
+    from fedkd.assembly import federated_data
+    from fedkd.results import RunRecorder
+    from tests.inprocess import InProcessGrid
+
+    write_hf_split(hf_offline, "train", 80, seed=0, shape=(28, 28))
+    tiny = ["rounds=2", "clients.num_clients=3", "data.proxy_size=100", "train.epochs=1"]
+    hf = ["proxy.source=hf", f"proxy.hf_name={hf_offline}", "proxy.size=60"]
+    spec = load_spec(None, [*tiny, *hf, "distill.epochs=1"])
+    assert np.array_equal(
+        federated_data(spec).proxy_x, proxy_inputs(spec.proxy, (1, 8, 8), 60, spec.seed)
+    )
+    grid = InProcessGrid(make_client_app(spec), spec.num_nodes)
+    run_rounds(grid, spec, RunRecorder(tmp_path / "run", spec))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["proxy"] == {
+        "source": "hf",
+        "hf_name": str(hf_offline),
+        "hf_split": "train",
+        "image_key": "",
+        "size": 60,
+    }
+    assert summary["final"]["server_test_acc"] is not None
+    assert summary["final"]["teacher_proxy_acc"] is None  # the proxy has no labels

@@ -9,13 +9,13 @@ from private data: such a proxy set is public by construction (docs/proxy.md). T
 proxy (``synthetic = "generator"``) has no fixed inputs: the server's generator makes each
 round's (`fedkd.learner.generator`).
 
-External images (scikit-learn's digits, a local ``.npz``) are scaled the way the private
-sources scale their own: brought to ``[0, 1]`` (digits' 0..16 divided by 16, ``uint8`` divided
-by 255, floats as given), resized to the private inputs' shape (antialiased linear
-interpolation; one channel repeated to three, three averaged to one) and standardised to zero
-mean and unit standard deviation with scalar statistics of their own, as the private inputs were
-with the private training split's. Their own, not the private ones: nothing of the proxy then
-depends on private data.
+External images (scikit-learn's digits, a local ``.npz``, a Hugging Face data set's input
+column) are scaled the way the private sources scale their own: brought to ``[0, 1]`` (digits'
+0..16 divided by 16, ``uint8`` divided by 255, floats as given), resized to the private inputs'
+shape (antialiased linear interpolation; one channel repeated to three, three averaged to one)
+and standardised to zero mean and unit standard deviation with scalar statistics of their own,
+as the private inputs were with the private training split's. Their own, not the private ones:
+nothing of the proxy then depends on private data.
 """
 
 from __future__ import annotations
@@ -28,9 +28,18 @@ from typing import Any
 import numpy as np
 
 from fedkd.data.cache import cached_arrays
-from fedkd.data.sources import DataError, _channels_first, _scale_uint8
+from fedkd.data.sources import (
+    _HF_IMAGE_KEYS,
+    DataError,
+    _channels_first,
+    _hf_column,
+    _hf_federated,
+    _hf_split,
+    _pick_column,
+    _scale_uint8,
+)
 
-PROXY_SOURCES = ("in_domain", "digits", "npz", "synthetic")
+PROXY_SOURCES = ("in_domain", "digits", "npz", "hf", "synthetic")
 SYNTHETIC_PROXIES = ("noise", "mixup", "generator")
 NOISE_DISTRIBUTIONS = ("gaussian", "uniform")
 # The generator's keys (`fedkd.learner.generator`), recorded with its proxy.
@@ -43,8 +52,10 @@ GENERATOR_KEYS = (
     "generator_balance",
     "generator_disagreement",
 )
+# The keys of each public source, recorded with a proxy of its inputs (or a mixup seed set).
+PUBLIC_KEYS = {"digits": (), "npz": ("path",), "hf": ("hf_name", "hf_split", "image_key")}
 # Where mixup's seed set comes from: the public image sources above.
-SEED_SOURCES = ("digits", "npz")
+SEED_SOURCES = ("digits", "npz", "hf")
 # A seed stream of its own (splits.py uses 0, 1 and 3, site.py 2, canaries.py 101).
 _PROXY_SOURCE_STREAM = 4
 
@@ -58,11 +69,20 @@ class ProxySource:
     source : str
         One of :data:`PROXY_SOURCES`: ``"in_domain"`` (carved from the private source's training
         split), ``"digits"`` (scikit-learn's 8x8 digits), ``"npz"`` (the ``x`` array of the
-        ``.npz`` at ``path``) or ``"synthetic"`` (see ``synthetic``).
+        ``.npz`` at ``path``), ``"hf"`` (the input column of a Hugging Face data set, see
+        ``hf_name``) or ``"synthetic"`` (see ``synthetic``).
     size : int
         Proxy inputs of a source other than ``in_domain``; 0 means ``data.proxy_size``.
     path : str
         The ``.npz`` of ``source = "npz"`` or of mixup's ``seed_source = "npz"``.
+    hf_name : str
+        The data set of ``source = "hf"`` or of mixup's ``seed_source = "hf"``: a hub name or a
+        local folder that ``datasets.load_dataset`` reads, as ``data.hf_name``.
+    hf_split : str
+        ``"hf"``: the split whose inputs are read.
+    image_key : str
+        ``"hf"``: the input column; ``""`` detects it as ``data.image_key`` does. Labels are
+        never read.
     synthetic : str
         ``source = "synthetic"``: ``"noise"``, ``"mixup"`` or ``"generator"`` (made each round
         by the server's generator, `fedkd.learner.generator`: no fixed inputs).
@@ -71,7 +91,8 @@ class ProxySource:
     noise_std : float
         ``"noise"``: standard deviation of the noise, in units of the standardised inputs.
     seed_source : str
-        ``"mixup"``: where the seed set comes from, ``"digits"`` or ``"npz"`` (``path``).
+        ``"mixup"``: where the seed set comes from, ``"digits"``, ``"npz"`` (``path``) or
+        ``"hf"`` (``hf_name``).
     seed_size : int
         ``"mixup"``: examples in the seed set (at least 2).
     mixup_alpha : float
@@ -96,6 +117,9 @@ class ProxySource:
     source: str = "in_domain"
     size: int = 0
     path: str = ""
+    hf_name: str = ""
+    hf_split: str = "train"
+    image_key: str = ""
     synthetic: str = "noise"
     noise: str = "gaussian"
     noise_std: float = 1.0
@@ -133,16 +157,14 @@ class ProxySource:
     def record(self, size: int) -> dict[str, Any]:
         """The proxy's provenance for ``summary.json``: its source, the parameters that apply
         to it and `size`, the number of proxy inputs."""
+        seed_keys = PUBLIC_KEYS.get(self.seed_source, ())
         keys = {
             "in_domain": (),
-            "digits": (),
-            "npz": ("path",),
+            **PUBLIC_KEYS,
             "noise": ("synthetic", "noise", "noise_std"),
-            "mixup": ("synthetic", "seed_source", "seed_size", "mixup_alpha"),
+            "mixup": ("synthetic", "seed_source", "seed_size", "mixup_alpha", *seed_keys),
             "generator": ("synthetic", *GENERATOR_KEYS),
         }[self.kind]
-        if self.kind == "mixup" and self.seed_source == "npz":
-            keys = (*keys, "path")
         return {"source": self.source, **{k: getattr(self, k) for k in keys}, "size": size}
 
 
@@ -188,7 +210,8 @@ def proxy_inputs(
 def _public_proxy(
     proxy: ProxySource, input_shape: tuple[int, ...], size: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """`size` examples of a public data set (``digits``, ``npz``), drawn without replacement."""
+    """`size` examples of a public data set (``digits``, ``npz``, ``hf``), drawn without
+    replacement."""
     raw = _draw(PUBLIC_INPUTS[proxy.kind](proxy), size, rng, f"proxy.source '{proxy.kind}'")
     return fit_to(raw, input_shape, f"proxy.source '{proxy.kind}'")
 
@@ -265,14 +288,35 @@ def _npz_inputs(proxy: ProxySource) -> np.ndarray:
             f"proxy.path: '{proxy.path}' has no array 'x' (it holds "
             f"{', '.join(files) or 'nothing'}); {hint}"
         )
+    return _numeric_inputs(x, f"proxy.path: 'x' in '{proxy.path}'", "proxy.path (x)")
+
+
+def _hf_inputs(proxy: ProxySource) -> np.ndarray:
+    """The input column of ``proxy.hf_split`` of ``proxy.hf_name``, channels first, ``uint8``
+    scaled to ``[0, 1]``, in the split's stored order; no label column is read."""
+    fds = _hf_federated(proxy.hf_name, "proxy.hf_name")
+    split = _hf_split(fds, proxy.hf_name, proxy.hf_split, "proxy.hf_name", "proxy.hf_split")
+    column = _pick_column(
+        split.column_names, proxy.image_key or None, _HF_IMAGE_KEYS, "proxy.image_key"
+    )
+    return _numeric_inputs(
+        _hf_column(split, column, "proxy.image_key"),
+        f"proxy.image_key: column {column!r} of '{proxy.hf_name}'",
+        f"proxy.image_key ({column!r})",
+    )
+
+
+def _numeric_inputs(x: np.ndarray, where: str, shape_key: str) -> np.ndarray:
+    """A public source's inputs, checked: numbers, one input per row, made ``float32`` and
+    channels first with ``uint8`` scaled to ``[0, 1]``. `where` begins the errors about the
+    values, `shape_key` names the inputs in an error about their shape."""
     if x.dtype.kind not in "biuf" or len(x) == 0:
         raise DataError(
-            f"proxy.path: 'x' in '{proxy.path}' must hold numbers, one input per row; got "
-            f"dtype {x.dtype} and shape {x.shape}"
+            f"{where} must hold numbers, one input per row; got dtype {x.dtype} and shape {x.shape}"
         )
-    x = _channels_first(_scale_uint8(x).astype(np.float32), "proxy.path (x)")
+    x = _channels_first(_scale_uint8(x).astype(np.float32), shape_key)
     if not np.all(np.isfinite(x)):
-        raise DataError(f"proxy.path: 'x' in '{proxy.path}' holds NaN or infinite values")
+        raise DataError(f"{where} holds NaN or infinite values")
     return x
 
 
@@ -280,6 +324,7 @@ def _npz_inputs(proxy: ProxySource) -> np.ndarray:
 PUBLIC_INPUTS: dict[str, Callable[[ProxySource], np.ndarray]] = {
     "digits": _digits_inputs,
     "npz": _npz_inputs,
+    "hf": _hf_inputs,
 }
 
 # One builder per proxy kind (ProxySource.kind): (proxy, input shape, size, rng) -> inputs.
@@ -288,6 +333,7 @@ PROXY_BUILDERS: dict[
 ] = {
     "digits": _public_proxy,
     "npz": _public_proxy,
+    "hf": _public_proxy,
     "noise": _noise_proxy,
     "mixup": _mixup_proxy,
     "generator": _generated_each_round,

@@ -214,25 +214,9 @@ def _read_npz(file: Path, path: str, hint: str) -> ArrayDataset:
 
 def _load_hf(hf_name: str | None, *, image_key: str | None, label_key: str | None) -> ArrayDataset:
     import datasets
-    from flwr_datasets import FederatedDataset
 
-    if not hf_name:
-        raise DataError(
-            "data.hf_name: required for source 'hf'; name a Hugging Face data set (for "
-            "example 'ylecun/mnist') or a local folder that datasets.load_dataset reads"
-        )
-    # One partition and no shuffling: fedkd partitions the arrays itself with flwr-datasets
-    # partitioners (see fedkd.data.partition), reproducibly from the run's seed.
-    fds = FederatedDataset(dataset=hf_name, partitioners={"train": 1}, shuffle=False)
-    try:
-        train = fds.load_split("train")
-    except ValueError as err:
-        raise DataError(f"data.hf_name: '{hf_name}' has no usable 'train' split ({err})") from err
-    except Exception as err:  # the hub client raises many types (offline, not found, auth)
-        raise DataError(
-            f"data.hf_name: cannot load '{hf_name}' ({type(err).__name__}: {err}); check the "
-            "name, or point it at a local folder (set HF_DATASETS_OFFLINE=1 without network)"
-        ) from err
+    fds = _hf_federated(hf_name, "data.hf_name")
+    train = _hf_split(fds, hf_name, "train", "data.hf_name")
     try:
         test = fds.load_split("test")
     except ValueError as err:
@@ -265,9 +249,42 @@ def _load_hf(hf_name: str | None, *, image_key: str | None, label_key: str | Non
     return _finalise(name, x_train, y_train, x_test, y_test, num_classes=num_classes)
 
 
+def _hf_federated(hf_name: str | None, key: str) -> Any:
+    """`hf_name` (a hub name or a local folder) behind flwr-datasets, unshuffled and not yet
+    loaded; `key` is the spec key named in errors."""
+    from flwr_datasets import FederatedDataset
+
+    if not hf_name:
+        raise DataError(
+            f"{key}: required for source 'hf'; name a Hugging Face data set (for example "
+            "'ylecun/mnist') or a local folder that datasets.load_dataset reads"
+        )
+    # One partition and no shuffling: fedkd partitions the arrays itself with flwr-datasets
+    # partitioners (see fedkd.data.partition), reproducibly from the run's seed. The
+    # partitioner's split matters only to load_partition, which fedkd never calls.
+    return FederatedDataset(dataset=hf_name, partitioners={"train": 1}, shuffle=False)
+
+
+def _hf_split(fds: Any, hf_name: str | None, split: str, key: str, split_key: str = "") -> Any:
+    """The `split` of `fds` (loading the data set on first use), or one line naming `key` (or
+    `split_key`, the key that chose the split, if there is one and the split is missing)."""
+    try:
+        return fds.load_split(split)
+    except ValueError as err:
+        raise DataError(
+            f"{split_key or key}: '{hf_name}' has no usable '{split}' split ({err})"
+        ) from err
+    except Exception as err:  # the hub client raises many types (offline, not found, auth)
+        raise DataError(
+            f"{key}: cannot load '{hf_name}' ({type(err).__name__}: {err}); check the "
+            "name, or point it at a local folder (set HF_DATASETS_OFFLINE=1 without network)"
+        ) from err
+
+
 def _pick_column(
     columns: list[str], given: str | None, candidates: tuple[str, ...], key: str
 ) -> str:
+    """The column `given`, else the first of `candidates` the data set has."""
     if given is not None:
         if given not in columns:
             raise DataError(f"{key}: column {given!r} not found; the data set has {columns}")
@@ -281,19 +298,26 @@ def _pick_column(
     )
 
 
-def _hf_arrays(split: Any, column: str, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+def _hf_column(split: Any, column: str, key: str) -> np.ndarray:
+    """One column of a split as one array, values as stored (``uint8`` images stay ``uint8``);
+    `key` is the spec key named in errors."""
     # The numpy format decodes PIL images and nested lists alike into one stacked array.
-    batch = split.with_format("numpy", columns=[column, label_column])[:]
-    values, labels = batch[column], np.asarray(batch[label_column])
+    values = split.with_format("numpy", columns=[column])[:][column]
     if isinstance(values, list) or values.dtype == object:
         try:
             values = np.stack([np.asarray(v) for v in values])
         except ValueError as err:
             raise DataError(
-                f"data.image_key: inputs in column {column!r} have different shapes; fedkd needs "
+                f"{key}: inputs in column {column!r} have different shapes; fedkd needs "
                 "inputs of one shape"
             ) from err
-    return _channels_first(_scale_uint8(values), f"data.image_key ({column!r})"), labels
+    return values
+
+
+def _hf_arrays(split: Any, column: str, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(split.with_format("numpy", columns=[label_column])[:][label_column])
+    values = _scale_uint8(_hf_column(split, column, "data.image_key"))
+    return _channels_first(values, f"data.image_key ({column!r})"), labels
 
 
 def _scale_uint8(x: np.ndarray) -> np.ndarray:
