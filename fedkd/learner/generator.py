@@ -44,6 +44,12 @@ LATENTS = "generator_latents"
 # A seed stream of its own (loop.py's phases are 0..7), and its sub-streams.
 PHASE_GENERATOR = 9
 _INIT, _LATENTS, _TRAINING = range(3)
+# The generator's owner id in its seed keys, in the place a client's id takes in the clients'
+# keys (``(seed, round, client id, phase)``): a negative id no client reaches, beside the server
+# student's -1 and FedAvg's global model's -2. Without it the generator's keys ``(seed, round,
+# PHASE_GENERATOR, ...)`` were client 9's: its latents, training batches and initial weights
+# drew the same torch streams as client 9's private training, distillation and student.
+_OWNER = -3
 
 
 class Generator(nn.Module):
@@ -186,7 +192,7 @@ class ProxyGenerator:
         self.seed = seed
         self.size = size
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, PHASE_GENERATOR, _INIT))
+            torch.manual_seed(derive_seed(seed, _OWNER, PHASE_GENERATOR, _INIT))
             self.model = Generator(proxy.latent_dim, proxy.generator_hidden, self.input_shape)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=proxy.generator_lr)
         self._earlier = _frozen_copy(student)
@@ -198,7 +204,7 @@ class ProxyGenerator:
             GENERATOR_PREFIX + k: v.detach().numpy().astype(np.float32, copy=True)
             for k, v in self.model.state_dict().items()
         }
-        seed = derive_seed(self.seed, round_num, PHASE_GENERATOR, _LATENTS)
+        seed = derive_seed(self.seed, round_num, _OWNER, PHASE_GENERATOR, _LATENTS)
         return {**arrays, LATENTS: np.array([seed, self.size], dtype=np.int64)}
 
     def inputs(self, payload: dict[str, np.ndarray]) -> np.ndarray:
@@ -220,7 +226,7 @@ class ProxyGenerator:
             steps).
         """
         p = self.proxy
-        gen = seeded_generator(self.seed, round_num, PHASE_GENERATOR, _TRAINING)
+        gen = seeded_generator(self.seed, round_num, _OWNER, PHASE_GENERATOR, _TRAINING)
         params = list(self.model.parameters())
         was_training = student.training
         student.eval()

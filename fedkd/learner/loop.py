@@ -35,7 +35,13 @@ PHASE_ANCHOR = 10
 def derive_seed(*keys: int) -> int:
     """A 63-bit seed from integer keys (stable across processes and platforms).
 
-    Negative keys (the server's models use ids -1, -2) map to values no client id reaches.
+    Negative keys (the server's models use ids -1, -2, -3) map to values no client id reaches.
+    Each stream's keys must differ from every other stream's, position by position: a client's
+    keys are ``(seed, round, client id, phase, ...)`` (its initial weights ``(seed, client id,
+    phase)``), so a server-side stream takes a negative owner id in the client id's place rather
+    than its phase there, and keys of at most 4 entries that differ only by trailing zeros give
+    the same seed (``SeedSequence`` pads its entropy with zeros). ``tests/test_seed_streams.py``
+    checks that no two call sites of a run share a seed.
     """
     entropy = [int(k) if k >= 0 else (1 << 40) - int(k) for k in keys]
     return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> 1)
