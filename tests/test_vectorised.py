@@ -773,3 +773,39 @@ def test_engine_ledgers_are_the_same_with_the_vectorised_dp_learner(tmp_path):
     assert [r["epsilon"] for r in fast] == [r["epsilon"] for r in loop]
     assert 0 < fast[-1]["epsilon_max"] <= 4.0
     assert fast[-1]["clients_ok"] == 4
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_steps_in_place_once_every_buffer_exists_with_torchs_update(momentum):
+    """`step_first` writes SGD's update into the stack in place (torch's own operations), with
+    torch's numbers exactly; a first step (buffers not yet created) or a masked step does not."""
+    opt = FunctionalSGD(lr=0.1, momentum=momentum, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+    k, shapes = 3, {"w": (4, 3), "b": (3,)}
+    init = {n: torch.randn(k, *s, generator=gen) for n, s in shapes.items()}
+    models = [{n: torch.nn.Parameter(init[n][j].clone()) for n in shapes} for j in range(k)]
+    torch_opts = [
+        torch.optim.SGD(list(m.values()), lr=0.1, momentum=momentum, weight_decay=0.01)
+        for m in models
+    ]
+    params, state = {n: p.clone() for n, p in init.items()}, opt.init(init)
+    every = torch.ones(k, dtype=torch.bool)
+    in_place = []
+    for _ in range(4):
+        grads = {n: torch.randn(k, *s, generator=gen) for n, s in shapes.items()}
+        for j in range(k):
+            for n in shapes:
+                models[j][n].grad = grads[n][j].clone()
+            torch_opts[j].step()
+        probe = {n: g.clone() for n, g in grads.items()}
+        in_place.append(opt.step_in_place({}, {}, state, every) if momentum else True)
+        before = {n: p for n, p in params.items()}
+        params, state = opt.step_first(params, probe, state, every, k)
+        if in_place[-1]:
+            assert all(params[n] is before[n] for n in shapes)  # the same tensors, updated
+    assert in_place == [momentum == 0, True, True, True]
+    for j in range(k):
+        for n in shapes:
+            assert torch.equal(params[n][j], models[j][n].detach())
+    masked = torch.tensor([True, False, True])
+    assert not opt.step_in_place(params, grads, state, masked)

@@ -62,9 +62,23 @@ class StepFirst:
     When the clients that take a step are the first ones of the stack (clients ordered by step
     count), the others need no computation at all: their weights and state are left as they
     are. The first `a` clients' new weights and state are written into `params` and `state` in
-    place (which must therefore not be shared with a caller that still needs them), unless
-    ``a`` is the whole stack: then it is `step`, which returns new tensors.
+    place (which must therefore not be shared with a caller that still needs them), and
+    `grads` may be overwritten; only where ``a`` is the whole stack and the optimizer cannot
+    step in place (`step_in_place`) is it `step`, which returns new tensors.
     """
+
+    def step_in_place(
+        self, params: Params, grads: Params, state: dict[str, Any], active: Tensor
+    ) -> bool:
+        """`step` written into `params`, `state` and `grads` in place, where the optimizer
+        can (none by default); whether it did.
+
+        Where it can, this is torch's own single-tensor update (``buf.mul_(m).add_(g)``,
+        ``p.add_(buf, alpha=-lr)``), the same operations with the same results as `step`'s,
+        without `step`'s new tensors: on a CPU a new tensor the size of a stack is fresh memory
+        that every step faults in again.
+        """
+        return False
 
     def step_first(
         self, params: Params, grads: Params, state: dict[str, Any], active: Tensor, a: int
@@ -89,12 +103,15 @@ class StepFirst:
         tuple of (dict, dict)
             The stack's weights and state after the step.
         """
+        whole = a == num_clients(params)
+        head_params = params if whole else {n: p[:a] for n, p in params.items()}
+        head_state = state if whole else state_prefix(state, a)
+        if self.step_in_place(head_params, grads, head_state, active):
+            return params, state  # the views wrote through to the whole stack
         step = self.step  # type: ignore[attr-defined]  # FunctionalSGD's or FunctionalAdam's
-        if a == num_clients(params):
+        if whole:
             return step(params, grads, state, active)
-        head, head_state = step(
-            {n: p[:a] for n, p in params.items()}, grads, state_prefix(state, a), active
-        )
+        head, head_state = step(head_params, grads, head_state, active)
         for n, p in head.items():
             params[n][:a] = p
         write_state_prefix(state, head_state, a)
@@ -146,6 +163,25 @@ class FunctionalSGD(StepFirst):
         if self.momentum != 0:
             state = {"momentum_buffer": bufs, "has_buffer": has}
         return new_params, state
+
+    def step_in_place(
+        self, params: Params, grads: Params, state: dict[str, Any], active: Tensor
+    ) -> bool:
+        # Only where `step` takes its unmasked path: on a CPU, every client stepping, and
+        # every momentum buffer already created (from a client's second step on).
+        if active.device.type != "cpu" or not bool(active.all()):
+            return False
+        if self.momentum != 0 and not all(bool(h.all()) for h in state["has_buffer"].values()):
+            return False
+        with torch.no_grad():
+            for i, (name, p) in enumerate(params.items()):
+                g = grads[name]
+                if self.weight_decay != 0:
+                    g = g.add_(p, alpha=self.weight_decay)
+                if self.momentum != 0:
+                    g = state["momentum_buffer"][i].mul_(self.momentum).add_(g)
+                p.add_(g, alpha=-self.lr)
+        return True
 
     def from_torch(
         self, client_states: Sequence[dict[int, dict[str, Tensor]]], params: Params
