@@ -19,11 +19,24 @@ T_975_DOF2 = 4.303
 T_975_DOF1 = 12.706
 
 
-def fake_run(root, name, *, seed=0, lr=0.05, accs=(0.5,), eps=None, wall=10.0, commit="a" * 40):
-    """A run folder with chosen numbers (spec.toml as `fedkd run` writes it)."""
+def fake_run(
+    root,
+    name,
+    *,
+    seed=0,
+    lr=0.05,
+    accs=(0.5,),
+    eps=None,
+    wall=10.0,
+    commit="a" * 40,
+    items=(),
+    extra=None,
+):
+    """A run folder with chosen numbers (spec.toml as `fedkd run` writes it); `items` are more
+    spec overrides, `extra` more summary fields."""
     run = root / name
     run.mkdir()
-    spec = load_spec(None, [f"seed={seed}", f"train.lr={lr}", f'name="{name}"'])
+    spec = load_spec(None, [f"seed={seed}", f"train.lr={lr}", f'name="{name}"', *items])
     (run / "spec.toml").write_text(spec.to_toml())
     rows = [
         {
@@ -48,6 +61,7 @@ def fake_run(root, name, *, seed=0, lr=0.05, accs=(0.5,), eps=None, wall=10.0, c
             "git_dirty": False,
             "device": {"cpu": "Test CPU", "cpu_count": 2, "gpus": []},
         },
+        **(extra or {}),
     }
     (run / "summary.json").write_text(json.dumps(summary))
     return run
@@ -135,6 +149,35 @@ def test_groups_with_one_name_are_told_apart_by_their_settings(tmp_path):
         (run / "summary.json").write_text(json.dumps({**summary, "spec_name": "same"}))
     rows = list(csv.DictReader(io.StringIO(report(a, b, "--format", "csv").stdout)))
     assert {r["group"] for r in rows} == {"same (train.lr=0.05)", "same (train.lr=0.1)"}
+
+
+def test_a_groups_label_shows_only_the_proxy_keys_its_proxy_uses(tmp_path):
+    """An in-domain proxy is not labelled with the noise distribution of its synthetic twins."""
+    noise = ["proxy.source='synthetic'"]
+    runs = [
+        fake_run(tmp_path, "in", extra={"proxy": {"source": "in_domain", "size": 40}}),
+        fake_run(
+            tmp_path,
+            "gauss",
+            items=noise,
+            extra={"proxy": {"source": "synthetic", "synthetic": "noise", "noise": "gaussian"}},
+        ),
+        fake_run(
+            tmp_path,
+            "unif",
+            items=[*noise, "proxy.noise='uniform'"],
+            extra={"proxy": {"source": "synthetic", "synthetic": "noise", "noise": "uniform"}},
+        ),
+    ]
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "spec_name": "same"}))
+    rows = list(csv.DictReader(io.StringIO(report(*runs, "--format", "csv").stdout)))
+    assert {r["group"] for r in rows} == {
+        "same (proxy.source=in_domain)",
+        "same (proxy.noise=gaussian, proxy.source=synthetic)",
+        "same (proxy.noise=uniform, proxy.source=synthetic)",
+    }
 
 
 def test_seeds_recorded_before_and_after_a_key_existed_form_one_group(tmp_path):

@@ -146,11 +146,22 @@ def _base_label(run: Run) -> str:
     return re.sub(r"[-,]seed=[^,]*", "", name)  # x-lr=1,seed=0 -> x-lr=1; x-seed=0 -> x
 
 
+def _applies(run: Run, key: str) -> bool:
+    """Whether `key` says something about `run`: a ``proxy.*`` key only where the run's proxy
+    uses it (its ``summary.json`` ``proxy`` record lists the keys that apply to its source),
+    so that an in-domain proxy's group is not labelled with the noise a synthetic one draws."""
+    proxy = run.summary.get("proxy")
+    if key.startswith("proxy.") and isinstance(proxy, dict):
+        return key.split(".", 1)[1] in proxy
+    return True
+
+
 def group_runs(runs: list[Run]) -> list[Group]:
     """Runs grouped by setting, in order of first appearance, with each metric's `Stats`.
 
     Labels are the runs' spec names (a sweep's ``seed=N`` dropped); groups that would share a
-    label get the spec keys where they differ appended.
+    label get the spec keys where they differ appended (of those, the ones that apply to the
+    group's runs, see `_applies`, where any do).
     """
     by_setting: dict[tuple, list[Run]] = {}
     for run in runs:
@@ -168,8 +179,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
                 for k in set(settings[i]) | set(settings[j])
                 if settings[i].get(k) != settings[j].get(k)
             }
-            keys = sorted(differ) or ["run_dir"]
             first = group.runs[0]
+            keys = sorted(k for k in differ if _applies(first, k)) or sorted(differ) or ["run_dir"]
             defaults = default_flat_spec(first.spec.get("algorithm.name"))
             shown = ", ".join(f"{k}={first.spec.get(k, defaults.get(k, first.dir))}" for k in keys)
             group.label = f"{labels[i]} ({shown})"
