@@ -338,10 +338,11 @@ def phase_one(cfg: dict[str, Any]) -> dict[str, Any]:
     proxy = np.arange(spec.distill.proxy_per_round, dtype=np.int64)
     test_idx = eval_test_indices(spec, len(data.test_y))
     times: dict[str, float] = {}
-    # Once per process: the first torch.optim optimizer imports torch._dynamo (both learners
-    # create one), which would otherwise count as the first client's state.
+    # Once per process: the first torch.optim optimizer imports torch._dynamo (a learner with
+    # DP-SGD, Adam or non-CPU weights creates one), which would otherwise count as the first
+    # client's state. fedkd's own CPU SGD imports nothing.
     started = time.perf_counter()
-    make_optimizer([torch.zeros(1, requires_grad=True)], config.private.optim)
+    make_optimizer([torch.zeros(1, requires_grad=True)], config.private.optim, torch_optimizer=True)
     times["process warm-up"] = time.perf_counter() - started
     started = time.perf_counter()
     if cfg["learner"] == "loop":

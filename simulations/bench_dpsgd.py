@@ -56,7 +56,7 @@ def measure(spec_path: str, epochs: int, learner: str) -> dict:
     data = federated_data(spec)
     cids = hosted_clients(spec, 0, spec.num_nodes)
     config = cohort_config(spec)
-    make_optimizer([torch.zeros(1, requires_grad=True)], config.private.optim)
+    make_optimizer([torch.zeros(1, requires_grad=True)], config.private.optim, torch_optimizer=True)
     # The noise calibration is cached per process (a node pays it in its first round only):
     # timed apart, before the clock.
     calibration = time.process_time()

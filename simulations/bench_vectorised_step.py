@@ -4,7 +4,8 @@ Times one SGD step (forward, backward, update) of K clients of a zoo CNN on full
 (28x28 MNIST shape, synthetic data) per variant, after checking that each variant computes the
 loop's gradients (``allclose``):
 
-- ``loop``: K torch modules and K ``torch.optim.SGD``, as the loop learner steps them;
+- ``loop``: K torch modules and K SGD optimizers (`fedkd.learner.loop.make_optimizer`'s), as
+  the loop learner steps them;
 - ``vmap``: the vectorised learner's current step, ``vmap(grad_and_value(loss))`` over
   ``functional_call`` and the functional SGD (`fedkd.learner.functional_optim`);
 - ``grouped`` / ``grouped_cl``: the stacked model written out, convolutions as one grouped

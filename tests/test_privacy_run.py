@@ -42,7 +42,7 @@ def test_opacus_trains_the_same_model_across_rounds_without_hook_errors():
     data = load_federated_data(source="digits", num_clients=4, proxy_size=200, seed=0)
     client = data.clients[0]
     model = init_student("cnn_small", data.input_shape, 10, 0, 0, 0)
-    opt = make_optimizer(model.parameters(), OptimConfig())
+    opt = make_optimizer(model.parameters(), OptimConfig(), torch_optimizer=True)
     settings = DpSgdSettings(max_grad_norm=1.0, delta=1e-5, noise_multiplier=1.0)
     for rnd in range(1, 4):
         stats, event = train_dpsgd(

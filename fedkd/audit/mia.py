@@ -218,7 +218,9 @@ def train_shadow(recipe: ShadowRecipe, x: np.ndarray, y: np.ndarray, shadow: int
     """
     key = _SHADOW_KEY + shadow
     model = init_student(recipe.arch, recipe.input_shape, recipe.num_classes, recipe.seed, key)
-    opt = make_optimizer(model.parameters(), recipe.private.optim)
+    opt = make_optimizer(
+        model.parameters(), recipe.private.optim, torch_optimizer=recipe.dp is not None
+    )
     distill_opt = None
     if recipe.distill is not None and recipe.teachers:
         distill_opt = make_optimizer(model.parameters(), recipe.distill.optim)

@@ -205,6 +205,7 @@ class CohortLearner:
             cfg.private.optim,
             cfg.distill.optim,
             self.init_phase,
+            dp_sgd=cfg.dp is not None,
         )
         if blob is not None:
             state.load_bytes(blob)
@@ -360,7 +361,11 @@ class CohortLearner:
             state.model.load_state_dict(
                 {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
             )
-            state.private_opt = make_optimizer(state.model.parameters(), self.config.private.optim)
+            state.private_opt = make_optimizer(
+                state.model.parameters(),
+                self.config.private.optim,
+                torch_optimizer=self.config.dp is not None,  # Opacus wraps it
+            )
             self._save(state)
 
     def keep(self, client_id: int, arrays: dict[str, np.ndarray]) -> None:

@@ -1,22 +1,31 @@
-"""Functional optimizers: ``torch.optim.SGD`` and ``torch.optim.Adam`` on stacked weights.
+"""``torch.optim.SGD`` and ``torch.optim.Adam`` without ``torch.optim``: on stacked weights,
+and SGD on a model's own parameters.
 
 The vectorised learner keeps the weights of K clients stacked along a leading client dimension
-and steps them all at once. These optimizers compute torch's own update, operation for
+and steps them all at once. Its functional optimizers compute torch's own update, operation for
 operation, on such stacks, with a per-client mask (a client without a batch at a step keeps its
 weights and state), and convert their state to and from torch's ``Optimizer.state_dict``
 format, so a client's optimizer state is the same whichever learner wrote it.
+
+`ParamSGD` is the loop learner's SGD: torch's update on one model's parameters, with torch's
+optimizer interface and ``state_dict`` format. Every ``torch.optim`` optimizer imports
+``torch._dynamo`` when it is built and at its first step, a second or more of each process's
+start-up; `ParamSGD` does not. Both SGDs step through `sgd_update_`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
-from fedkd.learner.loop import OptimConfig
+if TYPE_CHECKING:  # loop imports this module for `ParamSGD`
+    from fedkd.learner.loop import OptimConfig
 
 Params = dict[str, Tensor]  # parameter name -> (K, *shape), K clients stacked
 
@@ -118,6 +127,55 @@ class StepFirst:
         return params, state
 
 
+def sgd_update_(
+    param: Tensor,
+    grad: Tensor,
+    buf: Tensor | None,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    grad_is_scratch: bool = False,
+) -> Tensor | None:
+    """torch's SGD update of one tensor, in place (torch 2.13's ``_single_tensor_sgd`` with
+    dampening 0, no Nesterov, not maximize: its operations in its order).
+
+    Parameters
+    ----------
+    param : Tensor
+        The weights, updated in place (under ``torch.no_grad``, as torch steps).
+    grad : Tensor
+        Their gradient.
+    buf : Tensor or None
+        The momentum buffer, updated in place; None before the first step (a new buffer is
+        then the decayed gradient's ``detach().clone()``). Ignored without momentum.
+    lr, momentum, weight_decay : float
+        The update's settings.
+    grad_is_scratch : bool, default False
+        `grad` may be overwritten: weight decay is added into it rather than into a new tensor
+        (the same values; torch leaves ``param.grad`` as it was, so only a caller that owns
+        `grad` may say so).
+
+    Returns
+    -------
+    Tensor or None
+        The momentum buffer after the step (`buf`, or the new one); None without momentum.
+    """
+    if weight_decay != 0:
+        if grad_is_scratch:
+            grad = grad.add_(param, alpha=weight_decay)
+        else:
+            grad = grad.add(param, alpha=weight_decay)
+    if momentum != 0:
+        if buf is None:
+            buf = grad.detach().clone()
+        else:
+            buf.mul_(momentum).add_(grad)
+        grad = buf
+    param.add_(grad, alpha=-lr)
+    return buf
+
+
 @dataclass(frozen=True)
 class FunctionalSGD(StepFirst):
     """``torch.optim.SGD(lr, momentum, weight_decay)`` (dampening 0, no Nesterov), stacked.
@@ -175,12 +233,15 @@ class FunctionalSGD(StepFirst):
             return False
         with torch.no_grad():
             for i, (name, p) in enumerate(params.items()):
-                g = grads[name]
-                if self.weight_decay != 0:
-                    g = g.add_(p, alpha=self.weight_decay)
-                if self.momentum != 0:
-                    g = state["momentum_buffer"][i].mul_(self.momentum).add_(g)
-                p.add_(g, alpha=-self.lr)
+                sgd_update_(
+                    p,
+                    grads[name],
+                    state["momentum_buffer"][i] if self.momentum != 0 else None,
+                    lr=self.lr,
+                    momentum=self.momentum,
+                    weight_decay=self.weight_decay,
+                    grad_is_scratch=True,
+                )
         return True
 
     def from_torch(
@@ -207,6 +268,170 @@ class FunctionalSGD(StepFirst):
             for i, buf in state["momentum_buffer"].items()
             if bool(state["has_buffer"][i][k])
         }
+
+
+class ParamSGD:
+    """``torch.optim.SGD(params, lr, momentum, weight_decay)`` on CPU parameters, without
+    ``torch.optim`` (dampening 0, no Nesterov, not maximize).
+
+    The same update as torch's on the CPU, bit for bit (`sgd_update_`, one parameter after
+    another as torch's single-tensor path steps them), and the part of torch's optimizer
+    interface that fedkd uses: `param_groups` (one group, with torch's keys), `state` (per
+    parameter, ``{"momentum_buffer": buf}`` once it has stepped), `zero_grad`, `step`,
+    `state_dict` and `load_state_dict`, in torch's format: a state written by either loads
+    into the other. It is not a ``torch.optim.Optimizer``, so what insists on one (Opacus's
+    DP-SGD, torch's learning-rate schedulers) takes ``torch.optim.SGD`` instead
+    (`fedkd.learner.loop.make_optimizer`).
+
+    Parameters
+    ----------
+    params : iterable of Tensor
+        The parameters to optimise (leaf tensors on the CPU).
+    lr : float
+        Learning rate.
+    momentum : float, default 0.0
+        Momentum factor.
+    weight_decay : float, default 0.0
+        L2 penalty factor (added to the gradient).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        # torch.optim.SGD's defaults, in its order: the keys of its saved param_groups.
+        self.defaults: dict[str, Any] = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": 0,
+            "weight_decay": weight_decay,
+            "nesterov": False,
+            "maximize": False,
+            "foreach": None,
+            "differentiable": False,
+            "fused": None,
+        }
+        self.param_groups: list[dict[str, Any]] = [{"params": params, **self.defaults}]
+        self.state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the parameters' gradients (`set_to_none`) or zero them, as torch does."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                    continue
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
+
+    def step(self) -> None:
+        """One update of every parameter that has a gradient (the others are skipped)."""
+        with torch.no_grad():
+            for group in self.param_groups:
+                momentum = group["momentum"]
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    # torch creates a parameter's state entry at its first step with a
+                    # gradient, and only with momentum: the order of `state_dict()["state"]`.
+                    state = self.state[p] if momentum != 0 else {}
+                    buf = sgd_update_(
+                        p,
+                        p.grad,
+                        state.get("momentum_buffer"),
+                        lr=group["lr"],
+                        momentum=momentum,
+                        weight_decay=group["weight_decay"],
+                    )
+                    if momentum != 0:
+                        state["momentum_buffer"] = buf
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``Optimizer.state_dict``: ``{"state": {index: ...}, "param_groups": [...]}``
+        with parameters as their indices (the state's tensors are the live ones, as torch's)."""
+        index: dict[int, int] = {}
+        groups, start = [], 0
+        for group in self.param_groups:  # torch's numbering (Optimizer.state_dict's pack_group)
+            packed = {k: v for k, v in group.items() if k != "params"}
+            index.update(
+                {id(p): i for i, p in enumerate(group["params"], start) if id(p) not in index}
+            )
+            packed["params"] = [index[id(p)] for p in group["params"]]
+            start += len(packed["params"])
+            groups.append(packed)
+        state = {(index[id(k)] if isinstance(k, Tensor) else k): v for k, v in self.state.items()}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state written by `state_dict` or by ``torch.optim.SGD.state_dict``.
+
+        As torch's: the groups must have as many parameters as this optimizer's; state tensors
+        take their parameter's device and floating dtype (no copy where they have them).
+
+        Raises
+        ------
+        ValueError
+            The groups do not match, or they ask for what `ParamSGD` does not do (dampening,
+            Nesterov momentum, maximising).
+        """
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        if [len(g["params"]) for g in saved_groups] != [
+            len(g["params"]) for g in self.param_groups
+        ]:
+            raise ValueError("loaded state dict's parameter groups do not match the optimizer's")
+        for g in saved_groups:
+            if g.get("dampening", 0) != 0 or g.get("nesterov") or g.get("maximize"):
+                raise ValueError(
+                    "ParamSGD does not do dampening, Nesterov momentum or maximize: "
+                    "load this state into torch.optim.SGD"
+                )
+        id_map = {
+            saved: p
+            for sg, g in zip(saved_groups, self.param_groups, strict=True)
+            for saved, p in zip(sg["params"], g["params"], strict=True)
+        }
+        state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        for k, v in state_dict["state"].items():
+            if k not in id_map:
+                state[k] = v  # kept as is, as torch keeps it
+                continue
+            p = id_map[k]
+            state[p] = {
+                key: _like_param(value, p) if isinstance(value, Tensor) else value
+                for key, value in v.items()
+            }
+        for sg, g in zip(saved_groups, self.param_groups, strict=True):
+            sg["params"] = g["params"]
+            # What torch.optim.SGD sets on a loaded group that lacks them (its __setstate__).
+            for key, default in (
+                ("nesterov", False),
+                ("maximize", False),
+                ("foreach", None),
+                ("differentiable", False),
+                ("fused", False),
+            ):
+                sg.setdefault(key, default)
+        self.state = state
+        self.param_groups = saved_groups
+
+
+def _like_param(value: Tensor, param: Tensor) -> Tensor:
+    """A loaded state tensor on `param`'s device (and in its dtype, where both are floating),
+    as ``torch.optim.Optimizer.load_state_dict`` casts it."""
+    if param.is_floating_point():
+        return value.to(dtype=param.dtype, device=param.device)
+    return value.to(device=param.device)
 
 
 @dataclass(frozen=True)
@@ -315,10 +540,12 @@ __all__ = [
     "FunctionalAdam",
     "FunctionalOptimizer",
     "FunctionalSGD",
+    "ParamSGD",
     "Params",
     "StepFirst",
     "functional_optimizer",
     "num_clients",
+    "sgd_update_",
     "state_prefix",
     "write_state_prefix",
 ]

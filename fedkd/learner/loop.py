@@ -7,9 +7,8 @@ or cohort runs it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 
 from fedkd.knowledge.losses import distillation_loss, kl_distillation_loss, soft_targets
 from fedkd.learner.batch_plans import batch_rows, shuffled_batches
+from fedkd.learner.functional_optim import ParamSGD
 from fedkd.learner.state_codec import SavedClientState, decode_client_state, encode_client_state
 from fedkd.models.zoo import build_model
 
@@ -89,9 +89,40 @@ class StepConfig:
         return replace(self, epochs=self.epochs_in(round_num), epochs_schedule=())
 
 
-def make_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
+# What the loop learner steps with: torch's optimizers, or fedkd's own SGD (`make_optimizer`).
+LoopOptimizer = torch.optim.Optimizer | ParamSGD
+
+
+def make_optimizer(
+    params: Iterable[Tensor], cfg: OptimConfig, *, torch_optimizer: bool = False
+) -> LoopOptimizer:
+    """The optimizer `cfg` names, over `params`.
+
+    SGD is `fedkd.learner.functional_optim.ParamSGD` (torch's update, bit for bit, without
+    the ``torch._dynamo`` import that every ``torch.optim`` optimizer costs a process) where it
+    is exact: on parameters all on the CPU (torch steps others with its multi-tensor kernels,
+    which may round differently), unless `torch_optimizer`. Adam is ``torch.optim.Adam``.
+
+    Parameters
+    ----------
+    params : iterable of Tensor
+        The parameters to optimise.
+    cfg : OptimConfig
+        Which optimizer, and its settings.
+    torch_optimizer : bool, default False
+        A ``torch.optim.Optimizer`` whatever `cfg` says: for a caller that hands it to what
+        insists on one (Opacus's DP-SGD, a learning-rate schedule of `fit_batches`).
+
+    Returns
+    -------
+    torch.optim.Optimizer or ParamSGD
+        A fresh optimizer (no state).
+    """
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(params)
+    if not torch_optimizer and all(p.device.type == "cpu" for p in params):
+        return ParamSGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
@@ -115,8 +146,8 @@ class ClientState:
     client_id: int
     arch: str
     model: nn.Module
-    private_opt: torch.optim.Optimizer
-    distill_opt: torch.optim.Optimizer
+    private_opt: LoopOptimizer
+    distill_opt: LoopOptimizer
     rounds_trained: int = 0
     # DP-SGD steps taken over the run: the server charges any its ledger lacks (a late reply).
     dp_steps: int = 0
@@ -132,13 +163,19 @@ class ClientState:
         private: OptimConfig,
         distill: OptimConfig,
         init_phase: int = PHASE_INIT,
+        dp_sgd: bool = False,
     ) -> ClientState:
+        """A client that never trained: its initial student and fresh optimizers.
+
+        `dp_sgd`: the client trains privately with Opacus's DP-SGD, which wraps its private
+        optimizer and needs a ``torch.optim`` one (`make_optimizer`'s `torch_optimizer`).
+        """
         model = init_student(arch, input_shape, num_classes, seed, client_id, init_phase)
         return cls(
             client_id,
             arch,
             model,
-            make_optimizer(model.parameters(), private),
+            make_optimizer(model.parameters(), private, torch_optimizer=dp_sgd),
             make_optimizer(model.parameters(), distill),
         )
 
@@ -276,7 +313,7 @@ class GroupRegulariser:
 
 def fit_batches(
     model: nn.Module | Sequence[nn.Module],
-    opt: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    opt: LoopOptimizer | Sequence[LoopOptimizer],
     n: int,
     step: StepConfig,
     gen: torch.Generator,
@@ -290,14 +327,22 @@ def fit_batches(
     Several models (a sequence, each with its optimizer in `opt`) train on the same batches:
     `batch_loss` then gives each model's loss ``(len(model),)``, each a function of its own
     model's weights alone (the others' outputs detached); the first one is reported.
+
+    A ``"cosine"`` learning-rate schedule runs torch's ``CosineAnnealingLR``, which needs
+    ``torch.optim`` optimizers (`make_optimizer`'s `torch_optimizer`).
     """
     models = [model] if isinstance(model, nn.Module) else list(model)
-    opts = [opt] if isinstance(opt, torch.optim.Optimizer) else list(opt)
+    opts = list(opt) if isinstance(opt, Sequence) else [opt]
     for m in models:
         m.train()
     total, steps, seen = 0.0, 0, 0
     schedulers = []
     if step.lr_schedule == "cosine":
+        if not all(isinstance(o, torch.optim.Optimizer) for o in opts):
+            raise TypeError(
+                "a cosine lr_schedule needs torch.optim optimizers: "
+                "make_optimizer(..., torch_optimizer=True)"
+            )
         planned = step.epochs * -(-n // batch_rows(step.batch_size, group_size))
         for o in opts:
             for group in o.param_groups:  # the last fit left it near 0: start again from lr
@@ -341,7 +386,7 @@ def random_shift(x: Tensor, max_shift: int, gen: torch.Generator) -> Tensor:
 
 def train_supervised(
     model: nn.Module,
-    opt: torch.optim.Optimizer,
+    opt: LoopOptimizer,
     x: np.ndarray | Tensor,
     y: np.ndarray | Tensor,
     step: StepConfig,
@@ -379,7 +424,7 @@ def train_supervised(
 
 def train_mutual(
     models: tuple[nn.Module, nn.Module],
-    opts: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+    opts: tuple[LoopOptimizer, LoopOptimizer],
     x: np.ndarray | Tensor,
     y: np.ndarray | Tensor,
     step: StepConfig,
@@ -462,7 +507,7 @@ class PrivateAnchor:
 
 def distill(
     model: nn.Module,
-    opt: torch.optim.Optimizer,
+    opt: LoopOptimizer,
     x: np.ndarray | Tensor,
     teacher_logits: np.ndarray | Tensor,
     step: StepConfig,

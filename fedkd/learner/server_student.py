@@ -69,7 +69,11 @@ class ServerStudent:
         """Back to the initial weights and a fresh optimizer (same seed: same init)."""
         input_shape, num_classes = self._shape
         self.model = init_student(self.arch, input_shape, num_classes, self.seed, -1, PHASE_SERVER)
-        self.opt = make_optimizer(self.model.parameters(), self.step.optim)
+        self.opt = make_optimizer(
+            self.model.parameters(),
+            self.step.optim,
+            torch_optimizer=self.step.lr_schedule != "constant",  # torch's scheduler runs it
+        )
 
     def fit(
         self, round_num: int, proxy_x: np.ndarray, proxy_idx: np.ndarray, teacher_logits: np.ndarray

@@ -114,8 +114,15 @@ def train_dpsgd(
     """One round of DP-SGD local training; returns (mean loss, steps) and the ledger event.
 
     `generator` is the source of the noise and of the Poisson sampling: a seeded generator
-    (seeded noise) or a `fedkd.privacy.noise.NoiseSource` (module docstring).
+    (seeded noise) or a `fedkd.privacy.noise.NoiseSource` (module docstring). `optimizer` is
+    wrapped by Opacus, which needs a ``torch.optim`` one (not fedkd's own CPU SGD:
+    `fedkd.learner.loop.make_optimizer` with ``torch_optimizer=True``).
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"DP-SGD needs a torch.optim optimizer, not {type(optimizer).__name__}: "
+            "make_optimizer(..., torch_optimizer=True)"
+        )
     x = torch.as_tensor(x)
     y = torch.as_tensor(y)
     source = as_noise_source(generator)
