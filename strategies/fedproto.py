@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedkd.learner.functional_optim import ParamSGD
 from fedkd.learner.loop import accuracy
 from fedkd.learner.protocol import Learner
 from fedkd.models.zoo import EMBEDDING_WIDTH, fixed_projection
@@ -142,7 +143,7 @@ def calibrate_head(
     w = torch.tensor(weight, dtype=torch.float32, requires_grad=True)
     b = torch.tensor(bias, dtype=torch.float32, requires_grad=True)
     virtual = head_inputs(torch.from_numpy(prototypes).float()[classes], w.shape[1])
-    opt = torch.optim.SGD([w, b], lr=lr)
+    opt = ParamSGD([w, b], lr=lr)  # torch.optim.SGD's update without its torch._dynamo import
     for _ in range(steps):
         loss = torch.nn.functional.cross_entropy(virtual @ w.T + b, classes)
         opt.zero_grad()
