@@ -180,6 +180,21 @@ def test_a_groups_label_shows_only_the_proxy_keys_its_proxy_uses(tmp_path):
     }
 
 
+def test_a_groups_label_leaves_out_another_algorithms_options(tmp_path):
+    """FD's `fd_normalise` labels the FD group only, never a FedDF group with a folder path."""
+    fd = fake_run(tmp_path, "fd", items=["algorithm.name='fd'", "algorithm.fd_normalise=true"])
+    feddf = fake_run(tmp_path, "feddf", items=["algorithm.name='feddf'"])
+    for run in (fd, feddf):
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "spec_name": "same"}))
+    rows = list(csv.DictReader(io.StringIO(report(fd, feddf, "--format", "csv").stdout)))
+    labels = {r["group"] for r in rows}
+    assert labels == {
+        "same (algorithm.fd_normalise=True, algorithm.name=fd)",
+        "same (algorithm.name=feddf)",
+    }
+
+
 def test_seeds_recorded_before_and_after_a_key_existed_form_one_group(tmp_path):
     import tomllib
 

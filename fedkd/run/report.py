@@ -161,7 +161,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
 
     Labels are the runs' spec names (a sweep's ``seed=N`` dropped); groups that would share a
     label get the spec keys where they differ appended (of those, the ones that apply to the
-    group's runs, see `_applies`, where any do).
+    group's runs, see `_applies`, and that its spec or its algorithm's defaults hold, where any
+    do).
     """
     by_setting: dict[tuple, list[Run]] = {}
     for run in runs:
@@ -180,9 +181,17 @@ def group_runs(runs: list[Run]) -> list[Group]:
                 if settings[i].get(k) != settings[j].get(k)
             }
             first = group.runs[0]
-            keys = sorted(k for k in differ if _applies(first, k)) or sorted(differ) or ["run_dir"]
             defaults = default_flat_spec(first.spec.get("algorithm.name"))
-            shown = ", ".join(f"{k}={first.spec.get(k, defaults.get(k, first.dir))}" for k in keys)
+            # A key neither in the run's spec nor among its algorithm's defaults (another
+            # algorithm's option, e.g. FD's fd_normalise on a FedDF run) says nothing about it.
+            keys = sorted(
+                k for k in differ if _applies(first, k) and (k in first.spec or k in defaults)
+            )
+            keys = keys or sorted(differ) or ["run_dir"]
+            shown = ", ".join(
+                f"{k}={first.spec.get(k, defaults.get(k, first.dir if k == 'run_dir' else '-'))}"
+                for k in keys
+            )
             group.label = f"{labels[i]} ({shown})"
     for group in groups:
         for metric in METRICS:
