@@ -44,3 +44,12 @@ def test_pate_accounting_still_works_without_scipy_imported_up_front():
 
     logq = log_q_gnmax(np.array([[10.0, 0.0, 0.0], [4.0, 3.0, 3.0]]), sigma=1.0)
     assert logq.shape == (2,) and logq[0] < logq[1] <= 0.0
+
+
+def test_the_driver_imports_no_accounting_or_audit_libraries_before_the_engine():
+    # `fedkd run` imports these before Ray starts; dp-accounting (through the ledger),
+    # scikit-learn and scipy (through the end-of-run audit hook) are used only by a private
+    # run's accounting or by an audit, and cost seconds before the first round otherwise.
+    loaded = modules_after_import("fedkd.run.cli, fedkd.apps.server_app, fedkd.audit.run_audit")
+    assert "torch" in loaded and "flwr" in loaded
+    assert not loaded & {"dp_accounting", "sklearn", "scipy"}

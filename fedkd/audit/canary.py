@@ -27,7 +27,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import expit
 
 __all__ = [
     "CanaryAudit",
@@ -68,9 +67,10 @@ def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> flo
         raise ValueError(f"need 0 <= v <= r <= m, got v={v}, r={r}, m={m}")
     if epsilon < 0 or not 0 <= delta <= 1:
         raise ValueError(f"need epsilon >= 0 and delta in [0, 1], got {epsilon}, {delta}")
-    # Imported here: scipy.stats costs a second, and every ClientApp process imports this
-    # module (for the canaries) while only an audit computes p-values.
+    # Imported here: scipy costs a second, and every run's driver imports this module
+    # (through the end-of-run audit hook) while only an audit computes p-values.
     from scipy import stats
+    from scipy.special import expit
 
     q = float(expit(epsilon))
     tail = float(stats.binom.sf(v - 1, r, q))  # P[Binomial(r, q) >= v]

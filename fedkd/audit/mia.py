@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
 from fedkd.learner.loop import (
@@ -83,6 +82,10 @@ def attack_summary(name: str, scores: np.ndarray, is_member: np.ndarray) -> Atta
     AttackResult
         TPR at FPR ``a`` is the largest TPR over thresholds whose FPR is at most ``a``.
     """
+    # Imported here: scikit-learn takes seconds to import, and every run's driver imports this
+    # module (through the end-of-run audit hook) while only an audit scores attacks.
+    from sklearn.metrics import roc_auc_score, roc_curve
+
     is_member = np.asarray(is_member, dtype=bool)
     fpr, tpr, _ = roc_curve(is_member, scores)
     at = [float(tpr[fpr <= a].max()) for a in FPR_LEVELS]

@@ -29,20 +29,9 @@ import functools
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from dp_accounting import (
-    ComposedDpEvent,
-    DpEvent,
-    GaussianDpEvent,
-    NeighboringRelation,
-    PoissonSampledDpEvent,
-    SelfComposedDpEvent,
-)
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant
-from dp_accounting.rdp import compute_epsilon as rdp_to_epsilon
 
 from fedkd.privacy.ledger import (
     DpSgdEvent,
@@ -53,17 +42,31 @@ from fedkd.privacy.ledger import (
     UnprotectedReleaseEvent,
 )
 
+if TYPE_CHECKING:
+    from dp_accounting import DpEvent, NeighboringRelation
+
 __all__ = [
-    "NEIGHBORING_RELATION",
     "PLD_VALUE_DISCRETIZATION",
     "RDP_ORDERS",
     "EpsilonReport",
     "compute_epsilon",
     "epsilon_after",
+    "neighboring_relation",
     "would_exceed_budget",
 ]
 
-NEIGHBORING_RELATION = NeighboringRelation.ADD_OR_REMOVE_ONE
+
+def neighboring_relation() -> NeighboringRelation:
+    """The neighbouring relation every epsilon here is stated under: add or remove one.
+
+    A function, not a constant: dp-accounting (with scipy) takes about a second to import, and
+    the driver of a run without privacy imports this module (through the ledger) but never
+    accounts, so dp-accounting is imported where it is first used.
+    """
+    from dp_accounting import NeighboringRelation
+
+    return NeighboringRelation.ADD_OR_REMOVE_ONE
+
 
 # Dense Rényi orders. Fine steps where the optimum lies for epsilon in ~[0.5, 20]
 # (orders ~2-64), coarser above; integer orders above 64 because dp-accounting's integer path
@@ -243,6 +246,13 @@ def _group(events: list[PrivacyEvent]) -> tuple[tuple, tuple, tuple]:
 
 
 def _dp_event(sgd: tuple, releases: tuple) -> DpEvent:
+    from dp_accounting import (
+        ComposedDpEvent,
+        GaussianDpEvent,
+        PoissonSampledDpEvent,
+        SelfComposedDpEvent,
+    )
+
     parts: list[DpEvent] = [
         SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)
         for (q, sigma), steps in sgd
@@ -273,7 +283,10 @@ def _unit_rdp(kind: str, q: float, sigma: float, orders: tuple[float, ...]) -> n
     ``RdpAccountant.compose(SelfComposedDpEvent(e, count))`` computes, without recomputing the
     (costly, for high orders) subsampled-Gaussian curve for every round and client.
     """
-    acc = RdpAccountant(list(orders), NEIGHBORING_RELATION)
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    acc = RdpAccountant(list(orders), neighboring_relation())
     inner = GaussianDpEvent(sigma)
     absl_log, quiet = logging.getLogger("absl"), _UnconvergedOrderFilter()
     absl_log.addFilter(quiet)
@@ -320,13 +333,17 @@ def _pate_sum(pate: tuple, orders: tuple[float, ...]) -> tuple[np.ndarray, np.nd
 def _rdp_epsilon(orders: tuple[float, ...], rdp: np.ndarray, delta: float) -> tuple[float, float]:
     if np.all(rdp == 0):
         return 0.0, float(orders[0])
+    from dp_accounting.rdp import compute_epsilon as rdp_to_epsilon
+
     eps, order = rdp_to_epsilon(list(orders), list(rdp), delta)
     return float(eps), float(order)
 
 
 def _pld_epsilon(event: DpEvent, delta: float) -> tuple[float, float]:
+    from dp_accounting.pld import PLDAccountant
+
     def run(interval: float) -> float:
-        acc = PLDAccountant(NEIGHBORING_RELATION, value_discretization_interval=interval)
+        acc = PLDAccountant(neighboring_relation(), value_discretization_interval=interval)
         acc.compose(event)
         return float(acc.get_epsilon(delta))
 

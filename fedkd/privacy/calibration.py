@@ -11,7 +11,7 @@ import logging
 import math
 import warnings
 
-from fedkd.privacy.accountant import NEIGHBORING_RELATION, compute_epsilon
+from fedkd.privacy.accountant import compute_epsilon, neighboring_relation
 from fedkd.privacy.ledger import DpSgdEvent, PrivacyEvent, PrivacyLedger
 
 __all__ = ["calibrate_noise_multiplier", "check_room_for_dpsgd"]
@@ -121,7 +121,7 @@ def calibrate_noise_multiplier(
         # the exact check below confirms the result.
         def coarse_epsilon(noise: float) -> float:
             accountant = dp_accounting.pld.PLDAccountant(
-                NEIGHBORING_RELATION, value_discretization_interval=target_epsilon / 200
+                neighboring_relation(), value_discretization_interval=target_epsilon / 200
             )
             events = [e.dp_event() for e in run_events(noise)]
             accountant.compose(dp_accounting.ComposedDpEvent(events))

@@ -124,11 +124,12 @@ def check_privacy(spec: Spec) -> None:
         If nothing of ``privacy.target_epsilon`` is left for DP-SGD.
     """
     from fedkd.assembly import dpsgd_settings
-    from fedkd.privacy.calibration import check_room_for_dpsgd
 
     settings = dpsgd_settings(spec)
     if settings is None or settings.target_epsilon <= 0:
         return
+    from fedkd.privacy.calibration import check_room_for_dpsgd  # imports dp-accounting
+
     try:
         check_room_for_dpsgd(settings.target_epsilon, settings.delta, settings.other_releases)
     except ValueError as err:
