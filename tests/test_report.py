@@ -195,6 +195,22 @@ def test_a_groups_label_leaves_out_another_algorithms_options(tmp_path):
     }
 
 
+def test_a_groups_label_names_an_empty_value_as_the_default(tmp_path):
+    """``algorithm.teacher = ""`` (the algorithm's own teacher) is labelled, not left blank."""
+    own = fake_run(tmp_path, "own", items=["algorithm.name='fedmd'"])
+    probs = fake_run(
+        tmp_path, "probs", items=["algorithm.name='fedmd'", "algorithm.teacher='mean_probs'"]
+    )
+    for run in (own, probs):
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "spec_name": "same"}))
+    rows = list(csv.DictReader(io.StringIO(report(own, probs, "--format", "csv").stdout)))
+    assert {r["group"] for r in rows} == {
+        "same (algorithm.teacher=(default))",
+        "same (algorithm.teacher=mean_probs)",
+    }
+
+
 def test_seeds_recorded_before_and_after_a_key_existed_form_one_group(tmp_path):
     import tomllib
 

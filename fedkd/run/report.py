@@ -188,10 +188,12 @@ def group_runs(runs: list[Run]) -> list[Group]:
                 k for k in differ if _applies(first, k) and (k in first.spec or k in defaults)
             )
             keys = keys or sorted(differ) or ["run_dir"]
-            shown = ", ".join(
-                f"{k}={first.spec.get(k, defaults.get(k, first.dir if k == 'run_dir' else '-'))}"
+            values = {
+                k: first.spec.get(k, defaults.get(k, first.dir if k == "run_dir" else "-"))
                 for k in keys
-            )
+            }
+            # An empty value (e.g. algorithm.teacher = "") means "the algorithm's own default".
+            shown = ", ".join(f"{k}={'(default)' if v == '' else v}" for k, v in values.items())
             group.label = f"{labels[i]} ({shown})"
     for group in groups:
         for metric in METRICS:
