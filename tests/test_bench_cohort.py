@@ -41,10 +41,11 @@ def _cfg(algorithm: str, arch: str, option: str, mnist: Path) -> dict:
 
 @pytest.mark.parametrize("algorithm", bench_cohort.WORKLOAD_ALGORITHMS)
 @pytest.mark.parametrize("option", list(bench_cohort.LAYOUT_OPTIONS))
+# The workload spec itself names ../shared/data/mnist.npz: skips without it.
+@pytest.mark.usefixtures("mnist_path")
 def test_mnist_overrides_load_as_the_setting_with_one_model(
-    algorithm: str, option: str, tmp_path: Path, mnist_path: Path
+    algorithm: str, option: str, tmp_path: Path
 ) -> None:
-    # mnist_path: the workload spec itself names ../shared/data/mnist.npz (skips without it)
     mnist = _tiny_mnist(tmp_path / "mnist.npz")
     cfg = _cfg(algorithm, "cnn_large", option, mnist)
     spec = load_spec(bench_cohort.WORKLOAD_SPEC, bench_cohort.spec_overrides(cfg))
