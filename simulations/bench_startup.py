@@ -12,8 +12,10 @@ nothing the run computes. Each row is seconds since the driver process started (
 the workers for a worker milestone):
 
 - cli imported: ``fedkd.run.cli`` (and so torch, the spec and the strategies) imported;
-- engine called: ``flwr.simulation.run_simulation`` entered (Ray starts in it, the ServerApp's
-  thread starts beside it);
+- ray.init called / returned: Ray's start in the driver (in a thread that ``fedkd run`` starts
+  before importing the engine, `fedkd.run.ray_start`; in older commits, inside the engine);
+- engine called: ``flwr.simulation.run_simulation`` entered (the ServerApp's thread starts in
+  it);
 - server data: the ServerApp's ``federated_data`` done (it runs while Ray starts);
 - discovery sent / done: the server's ``query.hello`` to every node, and its last reply (Ray
   actors start, import the ClientApp and load their node's data meanwhile);
@@ -52,7 +54,9 @@ DEFAULT_SPECS = ["quickstart", "simulations/mnist/fedavg.toml"]
 MILESTONES = [
     ("torch_start", "torch import starts", "driver"),
     ("cli_imported", "cli imported", "driver"),
-    ("engine_called", "engine called (Ray starts)", "driver"),
+    ("ray_init_called", "ray.init called", "driver"),
+    ("engine_called", "engine called", "driver"),
+    ("ray_init_done", "ray.init returned", "driver"),
     ("server_data", "server data loaded", "driver"),
     ("dynamo_start", "driver torch._dynamo import starts", "driver"),
     ("dynamo_done", "driver torch._dynamo imported", "driver"),
@@ -160,7 +164,12 @@ def _patch_torch(m):
     m.func.grad_and_value = traced_grad_and_value
 
 
+def _patch_ray(m):
+    _wrap(m, "init", before="ray_init_called", after="ray_init_done")
+
+
 _PATCHES = {
+    "ray": _patch_ray,
     "fedkd.run.cli": _patch_cli,
     "flwr.simulation": _patch_flwr_simulation,
     "fedkd.apps.server_app": _patch_server_app,
