@@ -43,6 +43,12 @@ the training examples per node (balanced, and by id parity as before commit 82b3
   that stay in their memory, `resources.state_memory_mb`);
 - ceiling: one model of the same student trained at batch 4,096 on this machine (all cores).
 
+After the layout table (and after the ``--workload mnist`` table) comes the split of the nodes'
+learner seconds by phase of their round message (`format_phase_table`; parse, restore, build,
+digest, evaluate, train, faults, checkpoint, reply: docs/scale.md), summed over nodes and
+averaged over the measured rounds, by three clocks: wall, CPU seconds of the thread handling
+the message, and CPU seconds of the node's whole process.
+
 Data: MNIST from ``../shared/data/mnist.npz`` (or ``--mnist``), full-size 28x28 by default
 (``--side 14`` or ``7``: average-pooled, the inputs of the figures before this default), IID
 over the clients with ``--per-client`` examples each (10% held out locally, 10% for
