@@ -43,6 +43,12 @@ the training examples per node (balanced, and by id parity as before commit 82b3
   that stay in their memory, `resources.state_memory_mb`);
 - ceiling: one model of the same student trained at batch 4,096 on this machine (all cores).
 
+After the layout table (and after the ``--workload mnist`` table) comes the split of the nodes'
+learner seconds by phase of their round message (`format_phase_table`; parse, restore, build,
+digest, evaluate, train, faults, checkpoint, reply: docs/scale.md), summed over nodes and
+averaged over the measured rounds, by three clocks: wall, CPU seconds of the thread handling
+the message, and CPU seconds of the node's whole process.
+
 Data: MNIST from ``../shared/data/mnist.npz`` (or ``--mnist``), full-size 28x28 by default
 (``--side 14`` or ``7``: average-pooled, the inputs of the figures before this default), IID
 over the clients with ``--per-client`` examples each (10% held out locally, 10% for
@@ -636,7 +642,65 @@ def summarise(name: str, cfg: dict[str, Any], res: dict[str, Any]) -> dict[str, 
         "driver_mb": res["driver_peak_mb"],
         "train_samples_s": res["private_per_round"] / wall,
         "before_round1_s": res.get("before_round1_s"),
+        "learner_nodes_s": float(np.mean([r["learner_s"] for r in measured])),
+        "phases": mean_phases(measured),
     }
+
+
+def mean_phases(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The nodes' phase seconds per round (summed over nodes: the rows' ``learner_phases_*``),
+    by clock and phase, averaged over `rows`; only the clocks every row holds."""
+    from fedkd.apps.wire import NODE_PHASES, PHASE_CLOCKS
+
+    return {
+        clock: {p: float(np.mean([r[clock].get(p, 0.0) for r in rows])) for p in NODE_PHASES}
+        for clock in PHASE_CLOCKS
+        if rows and all(clock in r for r in rows)
+    }
+
+
+# The clocks of the phase table, as its rows name them.
+PHASE_CLOCK_LABELS = {
+    "learner_phases_s": "wall",
+    "learner_phases_cpu_s": "CPU (thread)",
+    "learner_phases_process_cpu_s": "CPU (process)",
+}
+
+
+def format_phase_table(rows: list[dict[str, Any]], label_cols: list[str]) -> str:
+    """Where the nodes' learner seconds go, per layout row (`summarise`'s, with its
+    `label_cols`) and clock: each phase of a node's round message (`NODE_PHASES`; phases that
+    took under a millisecond in every row left out), summed over nodes, mean of the measured
+    rounds, beside the nodes' learner seconds summed ("" where the run's nodes sent none)."""
+    from fedkd.apps.wire import NODE_PHASES
+
+    timed = [r for r in rows if r.get("phases")]
+    if not timed:
+        return ""
+    shown = [
+        p for p in NODE_PHASES if any(by[p] >= 5e-4 for r in timed for by in r["phases"].values())
+    ]
+    cols = [*label_cols, "clock", *shown, "phases sum", "learner s"]
+    lines = [
+        "Learner seconds per round by phase of the nodes' round message, summed over nodes, "
+        "mean of the measured rounds (learner s: the same, whole; the layout table divides it "
+        "by the nodes running at once). wall: wall seconds; CPU (thread): CPU seconds of the "
+        "thread handling the message; CPU (process): of the node's whole process (all its "
+        "threads). Phases: " + ", ".join(shown) + " (the rest took under 1 ms).",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for r in timed:
+        for clock, label in PHASE_CLOCK_LABELS.items():
+            by = r["phases"].get(clock)
+            if by is None:
+                continue
+            cells = [str(r[c]) for c in label_cols] + [label]
+            cells += [f"{by[p]:.3f}" for p in shown]
+            cells += [f"{sum(by.values()):.3f}", f"{r['learner_nodes_s']:.3f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _peak_mb(rows: list[dict[str, Any]]) -> str:
@@ -803,7 +867,9 @@ def workload_table(args: argparse.Namespace) -> str:
         f"cores. Load average at the end: {os.getloadavg()[0]:.2f}. "
         f"Total {time.perf_counter() - started:.0f} s.",
     ]
-    return format_workload_table(rows, ceilings, header)
+    table = format_workload_table(rows, ceilings, header)
+    phases = format_phase_table(rows, ["algorithm", "model", "layout"])
+    return table + ("\n\n" + phases if phases else "")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -991,6 +1057,9 @@ def main(argv: list[str] | None = None) -> None:
         "s) per exchange; x vs 1/node = speed-up of the round over one client per node.",
     ]
     table = format_table(results, ceiling_sps, header)
+    phases = format_phase_table(results, ["clients", "layout"])
+    if phases:
+        table += "\n\n" + phases
     if not args.no_phases:
         table += "\n\n" + phase_table(args.phase_models, args.quick)
     print(table)

@@ -107,6 +107,32 @@ def test_workload_table_fractions_and_speedups() -> None:
     assert all(line.count("|") == lines[2].count("|") for line in lines[2:])
 
 
+def test_phase_table_averages_the_measured_rounds_and_leaves_out_empty_phases() -> None:
+    from fedkd.apps.wire import NODE_PHASES, PHASE_CLOCKS
+
+    def round_row(rnd: int, train: float) -> dict:
+        phases = {p: 0.0 for p in NODE_PHASES} | {"train": train, "checkpoint": 0.25}
+        return {"round": rnd, "learner_s": train + 0.5} | {c: phases for c in PHASE_CLOCKS}
+
+    measured = [round_row(3, 2.0), round_row(4, 4.0)]
+    mean = bench_cohort.mean_phases(measured)
+    assert mean["learner_phases_cpu_s"]["train"] == 3.0
+    assert bench_cohort.mean_phases([{"round": 3, "learner_s": 1.0}]) == {}  # none sent
+    rows = [
+        _row("fedavg", "cohort-loop", 5.0, None) | {"phases": mean, "learner_nodes_s": 3.5},
+        _row("fedavg", "single", 4.0, None) | {"phases": {}, "learner_nodes_s": 3.0},
+    ]
+    table = bench_cohort.format_phase_table(rows, ["algorithm", "model", "layout"])
+    lines = table.splitlines()
+    header = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert header[3:] == ["clock", "train", "checkpoint", "phases sum", "learner s"]
+    body = [[c.strip() for c in line.split("|")[1:-1]] for line in lines[4:]]
+    assert [b[3] for b in body] == ["wall", "CPU (thread)", "CPU (process)"]  # one row per clock
+    assert body[0][:3] == ["fedavg", "cnn_small", "cohort nodes, loop"]
+    assert body[0][4:] == ["3.000", "0.250", "3.250", "3.500"]
+    assert bench_cohort.format_phase_table(rows[1:], ["layout"]) == ""
+
+
 def _tiny_mnist(path: Path, rows: int = 40) -> Path:
     rng = np.random.default_rng(0)
     np.savez(

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fedkd.apps.client_app import make_client_app
-from fedkd.apps.server_app import run_rounds, sample_clients
-from fedkd.apps.wire import MSG_HELLO, MSG_ROUND
+from fedkd.apps.server_app import Exchange, _learner_phases, run_rounds, sample_clients
+from fedkd.apps.wire import MSG_HELLO, MSG_ROUND, NODE_PHASES, PHASE_CLOCKS
 from fedkd.assembly import federated_data, hosted_clients
 from fedkd.models.zoo import build_model
 from fedkd.results import ROUND_KEYS, SUMMARY_KEYS, RunDirError, RunRecorder
@@ -117,7 +117,7 @@ def test_every_algorithm_runs_and_writes_the_contract(tmp_path, algorithm):
 
 
 # Measurements of the machine, not of the run: they differ between layouts and repeats.
-TIMINGS = ("wall_s", "learner_s", "learner_max_s", "peak_rss_mb", "peak_gpu_mb")
+TIMINGS = ("wall_s", "learner_s", "learner_max_s", "peak_rss_mb", "peak_gpu_mb", *PHASE_CLOCKS)
 
 
 def _comparable(rows):
@@ -129,6 +129,24 @@ def test_cohorts_give_the_same_metrics_as_one_client_per_node(tmp_path):
     _, _, cohort, g2 = run_inprocess(tmp_path, ["clients.clients_per_node=3"], name="cohort")
     assert len(g1.contexts) == 4 and len(g2.contexts) == 2
     assert _comparable(single) == _comparable(cohort)
+
+
+def test_rows_split_learner_seconds_into_the_nodes_phases(tmp_path):
+    _, _, rows, _ = run_inprocess(tmp_path, ["clients.clients_per_node=2"])
+    assert len(rows) == 2
+    for row in rows:
+        for clock in PHASE_CLOCKS:
+            assert list(row[clock]) == list(NODE_PHASES), clock
+            assert all(s >= 0.0 for s in row[clock].values())
+        wall, cpu = row["learner_phases_s"], row["learner_phases_cpu_s"]
+        # The phases lie inside each node's learner_s, one after another, in one thread.
+        assert sum(wall.values()) <= row["learner_s"] + 1e-3
+        assert sum(cpu.values()) <= sum(wall.values()) + 1e-2
+        assert wall["train"] > 0 and wall["build"] > 0 and wall["checkpoint"] > 0
+    # Round 1's exchange digests nothing; the last row holds the final digest and evaluation.
+    assert rows[0]["learner_phases_s"]["digest"] == 0.0
+    assert rows[1]["learner_phases_s"]["digest"] > 0 and rows[1]["learner_phases_s"]["evaluate"] > 0
+    assert _learner_phases([Exchange()]) == {}  # no node timed anything: no phase keys
 
 
 def test_cohort_nodes_are_balanced_by_example_count():

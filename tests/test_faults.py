@@ -26,8 +26,7 @@ from fedkd.results import RunRecorder
 from fedkd.run import cli
 from fedkd.spec import SpecError, load_spec
 from tests.inprocess import InProcessGrid
-
-TIMINGS = ("wall_s", "learner_s", "learner_max_s", "peak_rss_mb", "peak_gpu_mb")
+from tests.test_engine import TIMINGS
 
 # The quickstart, small enough for a test yet trained well enough that its students' logits
 # rank the classes (one architecture, 10 clients).

@@ -35,7 +35,8 @@ from fedkd.spec import load_spec
 from tests.conftest import REPO
 from tests.inprocess import InProcessGrid
 from tests.test_algorithm_fingerprints import CASES as ALGORITHM_CASES
-from tests.test_algorithm_fingerprints import TIMINGS, TINY
+from tests.test_algorithm_fingerprints import TINY
+from tests.test_engine import TIMINGS
 from tests.test_stops import process_tree, still_running, wait_for
 
 # The fingerprints' tiny quickstart (mixed students, 3 of 5 clients a round), for 4 rounds.

@@ -63,10 +63,13 @@ def documented() -> set[tuple[str, str, str, str, str, bool]]:
         status = cells["status"].lower()
         assert any(status.startswith(s) for s in STATUSES), line
         key = cells["key"].strip("`")
+        # A key with ``<phase>`` stands for one key per phase a node times.
+        keys = [key.replace("<phase>", p) for p in wire.NODE_PHASES] if "<phase>" in key else [key]
         for algorithm in re.split(r"[,\s]+", cells["algorithms"]):
             for mechanism in RUNS_WITH[cells["runs"]] if algorithm else ():
-                row = (algorithm, cells["message"], cells["part"], cells["record"], key)
-                rows.add((*row, mechanism))
+                for k in keys:
+                    row = (algorithm, cells["message"], cells["part"], cells["record"], k)
+                    rows.add((*row, mechanism))
     return rows
 
 

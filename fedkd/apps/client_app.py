@@ -16,6 +16,7 @@ import resource
 import sys
 import time
 from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,39 @@ def _checkpoint_clients(
             save_client_state(folder, cid, int(config["round"]), blobs)
 
 
+# How `PhaseClock` reads each of `wire.PHASE_CLOCKS`.
+_CLOCK_READERS = dict(
+    zip(wire.PHASE_CLOCKS, (time.perf_counter, time.thread_time, time.process_time), strict=True)
+)
+
+
+class PhaseClock:
+    """Seconds a node spends in each phase of one message (`wire.NODE_PHASES`), by each of
+    `wire.PHASE_CLOCKS`, and its learner seconds: wall time since the clock was made.
+
+    The thread's CPU seconds against the wall's say whether a phase computed or waited (for the
+    disk, or for a core another process or thread held); the process's CPU seconds against the
+    thread's say how much other threads of the node's process worked meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds = {f"{c}.{p}": 0.0 for c in wire.PHASE_CLOCKS for p in wire.NODE_PHASES}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the block as phase `name` (added to what it already holds)."""
+        begun = {clock: read() for clock, read in _CLOCK_READERS.items()}
+        try:
+            yield
+        finally:
+            for clock, read in _CLOCK_READERS.items():
+                self.seconds[f"{clock}.{name}"] += read() - begun[clock]
+
+    def learner_s(self) -> float:
+        return time.perf_counter() - self.started
+
+
 def _peak_memory_mb() -> dict[str, float]:
     """This process's peak memory so far: resident set size, and CUDA memory when used."""
     peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB
@@ -184,25 +218,28 @@ def _peak_memory_mb() -> dict[str, float]:
 def _reply(
     spec: Spec,
     parts: dict[str, dict[int, ClientResult]],
-    started: float | None,
+    clock: PhaseClock | None,
     msg: Message,
     oracle: bool,
 ) -> Message:
-    """The reply: results per part and client, and this node's learner seconds and memory.
+    """The reply: results per part and client, and this node's learner seconds (with their
+    phases, where `clock` timed them) and memory.
 
     The server sums ``learner_s`` over nodes to split a round's wall time into learner time
     and engine overhead (messaging, Ray, serialisation), which the benchmark reports. In a run
     that claims privacy, the clients' private statistics are no metrics: they go into the
     oracle channel where `oracle` (a simulation), else nowhere.
     """
-    if spec.privacy.enabled(spec.algorithm.name):
-        parts = {
-            part: {cid: res.private_statistics_apart(oracle) for cid, res in results.items()}
-            for part, results in parts.items()
-        }
-    node = _peak_memory_mb()
-    if started is not None:
-        node["learner_s"] = time.perf_counter() - started
+    with clock.phase("reply") if clock is not None else nullcontext():
+        if spec.privacy.enabled(spec.algorithm.name):
+            parts = {
+                part: {cid: res.private_statistics_apart(oracle) for cid, res in results.items()}
+                for part, results in parts.items()
+            }
+        node = _peak_memory_mb()
+    if clock is not None:
+        node["learner_s"] = clock.learner_s()
+        node.update(clock.seconds)
     return Message(content=wire.results_to_record(parts, node), reply_to=msg)
 
 
@@ -233,48 +270,56 @@ def handle_round(
     `client_digest` and `client_round`, found from the spec): this app only moves its arrays.
     `simulated`: the node runs in a simulation (its checkpoint folder is the run's).
     """
-    started = time.perf_counter()
-    config, arrays = _parse(spec, msg, context)
-    touched = {c for part in wire.PARTS for c in wire.part_ids(config, part)}
-    checkpoints = _checkpoint_folder(config, context, simulated)
-    if checkpoints is not None:
-        _restore_clients(spec, checkpoints, config, context, touched, simulated)
-    learner = _learner(spec, context, config, simulated)
+    clock = PhaseClock()  # its phases and learner_s go into the reply's node metrics
+    with clock.phase("parse"):
+        config, arrays = _parse(spec, msg, context)
+        touched = {c for part in wire.PARTS for c in wire.part_ids(config, part)}
+        checkpoints = _checkpoint_folder(config, context, simulated)
+    with clock.phase("restore"):
+        if checkpoints is not None:
+            _restore_clients(spec, checkpoints, config, context, touched, simulated)
+    with clock.phase("build"):
+        learner = _learner(spec, context, config, simulated)
     algorithm, params = spec.algorithm.cls, spec.algorithm.params
     parts: dict[str, dict[int, ClientResult]] = {}
 
     digest_ids = wire.part_ids(config, "digest")
     if digest_ids:
-        parts["digest"] = algorithm.client_digest(
-            params,
-            learner,
-            int(config["digest_round"]),
-            digest_ids,
-            wire.without_prefix(arrays, wire.DIGEST_PREFIX),
-        )
+        with clock.phase("digest"):
+            parts["digest"] = algorithm.client_digest(
+                params,
+                learner,
+                int(config["digest_round"]),
+                digest_ids,
+                wire.without_prefix(arrays, wire.DIGEST_PREFIX),
+            )
     evaluate_ids = wire.part_ids(config, "evaluate")
     if evaluate_ids:
-        test_idx = eval_test_indices(spec, len(learner.data.test_y))
-        parts["evaluate"] = learner.evaluate(evaluate_ids, test_idx)
-        extra = algorithm.client_evaluate(
-            params,
-            learner,
-            evaluate_ids,
-            test_idx,
-            wire.without_prefix(arrays, wire.EVALUATE_PREFIX),
-        )
-        for cid, metrics in extra.items():
-            parts["evaluate"][cid].metrics.update(metrics)
+        with clock.phase("evaluate"):
+            test_idx = eval_test_indices(spec, len(learner.data.test_y))
+            parts["evaluate"] = learner.evaluate(evaluate_ids, test_idx)
+            extra = algorithm.client_evaluate(
+                params,
+                learner,
+                evaluate_ids,
+                test_idx,
+                wire.without_prefix(arrays, wire.EVALUATE_PREFIX),
+            )
+            for cid, metrics in extra.items():
+                parts["evaluate"][cid].metrics.update(metrics)
 
     train_ids = wire.part_ids(config, "train")
     if train_ids:
-        parts["train"] = algorithm.client_round(
-            params, learner, int(config["round"]), train_ids, wire.plan_arrays(arrays)
-        )
-        parts = act_in_clients(spec, int(config["round"]), parts)  # simulated faults, if any
-    if checkpoints is not None:
-        _checkpoint_clients(spec, checkpoints, config, context, touched, simulated)
-    return _reply(spec, parts, started, msg, oracle)
+        with clock.phase("train"):
+            parts["train"] = algorithm.client_round(
+                params, learner, int(config["round"]), train_ids, wire.plan_arrays(arrays)
+            )
+        with clock.phase("faults"):
+            parts = act_in_clients(spec, int(config["round"]), parts)  # simulated, if any
+    with clock.phase("checkpoint"):
+        if checkpoints is not None:
+            _checkpoint_clients(spec, checkpoints, config, context, touched, simulated)
+    return _reply(spec, parts, clock, msg, oracle)
 
 
 def handle_export(

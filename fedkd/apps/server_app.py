@@ -202,6 +202,9 @@ class Exchange:
     rejected: dict[str, dict[int, ClientResult]] = field(default_factory=lambda: defaultdict(dict))
     # Learner seconds per replying node.
     node_learner_s: dict[int, float] = field(default_factory=dict)
+    # Their phases summed over the replying nodes that timed them, under the nodes' keys
+    # ``<clock>.<phase>`` (`wire.PHASE_CLOCKS`, `wire.NODE_PHASES`).
+    learner_phases: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     # The largest peak memory (MiB) any replying node reported, per kind (peak_rss_mb, peak_gpu_mb).
     peak_mb: dict[str, float] = field(default_factory=dict)
 
@@ -292,6 +295,8 @@ def run_exchange(
             continue
         node_parts, node_metrics = wire.record_to_results(reply.content)
         outcome.node_learner_s[node] = node_metrics.get("learner_s", 0.0)
+        for key in _PHASE_KEYS & node_metrics.keys():
+            outcome.learner_phases[key] += node_metrics[key]
         for key in ("peak_rss_mb", "peak_gpu_mb"):
             if key in node_metrics:
                 outcome.peak_mb[key] = max(outcome.peak_mb.get(key, 0.0), node_metrics[key])
@@ -304,6 +309,25 @@ def run_exchange(
     for part in outcome.results:
         outcome.results[part] = dict(sorted(outcome.results[part].items()))
     return outcome
+
+
+# The node metrics that hold a phase's seconds by one clock.
+_PHASE_KEYS = {f"{c}.{p}" for c in wire.PHASE_CLOCKS for p in wire.NODE_PHASES}
+
+
+def _learner_phases(exchanges: list[Exchange]) -> dict[str, dict[str, float]]:
+    """The nodes' phase seconds summed over `exchanges`, by clock and phase in the order the
+    nodes run them ({clock: {phase: seconds}}); only the clocks and phases nodes sent."""
+    total: dict[str, float] = defaultdict(float)
+    for exchange in exchanges:
+        for key, seconds in exchange.learner_phases.items():
+            total[key] += seconds
+    phases: dict[str, dict[str, float]] = {}
+    for clock in wire.PHASE_CLOCKS:
+        timed = {p: total[f"{clock}.{p}"] for p in wire.NODE_PHASES if f"{clock}.{p}" in total}
+        if timed:
+            phases[clock] = timed
+    return phases
 
 
 def _peak(exchanges: list[Exchange], key: str) -> float | None:
@@ -502,6 +526,8 @@ def _close_round(
             "peak_gpu_mb": _peak(exchanges, "peak_gpu_mb"),
         }
     )
+    # learner_s split into the nodes' phases, summed like it (where nodes timed them).
+    row.update(_learner_phases(exchanges))
     return row
 
 

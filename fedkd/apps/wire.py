@@ -17,9 +17,10 @@ Message types:
 - ``query.export``: the audited client's final student (end of an audited run).
 
 A reply holds one result per client per part (``digest``, ``evaluate``, ``train``, ``export``)
-and the node's own metrics (learner seconds, peak memory); in a simulation of a run that claims
-privacy, also ``<part>.oracle.<client>`` records: private statistics measured beside the
-protocol, which deployed nodes never send (docs/what-leaves-a-client.md lists every value).
+and the node's own metrics (learner seconds, their phases, peak memory); in a simulation of a
+run that claims privacy, also ``<part>.oracle.<client>`` records: private statistics measured
+beside the protocol, which deployed nodes never send (docs/what-leaves-a-client.md lists every
+value).
 """
 
 from __future__ import annotations
@@ -44,6 +45,27 @@ EVALUATE_PREFIX = "evaluate."
 ORACLE = "oracle"
 # The cause of a client asked for in a request whose node replied without a result for it.
 NO_RESULT = "its node replied without a result for it (the client crashed?)"
+# The phases of a ``train.round`` message a node times, in the order it runs them: the request's
+# parsing, restoring clients from a checkpoint, building the learner (data, stores), the
+# digest, the evaluation, the local training and upload, simulated faults, checkpointing the
+# touched clients, and the reply's first steps (up to its ``learner_s``; building the record,
+# which serialises the arrays, comes after it and is in neither).
+NODE_PHASES = (
+    "parse",
+    "restore",
+    "build",
+    "digest",
+    "evaluate",
+    "train",
+    "faults",
+    "checkpoint",
+    "reply",
+)
+# The clocks a node times its phases by, as the prefixes of its metrics' keys
+# (``<clock>.<phase>``) and the keys of a round's row that sum them over nodes: wall seconds,
+# CPU seconds of the thread that handles the message, CPU seconds of the whole node process
+# (every thread: torch's, Ray's, Flower's).
+PHASE_CLOCKS = ("learner_phases_s", "learner_phases_cpu_s", "learner_phases_process_cpu_s")
 
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
