@@ -12,8 +12,8 @@ nothing the run computes. Each row is seconds since the driver process started (
 the workers for a worker milestone):
 
 - cli imported: ``fedkd.run.cli`` (and so torch, the spec and the strategies) imported;
-- ray.init called / returned: Ray's start in the driver (in a thread that ``fedkd run`` starts
-  before importing the engine, `fedkd.run.ray_start`; in older commits, inside the engine);
+- ray.init called / returned: Ray's start in the driver (Flower's Ray backend calls it in the
+  engine's thread, after "engine called");
 - engine called: ``flwr.simulation.run_simulation`` entered (the ServerApp's thread starts in
   it);
 - server data: the ServerApp's ``federated_data`` done (it runs while Ray starts);

@@ -118,18 +118,6 @@ def simulate(
     folder; `resume` a checkpoint of the run in it to continue from.
     """
     _engine_environment()
-    from fedkd.run.ray_start import RayStart
-
-    backend_config = {
-        "client_resources": {
-            "num_cpus": spec.resources.num_cpus,
-            "num_gpus": spec.resources.num_gpus,
-        },
-        "init_args": {"logging_level": logging.ERROR, "log_to_driver": False},
-    }
-    # Ray comes up in the background while the engine and the apps are imported and the
-    # ServerApp is built; the engine then finds it running (the same arguments as its own).
-    ray_start = RayStart(backend_config["init_args"]).start()
     from flwr.simulation import run_simulation
 
     from fedkd.apps.client_app import make_client_app
@@ -170,12 +158,18 @@ def simulate(
     server_app = make_server_app(
         spec, recorder, on_round, outcome, signals.stop, audit_finished_run, resume
     )
+    backend_config = {
+        "client_resources": {
+            "num_cpus": spec.resources.num_cpus,
+            "num_gpus": spec.resources.num_gpus,
+        },
+        "init_args": {"logging_level": logging.ERROR, "log_to_driver": False},
+    }
     _quiet_engine_logs()  # after Flower's import, which sets its logger up
     kept = f"finished rounds are kept in {out_dir}"
     crash: BaseException | None = None
     try:
         with signals, progress:
-            ray_start.wait()
             run_simulation(
                 server_app=server_app,
                 client_app=make_client_app(spec),
@@ -193,7 +187,6 @@ def simulate(
             crash = err.__cause__ or err  # the engine itself crashed (e.g. Ray could not start)
     finally:
         recorder.release()
-        ray_start.release()
     if crash is not None:
         recorder.finish(status="failed", error=f"the simulation engine crashed: {crash}")
         fail(f"the simulation engine crashed: {crash} ({kept})", 1)
