@@ -12,10 +12,10 @@ nothing the run computes. Each row is seconds since the driver process started (
 the workers for a worker milestone):
 
 - cli imported: ``fedkd.run.cli`` (and so torch, the spec and the strategies) imported;
-- ray.init called / returned: Ray's start in the driver (Flower's Ray backend calls it in the
-  engine's thread, after "engine called");
 - engine called: ``flwr.simulation.run_simulation`` entered (the ServerApp's thread starts in
   it);
+- ray.init called / returned: Ray's start in the driver (Flower's Ray backend calls it in the
+  engine);
 - server data: the ServerApp's ``federated_data`` done (it runs while Ray starts);
 - discovery sent / done: the server's ``query.hello`` to every node, and its last reply (Ray
   actors start, import the ClientApp and load their node's data meanwhile);
@@ -54,8 +54,8 @@ DEFAULT_SPECS = ["quickstart", "simulations/mnist/fedavg.toml"]
 MILESTONES = [
     ("torch_start", "torch import starts", "driver"),
     ("cli_imported", "cli imported", "driver"),
-    ("ray_init_called", "ray.init called", "driver"),
     ("engine_called", "engine called", "driver"),
+    ("ray_init_called", "ray.init called", "driver"),
     ("ray_init_done", "ray.init returned", "driver"),
     ("server_data", "server data loaded", "driver"),
     ("dynamo_start", "driver torch._dynamo import starts", "driver"),
