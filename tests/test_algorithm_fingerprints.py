@@ -28,12 +28,10 @@ from fedkd.apps.server_app import run_rounds
 from fedkd.results import RunRecorder
 from fedkd.spec import load_spec
 from tests.inprocess import InProcessGrid
+from tests.test_engine import TIMINGS  # measurements of the machine, not of the run
 
 GOLDEN = Path(__file__).parent / "data" / "algorithm_fingerprints.json"
 REGENERATE = os.environ.get("FEDKD_REGEN_FINGERPRINTS") == "1"
-
-# Measurements of the machine, not of the run.
-TIMINGS = ("wall_s", "learner_s", "learner_max_s", "peak_rss_mb", "peak_gpu_mb")
 
 # The quickstart (mixed cnn_small/mlp students), shrunk; 3 of 5 clients take part each round.
 TINY = [
