@@ -25,7 +25,19 @@ Variants run interleaved (A B C ... A B C ...) and the median CPU seconds per cl
 (``time.process_time``) are printed per thread count. ``--profile`` prints torch.profiler's top
 operators by CPU time for the loop and the vmap step.
 
+``--phase distill`` and ``--phase logits`` time the learners' own calls instead, the phases of
+DS-FL's round beside private training: the loop learner (`fedkd.learner.cohort.CohortLearner`)
+against the vectorised learner on a CPU, K clients of one architecture, with the configuration of
+``simulations/mnist/dsfl.toml`` (its distillation batch size and optimizer, one epoch) on a proxy
+subset of its ``proxy_per_round`` inputs (synthetic, 28x28): ``distill`` is one epoch of
+`Learner.distill` towards fixed teacher logits, ``logits`` one `Learner.logits` call. Both
+learners start from the same client states; the check compares their logits (and the weights
+after one distillation call, ``allclose``). The table gives the median CPU seconds per call (all
+K clients, states read and written included) and vectorised / loop; ``--profile`` prints
+torch.profiler's top operators of one call of each.
+
 Run: ``PYTHONPATH=. python simulations/bench_vectorised_step.py --arch cnn_small --clients 10``
+(``--phase distill --threads 1``: one node's distillation, as a Ray actor runs it)
 """
 
 from __future__ import annotations
@@ -34,7 +46,10 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,6 +62,9 @@ from fedkd.models.zoo import MODEL_NAMES, build_model
 from fedkd.privacy.layer_grads import _patches
 
 Params = dict[str, Tensor]
+PHASES = ("train", "distill", "logits")
+# --phase distill / logits: the DS-FL workload of bench_cohort.py's --workload mnist
+DSFL_SPEC = Path(__file__).resolve().parent / "mnist" / "dsfl.toml"
 INPUT_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
 OPTIM = OptimConfig()  # the run's default private optimizer: SGD, lr 0.05, momentum 0.9
@@ -292,6 +310,144 @@ def profile(variant: Variant, steps: int, top: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
+# -- --phase distill / logits: the learners' own calls --------------------------------------
+def _phase_setup(arch: str, clients: int) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+    """DS-FL's configuration for `clients` clients of `arch` (one distillation epoch), synthetic
+    28x28 data with a proxy set of ``proxy_per_round`` inputs, and fixed teacher logits."""
+    from fedkd.assembly import cohort_config
+    from fedkd.data.sources import ArrayDataset
+    from fedkd.data.splits import build_federated_data
+    from fedkd.spec import load_spec
+
+    spec = load_spec(
+        DSFL_SPEC,
+        [f'clients.students=["{arch}"]', f"clients.num_clients={clients}", "distill.epochs=1"],
+    )
+    rng = np.random.default_rng(0)
+    proxy = spec.distill.proxy_per_round
+    train = 100 * clients + proxy
+
+    def images(n: int) -> np.ndarray:
+        return rng.standard_normal((n, *INPUT_SHAPE), dtype=np.float32)
+
+    dataset = ArrayDataset(
+        "synthetic",
+        images(train),
+        rng.integers(0, NUM_CLASSES, train),
+        images(100),
+        rng.integers(0, NUM_CLASSES, 100),
+        NUM_CLASSES,
+    )
+    data = build_federated_data(
+        dataset, num_clients=clients, partition="iid", proxy_size=proxy, seed=0
+    )
+    teacher = rng.standard_normal((proxy, NUM_CLASSES), dtype=np.float32)
+    return data, cohort_config(spec), data.proxy_x, teacher
+
+
+def _phase_learners(data: Any, config: Any) -> dict[str, Any]:
+    """The loop and the vectorised learner (on a CPU) on copies of the same client states."""
+    from fedkd.learner.cohort import CohortLearner
+    from fedkd.learner.vectorised import VectorisedCohortLearner
+
+    states: dict[int, bytes] = {}
+    CohortLearner(data, config, states).train_private(1, list(range(len(data.clients))))
+    return {
+        "loop": CohortLearner(data, config, dict(states)),
+        "vectorised": VectorisedCohortLearner(data, config, dict(states), device="cpu"),
+    }
+
+
+def _phase_call(
+    learner: Any, phase: str, cids: list[int], inputs: np.ndarray, teacher: np.ndarray
+) -> Any:
+    if phase == "logits":
+        return learner.logits(cids, inputs)
+    return learner.distill(2, cids, inputs, teacher)
+
+
+def check_phase(
+    data: Any, config: Any, phase: str, inputs: np.ndarray, teacher: np.ndarray
+) -> None:
+    """The vectorised learner's logits (`phase` logits) or weights after one distillation
+    call equal the loop's."""
+    cids = list(range(len(data.clients)))
+    learners = _phase_learners(data, config)
+    for learner in learners.values():
+        _phase_call(learner, phase, cids, inputs, teacher)
+    if phase == "logits":
+        got = [learner.logits(cids, inputs) for learner in learners.values()]
+    else:
+        got = [learner.get_weights(cids) for learner in learners.values()]
+    for cid in cids:
+        ref, vec = got[0][cid], got[1][cid]
+        for name in ref if isinstance(ref, dict) else [None]:
+            a, b = (ref, vec) if name is None else (ref[name], vec[name])
+            if not np.allclose(a, b, rtol=1e-4, atol=1e-4):
+                err = np.abs(a - b).max()
+                raise SystemExit(f"{phase}: client {cid} {name or 'logits'} differ (max {err:.2e})")
+
+
+def time_phase(
+    learners: dict[str, Any],
+    phase: str,
+    cids: list[int],
+    inputs: np.ndarray,
+    teacher: np.ndarray,
+    repeats: int,
+) -> dict[str, float]:
+    """Median CPU seconds of one call (all clients), learners interleaved."""
+    samples: dict[str, list[float]] = {n: [] for n in learners}
+    for _ in range(repeats):
+        for name, learner in learners.items():
+            start = time.process_time()
+            _phase_call(learner, phase, cids, inputs, teacher)
+            samples[name].append(time.process_time() - start)
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def profile_phase(learner: Any, phase: str, cids: list[int], inputs: Any, teacher: Any) -> str:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        _phase_call(learner, phase, cids, inputs, teacher)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+
+def main_phase(args: argparse.Namespace) -> int:
+    """``--phase distill`` / ``logits``: the table of the loop against the vectorised learner."""
+    cids = list(range(args.clients))
+    print(
+        f"--phase {args.phase}: K={args.clients} clients, inputs {INPUT_SHAPE}, "
+        f"{DSFL_SPEC.relative_to(DSFL_SPEC.parents[2])} (distillation: 1 epoch); CPU s per call "
+        f"of all K clients (process_time, median of {args.repeats}, interleaved), measured "
+        "under load"
+    )
+    print("| arch | threads | proxy rows | loop s | vectorised s | vectorised/loop |")
+    print("|---|---|---|---|---|---|")
+    for arch in args.arch:
+        data, config, inputs, teacher = _phase_setup(arch, args.clients)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            check_phase(data, config, args.phase, inputs, teacher)
+            learners = _phase_learners(data, config)
+            for learner in learners.values():  # warm-up
+                _phase_call(learner, args.phase, cids, inputs, teacher)
+            times = time_phase(learners, args.phase, cids, inputs, teacher, args.repeats)
+            ratio = times["vectorised"] / times["loop"]
+            print(
+                f"| {arch} | {threads} | {len(inputs)} | {times['loop']:.3f} | "
+                f"{times['vectorised']:.3f} | {ratio:.2f}x |",
+                flush=True,
+            )
+            if args.profile:
+                for name, learner in learners.items():
+                    print(f"\n{arch}, {threads} thread(s), {name}, one {args.phase} call:")
+                    print(profile_phase(learner, args.phase, cids, inputs, teacher))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", nargs="+", default=["cnn_small", "cnn_large"])
@@ -302,11 +458,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--profile", action="store_true", help="profile loop and vmap steps")
+    parser.add_argument(
+        "--phase",
+        choices=PHASES,
+        default="train",
+        help="train: one private step of each variant; distill / logits: the learners' calls",
+    )
     args = parser.parse_args(argv)
     for arch in args.arch:
         if arch not in MODEL_NAMES or not arch.startswith("cnn"):
             print(f"error: --arch {arch}: use cnn_small or cnn_large", file=sys.stderr)
             return 2
+    if args.phase != "train":
+        return main_phase(args)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or "loop" not in args.variants:
         print(f"error: --variants: loop and any of {', '.join(VARIANTS)}", file=sys.stderr)
