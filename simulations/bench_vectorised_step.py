@@ -345,17 +345,21 @@ def _phase_setup(arch: str, clients: int) -> tuple[Any, Any, np.ndarray, np.ndar
     return data, cohort_config(spec), data.proxy_x, teacher
 
 
-def _phase_learners(data: Any, config: Any) -> dict[str, Any]:
-    """The loop and the vectorised learner (on a CPU) on copies of the same client states."""
+def _phase_learners(data: Any, config: Any, stack_rows: list[int] | None = None) -> dict[str, Any]:
+    """The loop and the vectorised learner (on a CPU; one per `stack_rows` value where given)
+    on copies of the same client states."""
     from fedkd.learner.cohort import CohortLearner
     from fedkd.learner.vectorised import VectorisedCohortLearner
 
     states: dict[int, bytes] = {}
     CohortLearner(data, config, states).train_private(1, list(range(len(data.clients))))
-    return {
-        "loop": CohortLearner(data, config, dict(states)),
-        "vectorised": VectorisedCohortLearner(data, config, dict(states), device="cpu"),
-    }
+    learners: dict[str, Any] = {"loop": CohortLearner(data, config, dict(states))}
+    for rows in stack_rows or [None]:
+        name = "vectorised" if rows is None else f"vectorised {rows} rows"
+        learners[name] = VectorisedCohortLearner(
+            data, config, dict(states), device="cpu", stack_rows=rows
+        )
+    return learners
 
 
 def _phase_call(
@@ -367,20 +371,30 @@ def _phase_call(
 
 
 def check_phase(
-    data: Any, config: Any, phase: str, inputs: np.ndarray, teacher: np.ndarray
+    data: Any,
+    config: Any,
+    phase: str,
+    inputs: np.ndarray,
+    teacher: np.ndarray,
+    stack_rows: list[int] | None = None,
 ) -> None:
     """The vectorised learner's logits (`phase` logits) or weights after one distillation
     call equal the loop's."""
     cids = list(range(len(data.clients)))
-    learners = _phase_learners(data, config)
+    learners = _phase_learners(data, config, stack_rows)
     for learner in learners.values():
         _phase_call(learner, phase, cids, inputs, teacher)
     if phase == "logits":
         got = [learner.logits(cids, inputs) for learner in learners.values()]
     else:
         got = [learner.get_weights(cids) for learner in learners.values()]
+    for other in got[1:]:
+        _check_same(phase, cids, got[0], other)
+
+
+def _check_same(phase: str, cids: list[int], loop: dict[int, Any], other: dict[int, Any]) -> None:
     for cid in cids:
-        ref, vec = got[0][cid], got[1][cid]
+        ref, vec = loop[cid], other[cid]
         for name in ref if isinstance(ref, dict) else [None]:
             a, b = (ref, vec) if name is None else (ref[name], vec[name])
             if not np.allclose(a, b, rtol=1e-4, atol=1e-4):
@@ -424,23 +438,26 @@ def main_phase(args: argparse.Namespace) -> int:
         f"of all K clients (process_time, median of {args.repeats}, interleaved), measured "
         "under load"
     )
-    print("| arch | threads | proxy rows | loop s | vectorised s | vectorised/loop |")
-    print("|---|---|---|---|---|---|")
+    header = None
     for arch in args.arch:
         data, config, inputs, teacher = _phase_setup(arch, args.clients)
         for threads in args.threads:
             torch.set_num_threads(threads)
-            check_phase(data, config, args.phase, inputs, teacher)
-            learners = _phase_learners(data, config)
+            check_phase(data, config, args.phase, inputs, teacher, args.stack_rows)
+            learners = _phase_learners(data, config, args.stack_rows)
+            others = [n for n in learners if n != "loop"]
+            if header is None:
+                header = ["arch", "threads", "proxy rows", "loop s"]
+                header += [f"{n} s" for n in others] + [f"{n}/loop" for n in others]
+                print("| " + " | ".join(header) + " |")
+                print("|" + "---|" * len(header))
             for learner in learners.values():  # warm-up
                 _phase_call(learner, args.phase, cids, inputs, teacher)
             times = time_phase(learners, args.phase, cids, inputs, teacher, args.repeats)
-            ratio = times["vectorised"] / times["loop"]
-            print(
-                f"| {arch} | {threads} | {len(inputs)} | {times['loop']:.3f} | "
-                f"{times['vectorised']:.3f} | {ratio:.2f}x |",
-                flush=True,
-            )
+            cells = [arch, str(threads), str(len(inputs)), f"{times['loop']:.3f}"]
+            cells += [f"{times[n]:.3f}" for n in others]
+            cells += [f"{times[n] / times['loop']:.2f}x" for n in others]
+            print("| " + " | ".join(cells) + " |", flush=True)
             if args.profile:
                 for name, learner in learners.items():
                     print(f"\n{arch}, {threads} thread(s), {name}, one {args.phase} call:")
@@ -463,6 +480,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=PHASES,
         default="train",
         help="train: one private step of each variant; distill / logits: the learners' calls",
+    )
+    parser.add_argument(
+        "--stack-rows",
+        type=int,
+        nargs="+",
+        help="--phase distill / logits: one vectorised learner per value of its stack_rows "
+        "(default: one, with the learner's default)",
     )
     args = parser.parse_args(argv)
     for arch in args.arch:

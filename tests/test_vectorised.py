@@ -134,7 +134,7 @@ def assert_same_outputs(a, b, atol):
 def test_sgd_training_and_distillation_match_the_loop(data, stacked, stack_rows):
     """SGD + momentum + weight decay, 6 clients of different sizes, 2 epochs, 2 rounds, KL; the
     CPU's default steps (`stacked_cnn`'s grouped convolutions; with `stack_rows` 64, training
-    steps in passes of 2 clients, distillation steps of 1, logits in passes of 10 rows) and
+    steps in passes of 2 clients, distillation steps of 1, logits in passes of 21 rows) and
     ``vmap``'s."""
     cfg = config()
     sa, oa = run_rounds(CohortLearner, data, cfg, teacher_seed=0)

@@ -22,10 +22,11 @@ reference loop) and computes the same numbers up to float rounding, many clients
   client at a time at the loop's batch size for the others (faster there than ``vmap``'s
   batched convolutions); on a GPU, from ``vmap`` over the stack. Logits on each client's own
   rows (evaluation, class statistics) come from one client at a time on a CPU.
-- On a CPU, stacked passes (training steps and logits) cover at most ``stack_rows`` client-rows
-  each: a stack's activations are K times a client's, and beyond the caches and what the
-  allocator keeps for reuse each step maps fresh pages, so a few clients per pass are faster
-  per row than the whole stack.
+- On a CPU, a stacked training step runs in passes of at most ``stack_rows`` client-rows
+  (clients times batch rows), logits in passes of twice as many (they keep no activations for
+  a backward pass): a stack's activations are K times a client's, and beyond the caches and
+  what the allocator keeps for reuse each step maps fresh pages, so a few clients per pass are
+  faster per row than the whole stack.
 - Client states are read and written through `fedkd.learner.state_codec`, the format the loop's
   `ClientState` uses too (the model's ``state_dict`` and both optimizers' ``state_dict`` in
   torch's format), so the loop and the vectorised learner can take turns on the same clients
@@ -163,10 +164,11 @@ class VectorisedCohortLearner(CohortLearner):
         other models never do. None: on a CPU, where ``vmap``'s batched convolutions are slow;
         ``vmap`` on other devices. The numbers are the same up to float rounding either way.
     stack_rows : int or None, default None
-        Client-rows per stacked pass: a training step runs in passes of ``stack_rows // batch``
-        clients (at least one), logits on shared inputs in passes of ``stack_rows // K`` rows of
-        all K clients. Numbers do not depend on it. None: 256 on a CPU; on other devices,
-        training steps in one pass and logits in passes of `predict_rows`.
+        Client-rows per stacked training pass: a training step runs in passes of
+        ``stack_rows // batch`` clients (at least one); logits on shared inputs, which keep no
+        activations for a backward pass, in passes of ``2 * stack_rows // K`` rows of all K
+        clients. Numbers do not depend on it. None: 128 on a CPU; on other devices, training
+        steps in one pass and logits in passes of `predict_rows` client-rows.
     """
 
     def __init__(
@@ -201,7 +203,7 @@ class VectorisedCohortLearner(CohortLearner):
             predict_rows = 1024 if self.per_client_predict else 32768
         self.predict_rows = predict_rows
         if stack_rows is None and self.device.type == "cpu":
-            stack_rows = 256
+            stack_rows = 128
         if stack_rows is not None and stack_rows < 1:
             raise ValueError(f"stack_rows must be >= 1, got {stack_rows}")
         self.stack_rows = stack_rows
@@ -391,7 +393,8 @@ class VectorisedCohortLearner(CohortLearner):
         if len(x) == 0:
             return torch.zeros((k, 0, self._width(embed)), device=self.device)
         if self._stacked(model):
-            step = max(1, (self.stack_rows or self.predict_rows) // k)
+            rows = self.predict_rows if self.stack_rows is None else 2 * self.stack_rows
+            step = max(1, rows // k)
             passes = [
                 stacked_forward(model, params, x[i : i + step].expand(k, -1, -1, -1, -1), embed)
                 for i in range(0, len(x), step)
