@@ -11,7 +11,8 @@ loop's gradients (``allclose``):
 - ``grouped`` / ``grouped_cl``: the stacked model written out, convolutions as one grouped
   convolution over the clients' channels stacked (``[B, K*C, H, W]``, ``groups=K``), in
   contiguous / ``channels_last`` memory; linear layers as batched matmuls; autograd backward
-  (``grouped_cl`` is `fedkd.learner.stacked_cnn`, the vectorised learner's path on a CPU);
+  (``grouped_cl`` is `fedkd.learner.stacked_cnn`'s forward pass, the vectorised learner's on a CPU,
+  which also splits the stack into passes of a few clients);
 - ``im2col``: convolutions as ``F.unfold`` and a batched matmul over the client dimension;
   autograd backward (``F.fold`` for the input gradient);
 - ``closed``: convolutions as a custom autograd Function: forward a batched matmul over input
