@@ -29,11 +29,13 @@ operators by CPU time for the loop and the vmap step.
 ``--phase distill`` and ``--phase logits`` time the learners' own calls instead, the phases of
 DS-FL's round beside private training: the loop learner (`fedkd.learner.cohort.CohortLearner`)
 against the vectorised learner on a CPU, K clients of one architecture, with the configuration of
-``simulations/mnist/dsfl.toml`` (its distillation batch size and optimizer, one epoch) on a proxy
-subset of its ``proxy_per_round`` inputs (synthetic, 28x28): ``distill`` is one epoch of
-`Learner.distill` towards fixed teacher logits, ``logits`` one `Learner.logits` call. Both
-learners start from the same client states; the check compares their logits (and the weights
-after one distillation call, ``allclose``). The table gives the median CPU seconds per call (all
+``simulations/mnist/dsfl.toml`` (its data, distillation batch size and optimizer, one epoch; 2K
+clients, of which one node hosts K: K=10 is ``simulations/bench_cohort.py``'s per-phase node) on
+a proxy subset of its ``proxy_per_round`` inputs (``--synthetic``, or without MNIST: random
+28x28 inputs): ``distill`` is one epoch of `Learner.distill` towards fixed teacher logits,
+``logits`` one `Learner.logits` call. Both learners start from the same client states (after a
+round of private training); the check compares their logits (and the weights after one
+distillation call, ``allclose``). The table gives the median CPU seconds per call (all
 K clients, states read and written included) and vectorised / loop; ``--profile`` prints
 torch.profiler's top operators of one call of each.
 
@@ -312,54 +314,84 @@ def profile(variant: Variant, steps: int, top: int) -> str:
 
 
 # -- --phase distill / logits: the learners' own calls --------------------------------------
-def _phase_setup(arch: str, clients: int) -> tuple[Any, Any, np.ndarray, np.ndarray]:
-    """DS-FL's configuration for `clients` clients of `arch` (one distillation epoch), synthetic
-    28x28 data with a proxy set of ``proxy_per_round`` inputs, and fixed teacher logits."""
-    from fedkd.assembly import cohort_config
+def _phase_setup(
+    arch: str, clients: int, synthetic: bool
+) -> tuple[Any, Any, list[int], dict[int, bytes], np.ndarray, np.ndarray]:
+    """DS-FL's configuration for one node of `clients` clients of `arch` (one distillation
+    epoch): the spec's MNIST, 2K clients of which node 0 hosts K (K=10: bench_cohort.py's
+    per-phase node), or `synthetic` 28x28 data (also where MNIST is missing); the K clients'
+    states after one round of private training, a proxy subset of ``proxy_per_round`` inputs
+    and fixed teacher logits."""
+    from fedkd.assembly import cohort_config, federated_data, hosted_clients
     from fedkd.data.sources import ArrayDataset
     from fedkd.data.splits import build_federated_data
-    from fedkd.spec import load_spec
+    from fedkd.learner.cohort import CohortLearner
+    from fedkd.spec import SpecError, load_spec
 
-    spec = load_spec(
-        DSFL_SPEC,
-        [f'clients.students=["{arch}"]', f"clients.num_clients={clients}", "distill.epochs=1"],
-    )
+    overrides = [f'clients.students=["{arch}"]', "distill.epochs=1", "rounds=1"]
+    spec = None
+    if not synthetic:
+        try:
+            spec = load_spec(
+                DSFL_SPEC,
+                [
+                    *overrides,
+                    f"clients.num_clients={2 * clients}",
+                    f"clients.clients_per_node={clients}",
+                ],
+            )
+        except SpecError as err:  # no MNIST here
+            print(f"synthetic data: {err}")
     rng = np.random.default_rng(0)
-    proxy = spec.distill.proxy_per_round
-    train = 100 * clients + proxy
+    if spec is not None:
+        data = federated_data(spec)
+        cids = hosted_clients(spec, 0, spec.num_nodes)
+    else:  # the spec's training settings; its data source swapped for one that needs no file
+        spec = load_spec(
+            DSFL_SPEC, [*overrides, "data.source=digits", f"clients.num_clients={clients}"]
+        )
+        train = 500 * clients + spec.distill.proxy_per_round
 
-    def images(n: int) -> np.ndarray:
-        return rng.standard_normal((n, *INPUT_SHAPE), dtype=np.float32)
+        def images(n: int) -> np.ndarray:
+            return rng.standard_normal((n, *INPUT_SHAPE), dtype=np.float32)
 
-    dataset = ArrayDataset(
-        "synthetic",
-        images(train),
-        rng.integers(0, NUM_CLASSES, train),
-        images(100),
-        rng.integers(0, NUM_CLASSES, 100),
-        NUM_CLASSES,
-    )
-    data = build_federated_data(
-        dataset, num_clients=clients, partition="iid", proxy_size=proxy, seed=0
-    )
-    teacher = rng.standard_normal((proxy, NUM_CLASSES), dtype=np.float32)
-    return data, cohort_config(spec), data.proxy_x, teacher
+        dataset = ArrayDataset(
+            "synthetic",
+            images(train),
+            rng.integers(0, NUM_CLASSES, train),
+            images(100),
+            rng.integers(0, NUM_CLASSES, 100),
+            NUM_CLASSES,
+        )
+        data = build_federated_data(
+            dataset,
+            num_clients=clients,
+            partition="iid",
+            proxy_size=spec.distill.proxy_per_round,
+            seed=0,
+        )
+        cids = list(range(clients))
+    proxy = np.arange(spec.distill.proxy_per_round)
+    config = cohort_config(spec)
+    states: dict[int, bytes] = {}
+    CohortLearner(data, config, states).train_private(1, cids)
+    teacher = rng.standard_normal((len(proxy), NUM_CLASSES), dtype=np.float32)
+    return data, config, cids, states, data.proxy_x[proxy], teacher
 
 
-def _phase_learners(data: Any, config: Any, stack_rows: list[int] | None = None) -> dict[str, Any]:
+def _phase_learners(
+    data: Any, config: Any, states: dict[int, bytes], stack_rows: list[int] | None = None
+) -> dict[str, Any]:
     """The loop and the vectorised learner (on a CPU; one per `stack_rows` value where given)
     on copies of the same client states."""
     from fedkd.learner.cohort import CohortLearner
     from fedkd.learner.vectorised import VectorisedCohortLearner
 
-    states: dict[int, bytes] = {}
-    CohortLearner(data, config, states).train_private(1, list(range(len(data.clients))))
     learners: dict[str, Any] = {"loop": CohortLearner(data, config, dict(states))}
     for rows in stack_rows or [None]:
         name = "vectorised" if rows is None else f"vectorised {rows} rows"
-        learners[name] = VectorisedCohortLearner(
-            data, config, dict(states), device="cpu", stack_rows=rows
-        )
+        kwargs = {} if rows is None else {"stack_rows": rows}
+        learners[name] = VectorisedCohortLearner(data, config, dict(states), device="cpu", **kwargs)
     return learners
 
 
@@ -372,17 +404,14 @@ def _phase_call(
 
 
 def check_phase(
-    data: Any,
-    config: Any,
+    learners: dict[str, Any],
     phase: str,
+    cids: list[int],
     inputs: np.ndarray,
     teacher: np.ndarray,
-    stack_rows: list[int] | None = None,
 ) -> None:
-    """The vectorised learner's logits (`phase` logits) or weights after one distillation
+    """Each vectorised learner's logits (`phase` logits) or weights after one distillation
     call equal the loop's."""
-    cids = list(range(len(data.clients)))
-    learners = _phase_learners(data, config, stack_rows)
     for learner in learners.values():
         _phase_call(learner, phase, cids, inputs, teacher)
     if phase == "logits":
@@ -432,7 +461,6 @@ def profile_phase(learner: Any, phase: str, cids: list[int], inputs: Any, teache
 
 def main_phase(args: argparse.Namespace) -> int:
     """``--phase distill`` / ``logits``: the table of the loop against the vectorised learner."""
-    cids = list(range(args.clients))
     print(
         f"--phase {args.phase}: K={args.clients} clients, inputs {INPUT_SHAPE}, "
         f"{DSFL_SPEC.relative_to(DSFL_SPEC.parents[2])} (distillation: 1 epoch); CPU s per call "
@@ -441,21 +469,30 @@ def main_phase(args: argparse.Namespace) -> int:
     )
     header = None
     for arch in args.arch:
-        data, config, inputs, teacher = _phase_setup(arch, args.clients)
+        data, config, cids, states, inputs, teacher = _phase_setup(
+            arch, args.clients, args.synthetic
+        )
         for threads in args.threads:
             torch.set_num_threads(threads)
-            check_phase(data, config, args.phase, inputs, teacher, args.stack_rows)
-            learners = _phase_learners(data, config, args.stack_rows)
+            check_phase(
+                _phase_learners(data, config, states, args.stack_rows),
+                args.phase,
+                cids,
+                inputs,
+                teacher,
+            )
+            learners = _phase_learners(data, config, states, args.stack_rows)
             others = [n for n in learners if n != "loop"]
             if header is None:
-                header = ["arch", "threads", "proxy rows", "loop s"]
+                header = ["arch", "data", "threads", "proxy rows", "loop s"]
                 header += [f"{n} s" for n in others] + [f"{n}/loop" for n in others]
                 print("| " + " | ".join(header) + " |")
                 print("|" + "---|" * len(header))
             for learner in learners.values():  # warm-up
                 _phase_call(learner, args.phase, cids, inputs, teacher)
             times = time_phase(learners, args.phase, cids, inputs, teacher, args.repeats)
-            cells = [arch, str(threads), str(len(inputs)), f"{times['loop']:.3f}"]
+            cells = [arch, data.dataset_name, str(threads), str(len(inputs))]
+            cells.append(f"{times['loop']:.3f}")
             cells += [f"{times[n]:.3f}" for n in others]
             cells += [f"{times[n] / times['loop']:.2f}x" for n in others]
             print("| " + " | ".join(cells) + " |", flush=True)
@@ -488,6 +525,11 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         help="--phase distill / logits: one vectorised learner per value of its stack_rows "
         "(default: one, with the learner's default)",
+    )
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="--phase distill / logits: synthetic 28x28 data instead of the spec's MNIST",
     )
     args = parser.parse_args(argv)
     for arch in args.arch:
