@@ -536,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
         if arch not in MODEL_NAMES or not arch.startswith("cnn"):
             print(f"error: --arch {arch}: use cnn_small or cnn_large", file=sys.stderr)
             return 2
+    if args.stack_rows and min(args.stack_rows) < 1:
+        print("error: --stack-rows: values of at least 1", file=sys.stderr)
+        return 2
     if args.phase != "train":
         return main_phase(args)
     unknown = [v for v in args.variants if v not in VARIANTS]
