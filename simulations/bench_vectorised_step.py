@@ -11,7 +11,8 @@ loop's gradients (``allclose``):
 - ``grouped`` / ``grouped_cl``: the stacked model written out, convolutions as one grouped
   convolution over the clients' channels stacked (``[B, K*C, H, W]``, ``groups=K``), in
   contiguous / ``channels_last`` memory; linear layers as batched matmuls; autograd backward
-  (``grouped_cl`` is `fedkd.learner.stacked_cnn`, the vectorised learner's path on a CPU);
+  (``grouped_cl`` is `fedkd.learner.stacked_cnn`'s forward pass, the vectorised learner's on a CPU,
+  which also splits the stack into passes of a few clients);
 - ``im2col``: convolutions as ``F.unfold`` and a batched matmul over the client dimension;
   autograd backward (``F.fold`` for the input gradient);
 - ``closed``: convolutions as a custom autograd Function: forward a batched matmul over input
@@ -25,7 +26,21 @@ Variants run interleaved (A B C ... A B C ...) and the median CPU seconds per cl
 (``time.process_time``) are printed per thread count. ``--profile`` prints torch.profiler's top
 operators by CPU time for the loop and the vmap step.
 
+``--phase distill`` and ``--phase logits`` time the learners' own calls instead, the phases of
+DS-FL's round beside private training: the loop learner (`fedkd.learner.cohort.CohortLearner`)
+against the vectorised learner on a CPU, K clients of one architecture, with the configuration of
+``simulations/mnist/dsfl.toml`` (its data, distillation batch size and optimizer, one epoch; 2K
+clients, of which one node hosts K: K=10 is ``simulations/bench_cohort.py``'s per-phase node) on
+a proxy subset of its ``proxy_per_round`` inputs (``--synthetic``, or without MNIST: random
+28x28 inputs): ``distill`` is one epoch of `Learner.distill` towards fixed teacher logits,
+``logits`` one `Learner.logits` call. Both learners start from the same client states (after a
+round of private training); the check compares their logits (and the weights after one
+distillation call, ``allclose``). The table gives the median CPU seconds per call (all
+K clients, states read and written included) and vectorised / loop; ``--profile`` prints
+torch.profiler's top operators of one call of each.
+
 Run: ``PYTHONPATH=. python simulations/bench_vectorised_step.py --arch cnn_small --clients 10``
+(``--phase distill --threads 1``: one node's distillation, as a Ray actor runs it)
 """
 
 from __future__ import annotations
@@ -34,7 +49,10 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,6 +65,9 @@ from fedkd.models.zoo import MODEL_NAMES, build_model
 from fedkd.privacy.layer_grads import _patches
 
 Params = dict[str, Tensor]
+PHASES = ("train", "distill", "logits")
+# --phase distill / logits: the DS-FL workload of bench_cohort.py's --workload mnist
+DSFL_SPEC = Path(__file__).resolve().parent / "mnist" / "dsfl.toml"
 INPUT_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
 OPTIM = OptimConfig()  # the run's default private optimizer: SGD, lr 0.05, momentum 0.9
@@ -292,6 +313,196 @@ def profile(variant: Variant, steps: int, top: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
+# -- --phase distill / logits: the learners' own calls --------------------------------------
+def _phase_setup(
+    arch: str, clients: int, synthetic: bool
+) -> tuple[Any, Any, list[int], dict[int, bytes], np.ndarray, np.ndarray]:
+    """DS-FL's configuration for one node of `clients` clients of `arch` (one distillation
+    epoch): the spec's MNIST, 2K clients of which node 0 hosts K (K=10: bench_cohort.py's
+    per-phase node), or `synthetic` 28x28 data (also where MNIST is missing); the K clients'
+    states after one round of private training, a proxy subset of ``proxy_per_round`` inputs
+    and fixed teacher logits."""
+    from fedkd.assembly import cohort_config, federated_data, hosted_clients
+    from fedkd.data.sources import ArrayDataset
+    from fedkd.data.splits import build_federated_data
+    from fedkd.learner.cohort import CohortLearner
+    from fedkd.spec import SpecError, load_spec
+
+    overrides = [f'clients.students=["{arch}"]', "distill.epochs=1", "rounds=1"]
+    spec = None
+    if not synthetic:
+        try:
+            spec = load_spec(
+                DSFL_SPEC,
+                [
+                    *overrides,
+                    f"clients.num_clients={2 * clients}",
+                    f"clients.clients_per_node={clients}",
+                ],
+            )
+        except SpecError as err:  # no MNIST here
+            print(f"synthetic data: {err}")
+    rng = np.random.default_rng(0)
+    if spec is not None:
+        data = federated_data(spec)
+        cids = hosted_clients(spec, 0, spec.num_nodes)
+    else:  # the spec's training settings; its data source swapped for one that needs no file
+        spec = load_spec(
+            DSFL_SPEC, [*overrides, "data.source=digits", f"clients.num_clients={clients}"]
+        )
+        train = 500 * clients + spec.distill.proxy_per_round
+
+        def images(n: int) -> np.ndarray:
+            return rng.standard_normal((n, *INPUT_SHAPE), dtype=np.float32)
+
+        dataset = ArrayDataset(
+            "synthetic",
+            images(train),
+            rng.integers(0, NUM_CLASSES, train),
+            images(100),
+            rng.integers(0, NUM_CLASSES, 100),
+            NUM_CLASSES,
+        )
+        data = build_federated_data(
+            dataset,
+            num_clients=clients,
+            partition="iid",
+            proxy_size=spec.distill.proxy_per_round,
+            seed=0,
+        )
+        cids = list(range(clients))
+    proxy = np.arange(spec.distill.proxy_per_round)
+    config = cohort_config(spec)
+    states: dict[int, bytes] = {}
+    CohortLearner(data, config, states).train_private(1, cids)
+    teacher = rng.standard_normal((len(proxy), NUM_CLASSES), dtype=np.float32)
+    return data, config, cids, states, data.proxy_x[proxy], teacher
+
+
+def _phase_learners(
+    data: Any, config: Any, states: dict[int, bytes], stack_rows: list[int] | None = None
+) -> dict[str, Any]:
+    """The loop and the vectorised learner (on a CPU; one per `stack_rows` value where given)
+    on copies of the same client states."""
+    from fedkd.learner.cohort import CohortLearner
+    from fedkd.learner.vectorised import VectorisedCohortLearner
+
+    learners: dict[str, Any] = {"loop": CohortLearner(data, config, dict(states))}
+    for rows in stack_rows or [None]:
+        name = "vectorised" if rows is None else f"vectorised {rows} rows"
+        kwargs = {} if rows is None else {"stack_rows": rows}
+        learners[name] = VectorisedCohortLearner(data, config, dict(states), device="cpu", **kwargs)
+    return learners
+
+
+def _phase_call(
+    learner: Any, phase: str, cids: list[int], inputs: np.ndarray, teacher: np.ndarray
+) -> Any:
+    if phase == "logits":
+        return learner.logits(cids, inputs)
+    return learner.distill(2, cids, inputs, teacher)
+
+
+def check_phase(
+    learners: dict[str, Any],
+    phase: str,
+    cids: list[int],
+    inputs: np.ndarray,
+    teacher: np.ndarray,
+) -> None:
+    """Each vectorised learner's logits (`phase` logits) or weights after one distillation
+    call equal the loop's."""
+    for learner in learners.values():
+        _phase_call(learner, phase, cids, inputs, teacher)
+    if phase == "logits":
+        got = [learner.logits(cids, inputs) for learner in learners.values()]
+    else:
+        got = [learner.get_weights(cids) for learner in learners.values()]
+    for other in got[1:]:
+        _check_same(phase, cids, got[0], other)
+
+
+def _check_same(phase: str, cids: list[int], loop: dict[int, Any], other: dict[int, Any]) -> None:
+    for cid in cids:
+        ref, vec = loop[cid], other[cid]
+        for name in ref if isinstance(ref, dict) else [None]:
+            a, b = (ref, vec) if name is None else (ref[name], vec[name])
+            if not np.allclose(a, b, rtol=1e-4, atol=1e-4):
+                err = np.abs(a - b).max()
+                raise SystemExit(f"{phase}: client {cid} {name or 'logits'} differ (max {err:.2e})")
+
+
+def time_phase(
+    learners: dict[str, Any],
+    phase: str,
+    cids: list[int],
+    inputs: np.ndarray,
+    teacher: np.ndarray,
+    repeats: int,
+) -> dict[str, float]:
+    """Median CPU seconds of one call (all clients), learners interleaved."""
+    samples: dict[str, list[float]] = {n: [] for n in learners}
+    for _ in range(repeats):
+        for name, learner in learners.items():
+            start = time.process_time()
+            _phase_call(learner, phase, cids, inputs, teacher)
+            samples[name].append(time.process_time() - start)
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def profile_phase(learner: Any, phase: str, cids: list[int], inputs: Any, teacher: Any) -> str:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        _phase_call(learner, phase, cids, inputs, teacher)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+
+def main_phase(args: argparse.Namespace) -> int:
+    """``--phase distill`` / ``logits``: the table of the loop against the vectorised learner."""
+    print(
+        f"--phase {args.phase}: K={args.clients} clients, inputs {INPUT_SHAPE}, "
+        f"{DSFL_SPEC.relative_to(DSFL_SPEC.parents[2])} (distillation: 1 epoch); CPU s per call "
+        f"of all K clients (process_time, median of {args.repeats}, interleaved), measured "
+        "under load"
+    )
+    header = None
+    for arch in args.arch:
+        data, config, cids, states, inputs, teacher = _phase_setup(
+            arch, args.clients, args.synthetic
+        )
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            check_phase(
+                _phase_learners(data, config, states, args.stack_rows),
+                args.phase,
+                cids,
+                inputs,
+                teacher,
+            )
+            learners = _phase_learners(data, config, states, args.stack_rows)
+            others = [n for n in learners if n != "loop"]
+            if header is None:
+                header = ["arch", "data", "threads", "proxy rows", "loop s"]
+                header += [f"{n} s" for n in others] + [f"{n}/loop" for n in others]
+                print("| " + " | ".join(header) + " |")
+                print("|" + "---|" * len(header))
+            for learner in learners.values():  # warm-up
+                _phase_call(learner, args.phase, cids, inputs, teacher)
+            times = time_phase(learners, args.phase, cids, inputs, teacher, args.repeats)
+            cells = [arch, data.dataset_name, str(threads), str(len(inputs))]
+            cells.append(f"{times['loop']:.3f}")
+            cells += [f"{times[n]:.3f}" for n in others]
+            cells += [f"{times[n] / times['loop']:.2f}x" for n in others]
+            print("| " + " | ".join(cells) + " |", flush=True)
+            if args.profile:
+                for name, learner in learners.items():
+                    print(f"\n{arch}, {threads} thread(s), {name}, one {args.phase} call:")
+                    print(profile_phase(learner, args.phase, cids, inputs, teacher))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", nargs="+", default=["cnn_small", "cnn_large"])
@@ -302,11 +513,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--profile", action="store_true", help="profile loop and vmap steps")
+    parser.add_argument(
+        "--phase",
+        choices=PHASES,
+        default="train",
+        help="train: one private step of each variant; distill / logits: the learners' calls",
+    )
+    parser.add_argument(
+        "--stack-rows",
+        type=int,
+        nargs="+",
+        help="--phase distill / logits: one vectorised learner per value of its stack_rows "
+        "(default: one, with the learner's default)",
+    )
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="--phase distill / logits: synthetic 28x28 data instead of the spec's MNIST",
+    )
     args = parser.parse_args(argv)
     for arch in args.arch:
         if arch not in MODEL_NAMES or not arch.startswith("cnn"):
             print(f"error: --arch {arch}: use cnn_small or cnn_large", file=sys.stderr)
             return 2
+    if args.stack_rows and min(args.stack_rows) < 1:
+        print("error: --stack-rows: values of at least 1", file=sys.stderr)
+        return 2
+    if args.phase != "train":
+        return main_phase(args)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or "loop" not in args.variants:
         print(f"error: --variants: loop and any of {', '.join(VARIANTS)}", file=sys.stderr)

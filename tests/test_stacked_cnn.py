@@ -62,6 +62,48 @@ def test_gradients_and_losses_are_vmaps(arch, embed):
         torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6)
 
 
+def test_passes_of_a_few_clients_give_the_same_gradients():
+    """`rows`: passes of 3 clients and then 1 (of 4), gradients in reused buffers; then the
+    first 2 clients alone (as a step where the others have no batch left)."""
+    model, params, x, y, w = stacked_clients("cnn_large", 4)
+
+    def loss(out, embedding, yb, wb):
+        return (F.cross_entropy(out, yb, reduction="none") * wb).sum()
+
+    whole = stacked_grad_and_value(model, loss)
+    in_passes = stacked_grad_and_value(model, loss, rows=3 * x.shape[1])
+    for k in (4, 2):
+        part = {n: p[:k] for n, p in params.items()}
+        want_grads, want_losses = whole(part, x[:k], y[:k], w[:k])
+        grads, losses = in_passes(part, x[:k], y[:k], w[:k])
+        torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-6)
+        for n, g in want_grads.items():
+            assert grads[n].shape == g.shape
+            torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6)
+
+
+def test_pooling_before_the_relu_routes_gradients_as_the_model_does():
+    """Windows of equal values (constant first-layer outputs: positive for client 0, negative
+    for client 1): the gradients still reach the elements the model's own order picks."""
+    model, params, x, y, w = stacked_clients("cnn_small", 2)
+    params["features.0.weight"] = torch.zeros_like(params["features.0.weight"])
+    params["features.0.bias"] = torch.stack([torch.full((8,), 0.5), torch.full((8,), -0.5)]).to(
+        params["features.0.bias"].dtype
+    )
+
+    def loss(out, embedding, yb, wb):
+        return (F.cross_entropy(out, yb, reduction="none") * wb).sum()
+
+    def reference(p, xb, yb, wb):
+        return loss(functional_call(model, p, (xb,)), None, yb, wb)
+
+    want_grads, _ = vmap(grad_and_value(reference))(params, x, y, w)
+    grads, _ = stacked_grad_and_value(model, loss)(params, x, y, w)
+    for n, g in want_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6)
+    assert want_grads["features.3.weight"][0].abs().sum() > 0
+
+
 def test_supports_the_image_cnns_only():
     assert supports(build_model("cnn_large", SHAPE, 10))
     assert not supports(build_model("cnn_small", (1, 40), 10))  # 1-D convolutions

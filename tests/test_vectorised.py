@@ -130,13 +130,17 @@ def assert_same_outputs(a, b, atol):
 
 
 # -- the learner against the loop --------------------------------------------------------------
-@pytest.mark.parametrize("stacked", [None, False])
-def test_sgd_training_and_distillation_match_the_loop(data, stacked):
+@pytest.mark.parametrize(("stacked", "stack_rows"), [(None, None), (None, 64), (False, None)])
+def test_sgd_training_and_distillation_match_the_loop(data, stacked, stack_rows):
     """SGD + momentum + weight decay, 6 clients of different sizes, 2 epochs, 2 rounds, KL; the
-    CPU's default steps (`stacked_cnn`'s grouped convolutions) and ``vmap``'s."""
+    CPU's default steps (`stacked_cnn`'s grouped convolutions; with `stack_rows` 64, training
+    steps in passes of 2 clients, distillation steps of 1, logits in passes of 21 rows) and
+    ``vmap``'s."""
     cfg = config()
     sa, oa = run_rounds(CohortLearner, data, cfg, teacher_seed=0)
-    sb, ob = run_rounds(VectorisedCohortLearner, data, cfg, teacher_seed=0, stacked=stacked)
+    sb, ob = run_rounds(
+        VectorisedCohortLearner, data, cfg, teacher_seed=0, stacked=stacked, stack_rows=stack_rows
+    )
     assert_same_states(data, cfg, sa, sb, atol=1e-5)
     assert_same_outputs(oa, ob, atol=1e-5)  # proxy logits, train_loss, distill_loss
 
@@ -177,13 +181,15 @@ def test_label_histograms_match_the_loop_and_repeat_every_round(data):
         assert np.abs(first - exact).max() < 6 * 3.0
 
 
-def test_adam_training_matches_the_loop(data):
+@pytest.mark.parametrize("stack_rows", [None, 96])
+def test_adam_training_matches_the_loop(data, stack_rows):
     """Adam: the update is bitwise torch's (see the optimizer test); end to end, Adam divides
     by sqrt(v), which turns ~1e-9 gradient rounding on small coordinates into ~1e-5 weight
-    differences, hence the looser tolerance."""
+    differences, hence the looser tolerance. `stack_rows` 96: training steps in passes of 3
+    clients."""
     cfg = config(optimizer="adam", lr=1e-3)
     sa, oa = run_rounds(CohortLearner, data, cfg, teacher_seed=1)
-    sb, ob = run_rounds(VectorisedCohortLearner, data, cfg, teacher_seed=1)
+    sb, ob = run_rounds(VectorisedCohortLearner, data, cfg, teacher_seed=1, stack_rows=stack_rows)
     assert_same_states(data, cfg, sa, sb, atol=2e-4)
     assert_same_outputs(oa, ob, atol=2e-4)
 

@@ -8,7 +8,16 @@ computes the same function directly: the clients' activations are held as one ba
 (``groups=K``) over it, activations and pooling act on it as they are (they treat every
 channel alike), and each linear layer is one batched matmul over the client dimension. Its
 backward pass is plain autograd. `stacked_grad_and_value` turns it into the step function of
-the vectorised learner (the signature of ``vmap(grad_and_value(loss_fn))``).
+the vectorised learner (the signature of ``vmap(grad_and_value(loss_fn))``), optionally in
+passes of a few clients at a time: a stack's activations are K times a client's, and on a CPU
+a pass whose activations outgrow the caches and the allocator's reuse of freed memory (each
+step's tensors then come back as freshly mapped pages) costs more per row than several
+smaller passes.
+
+A ReLU followed by max pooling is computed as pooling followed by the ReLU, on a quarter of the
+values: the two orders give the same outputs and the same gradients (the ReLU does not change
+which element of a window is the largest where that element is positive, and its gradient is
+zero where it is not).
 
 `supports` says which models it covers: `fedkd.models.zoo.SimpleCNN` on images
 (``cnn_small``, ``cnn_small_tanh``, ``cnn_large``); the learner keeps ``vmap`` for the others.
@@ -23,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
+from fedkd.learner.functional_optim import num_clients
 from fedkd.models.zoo import EMBEDDING_WIDTH, SimpleCNN, fixed_projection
 
 Params = dict[str, Tensor]  # parameter name -> (K, *shape)
@@ -44,7 +54,8 @@ def _features(model: SimpleCNN, params: Params, x: Tensor) -> Tensor:
     # (B, K C, H, W): client j's channels are the j-th block of C, as groups=K expects.
     h = x.transpose(0, 1).reshape(n, -1, *x.shape[3:])
     h = h.contiguous(memory_format=torch.channels_last)
-    for name, module in model.features.named_children():
+    layers = list(model.features.named_children())
+    for i, (name, module) in enumerate(layers):
         if isinstance(module, nn.Conv2d):
             weight, bias = params[f"features.{name}.weight"], params.get(f"features.{name}.bias")
             h = F.conv2d(
@@ -56,17 +67,33 @@ def _features(model: SimpleCNN, params: Params, x: Tensor) -> Tensor:
                 module.dilation,
                 groups=k,
             )
-        else:  # activations and pooling: the same on every channel
+        elif _pool_first(layers, i):  # the pooling below, then this ReLU (module docstring)
+            h = torch.relu(layers[i + 1][1](h))
+        elif not _pool_first(layers, i - 1):  # activations and pooling: alike on every channel
             h = module(h)
     return h.reshape(n, k, -1).transpose(0, 1)
 
 
+def _pool_first(layers: list[tuple[str, nn.Module]], i: int) -> bool:
+    """Whether layer `i` is a ReLU that the max pooling right after it may precede."""
+    return (
+        0 <= i < len(layers) - 1
+        and type(layers[i][1]) is nn.ReLU
+        and isinstance(layers[i + 1][1], nn.MaxPool2d)
+    )
+
+
 def _linear(params: Params, name: str, h: Tensor) -> Tensor:
-    """``(K, B, in) -> (K, B, out)``: each client's linear layer on its own rows."""
+    """``(K, B, in) -> (K, B, out)``: each client's linear layer on its own rows.
+
+    Computed transposed, ``(weight @ h^T)^T``: the weight's gradient then comes out of the
+    backward pass in the weight's own (contiguous) layout, not as a transposed view that the
+    optimizer's updates would read with strides.
+    """
     weight, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
     if bias is None:
-        return torch.bmm(h, weight.transpose(1, 2))
-    return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+        return torch.bmm(weight, h.transpose(1, 2)).transpose(1, 2)
+    return torch.baddbmm(bias.unsqueeze(2), weight, h.transpose(1, 2)).transpose(1, 2)
 
 
 def stacked_forward(
@@ -108,14 +135,15 @@ def stacked_forward(
 
 
 def stacked_grad_and_value(
-    model: nn.Module, loss: OutputLoss, embed: bool = False
+    model: nn.Module, loss: OutputLoss, embed: bool = False, rows: int | None = None
 ) -> Callable[[Params, Tensor, Tensor, Tensor], tuple[Params, Tensor]]:
     """A step function ``(params, x, targets, weights) -> (grads, losses)`` of K clients.
 
     It equals ``vmap(grad_and_value(f))`` for ``f(p, x, t, w) = loss(model(x), emb, t, w)``
     (with `model` called through ``functional_call``, its outputs as float): each client's
-    gradient of its own loss, from one forward pass of `stacked_forward` and one backward pass
-    of the summed losses (the clients' losses depend on their own weights only).
+    gradient of its own loss, from a forward pass of `stacked_forward` and a backward pass of
+    the summed losses (the clients' losses depend on their own weights only), over all K
+    clients at once or, with `rows`, over a few clients at a time.
 
     Parameters
     ----------
@@ -126,10 +154,19 @@ def stacked_grad_and_value(
         (None unless `embed`), targets and row weights; mapped over the clients by ``vmap``.
     embed : bool, default False
         Whether `loss` needs the embeddings.
+    rows : int or None, default None
+        At most this many input rows (clients times batch rows) per forward and backward pass:
+        passes of ``rows // B`` clients (at least one). Their gradients are written into
+        buffers that the step function keeps and reuses, so they are only valid until its next
+        call (and the caller may overwrite them). None: one pass over all K clients, fresh
+        gradients. The gradients do not depend on it.
     """
     per_client = vmap(loss, in_dims=(0, 0 if embed else None, 0, 0))
+    buffers: Params = {}
 
-    def step(params: Params, x: Tensor, targets: Tensor, weights: Tensor) -> tuple[Params, Tensor]:
+    def one_pass(
+        params: Params, x: Tensor, targets: Tensor, weights: Tensor
+    ) -> tuple[Params, Tensor]:
         leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
         with torch.enable_grad():
             out = stacked_forward(model, leaves, x, embed)
@@ -138,7 +175,35 @@ def stacked_grad_and_value(
             grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
         return dict(zip(leaves, grads, strict=True)), losses.detach()
 
+    def step(params: Params, x: Tensor, targets: Tensor, weights: Tensor) -> tuple[Params, Tensor]:
+        k = x.shape[0]
+        per_pass = k if rows is None else max(1, rows // max(1, x.shape[1]))
+        if per_pass >= k:
+            return one_pass(params, x, targets, weights)
+        grads = _reused(buffers, params)
+        losses = []
+        for lo in range(0, k, per_pass):
+            part = slice(lo, lo + per_pass)
+            got, loss_part = one_pass(
+                {n: p[part] for n, p in params.items()}, x[part], targets[part], weights[part]
+            )
+            for n, g in got.items():
+                grads[n][part].copy_(g)
+            losses.append(loss_part)
+        return grads, torch.cat(losses)
+
     return step
+
+
+def _reused(buffers: Params, like: Params) -> Params:
+    """Views of `buffers` shaped like `like`, (re)allocated where a buffer is too small."""
+    k = num_clients(like)
+    for n, p in like.items():
+        b = buffers.get(n)
+        fits = b is not None and len(b) >= k and b.shape[1:] == p.shape[1:]
+        if not fits or b.dtype != p.dtype or b.device != p.device:
+            buffers[n] = torch.empty_like(p)
+    return {n: buffers[n][:k] for n in like}
 
 
 __all__ = ["OutputLoss", "stacked_forward", "stacked_grad_and_value", "supports"]

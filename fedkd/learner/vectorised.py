@@ -17,9 +17,16 @@ reference loop) and computes the same numbers up to float rounding, many clients
   ones of the stack and the step computes on them alone; a client that has run out of steps
   keeps its weights and optimizer state untouched (masked out, where the steppers are not the
   first ones of the stack; `fedkd.learner.batch_plans`).
-- Logits (uploads, evaluation) on a CPU come from one client at a time at the loop's batch
-  size, which is faster there than ``vmap``'s batched convolutions and keeps the loop's memory;
-  on a GPU, from ``vmap`` over the stack.
+- Logits (uploads, evaluation) on inputs that every client shares come, on a CPU, from
+  `fedkd.learner.stacked_cnn`'s stacked forward pass for the models it covers and from one
+  client at a time at the loop's batch size for the others (faster there than ``vmap``'s
+  batched convolutions); on a GPU, from ``vmap`` over the stack. Logits on each client's own
+  rows (evaluation, class statistics) come from one client at a time on a CPU.
+- On a CPU, a stacked training step runs in passes of at most ``stack_rows`` client-rows
+  (clients times batch rows), logits in passes of twice as many (they keep no activations for
+  a backward pass): a stack's activations are K times a client's, and beyond the caches and
+  what the allocator keeps for reuse each step maps fresh pages, so a few clients per pass are
+  faster per row than the whole stack.
 - Client states are read and written through `fedkd.learner.state_codec`, the format the loop's
   `ClientState` uses too (the model's ``state_dict`` and both optimizers' ``state_dict`` in
   torch's format), so the loop and the vectorised learner can take turns on the same clients
@@ -89,7 +96,7 @@ from fedkd.learner.loop import (
     make_optimizer,
     seeded_generator,
 )
-from fedkd.learner.stacked_cnn import OutputLoss, stacked_grad_and_value
+from fedkd.learner.stacked_cnn import OutputLoss, stacked_forward, stacked_grad_and_value
 from fedkd.learner.stacked_cnn import supports as stacked_supports
 from fedkd.learner.state_codec import SavedClientState, decode_client_state, encode_client_state
 from fedkd.models.zoo import EMBEDDING_WIDTH
@@ -150,12 +157,18 @@ class VectorisedCohortLearner(CohortLearner):
         faster there than ``vmap``'s batched convolutions) in passes of this many rows; None:
         1024, the loop's batch.
     stacked : bool or None, default None
-        Training steps (private training and distillation) of the models that
-        `fedkd.learner.stacked_cnn` supports run its stacked forward pass (grouped convolutions
-        in ``channels_last`` memory, batched matmuls, autograd) instead of ``vmap`` over
-        ``functional_call``; other models always use ``vmap``. None: on a CPU, where ``vmap``'s
-        batched convolutions are slow; ``vmap`` on other devices. The numbers are the same up
-        to float rounding either way.
+        Training steps (private training and distillation) and logits on shared inputs of the
+        models that `fedkd.learner.stacked_cnn` supports run its stacked forward pass (grouped
+        convolutions in ``channels_last`` memory, batched matmuls, autograd) instead of
+        ``vmap`` over ``functional_call`` (logits on a CPU: instead of one client at a time);
+        other models never do. None: on a CPU, where ``vmap``'s batched convolutions are slow;
+        ``vmap`` on other devices. The numbers are the same up to float rounding either way.
+    stack_rows : int or None, default None
+        Client-rows per stacked training pass: a training step runs in passes of
+        ``stack_rows // batch`` clients (at least one); logits on shared inputs, which keep no
+        activations for a backward pass, in passes of ``2 * stack_rows // K`` rows of all K
+        clients. Numbers do not depend on it. None: 128 on a CPU; on other devices, training
+        steps in one pass and logits in passes of `predict_rows` client-rows.
     """
 
     def __init__(
@@ -172,6 +185,7 @@ class VectorisedCohortLearner(CohortLearner):
         max_chunk: int | None = None,
         predict_rows: int | None = None,
         stacked: bool | None = None,
+        stack_rows: int | None = None,
     ) -> None:
         super().__init__(data, config, states, released, kept, partners)
         if precision not in PRECISIONS:
@@ -188,6 +202,11 @@ class VectorisedCohortLearner(CohortLearner):
         if predict_rows is None:
             predict_rows = 1024 if self.per_client_predict else 32768
         self.predict_rows = predict_rows
+        if stack_rows is None and self.device.type == "cpu":
+            stack_rows = 128
+        if stack_rows is not None and stack_rows < 1:
+            raise ValueError(f"stack_rows must be >= 1, got {stack_rows}")
+        self.stack_rows = stack_rows
         self.private_opt = functional_optimizer(config.private.optim)
         self.distill_opt = functional_optimizer(config.distill.optim)
         self._param_groups: dict[tuple[str, OptimConfig], list[dict[str, Any]]] = {}
@@ -331,7 +350,7 @@ class VectorisedCohortLearner(CohortLearner):
         grouped convolutions where `_stacked` holds, else ``vmap`` over ``functional_call``."""
         model = self._template(arch)
         if self._stacked(model):
-            return stacked_grad_and_value(model, loss, embed)
+            return stacked_grad_and_value(model, loss, embed, self.stack_rows)
 
         def loss_fn(params: Params, xb: Tensor, tb: Tensor, wb: Tensor) -> Tensor:
             if not embed:
@@ -373,6 +392,14 @@ class VectorisedCohortLearner(CohortLearner):
         k = num_clients(params)
         if len(x) == 0:
             return torch.zeros((k, 0, self._width(embed)), device=self.device)
+        if self._stacked(model):
+            rows = self.predict_rows if self.stack_rows is None else 2 * self.stack_rows
+            step = max(1, rows // k)
+            passes = [
+                stacked_forward(model, params, x[i : i + step].expand(k, -1, -1, -1, -1), embed)
+                for i in range(0, len(x), step)
+            ]
+            return torch.cat([(p[1] if embed else p).float() for p in passes], dim=1)
         if self.per_client_predict:
             return torch.stack([self._predict_one(model, params, j, x, embed) for j in range(k)])
         fwd = vmap(self._forward(model, embed), in_dims=(0, None))
