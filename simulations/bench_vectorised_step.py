@@ -412,11 +412,8 @@ def check_phase(
 ) -> None:
     """Each vectorised learner's logits (`phase` logits) or weights after one distillation
     call equal the loop's."""
-    for learner in learners.values():
-        _phase_call(learner, phase, cids, inputs, teacher)
-    if phase == "logits":
-        got = [learner.logits(cids, inputs) for learner in learners.values()]
-    else:
+    got = [_phase_call(learner, phase, cids, inputs, teacher) for learner in learners.values()]
+    if phase != "logits":  # a distillation call returns its losses: compare the weights
         got = [learner.get_weights(cids) for learner in learners.values()]
     for other in got[1:]:
         _check_same(phase, cids, got[0], other)
