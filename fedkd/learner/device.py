@@ -76,7 +76,9 @@ def set_up_torch(threads: int) -> None:
         Torch intra-op threads (``resources.torch_threads``).
     """
     torch.set_num_threads(threads)
-    # Per thread (the CPU's control register): set where the training thread runs.
+    # A per-thread setting (the CPU's control register): set in the thread that trains. With
+    # more than one intra-op thread, pool threads started before this call keep their own
+    # setting; that costs speed only, never other numbers.
     torch.set_flush_denormal(True)
 
 
