@@ -30,6 +30,7 @@ from fedkd.apps.run_config import spec_from_run_config
 from fedkd.assembly import cohort_config, eval_test_indices, hosted_clients, node_data
 from fedkd.learner.auto import LEARNER_CHOICES
 from fedkd.learner.cohort import ClientResult, CohortLearner
+from fedkd.learner.device import set_up_torch
 from fedkd.learner.state_store import SpillingStateStore
 from fedkd.learner.vectorised import VectorisedCohortLearner
 from fedkd.rounds.checkpoint import load_client_state, save_client_state
@@ -117,8 +118,9 @@ def chosen_learner(spec: Spec, request: dict) -> str:
 
 def _learner(spec: Spec, context: Context, request: dict, simulated: bool) -> CohortLearner:
     """The node's cohort learner: the per-client loop, or torch.func over stacked clients."""
-    # A long-lived Ray worker may have served other runs: set the count every time.
-    torch.set_num_threads(spec.resources.torch_threads)
+    # A long-lived Ray worker may have served other runs, and Flower may hand a message to
+    # another thread: set torch up every time.
+    set_up_torch(spec.resources.torch_threads)
     # The run's data, or (deployment, node config data-path) with the site's own private data.
     data = node_data(spec, context.node_config)
     stores = _stores(spec, context, request, simulated)

@@ -39,6 +39,7 @@ from fedkd.assembly import (
     unprotected_outputs,
 )
 from fedkd.learner.cohort import DIGEST_DIVERGED, ClientResult
+from fedkd.learner.device import set_up_torch
 from fedkd.learner.loop import PHASE_SAMPLE, accuracy, derive_seed
 from fedkd.results import RunRecorder, default_run_dir
 from fedkd.rounds.audit_capture import AuditCaptureHook
@@ -422,8 +423,8 @@ def run_rounds(
     """
     _poll_replies_faster(grid)
     # The server student and the teachers compute here: the spec's thread count, not the
-    # machine's or the environment's (see resources.num_threads).
-    torch.set_num_threads(spec.resources.torch_threads)
+    # machine's or the environment's (see resources.num_threads), set up as the nodes' torch.
+    set_up_torch(spec.resources.torch_threads)
     if stop is not None:
         grid = StoppableGrid(grid, stop)
     try:

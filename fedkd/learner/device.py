@@ -58,6 +58,30 @@ def precision_context(precision: str, device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def set_up_torch(threads: int) -> None:
+    """Set this thread's torch for training: `threads` intra-op threads, and subnormal floats
+    flushed to zero.
+
+    A long-lived optimizer state decays into subnormals: a momentum buffer whose gradient
+    stays zero (a unit that no longer fires) shrinks by the momentum factor every step and
+    passes through the subnormal range after some hundred steps, where every arithmetic
+    operation on it takes a slow path of the CPU. Flushed, such a value becomes zero, which
+    changes no weight: a subnormal step is far below the rounding of any weight it is added
+    to. Called by every process that trains (each node message, the server), so that a run
+    computes the same whether its nodes share the server's process or not.
+
+    Parameters
+    ----------
+    threads : int
+        Torch intra-op threads (``resources.torch_threads``).
+    """
+    torch.set_num_threads(threads)
+    # A per-thread setting (the CPU's control register): set in the thread that trains. With
+    # more than one intra-op thread, pool threads started before this call keep their own
+    # setting; that costs speed only, never other numbers.
+    torch.set_flush_denormal(True)
+
+
 # -- data on the device, cached per process ----------------------------------------------------
 class DeviceData:
     """A `FederatedData` as device tensors: every client's rows concatenated, plus offsets.
