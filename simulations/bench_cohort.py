@@ -540,18 +540,20 @@ def ceiling(npz: str, batch: int = 4096, steps: int = 5, arch: str = "cnn_small"
     float
         Training examples per second, all cores as torch's intra-op threads.
     """
-    import torch
+    from fedkd.learner.device import set_up_torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    set_up_torch(os.cpu_count() or 1)  # as the run's processes set torch up
     return _train_model(arch, _training_batches(npz, batch, steps + 1))
 
 
 def _single_thread_worker(
     npz: str, arch: str, batch: int, steps: int, ready: Any, out: Any
 ) -> None:
-    import torch
+    from fedkd.learner.device import set_up_torch
 
-    torch.set_num_threads(1)
+    # As a node sets torch up: without the flush, a long ceiling (--ceiling-steps beyond
+    # some 800) slows down on subnormal momentum that the nodes never compute on.
+    set_up_torch(1)
     out.put(_train_model(arch, _training_batches(npz, batch, steps + 1), ready))
 
 
