@@ -66,9 +66,10 @@ def set_up_torch(threads: int) -> None:
     stays zero (a unit that no longer fires) shrinks by the momentum factor every step and
     passes through the subnormal range after some hundred steps, where every arithmetic
     operation on it takes a slow path of the CPU. Flushed, such a value becomes zero, which
-    changes no weight: a subnormal step is far below the rounding of any weight it is added
-    to. Called by every process that trains (each node message, the server), so that a run
-    computes the same whether its nodes share the server's process or not.
+    changes no weight of normal magnitude: a subnormal step is far below its rounding (the
+    algorithm fingerprints hold the numbers). Called by every process that trains (each node
+    message, the server), so that a run computes the same whether its nodes share the
+    server's process or not.
 
     Parameters
     ----------
