@@ -8,9 +8,11 @@ metrics as a run that names that learner, that the choice is recorded, cached an
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fedkd.apps.client_app import make_client_app
@@ -94,6 +96,23 @@ def test_a_real_calibration_times_both_learners_and_caches_its_figures(cache, mo
     faster = first["vectorised_s"] < auto.VECTORISED_MARGIN * first["loop_s"]
     assert chosen == ("vectorised" if faster else "loop")
     assert calibrations == {"mlp": second}
+
+
+def test_the_calibration_sets_torch_up_as_the_nodes_do_and_restores_the_threads(monkeypatch):
+    """Timed as a node trains (its threads, subnormals flushed: `set_up_torch`), and the
+    driver's own thread count back afterwards."""
+    calls: list[tuple[str, int]] = []
+
+    def time_learners(task, timer):
+        calls.append(("timed", torch.get_num_threads()))
+        return {"loop": 1.0, "vectorised": 1.0}
+
+    monkeypatch.setattr(auto, "set_up_torch", lambda threads: calls.append(("set up", threads)))
+    monkeypatch.setattr(auto, "_time_learners", time_learners)
+    before = torch.get_num_threads()
+    calibrate(replace(TINY_TASK, threads=2), use_cache=False)
+    assert calls[0] == ("set up", 2) and calls[1][0] == "timed"
+    assert torch.get_num_threads() == before
 
 
 def test_each_learner_counts_its_fastest_of_alternating_timed_rounds(monkeypatch):

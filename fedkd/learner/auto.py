@@ -35,6 +35,7 @@ import torch
 from fedkd.data.cache import cache_dir
 from fedkd.data.splits import ClientData, FederatedData
 from fedkd.learner.cohort import CohortConfig, CohortLearner
+from fedkd.learner.device import set_up_torch
 from fedkd.learner.loop import StepConfig
 from fedkd.learner.vectorised import VectorisedCohortLearner
 from fedkd.privacy.dpsgd import DpSgdSettings
@@ -253,7 +254,9 @@ def calibrate(
     cached = seconds is not None
     if seconds is None:
         threads = torch.get_num_threads()
-        torch.set_num_threads(task.threads)  # as the run's nodes train
+        # As the run's nodes train: their threads, subnormals flushed (the flush stays set:
+        # it changes no number of normal magnitude, and the server sets it anyway).
+        set_up_torch(task.threads)
         try:
             seconds = _time_learners(task, timer)
         finally:
