@@ -13,9 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from flwr.app import Context, RecordDict
 from typer.testing import CliRunner
 
@@ -25,10 +28,13 @@ from fedkd.learner.state_store import DiskStateStore
 from fedkd.results import LOCK_NAME, RunRecorder
 from fedkd.rounds.checkpoint import (
     CHECKPOINTS,
+    SERVER_FILE,
     checkpoint_info,
     complete_rounds,
     last_checkpoint,
+    read_server_checkpoint,
     round_dir,
+    write_server_checkpoint,
 )
 from fedkd.run import cli
 from fedkd.spec import load_spec
@@ -164,6 +170,23 @@ def test_a_half_written_checkpoint_is_ignored_and_only_the_last_two_are_kept(tmp
     assert last_checkpoint(run_dir) == round_dir(root, 2)
     assert resume(spec, run_dir) == expected
     assert complete_rounds(root) == [3, 4]
+
+
+def test_a_server_checkpoint_round_trips_tensors_and_arrays_and_reads_torch_save_files(tmp_path):
+    state = {"w": torch.arange(6.0).reshape(2, 3), "a": np.arange(4), "n": {"x": [1, 2]}}
+
+    def same(back: dict) -> bool:
+        return (
+            torch.equal(back["w"], state["w"])
+            and np.array_equal(back["a"], state["a"])
+            and back["n"] == state["n"]
+        )
+
+    path = write_server_checkpoint(tmp_path, 1, 1, state)
+    assert not zipfile.is_zipfile(path / SERVER_FILE)  # plain pickle
+    assert same(read_server_checkpoint(path))
+    torch.save(state, path / SERVER_FILE)  # the format of checkpoints before plain pickle
+    assert same(read_server_checkpoint(path))
 
 
 # -- fedkd run --resume: what the command line refuses, and what it hands the engine ----------

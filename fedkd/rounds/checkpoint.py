@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +79,15 @@ def write_server_checkpoint(root: Path, rnd: int, rows: int, state: dict[str, An
 
     `rows`: how many metrics rows are final at this point (a resumed run keeps those).
     """
-    import torch  # here only: the run folder's readers (fedkd report) need no torch
-
     final = round_dir(root, rnd)
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(state, tmp / SERVER_FILE)
+    # Plain pickle, not torch.save: torch's pickler calls back into Python for every object,
+    # and a round's open exchange holds thousands of small arrays (the server waits on this
+    # write between rounds). Tensors pickle as they do in torch.save.
+    with open(tmp / SERVER_FILE, "wb") as fh:
+        pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
     (tmp / COMPLETE).write_text(json.dumps({"round": rnd, "rows": rows}) + "\n")
     shutil.rmtree(final, ignore_errors=True)  # a half-written one from a killed run
     os.replace(tmp, final)
@@ -94,9 +98,13 @@ def write_server_checkpoint(root: Path, rnd: int, rows: int, state: dict[str, An
 
 def read_server_checkpoint(path: Path) -> dict[str, Any]:
     """A server checkpoint written by `write_server_checkpoint` (fedkd's own file)."""
-    import torch
+    file = path / SERVER_FILE
+    if zipfile.is_zipfile(file):  # written by torch.save (fedkd before plain pickle)
+        import torch  # here only: the run folder's readers (fedkd report) need no torch
 
-    return torch.load(path / SERVER_FILE, weights_only=False)
+        return torch.load(file, weights_only=False)
+    with open(file, "rb") as fh:
+        return pickle.load(fh)
 
 
 def _client_dir(root: Path, client_id: int) -> Path:
