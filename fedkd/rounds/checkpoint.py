@@ -85,7 +85,7 @@ def write_server_checkpoint(root: Path, rnd: int, rows: int, state: dict[str, An
     tmp.mkdir(parents=True)
     # Plain pickle, not torch.save: torch's pickler calls back into Python for every object,
     # and a round's open exchange holds thousands of small arrays (the server waits on this
-    # write between rounds). Tensors pickle as they do in torch.save.
+    # write between rounds). Torch tensors still pickle, each through torch's own reduce.
     with open(tmp / SERVER_FILE, "wb") as fh:
         pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
     (tmp / COMPLETE).write_text(json.dumps({"round": rnd, "rows": rows}) + "\n")
