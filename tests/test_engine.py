@@ -288,3 +288,7 @@ def test_one_message_per_node_per_round_carries_the_previous_digest(tmp_path):
         config = msg.content["config"]
         assert config["digest_round"] == 2 and "train_ids" not in config
         assert list(config["evaluate_ids"]) == list(config["digest_ids"])
+    # Every node of an exchange gets the same arrays, encoded once and shared by its messages.
+    for exchange in (first, second, final):
+        assert all(m.content["payload"] is exchange[0].content["payload"] for m in exchange)
+    assert first[0].content["payload"] is not second[0].content["payload"]

@@ -274,10 +274,13 @@ def run_exchange(
     for part, cids in parts.items():
         for cid in cids:
             by_node[node_of[cid]][part].append(cid)
+    # every node gets the same arrays: encode them once, not once per message (Flower's Array
+    # also caches its content hash, so the shared record is hashed once when deflated)
+    payload = wire.to_array_record(arrays)
     msgs = [
         Message(
             content=wire.request(
-                {**config, **{f"{p}_ids": ids for p, ids in node_parts.items()}}, arrays
+                {**config, **{f"{p}_ids": ids for p, ids in node_parts.items()}}, payload
             ),
             dst_node_id=node,
             message_type=message_type,

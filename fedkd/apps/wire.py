@@ -96,8 +96,11 @@ def payload_bytes(arrays: dict[str, np.ndarray]) -> int:
     return int(sum(a.nbytes for a in arrays.values()))
 
 
-def request(config: dict, arrays: dict[str, np.ndarray] | None = None) -> RecordDict:
-    return RecordDict({"config": ConfigRecord(config), "payload": to_array_record(arrays or {})})
+def request(config: dict, arrays: dict[str, np.ndarray] | ArrayRecord | None = None) -> RecordDict:
+    """A request's content: its config and its arrays (or an already encoded `ArrayRecord`,
+    which several messages may share: the server encodes an exchange's arrays once)."""
+    payload = arrays if isinstance(arrays, ArrayRecord) else to_array_record(arrays or {})
+    return RecordDict({"config": ConfigRecord(config), "payload": payload})
 
 
 def parse_request(content: RecordDict) -> tuple[dict, dict[str, np.ndarray]]:
