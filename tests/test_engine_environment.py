@@ -2,6 +2,7 @@
 its processes set up torch."""
 
 import os
+import sys
 
 import flwr.simulation
 import pytest
@@ -12,22 +13,64 @@ from fedkd.run import cli
 from fedkd.spec import load_spec
 
 
-def test_ray_workers_run_at_the_priority_the_run_was_started_with(tmp_path, monkeypatch):
-    """Ray renices its workers by 15 unless RAY_worker_niceness says otherwise; the engine
-    must see 0 when it starts Ray, since the workers do the run's training."""
-    monkeypatch.delenv("RAY_worker_niceness", raising=False)
-    seen = {}
+def _simulate_without_ray(tmp_path, monkeypatch, ray_address: str | None = None) -> dict:
+    """`cli.simulate` of the quickstart with `ray.init` and `run_simulation` replaced by
+    recorders: what they were handed, and the environment when Ray would have started."""
+    import ray
+
+    if ray_address is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", ray_address)
+
+    seen: dict = {}
+
+    def start(**kwargs):  # stands in for ray.init: records, starts nothing
+        seen["niceness"] = os.environ.get("RAY_worker_niceness")
+        seen["pythonpath"] = os.environ.get("PYTHONPATH", "")
+        seen["init"] = kwargs
 
     def engine(**kwargs):  # stands in for run_simulation: records, runs nothing
-        seen["niceness"] = os.environ.get("RAY_worker_niceness")
         seen["backend_config"] = kwargs["backend_config"]
 
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", start)
     monkeypatch.setattr(flwr.simulation, "run_simulation", engine)
-    spec = load_spec(None, [])
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     with pytest.raises(typer.Exit):  # the stand-in ran no round: the run ends as failed
-        cli.simulate(spec, tmp_path / "run", show_progress=False)
+        cli.simulate(load_spec(None, []), tmp_path / "run", show_progress=False)
+    return seen
+
+
+def test_ray_workers_run_at_the_priority_the_run_was_started_with(tmp_path, monkeypatch):
+    """Ray renices its workers by 15 unless RAY_worker_niceness says otherwise; Ray must see 0
+    when it starts, since the workers do the run's training."""
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    seen = _simulate_without_ray(tmp_path, monkeypatch)
     assert seen["niceness"] == "0"
     assert seen["backend_config"]["init_args"]["log_to_driver"] is False
+
+
+def test_ray_starts_with_no_job_runtime_env_and_the_workers_get_the_driver_path(
+    tmp_path, monkeypatch
+):
+    """fedkd starts Ray itself, as Flower's backend would but without a job runtime env (which
+    would make the raylet replace its prestarted workers); the module path reaches the
+    workers through the environment instead."""
+    seen = _simulate_without_ray(tmp_path, monkeypatch)
+    assert "runtime_env" not in seen["init"]
+    assert seen["init"]["include_dashboard"] is False
+    assert seen["init"]["log_to_driver"] is False
+    path = seen["pythonpath"].split(os.pathsep)
+    assert path[-1] == "/elsewhere"
+    assert all(entry in path for entry in sys.path)
+
+
+def test_joining_a_ray_cluster_is_left_to_flower(tmp_path, monkeypatch):
+    """With RAY_ADDRESS the workers on other machines get the module path only through the job
+    runtime env Flower's backend sets: fedkd does not start (or join) Ray itself."""
+    seen = _simulate_without_ray(tmp_path, monkeypatch, ray_address="127.0.0.1:6379")
+    assert "init" not in seen
 
 
 def test_a_worker_niceness_set_by_the_user_is_kept(monkeypatch):

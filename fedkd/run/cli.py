@@ -95,6 +95,32 @@ def _engine_environment() -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")
 
 
+def _start_ray(init_args: dict[str, Any]) -> None:
+    """Start Ray for the simulation engine as Flower's Ray backend would, but with no job
+    runtime environment; the backend then finds Ray running and uses it.
+
+    Flower's backend calls ``ray.init(runtime_env={"env_vars": {"PYTHONPATH": ...}})``. With a
+    job runtime environment the raylet starts every actor's worker through its runtime-env
+    agent (``setup_worker.py``) and stops the workers it prestarted for the driver, which have
+    none: each run started and stopped as many Ray workers as it has CPUs for nothing, and its
+    actors' workers came up later. The workers still get the driver's module path: the
+    raylet, and so every worker, inherits ``PYTHONPATH``, set here from ``sys.path`` as Flower
+    sets it. Scheduling only: no number changes.
+
+    Joining a cluster (``RAY_ADDRESS``) is left to Flower's backend: workers on other machines
+    do not inherit this process's environment, only the job runtime environment.
+    """
+    import ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return
+    path = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        path = f"{path}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = path
+    ray.init(**{"include_dashboard": False, **init_args})
+
+
 def _quiet_engine_logs() -> None:
     """Flower and Ray log every message; the progress bar says what matters."""
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -170,6 +196,7 @@ def simulate(
     crash: BaseException | None = None
     try:
         with signals, progress:
+            _start_ray(backend_config["init_args"])
             run_simulation(
                 server_app=server_app,
                 client_app=make_client_app(spec),
