@@ -118,7 +118,7 @@ def _start_ray(init_args: dict[str, Any]) -> None:
     if os.environ.get("PYTHONPATH"):
         path = f"{path}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = path
-    ray.init(**{"include_dashboard": False, **init_args})
+    ray.init(**init_args)
 
 
 def _quiet_engine_logs() -> None:
@@ -189,7 +189,11 @@ def simulate(
             "num_cpus": spec.resources.num_cpus,
             "num_gpus": spec.resources.num_gpus,
         },
-        "init_args": {"logging_level": logging.ERROR, "log_to_driver": False},
+        "init_args": {
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+            "include_dashboard": False,
+        },
     }
     _quiet_engine_logs()  # after Flower's import, which sets its logger up
     kept = f"finished rounds are kept in {out_dir}"
