@@ -23,6 +23,7 @@ from fedkd.data import (
     load_source,
     partition_indices,
 )
+from fedkd.data.cache import MMAP_MIN_BYTES, _write_entry, cached_arrays
 from tests.hf_folder import write_hf_split
 
 MNIST_NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
@@ -125,6 +126,34 @@ def test_npz_grayscale(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.y_test, y_test)
 
 
+def test_cache_maps_large_arrays_copy_on_write(tmp_path, monkeypatch) -> None:
+    """Large arrays come back memory-mapped: equal, writable, and a write stays in the process
+    (the entry on disk is unchanged); small arrays are read whole; an entry another process
+    wrote first is kept."""
+    monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path / "cache"))
+    big = np.arange(MMAP_MIN_BYTES // 4 + 3, dtype=np.float32)
+    small = np.array([1, 2, 3])
+    calls = []
+
+    def compute() -> dict[str, np.ndarray]:
+        calls.append(1)
+        return {"big": big, "small": small, "scalar": np.asarray(7)}
+
+    first = cached_arrays("test", ["k"], compute, library="numpy")
+    again = cached_arrays("test", ["k"], compute, library="numpy")
+    assert len(calls) == 1
+    assert isinstance(again["big"], np.memmap) and not isinstance(again["small"], np.memmap)
+    for name in first:
+        np.testing.assert_array_equal(again[name], first[name])
+    again["big"][0] = -1.0
+    assert cached_arrays("test", ["k"], compute, library="numpy")["big"][0] == 0.0
+    # A second writer (the rename finds the entry there) neither fails nor replaces it.
+    (entry,) = (tmp_path / "cache").iterdir()
+    _write_entry(entry, {"other": small})
+    assert sorted(p.name for p in entry.iterdir()) == ["big.npy", "scalar.npy", "small.npy"]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [entry.name]
+
+
 def test_npz_is_standardised_once_and_reread_from_the_cache(tmp_path, monkeypatch) -> None:
     """Every process of a run loads the file: the standardised arrays come back from the
     cache, identical; a rewritten file is read again, never served stale."""
@@ -139,7 +168,7 @@ def test_npz_is_standardised_once_and_reread_from_the_cache(tmp_path, monkeypatc
 
     write(256, 40)
     first = load_source("npz", path=str(file))
-    assert len(list((tmp_path / "cache").glob("npz-*.npz"))) == 1
+    assert [p.is_dir() for p in (tmp_path / "cache").glob("npz-*")] == [True]
     again = load_source("npz", path=str(file))
     for key in ("x_train", "y_train", "x_test", "y_test", "num_classes", "input_mean"):
         np.testing.assert_array_equal(getattr(again, key), getattr(first, key))

@@ -4,14 +4,20 @@ A deployed SuperNode starts a fresh ClientApp process for every message, and a R
 starts with an empty memory: recomputing a partition (flwr-datasets with ``datasets``, scipy and
 seaborn behind it) or a bundled data set (scikit-learn) costs seconds of imports there. Entries
 are keyed by everything the result depends on, including the producing library's version, and
-written atomically, so concurrent processes never read half a file; deleting the folder is
+written atomically, so concurrent processes never read half an entry; deleting the folder is
 always safe.
+
+An entry is a folder of ``.npy`` files, one per array. Large arrays are memory-mapped
+copy-on-write when read back: a process then reads from disk (or shares from the page cache)
+only the rows it touches, and a node hosting a few clients of a large data set does not copy
+the whole set at start-up; writing to such an array changes only the process's own copy.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from importlib.metadata import version
@@ -20,6 +26,10 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["cache_dir", "cached_arrays"]
+
+# Arrays at least this large are memory-mapped when read back; smaller ones are read whole, so
+# that an entry of many small arrays (a partition's index lists) does not hold a mapping each.
+MMAP_MIN_BYTES = 1 << 20
 
 
 def cache_dir() -> Path:
@@ -44,11 +54,10 @@ def cached_arrays(
     digest = hashlib.sha256(f"{kind}\0{library}=={version(library)}".encode())
     for part in key:
         digest.update(b"\0" + (part.encode() if isinstance(part, str) else part))
-    path = cache_dir() / f"{kind}-{digest.hexdigest()[:32]}.npz"
+    path = cache_dir() / f"{kind}-{digest.hexdigest()[:32]}"
     try:
-        with np.load(path) as saved:
-            return {name: saved[name] for name in saved.files}
-    except (OSError, KeyError, ValueError):
+        return _read_entry(path)
+    except (OSError, ValueError):
         pass  # not cached yet, or unreadable: compute it
 
     with warnings.catch_warnings(record=True) as caught:
@@ -57,11 +66,30 @@ def cached_arrays(
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not caught:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only home is no reason to fail a run
+        _write_entry(path, arrays)
     return arrays
+
+
+def _read_entry(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of the entry folder `path`; ``FileNotFoundError`` when there is none."""
+    arrays = {}
+    for file in path.iterdir():
+        if file.suffix == ".npy":
+            mmap = "c" if file.stat().st_size >= MMAP_MIN_BYTES else None
+            arrays[file.stem] = np.load(file, mmap_mode=mmap, allow_pickle=False)
+    return arrays
+
+
+def _write_entry(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write `arrays` as the entry folder `path`: into a private folder renamed into place, so
+    that a reader sees a whole entry or none."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", np.asarray(array), allow_pickle=False)
+        os.rename(tmp, path)
+    except OSError:
+        pass  # a read-only home, or another process wrote the entry first: no reason to fail
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
