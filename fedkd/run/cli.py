@@ -144,10 +144,6 @@ def simulate(
     folder; `resume` a checkpoint of the run in it to continue from.
     """
     _engine_environment()
-    from flwr.simulation import run_simulation
-
-    from fedkd.apps.client_app import make_client_app
-    from fedkd.apps.server_app import make_server_app
     from fedkd.audit.run_audit import audit_finished_run
     from fedkd.results import RunRecorder
     from fedkd.run.stops import StopSignals
@@ -181,9 +177,6 @@ def simulate(
         )
 
     signals = StopSignals(on_first=say_stopping)
-    server_app = make_server_app(
-        spec, recorder, on_round, outcome, signals.stop, audit_finished_run, resume
-    )
     backend_config = {
         "client_resources": {
             "num_cpus": spec.resources.num_cpus,
@@ -195,12 +188,21 @@ def simulate(
             "include_dashboard": False,
         },
     }
-    _quiet_engine_logs()  # after Flower's import, which sets its logger up
     kept = f"finished rounds are kept in {out_dir}"
     crash: BaseException | None = None
     try:
         with signals, progress:
+            # Ray first: its workers start up while this process imports the engine.
             _start_ray(backend_config["init_args"])
+            from flwr.simulation import run_simulation
+
+            from fedkd.apps.client_app import make_client_app
+            from fedkd.apps.server_app import make_server_app
+
+            _quiet_engine_logs()  # after Flower's import, which sets its logger up
+            server_app = make_server_app(
+                spec, recorder, on_round, outcome, signals.stop, audit_finished_run, resume
+            )
             run_simulation(
                 server_app=server_app,
                 client_app=make_client_app(spec),
