@@ -129,7 +129,7 @@ def test_npz_grayscale(tmp_path: Path) -> None:
 def test_cache_maps_large_arrays_copy_on_write(tmp_path, monkeypatch) -> None:
     """Large arrays come back memory-mapped: equal, writable, and a write stays in the process
     (the entry on disk is unchanged); small arrays are read whole; an entry another process
-    wrote first is kept."""
+    wrote first is kept; a damaged one is computed again and replaced."""
     monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path / "cache"))
     big = np.arange(MMAP_MIN_BYTES // 4 + 3, dtype=np.float32)
     small = np.array([1, 2, 3])
@@ -152,6 +152,12 @@ def test_cache_maps_large_arrays_copy_on_write(tmp_path, monkeypatch) -> None:
     _write_entry(entry, {"other": small})
     assert sorted(p.name for p in entry.iterdir()) == ["big.npy", "scalar.npy", "small.npy"]
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [entry.name]
+    # A damaged entry is computed again and replaced.
+    (entry / "small.npy").write_bytes(b"not an array")
+    assert cached_arrays("test", ["k"], compute, library="numpy")["small"].tolist() == [1, 2, 3]
+    assert len(calls) == 2
+    cached_arrays("test", ["k"], compute, library="numpy")
+    assert len(calls) == 2
 
 
 def test_npz_is_standardised_once_and_reread_from_the_cache(tmp_path, monkeypatch) -> None:

@@ -57,8 +57,11 @@ def cached_arrays(
     path = cache_dir() / f"{kind}-{digest.hexdigest()[:32]}"
     try:
         return _read_entry(path)
+    except FileNotFoundError:
+        pass  # not cached yet: compute it
     except (OSError, ValueError):
-        pass  # not cached yet, or unreadable: compute it
+        # Unreadable (a damaged file): computed again, and the entry replaced by the new one.
+        shutil.rmtree(path, ignore_errors=True)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
