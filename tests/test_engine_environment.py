@@ -66,6 +66,20 @@ def test_ray_starts_with_no_job_runtime_env_and_the_workers_get_the_driver_path(
     assert all(entry in path for entry in sys.path)
 
 
+def test_ray_workers_preload_the_client_app_and_every_preloaded_module_imports(
+    tmp_path, monkeypatch
+):
+    """Ray's workers import the ClientApp before they accept work; Ray only logs a module it
+    cannot import, so a renamed module would silently undo the preload."""
+    import importlib
+
+    seen = _simulate_without_ray(tmp_path, monkeypatch)
+    preload = seen["init"]["_system_config"]["preload_python_modules"]
+    assert "fedkd.apps.client_app" in preload
+    for name in preload:
+        importlib.import_module(name)
+
+
 def test_joining_a_ray_cluster_is_left_to_flower(tmp_path, monkeypatch):
     """With RAY_ADDRESS the workers on other machines get the module path only through the job
     runtime env Flower's backend sets: fedkd does not start (or join) Ray itself."""

@@ -95,6 +95,13 @@ def _engine_environment() -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")
 
 
+# What every Ray worker of a run imports before it accepts work (Ray's
+# ``preload_python_modules``): torch, Flower's client side and the ClientApp. The workers Ray
+# prestarts import them while the driver is still building the engine, instead of after the
+# first actor lands on them, where the imports held up the first round.
+WORKER_PRELOAD = ("fedkd.apps.client_app",)
+
+
 def _start_ray(init_args: dict[str, Any]) -> None:
     """Start Ray for the simulation engine as Flower's Ray backend would, but with no job
     runtime environment; the backend then finds Ray running and uses it.
@@ -105,7 +112,8 @@ def _start_ray(init_args: dict[str, Any]) -> None:
     none: each run started and stopped as many Ray workers as it has CPUs for nothing, and its
     actors' workers came up later. The workers still get the driver's module path: the
     raylet, and so every worker, inherits ``PYTHONPATH``, set here from ``sys.path`` as Flower
-    sets it. Scheduling only: no number changes.
+    sets it. The workers import `WORKER_PRELOAD` before they accept work. Scheduling only: no
+    number changes.
 
     Joining a cluster (``RAY_ADDRESS``) is left to Flower's backend: workers on other machines
     do not inherit this process's environment, only the job runtime environment.
@@ -118,7 +126,7 @@ def _start_ray(init_args: dict[str, Any]) -> None:
     if os.environ.get("PYTHONPATH"):
         path = f"{path}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = path
-    ray.init(**init_args)
+    ray.init(**init_args, _system_config={"preload_python_modules": list(WORKER_PRELOAD)})
 
 
 def _quiet_engine_logs() -> None:
