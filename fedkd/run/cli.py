@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -126,7 +128,38 @@ def _start_ray(init_args: dict[str, Any]) -> None:
     if os.environ.get("PYTHONPATH"):
         path = f"{path}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = path
-    ray.init(**init_args, _system_config={"preload_python_modules": list(WORKER_PRELOAD)})
+    with _without_ray_monitors():
+        ray.init(**init_args, _system_config={"preload_python_modules": list(WORKER_PRELOAD)})
+
+
+@contextmanager
+def _without_ray_monitors() -> Iterator[None]:
+    """While it lasts, a Ray head started in this process has no log monitor and no autoscaler
+    monitor.
+
+    ``ray.init`` starts both and has no argument for either (``ray start`` has
+    ``--no-monitor``); they are two of the five Python processes that import Ray at a run's
+    start, and on a machine with few cores their start delays the driver's and the workers'.
+    The log monitor only forwards workers' output to the driver, which fedkd turns off
+    (``log_to_driver=False``); the autoscaler monitor scales clusters, which a run on one
+    machine is not. Ray's node reads both from the ``RayParams`` that ``ray.init`` builds, so
+    they are set on it here. Should a Ray release drop either field, Ray starts the monitor
+    as before.
+    """
+    from ray._private import parameter
+
+    build = parameter.RayParams.__init__
+
+    def lean(params: Any, *args: Any, **kwargs: Any) -> None:
+        build(params, *args, **kwargs)
+        params.no_monitor = True
+        params.include_log_monitor = False
+
+    parameter.RayParams.__init__ = lean
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = build
 
 
 def _quiet_engine_logs() -> None:
