@@ -80,32 +80,16 @@ def test_ray_workers_preload_the_client_app_and_every_preloaded_module_imports(
         importlib.import_module(name)
 
 
-_RAY_PROCESSES = r"""
-import json, logging, os
+_RAY_STARTED = r"""
+import sys
 import ray
 from fedkd.run import cli
 
-cli._start_ray({"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False})
+cli._start_ray(cli.RAY_INIT_ARGS)
 assert ray.get(ray.remote(lambda: 41 + 1).remote()) == 42
-parents = {}
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        parents[int(pid)] = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        pass
-ours, todo = [], [os.getpid()]
-while todo:
-    pid = todo.pop()
-    ours.append(pid)
-    todo += [child for child, parent in parents.items() if parent == pid]
-commands = []
-for pid in ours:
-    try:
-        commands.append(open(f"/proc/{pid}/cmdline").read().replace("\0", " "))
-    except OSError:
-        pass
+print("ready", flush=True)
+sys.stdin.readline()  # the test reads this process's descendants meanwhile
 ray.shutdown()
-print(json.dumps(commands))
 """
 
 
@@ -114,18 +98,35 @@ def test_ray_started_by_a_run_has_no_log_monitor_and_no_autoscaler_monitor():
     """The log monitor only forwards worker output (off in fedkd) and the autoscaler monitor
     scales clusters; each is a Python process importing Ray at every run's start. Ray still
     runs tasks without them."""
-    import json
     import subprocess
+    from pathlib import Path
+
+    from tests.flower_processes import descendants, stop
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run(
-        [sys.executable, "-c", _RAY_PROCESSES], capture_output=True, text=True, env=env
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RAY_STARTED],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
-    assert done.returncode == 0, done.stderr
-    commands = json.loads(done.stdout.strip().splitlines()[-1])
-    assert any("gcs_server" in c for c in commands) and any("raylet" in c for c in commands)
-    assert not any("log_monitor.py" in c for c in commands)
-    assert not any("autoscaler/_private/monitor.py" in c for c in commands)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        commands = []
+        for pid in descendants(proc.pid):
+            try:
+                commands.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" "))
+            except OSError:  # gone meanwhile
+                pass
+        _, err = proc.communicate("\n", timeout=120)
+        assert proc.returncode == 0, err
+    finally:
+        stop(proc)
+    assert any(b"gcs_server" in c for c in commands) and any(b"raylet" in c for c in commands)
+    assert not any(b"log_monitor.py" in c for c in commands)
+    assert not any(b"autoscaler/_private/monitor.py" in c for c in commands)
 
 
 def test_joining_a_ray_cluster_is_left_to_flower(tmp_path, monkeypatch):

@@ -97,6 +97,14 @@ def _engine_environment() -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")
 
 
+# How a run starts Ray (`_start_ray`, or Flower's backend when joining a cluster): the progress
+# bar says what matters, so no Ray logs, no worker output in the driver, no dashboard.
+RAY_INIT_ARGS: dict[str, Any] = {
+    "logging_level": logging.ERROR,
+    "log_to_driver": False,
+    "include_dashboard": False,
+}
+
 # What every Ray worker of a run imports before it accepts work (Ray's
 # ``preload_python_modules``): torch, Flower's client side and the ClientApp. The workers Ray
 # prestarts import them while the driver is still building the engine, instead of after the
@@ -223,11 +231,7 @@ def simulate(
             "num_cpus": spec.resources.num_cpus,
             "num_gpus": spec.resources.num_gpus,
         },
-        "init_args": {
-            "logging_level": logging.ERROR,
-            "log_to_driver": False,
-            "include_dashboard": False,
-        },
+        "init_args": dict(RAY_INIT_ARGS),  # a copy: the engine may add to it
     }
     kept = f"finished rounds are kept in {out_dir}"
     crash: BaseException | None = None
