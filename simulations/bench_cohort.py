@@ -764,10 +764,17 @@ def provenance() -> str:
 
 
 def format_workload_table(
-    rows: list[dict[str, Any]], ceilings: dict[str, dict[str, float]], header: list[str]
+    rows: list[dict[str, Any]],
+    ceilings: dict[str, dict[str, float | list[float]]],
+    header: list[str],
 ) -> str:
     """The Markdown table of ``--workload mnist``: one row per algorithm, model and layout,
-    then each model's two ceilings (columns: the module's docstring)."""
+    then each model's two ceilings (columns: the module's docstring).
+
+    `ceilings` maps each model to its ``"batch 32"`` and ``"large batch"`` samples/s, each one
+    measurement or a list of them; a row's share of the batch-32 ceiling is taken against its
+    own ``ceiling_bracket`` (the measurements right before and after its block) where it has
+    one, else against all of its model's."""
     cols = ["algorithm", "model", "layout", "nodes", "rounds", "round s", "train samples/s"]
     cols += ["of batch-32 ceiling", "of large-batch ceiling", "learner s", "x vs 1/node"]
     cols += ["x vs cohort loop", "peak MiB / node", "s before round 1"]
@@ -775,21 +782,48 @@ def format_workload_table(
     round_s = {(r["algorithm"], r["model"], r["layout_option"]): r["round_s"] for r in rows}
     for r in rows:
         ceiling_sps = ceilings[r["model"]]
+        # The row's own bracket (the ceilings measured right before and after its block of
+        # layouts), else every batch-32 measurement of its model.
+        bracket = r.get("ceiling_bracket") or ceiling_sps["batch 32"]
         single, loop = (round_s.get((r["algorithm"], r["model"], o)) for o in BASE_LAYOUTS)
         before = r["before_round1_s"]
         lines.append(
             f"| {r['algorithm']} | {r['model']} | {r['layout']} | {r['nodes']} | {r['rounds']} "
             f"| {r['round_s']:.3f} | {r['train_samples_s']:,.0f} | "
-            f"{r['train_samples_s'] / ceiling_sps['batch 32']:.0%} | "
+            f"{_of_ceiling(r['train_samples_s'], bracket)} | "
             f"{r['train_samples_s'] / ceiling_sps['large batch']:.0%} | {r['learner_s']:.3f} | "
             f"{_times(single, r['round_s'])} | {_times(loop, r['round_s'])} | {r['peak_mb']} | "
             f"{'-' if before is None else f'{before:.1f}'} |"
         )
     for arch, ceiling_sps in ceilings.items():
         for kind, label in CEILING_LABELS.items():
-            cells = ["-", arch, label, "-", "-", "-", f"{ceiling_sps[kind]:,.0f}"]
+            cells = ["-", arch, label, "-", "-", "-", _rate_spread(ceiling_sps[kind])]
             lines.append("| " + " | ".join(cells + ["-"] * (len(cols) - len(cells))) + " |")
     return "\n".join(lines)
+
+
+def _as_list(rates: float | list[float]) -> list[float]:
+    return [rates] if isinstance(rates, int | float) else list(rates)
+
+
+def _of_ceiling(samples_s: float, ceiling_sps: float | list[float]) -> str:
+    """`samples_s` as a share of the mean of the ceiling's measurements, followed by the
+    shares against the highest and the lowest of them where they differ ("84% (80%-88%)")."""
+    rates = _as_list(ceiling_sps)
+    share = f"{samples_s * len(rates) / sum(rates):.0%}"
+    if max(rates) == min(rates):
+        return share
+    return f"{share} ({samples_s / max(rates):.0%}-{samples_s / min(rates):.0%})"
+
+
+def _rate_spread(ceiling_sps: float | list[float]) -> str:
+    """The mean of a ceiling's measurements, with their range and count where there are more
+    than one ("15,100 (13,694-16,474, 4 runs)")."""
+    rates = _as_list(ceiling_sps)
+    mean = f"{sum(rates) / len(rates):,.0f}"
+    if len(rates) == 1:
+        return mean
+    return f"{mean} ({min(rates):,.0f}-{max(rates):,.0f}, {len(rates)} runs)"
 
 
 def _times(base: float | None, round_s: float) -> str:
@@ -798,8 +832,9 @@ def _times(base: float | None, round_s: float) -> str:
 
 
 def workload_table(args: argparse.Namespace) -> str:
-    """Run ``--workload mnist``: every algorithm, model and layout in a fresh process, then
-    each model's ceilings, all in this invocation; return the table with its header."""
+    """Run ``--workload mnist``: every algorithm, model and layout in a fresh process, each
+    algorithm and model's layouts between two batch-32 ceilings of that model, then each
+    model's large-batch ceiling, all in this invocation; return the table with its header."""
     from fedkd.spec import load_spec
 
     algorithms = args.algorithms or (["fedavg"] if args.quick else list(WORKLOAD_ALGORITHMS))
@@ -811,10 +846,15 @@ def workload_table(args: argparse.Namespace) -> str:
     # The spec names ../shared/data/mnist.npz; --mnist may point elsewhere.
     num_clients = load_spec(WORKLOAD_SPEC, [f'data.path="{mnist}"']).clients.num_clients
     rows: list[dict[str, Any]] = []
+    batch32: dict[str, list[float]] = {arch: [] for arch in models}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_cohort_mnist_") as tmp:
         for algorithm in algorithms:
             for arch in models:
+                # The batch-32 ceiling right before and right after this block of layouts:
+                # the machine's speed drifts by more than the shares this table compares.
+                bracket = [ceiling_processes(str(mnist), arch, batch=32, steps=steps)]
+                block: list[dict[str, Any]] = []
                 for option in args.layouts:
                     name = LAYOUT_OPTIONS[option]
                     layout, learner = LAYOUTS[name]
@@ -835,16 +875,25 @@ def workload_table(args: argparse.Namespace) -> str:
                     res = _subprocess(cfg, trace_dir=Path(tmp))
                     row = summarise(name, cfg, res)
                     row.update(algorithm=algorithm, model=arch, layout_option=option)
-                    rows.append(row)
+                    block.append(row)
                     print(
                         f"  {algorithm} {arch} {name:<26} round {row['round_s']:.3f} s "
                         f"(run {res['total_s']:.0f} s)",
                         file=sys.stderr,
                         flush=True,
                     )
+                bracket.append(ceiling_processes(str(mnist), arch, batch=32, steps=steps))
+                print(
+                    f"  {arch} batch-32 ceiling before / after: "
+                    f"{bracket[0]:,.0f} / {bracket[1]:,.0f} samples/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                rows += [row | {"ceiling_bracket": bracket} for row in block]
+                batch32[arch] += bracket
     ceilings = {
         arch: {
-            "batch 32": ceiling_processes(str(mnist), arch, batch=32, steps=steps),
+            "batch 32": batch32[arch],
             "large batch": ceiling(str(mnist), batch=4096, steps=5, arch=arch),
         }
         for arch in models
@@ -865,7 +914,10 @@ def workload_table(args: argparse.Namespace) -> str:
         "s before round 1 = seconds from the driver process's start to the first training "
         "step in any node (bench_startup's tracer). Ceilings, in this invocation on the same "
         f"MNIST training rows: batch 32 = {_ray_actors()} single-thread processes at once, "
-        f"{steps} steps each, samples/s summed; large batch = one model at batch 4,096 on all "
+        f"{steps} steps each, samples/s summed, measured right before and right after each "
+        "algorithm and model's layouts (of batch-32 ceiling = against the mean of the two, in "
+        "brackets against the higher and the lower; the ceiling row: the mean of all, their "
+        "range and count); large batch = one model at batch 4,096 on all "
         f"cores. Load average at the end: {os.getloadavg()[0]:.2f}. "
         f"Total {time.perf_counter() - started:.0f} s.",
     ]

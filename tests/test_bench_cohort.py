@@ -107,6 +107,21 @@ def test_workload_table_fractions_and_speedups() -> None:
     assert all(line.count("|") == lines[2].count("|") for line in lines[2:])
 
 
+def test_workload_table_shares_against_each_rows_ceiling_bracket() -> None:
+    bracketed = _row("fedavg", "single", 4.0, 8.0) | {"ceiling_bracket": [10_000.0, 15_000.0]}
+    rows = [bracketed, _row("fedavg", "cohort-loop", 4.0, None)]  # no bracket of its own
+    ceilings = {"cnn_small": {"batch 32": [10_000.0, 15_000.0, 20_000.0], "large batch": 1.0}}
+    lines = bench_cohort.format_workload_table(rows, ceilings, ["HEADER"]).splitlines()
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines[4:]]
+    # 12,000 samples/s: 96% of the bracket's mean 12,500, 80% of its higher, 120% of its lower
+    assert cells[0][6:8] == ["12,000", "96% (80%-120%)"]
+    # without a bracket: against the mean of all the model's measurements, 15,000
+    assert cells[1][7] == "80% (60%-120%)"
+    assert cells[2][2].startswith("ceiling: batch 32")
+    assert cells[2][6] == "15,000 (10,000-20,000, 3 runs)"
+    assert cells[3][6] == "1"  # one measurement: no range
+
+
 def test_phase_table_averages_the_measured_rounds_and_leaves_out_empty_phases() -> None:
     from fedkd.apps.wire import NODE_PHASES, PHASE_CLOCKS
 
