@@ -232,8 +232,6 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run one layout on the real engine; return per-round rows and what the table needs."""
     import resource
 
-    from fedkd.apps.server_app import sample_clients
-    from fedkd.assembly import federated_data
     from fedkd.run.cli import simulate
     from fedkd.spec import load_spec
 
@@ -243,6 +241,11 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     simulate(spec, out, show_progress=False)
     total = time.perf_counter() - started
+    # Imported only now: `simulate` starts Ray before it imports Flower, torch and the data
+    # (as `fedkd run` does), and importing them first would time a slower start than users get.
+    from fedkd.apps.server_app import sample_clients
+    from fedkd.assembly import federated_data
+
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     driver_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
     sizes = [c.num_examples for c in federated_data(spec).clients]

@@ -5,6 +5,7 @@ The runs themselves need Ray (the lead runs the benchmark); these check what is 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -64,6 +65,22 @@ def test_mnist_overrides_load_as_the_setting_with_one_model(
     assert spec.server.student == base.server.student
     assert spec.distill == base.distill
     assert spec.output.plots is False
+
+
+@pytest.mark.usefixtures("mnist_path")
+def test_a_measured_run_starts_the_engine_before_importing_flower(tmp_path: Path) -> None:
+    # `simulate` starts Ray before it imports Flower (as `fedkd run` does): a run that imports
+    # Flower first would time a slower start than users get.
+    cfg = _cfg("fedavg", "cnn_small", "single", _tiny_mnist(tmp_path / "mnist.npz"))
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(SIMULATIONS)!r}); import bench_cohort; "
+        "import fedkd.run.cli as cli; "
+        "cli.simulate = lambda *a, **k: sys.exit(print('flwr' in sys.modules) or 0); "
+        f"bench_cohort.run_one(json.loads({json.dumps(cfg | {'out_dir': str(tmp_path)})!r}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False"]
 
 
 def _row(algorithm: str, option: str, round_s: float, before: float | None) -> dict:
