@@ -92,6 +92,7 @@ import json
 import math
 import os
 import queue
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -813,7 +814,7 @@ def _of_ceiling(samples_s: float, ceiling_sps: float | list[float]) -> str:
     """`samples_s` as a share of the mean of the ceiling's measurements, followed by the
     shares against the highest and the lowest of them where they differ ("84% (80%-88%)")."""
     rates = _as_list(ceiling_sps)
-    share = f"{samples_s * len(rates) / sum(rates):.0%}"
+    share = f"{samples_s / statistics.fmean(rates):.0%}"
     if max(rates) == min(rates):
         return share
     return f"{share} ({samples_s / max(rates):.0%}-{samples_s / min(rates):.0%})"
@@ -823,7 +824,7 @@ def _rate_spread(ceiling_sps: float | list[float]) -> str:
     """The mean of a ceiling's measurements, with their range and count where there are more
     than one ("15,100 (13,694-16,474, 4 runs)")."""
     rates = _as_list(ceiling_sps)
-    mean = f"{sum(rates) / len(rates):,.0f}"
+    mean = f"{statistics.fmean(rates):,.0f}"
     if len(rates) == 1:
         return mean
     return f"{mean} ({min(rates):,.0f}-{max(rates):,.0f}, {len(rates)} runs)"
