@@ -5,6 +5,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Error, Message
 
 from fedkd.apps.client_app import make_client_app
@@ -45,6 +46,40 @@ def test_a_round_in_which_every_client_fails_stops_the_run_as_failed(tmp_path, m
     assert summary["status"] == "failed" and "non-finite" in summary["error"]
     assert [r["round"] for r in _rows(tmp_path / "run")] == [1]  # the finished round is kept
     assert not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+def test_a_client_whose_private_training_diverges_misses_one_round_not_the_rest(
+    tmp_path, monkeypatch
+):
+    """One client's student turns NaN in round 2's private training: that round's reply is
+    ignored, and its learner keeps its student from before, so it takes part again in round 3
+    (a NaN student kept would fail every round to the end)."""
+    from fedkd.learner import cohort
+
+    original, calls = cohort.train_supervised, []
+
+    def diverges_once(model, *args, **kwargs):
+        stats = original(model, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 6:  # round 2 (4 clients a round), its second client
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(cohort, "train_supervised", diverges_once)
+    spec = load_spec(None, [*SMALL, "rounds=3", "resources.learner=loop"])
+    grid = InProcessGrid(make_client_app(spec), spec.num_nodes)
+    run_rounds(grid, spec, RunRecorder(tmp_path / "run", spec))
+    rows = _rows(tmp_path / "run")
+    assert len(calls) == 12
+    assert [r["clients_failed"] for r in rows] == [0, 1, 0]
+    assert [r["clients_ok"] for r in rows] == [4, 3, 4]
+    lost = [entry for r in rows for entry in r["clients_lost"]]
+    assert [(e["round"], e["cause"]) for e in lost] == [
+        (2, "private training diverged (non-finite student)")
+    ]
+    assert _summary(tmp_path / "run")["status"] == "completed"
 
 
 def test_a_dead_simulation_worker_fails_the_run_clearly(tmp_path):

@@ -17,7 +17,7 @@ from fedkd.data import load_federated_data
 from fedkd.learner import stacked_cnn
 from fedkd.learner import vectorised as vec
 from fedkd.learner.batch_plans import plan_batches
-from fedkd.learner.cohort import DIGEST_DIVERGED, CohortConfig, CohortLearner
+from fedkd.learner.cohort import DIGEST_DIVERGED, TRAIN_DIVERGED, CohortConfig, CohortLearner
 from fedkd.learner.device import PRECISIONS, resolve_device
 from fedkd.learner.functional_optim import FunctionalAdam, FunctionalSGD
 from fedkd.learner.loop import (
@@ -32,6 +32,7 @@ from fedkd.learner.loop import (
 from fedkd.learner.vectorised import VectorisedCohortLearner
 from fedkd.models.zoo import build_model
 from fedkd.privacy import vectorised_dpsgd as vdp
+from fedkd.privacy.dpsgd import DpSgdSettings
 from fedkd.spec import SpecError, load_spec
 from strategies.dsfl import DSFL
 
@@ -166,6 +167,41 @@ def test_a_digest_that_makes_a_student_non_finite_is_undone(data, learner_cls):
         assert learner.states[cid] != states[cid]
     again = learner.evaluate([3], np.arange(100))[3]
     assert np.isfinite(again.arrays["test_logits"]).all()
+
+
+@pytest.mark.parametrize("learner_cls", [CohortLearner, VectorisedCohortLearner])
+@pytest.mark.parametrize("dp", [False, True])
+def test_private_training_that_makes_a_student_non_finite_is_undone(data, learner_cls, dp):
+    """The client keeps its student from before the round (a NaN student would fail every
+    round after), reports ``train_diverged`` and no loss, and still counts the DP-SGD steps the
+    undone round took (they are charged)."""
+    cfg = config(epochs=1)
+    if dp:
+        settings = DpSgdSettings(
+            max_grad_norm=1.0, delta=1e-5, target_epsilon=4.0, planned_epochs=2
+        )
+        cfg = dataclasses.replace(cfg, dp=settings)
+    states, _ = run_rounds(CohortLearner, data, cfg, rounds=1)
+    # Client 3's weights blown up: its logits overflow in training and its student turns NaN.
+    blown = client_state(data, cfg, 3, states[3])
+    with torch.no_grad():
+        for p in blown.model.parameters():
+            p.mul_(1e10)
+    states[3] = blown.to_bytes()
+    learner = learner_cls(data, cfg, dict(states))
+    trained = learner.train_private(2, CLIENTS)
+    assert trained[3].metrics[TRAIN_DIVERGED] == 1.0
+    assert "train_loss" not in trained[3].metrics
+    kept = client_state(data, cfg, 3, learner.states[3])
+    for key, value in blown.model.state_dict().items():
+        torch.testing.assert_close(kept.model.state_dict()[key], value, rtol=0, atol=0)
+    assert kept.rounds_trained == blown.rounds_trained
+    taken = trained[3].metrics["dp_steps"] if dp else 0
+    assert taken >= (1 if dp else 0) and kept.dp_steps == blown.dp_steps + taken
+    for cid in set(CLIENTS) - {3}:
+        assert TRAIN_DIVERGED not in trained[cid].metrics
+        assert np.isfinite(trained[cid].metrics["train_loss"])
+        assert learner.states[cid] != states[cid]
 
 
 def test_label_histograms_match_the_loop_and_repeat_every_round(data):

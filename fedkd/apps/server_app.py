@@ -4,9 +4,10 @@ Each round: sample clients, send one ``train.round`` message to each node hostin
 carries the previous round's teacher to digest and, on evaluation rounds, the evaluation; see
 `fedkd.apps.wire`), hand the valid uploads to the strategy, and write the previous round's
 metrics row. After the last round, one more exchange carries its digest and evaluation. A node
-that fails or times out, or a client whose upload is not finite, counts in ``clients_failed``
-(and once, with its cause, in ``clients_lost``) and the round goes on with the others; a round
-in which every sampled client fails stops the run, as does a dead simulation worker.
+that fails or times out, or a client whose upload is not finite or whose private training
+diverged (its learner undoes that round), counts in ``clients_failed`` (and once, with its
+cause, in ``clients_lost``) and the round goes on with the others; a round in which every
+sampled client fails stops the run, as does a dead simulation worker.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from fedkd.assembly import (
     ledger_book,
     unprotected_outputs,
 )
-from fedkd.learner.cohort import DIGEST_DIVERGED, ClientResult
+from fedkd.learner.cohort import DIGEST_DIVERGED, TRAIN_DIVERGED, ClientResult
 from fedkd.learner.device import set_up_torch
 from fedkd.learner.loop import PHASE_SAMPLE, accuracy, derive_seed
 from fedkd.results import RunRecorder, default_run_dir
@@ -217,8 +218,19 @@ class Exchange:
         return {part: {**self.rejected[part], **self.results[part]} for part in wire.PARTS}
 
     def admit(self, part: str, cid: int, result: ClientResult) -> None:
-        """Keep a client's reply for `part`, or reject it (with its cause) if it is not finite."""
-        if _finite(result):
+        """Keep a client's reply for `part`, or reject it (with its cause) if it is not finite
+        or its private training diverged."""
+        if result.metrics.get(TRAIN_DIVERGED):
+            # Its learner undid the round's training; what it uploads is from before the round.
+            log.warning(
+                "client %s's private training diverged (non-finite student); its %s reply is "
+                "ignored and it trains again next round from its student before",
+                cid,
+                part,
+            )
+            self.rejected[part][cid] = result
+            self.causes.setdefault(cid, "private training diverged (non-finite student)")
+        elif _finite(result):
             self.results[part][cid] = result
         else:
             log.warning("client %s sent non-finite values (%s); ignored", cid, part)

@@ -51,6 +51,9 @@ from fedkd.privacy.teacher_shards import teacher_shards
 
 # Digest metric: distillation made the client's student non-finite, and the digest was undone.
 DIGEST_DIVERGED = "digest_diverged"
+# Training metric: private training made the client's student non-finite, and the round's
+# training was undone (the server ignores that reply; the client trains again next round).
+TRAIN_DIVERGED = "train_diverged"
 # Result keys (arrays and metrics) whose values the client's student computes, besides its
 # weights and its algorithm's uploads (`strategies.params.Capabilities.uploads`): private only
 # as far as the student is (DP-SGD makes them post-processing).
@@ -59,6 +62,7 @@ STUDENT_OUTPUTS = (
     "test_acc",
     "distill_loss",
     DIGEST_DIVERGED,
+    TRAIN_DIVERGED,
 )
 
 
@@ -132,6 +136,11 @@ class ClientResult:
         moved = {k: v for k, v in self.metrics.items() if is_private_statistic(k)}
         oracle = {**self.oracle, **moved} if keep else {}
         return ClientResult(self.arrays, metrics, oracle)
+
+
+def finite_weights(model: torch.nn.Module) -> bool:
+    """Whether every weight of `model` is finite (a student that diverged is not)."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 class CohortLearner:
@@ -270,11 +279,27 @@ class CohortLearner:
                 )
                 state.dp_steps += event.steps
                 result.metrics.update(dp_step_metrics(event, state.dp_steps))
+            if not finite_weights(state.model):
+                self._undo_training(cid, state.dp_steps)
+                result.metrics[TRAIN_DIVERGED] = 1.0
+                results[cid] = result
+                continue
             state.rounds_trained += 1
             result.metrics["train_loss"] = stats["loss"]
             self._save(state)
             results[cid] = result
         return results
+
+    def _undo_training(self, cid: int, dp_steps: int) -> None:
+        """Leave the client's stored state from before a round whose private training made its
+        student non-finite (a NaN student would fail every round from then on), with
+        `dp_steps`, the DP-SGD steps counted so far: the undone round's steps were taken and
+        are charged. The caller has loaded the state without saving it."""
+        if self.config.dp is None:
+            return  # the stored bytes are already those from before the round
+        state = self._load(cid)
+        state.dp_steps = dp_steps
+        self._save(state)
 
     def partner(self) -> CohortLearner:
         """This learner on each client's partner model, a second model of the client's
@@ -305,13 +330,16 @@ class CohortLearner:
                 seeded_generator(self.config.seed, round_num, cid, PHASE_TRAIN),
                 (weight, partner_weight),
             )
+            metrics = {"num_examples": float(client.num_examples)}
+            if not (finite_weights(state.model) and finite_weights(other.model)):
+                # Both undone, unsaved (no DP-SGD here): they trained together.
+                results[cid] = ClientResult(metrics={**metrics, TRAIN_DIVERGED: 1.0})
+                continue
             state.rounds_trained += 1
             other.rounds_trained += 1
             self._save(state)
             partner._save(other)
-            results[cid] = ClientResult(
-                metrics={"num_examples": float(client.num_examples), "train_loss": stats["loss"]}
-            )
+            results[cid] = ClientResult(metrics={**metrics, "train_loss": stats["loss"]})
         return results
 
     def logits(self, client_ids: list[int], inputs: np.ndarray) -> dict[int, np.ndarray]:
@@ -494,7 +522,7 @@ class CohortLearner:
                 anchor=self._private_anchor(round_num, cid),
             )
             metrics = {"distill_loss": stats["loss"]}
-            if not all(torch.isfinite(p).all() for p in state.model.parameters()):
+            if not finite_weights(state.model):
                 # Kept unsaved: the stored student (and optimizers) from before the digest
                 # stay, instead of a NaN student that would fail every round from now on.
                 results[cid] = ClientResult(metrics={**metrics, DIGEST_DIVERGED: 1.0})

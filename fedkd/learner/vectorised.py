@@ -64,6 +64,7 @@ from fedkd.knowledge.losses import distillation_loss, soft_targets
 from fedkd.learner.batch_plans import BatchPlan, most_steps_first, plan_batches
 from fedkd.learner.cohort import (
     DIGEST_DIVERGED,
+    TRAIN_DIVERGED,
     ClientResult,
     CohortConfig,
     CohortLearner,
@@ -629,15 +630,20 @@ class VectorisedCohortLearner(CohortLearner):
             else:
                 losses, dp_metrics = self._train_private_dp(stack, round_num)
             stack.rounds_trained = [r + 1 for r in stack.rounds_trained]
-            self._save_stack(stack)
+            finite = _finite_clients(stack)
+            # As in the loop: a client whose student turned non-finite keeps its stored state.
+            self._save_stack(stack, keep=finite)
             for j, cid in enumerate(cids):
-                results[cid] = ClientResult(
-                    metrics={
-                        "num_examples": float(self.data.clients[cid].num_examples),
-                        "train_loss": float(losses[j]),
-                        **dp_metrics[j],
-                    },
-                )
+                metrics = {
+                    "num_examples": float(self.data.clients[cid].num_examples),
+                    **dp_metrics[j],
+                }
+                if finite[j]:
+                    metrics["train_loss"] = float(losses[j])
+                else:
+                    self._undo_training(cid, stack.dp_steps[j])
+                    metrics[TRAIN_DIVERGED] = 1.0
+                results[cid] = ClientResult(metrics=metrics)
         return {cid: results[cid] for cid in client_ids}
 
     def _on_shared_inputs(
@@ -710,11 +716,9 @@ class VectorisedCohortLearner(CohortLearner):
         for arch, cids in self._groups(client_ids):
             stack = self._load_stack(arch, cids)
             losses = self._distill(stack, round_num, proxy, teacher, regulariser).cpu()
-            finite = torch.stack(
-                [torch.isfinite(p).flatten(1).all(1) for p in stack.params.values()]
-            ).all(0)
+            finite = _finite_clients(stack)
             # As in the loop: a client whose student turned non-finite keeps its stored state.
-            self._save_stack(stack, keep=finite.tolist())
+            self._save_stack(stack, keep=finite)
             for j, cid in enumerate(cids):
                 metrics = {"distill_loss": float(losses[j])}
                 if not finite[j]:
@@ -776,6 +780,15 @@ def _penalty(
         return kl * (temperature * temperature)
 
     return kl
+
+
+def _finite_clients(stack: StackedStates) -> list[bool]:
+    """Per client of `stack`, whether every weight of its student is finite."""
+    return (
+        torch.stack([torch.isfinite(p).flatten(1).all(1) for p in stack.params.values()])
+        .all(0)
+        .tolist()
+    )
 
 
 def _to_cpu(value: Any) -> Any:
