@@ -138,7 +138,7 @@ class ClientResult:
         return ClientResult(self.arrays, metrics, oracle)
 
 
-def finite_weights(model: torch.nn.Module) -> bool:
+def _finite_weights(model: torch.nn.Module) -> bool:
     """Whether every weight of `model` is finite (a student that diverged is not)."""
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
@@ -279,7 +279,7 @@ class CohortLearner:
                 )
                 state.dp_steps += event.steps
                 result.metrics.update(dp_step_metrics(event, state.dp_steps))
-            if not finite_weights(state.model):
+            if not _finite_weights(state.model):
                 self._undo_training(cid, state.dp_steps)
                 result.metrics[TRAIN_DIVERGED] = 1.0
                 results[cid] = result
@@ -331,7 +331,7 @@ class CohortLearner:
                 (weight, partner_weight),
             )
             metrics = {"num_examples": float(client.num_examples)}
-            if not (finite_weights(state.model) and finite_weights(other.model)):
+            if not (_finite_weights(state.model) and _finite_weights(other.model)):
                 # Both undone, unsaved (no DP-SGD here): they trained together.
                 results[cid] = ClientResult(metrics={**metrics, TRAIN_DIVERGED: 1.0})
                 continue
@@ -522,7 +522,7 @@ class CohortLearner:
                 anchor=self._private_anchor(round_num, cid),
             )
             metrics = {"distill_loss": stats["loss"]}
-            if not finite_weights(state.model):
+            if not _finite_weights(state.model):
                 # Kept unsaved: the stored student (and optimizers) from before the digest
                 # stay, instead of a NaN student that would fail every round from now on.
                 results[cid] = ClientResult(metrics={**metrics, DIGEST_DIVERGED: 1.0})
