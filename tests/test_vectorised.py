@@ -146,17 +146,23 @@ def test_sgd_training_and_distillation_match_the_loop(data, stacked, stack_rows)
     assert_same_outputs(oa, ob, atol=1e-5)  # proxy logits, train_loss, distill_loss
 
 
+def blow_up(data, cfg, states, cid, scale) -> ClientState:
+    """Client `cid`'s stored weights in `states` times `scale`; its state as now stored."""
+    blown = client_state(data, cfg, cid, states[cid])
+    with torch.no_grad():
+        for p in blown.model.parameters():
+            p.mul_(scale)
+    states[cid] = blown.to_bytes()
+    return blown
+
+
 @pytest.mark.parametrize("learner_cls", [CohortLearner, VectorisedCohortLearner])
 def test_a_digest_that_makes_a_student_non_finite_is_undone(data, learner_cls):
     cfg = config(epochs=1)
     states, _ = run_rounds(learner_cls, data, cfg, rounds=1)
     # Client 3's weights blown up (as DP-SGD noise did to a 27-example client at epsilon 1):
     # its outputs are still finite, but distilling on them overflows and turns them NaN.
-    blown = client_state(data, cfg, 3, states[3])
-    with torch.no_grad():
-        for p in blown.model.parameters():
-            p.mul_(1e5)
-    states[3] = blown.to_bytes()
+    blow_up(data, cfg, states, 3, 1e5)
     learner = learner_cls(data, cfg, dict(states))
     teacher = np.random.default_rng(0).normal(size=(len(PROXY), 10)).astype(np.float32)
     digest = distill_on_proxy(learner, 2, teacher)
@@ -183,11 +189,7 @@ def test_private_training_that_makes_a_student_non_finite_is_undone(data, learne
         cfg = dataclasses.replace(cfg, dp=settings)
     states, _ = run_rounds(CohortLearner, data, cfg, rounds=1)
     # Client 3's weights blown up: its logits overflow in training and its student turns NaN.
-    blown = client_state(data, cfg, 3, states[3])
-    with torch.no_grad():
-        for p in blown.model.parameters():
-            p.mul_(1e10)
-    states[3] = blown.to_bytes()
+    blown = blow_up(data, cfg, states, 3, 1e10)
     learner = learner_cls(data, cfg, dict(states))
     trained = learner.train_private(2, CLIENTS)
     assert trained[3].metrics[TRAIN_DIVERGED] == 1.0
