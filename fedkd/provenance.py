@@ -55,19 +55,56 @@ def _package_version(name: str) -> str | None:
         return None
 
 
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in Linux's /proc/cpuinfo (empty elsewhere)."""
+    try:
+        return first_processor(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return {}
+
+
+def first_processor(cpuinfo: str) -> dict[str, str]:
+    """The fields of the first processor's block of a /proc/cpuinfo text."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():  # the first processor's block ends here
+            break
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_id() -> str | None:
+    """The CPU's vendor, family, model and stepping numbers (Linux's /proc/cpuinfo), or None.
+
+    A virtual machine may show a bare model name ("AMD EPYC") for CPUs of different
+    generations; these numbers tell them apart.
+    """
+    info = _cpuinfo()
+    parts = [
+        f"{label} {info[key]}"
+        for key, label in (("cpu family", "family"), ("model", "model"), ("stepping", "stepping"))
+        if key in info
+    ]
+    if not parts:
+        return None
+    return " ".join([info.get("vendor_id", "")] + parts).strip()
 
 
 def device_info() -> dict[str, Any]:
-    """The machine: operating system, CPU model and count, and the GPUs torch sees."""
+    """The machine: operating system, CPU model, identity and count, the vector instruction
+    set torch's CPU kernels were chosen for, and the GPUs torch sees.
+
+    ``cpu_capability`` (torch's ``get_cpu_capability``, e.g. ``AVX2`` or ``AVX512``) decides
+    which of torch's CPU kernels run, and kernels for different instruction sets round
+    differently (docs/reproducibility.md): two machines with the same model name and different
+    capabilities do not give the same numbers.
+    """
     import torch
 
     gpus = []
@@ -76,6 +113,8 @@ def device_info() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_id": cpu_id(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "gpus": gpus,
     }
@@ -94,13 +133,16 @@ def run_provenance() -> dict[str, Any]:
 
 
 def machine_label(provenance: dict[str, Any]) -> str:
-    """One line naming a run's machine: its GPUs if any, else its CPU model and count."""
+    """One line naming a run's machine: its GPUs if any, else its CPU model, count and torch's
+    CPU capability (where recorded: runs from before it was show none)."""
     device = provenance.get("device") or {}
     if device.get("gpus"):
         return ", ".join(device["gpus"])
     cpu = device.get("cpu") or "unknown CPU"
-    count = device.get("cpu_count")
-    return f"{cpu} ({count} CPUs)" if count else cpu
+    details = [f"{device['cpu_count']} CPUs"] if device.get("cpu_count") else []
+    if device.get("cpu_capability"):
+        details.append(device["cpu_capability"])
+    return f"{cpu} ({', '.join(details)})" if details else cpu
 
 
 def commit_label(provenance: dict[str, Any]) -> str:

@@ -754,17 +754,19 @@ def first_training_step_s(trace: Path) -> float | None:
 
 def provenance() -> str:
     """One line: the commit (short hash, ``dirty`` where the checkout differs from it, as
-    `fedkd.provenance.git_state` says) and the machine (CPU model, cores, GPU or none)."""
-    import torch
-
-    from fedkd.provenance import cpu_model, git_state
+    `fedkd.provenance.git_state` says) and the machine (CPU model, cores, torch's CPU
+    capability and identity numbers, GPU or none: `fedkd.provenance.device_info`)."""
+    from fedkd.provenance import device_info, git_state
 
     state = git_state()
     commit = (state["git_commit"] or "unknown")[:7]
     dirty = ", dirty" if state["git_dirty"] else ""
-    cpu = cpu_model()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return f"Commit {commit}{dirty}; machine: {cpu}, {os.cpu_count()} cores, GPU: {gpu}."
+    device = device_info()
+    gpu = ", ".join(device["gpus"]) or "none"
+    return (
+        f"Commit {commit}{dirty}; machine: {device['cpu']}, {device['cpu_count']} cores, "
+        f"{device['cpu_capability']} ({device['cpu_id'] or 'CPU id unknown'}), GPU: {gpu}."
+    )
 
 
 def format_workload_table(

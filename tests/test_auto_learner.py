@@ -174,6 +174,11 @@ def test_the_cache_is_keyed_by_what_the_timing_depends_on(monkeypatch):
         timed.clear()
         calibrate(auto.replace(TINY_TASK, **other))
         assert timed == ["loop", "vectorised"], other
+    # Another CPU generation behind the same model name (a virtual machine's "AMD EPYC").
+    timed.clear()
+    monkeypatch.setattr(auto, "cpu_id", lambda: "AuthenticAMD family 25 model 17 stepping 1")
+    calibrate(TINY_TASK)
+    assert timed == ["loop", "vectorised"]
 
 
 def test_the_cache_can_be_bypassed(cache, monkeypatch):

@@ -6,9 +6,11 @@ import json
 import math
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from fedkd.provenance import PACKAGES
+from fedkd import provenance
+from fedkd.provenance import PACKAGES, first_processor, machine_label
 from fedkd.run.cli import app
 from fedkd.run.report import describe
 from fedkd.spec import load_spec
@@ -241,6 +243,7 @@ def test_report_on_real_runs_and_their_provenance(tmp_path):
     assert prov["fedkd_version"] == summary["fedkd_version"]
     assert set(prov["packages"]) == set(PACKAGES) and prov["packages"]["torch"]
     assert prov["python"] and prov["device"]["cpu"] and prov["device"]["cpu_count"] >= 1
+    assert prov["device"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     out = report(tmp_path / "dsfl", tmp_path / "local").stdout
     lines = out.splitlines()
     dsfl = next(line for line in lines if "bytes_up_per_client_round" in line and "8.0 kB" in line)
@@ -257,3 +260,28 @@ def test_report_on_a_folder_without_a_run_fails_clearly(tmp_path):
 def test_report_refuses_an_unknown_format(tmp_path, seeds_and_other):
     result = CliRunner().invoke(app, ["report", str(seeds_and_other[0]), "--format", "xls"])
     assert result.exit_code == 2 and "--format" in result.output
+
+
+def test_the_machine_label_names_torchs_cpu_capability_where_a_run_recorded_it():
+    # Two VMs may both call their CPU "AMD EPYC"; torch's kernels for AVX2 and AVX512 round
+    # differently, so the report tells them apart (runs from before the field: no capability).
+    device = {"cpu": "AMD EPYC", "cpu_count": 2, "gpus": []}
+    assert machine_label({"device": device}) == "AMD EPYC (2 CPUs)"
+    with_capability = {"device": {**device, "cpu_capability": "AVX2"}}
+    assert machine_label(with_capability) == "AMD EPYC (2 CPUs, AVX2)"
+    assert machine_label({"device": {**device, "gpus": ["NVIDIA H100"]}}) == "NVIDIA H100"
+
+
+def test_the_cpu_identity_is_the_first_processors(monkeypatch):
+    cpuinfo = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+        "model name\t: AMD EPYC\nstepping\t: 1\n\n"
+        "processor\t: 1\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+    )
+    fields = first_processor(cpuinfo)
+    assert fields["model"] == "1" and fields["model name"] == "AMD EPYC"
+    assert fields["cpu family"] == "25" and fields["stepping"] == "1"
+    monkeypatch.setattr(provenance, "_cpuinfo", lambda: fields)
+    assert provenance.cpu_id() == "AuthenticAMD family 25 model 1 stepping 1"
+    monkeypatch.setattr(provenance, "_cpuinfo", dict)  # no /proc/cpuinfo: nothing to tell
+    assert provenance.cpu_id() is None

@@ -39,7 +39,7 @@ from fedkd.learner.device import set_up_torch
 from fedkd.learner.loop import StepConfig
 from fedkd.learner.vectorised import VectorisedCohortLearner
 from fedkd.privacy.dpsgd import DpSgdSettings
-from fedkd.provenance import cpu_model
+from fedkd.provenance import cpu_id, cpu_model
 
 __all__ = [
     "CALIBRATION_ENV",
@@ -134,6 +134,9 @@ def _cache_key(task: CalibrationTask) -> dict[str, Any]:
         "repeats": CALIBRATION_REPEATS,
         "device": task.device,
         "device_name": _device_name(task.device),
+        # A virtual machine's model name can hide another CPU generation (provenance.cpu_id).
+        "cpu_id": cpu_id(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "threads": task.threads,
