@@ -134,7 +134,7 @@ def run_provenance() -> dict[str, Any]:
 
 def machine_label(provenance: dict[str, Any]) -> str:
     """One line naming a run's machine: its GPUs if any, else its CPU model, count and torch's
-    CPU capability (where recorded: runs from before it was show none)."""
+    CPU capability where the run recorded it (runs from before the field show none)."""
     device = provenance.get("device") or {}
     if device.get("gpus"):
         return ", ".join(device["gpus"])
