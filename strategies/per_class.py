@@ -72,9 +72,16 @@ def balanced_accuracy(logits: np.ndarray, y: np.ndarray) -> float:
 HeadRewrite = Callable[[int, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def rewrite_heads(learner: Learner, client_ids: list[int], rewrite: HeadRewrite) -> None:
+def rewrite_heads(
+    learner: Learner,
+    client_ids: list[int],
+    rewrite: HeadRewrite,
+    *,
+    keep_optimizer: bool = False,
+) -> None:
     """Replace each client's head (its last layer, a linear one) by ``rewrite(cid, weight,
-    bias)``; a rewritten head gets a fresh private-training optimizer (`Learner.set_weights`)."""
+    bias)``; the client gets a fresh private-training optimizer, or keeps its own with
+    `keep_optimizer` (`Learner.set_weights`)."""
     num_classes = learner.data.num_classes
     for cid, weights in learner.get_weights(client_ids).items():
         *_, weight_key, bias_key = weights
@@ -88,7 +95,7 @@ def rewrite_heads(learner: Learner, client_ids: list[int], rewrite: HeadRewrite)
         new_weight, new_bias = rewrite(cid, weight, bias)
         weights[weight_key] = np.asarray(new_weight, dtype=weight.dtype)
         weights[bias_key] = np.asarray(new_bias, dtype=bias.dtype)
-        learner.set_weights([cid], weights)
+        learner.set_weights([cid], weights, keep_optimizer=keep_optimizer)
 
 
 class PerClassStrategy(Strategy):
@@ -192,7 +199,9 @@ class PerClassStrategy(Strategy):
         With ``logit_adjustment`` (tau), the shift comes off a head that carries it (where
         ``adjusted_clients`` says so) before training and goes on again after it, once the
         uploads are computed; `calibrate` (where `calibrates`) rewrites the head before the
-        shift. Neither changes the uploads.
+        shift. Neither changes the uploads. The shift alone keeps the client's optimizer (its
+        momentum), so that the adjustment leaves training as it is without it; a calibrated
+        head is a new one and gets a fresh optimizer.
         """
         assert isinstance(params, PerClassParams)
         tau = params.logit_adjustment
@@ -204,7 +213,12 @@ class PerClassStrategy(Strategy):
         adjusted = payload.get("adjusted_clients")
         if tau and adjusted is not None:
             carrying = [cid for cid in client_ids if adjusted[cid]]
-            rewrite_heads(learner, carrying, lambda cid, w, b: (w, b - tau * offsets(cid)))
+            rewrite_heads(
+                learner,
+                carrying,
+                lambda cid, w, b: (w, b - tau * offsets(cid)),
+                keep_optimizer=True,
+            )
         regulariser = None
         if cls.means_key in payload:
             regulariser = ClassRegulariser(
@@ -222,8 +236,9 @@ class PerClassStrategy(Strategy):
             weight, bias = cls.calibrate(params, payload, weight, bias)
             return weight, bias + tau * offsets(cid)
 
-        if tau or cls.calibrates(params, payload):
-            rewrite_heads(learner, client_ids, after_training)
+        calibrates = cls.calibrates(params, payload)
+        if tau or calibrates:
+            rewrite_heads(learner, client_ids, after_training, keep_optimizer=not calibrates)
         return results
 
     evaluation_metrics: ClassVar[tuple[str, ...]] = (

@@ -94,6 +94,33 @@ def test_fd_logit_adjustment_shifts_the_head_after_training_and_leaves_the_uploa
     assert "adjusted_clients" not in FD(data, seed=0).plan_local(1)
 
 
+@pytest.mark.parametrize("learner_cls", [CohortLearner, VectorisedCohortLearner])
+def test_the_logit_adjustment_leaves_training_as_it_is_without_it(data, learner_cls):
+    # Two rounds: the shift comes off before round 2's training and the client keeps its
+    # optimizer through it, so its momentum carries over as without the adjustment and the
+    # trained students agree (the head up to the shift).
+    plain_states: dict[int, bytes] = {}
+    states: dict[int, bytes] = {}
+    params = FDParams(logit_adjustment=0.5)
+    for round_num, payload in ((1, {}), (2, {**PAYLOAD, "adjusted_clients": np.ones(4, np.uint8)})):
+        FD.client_round(
+            FDParams(), learner_cls(data, config(), plain_states), round_num, CLIENTS, payload
+        )
+        adjusted = FD.client_round(
+            params, learner_cls(data, config(), states), round_num, CLIENTS, payload
+        )
+    plain = learner_cls(data, config(), plain_states).get_weights(CLIENTS)
+    shifted = learner_cls(data, config(), states).get_weights(CLIENTS)
+    for cid in CLIENTS:
+        *body, bias_key = plain[cid]
+        for key in body:
+            np.testing.assert_allclose(shifted[cid][key], plain[cid][key], rtol=1e-4, atol=1e-5)
+        offsets = balancing_offsets(adjusted[cid].arrays["class_counts"])
+        np.testing.assert_allclose(
+            shifted[cid][bias_key] - plain[cid][bias_key], 0.5 * offsets, atol=1e-4
+        )
+
+
 @pytest.mark.parametrize(
     ("algorithm", "params", "payload"),
     [

@@ -382,18 +382,26 @@ class CohortLearner:
         """Each client's student weights (see `fedkd.learner.protocol.Learner`)."""
         return {cid: _weights_of(self._load(cid, read_only=True).model) for cid in client_ids}
 
-    def set_weights(self, client_ids: list[int], weights: dict[str, np.ndarray]) -> None:
-        """Load `weights` into every client's student with a fresh private optimizer."""
+    def set_weights(
+        self,
+        client_ids: list[int],
+        weights: dict[str, np.ndarray],
+        *,
+        keep_optimizer: bool = False,
+    ) -> None:
+        """Load `weights` into every client's student with a fresh private optimizer, or the
+        one it has (see `fedkd.learner.protocol.Learner`)."""
         for cid in client_ids:
             state = self._load(cid)
             state.model.load_state_dict(
                 {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
             )
-            state.private_opt = make_optimizer(
-                state.model.parameters(),
-                self.config.private.optim,
-                torch_optimizer=self.config.dp is not None,  # Opacus wraps it
-            )
+            if not keep_optimizer:
+                state.private_opt = make_optimizer(
+                    state.model.parameters(),
+                    self.config.private.optim,
+                    torch_optimizer=self.config.dp is not None,  # Opacus wraps it
+                )
             self._save(state)
 
     def keep(self, client_id: int, arrays: dict[str, np.ndarray]) -> None:

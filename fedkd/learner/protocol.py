@@ -133,9 +133,17 @@ class Learner(Protocol):
         """Each client's student weights by parameter name."""
         ...
 
-    def set_weights(self, client_ids: list[int], weights: dict[str, np.ndarray]) -> None:
+    def set_weights(
+        self,
+        client_ids: list[int],
+        weights: dict[str, np.ndarray],
+        *,
+        keep_optimizer: bool = False,
+    ) -> None:
         """Load `weights` into every client's student, with a fresh private-training optimizer
-        (momentum of the old weights does not carry over to new ones)."""
+        (momentum of the old weights does not carry over to new ones), or, with
+        `keep_optimizer`, with the one it has (for weights that are the old ones moved by a
+        shift the client takes off again before it trains, e.g. a head's logit adjustment)."""
         ...
 
     def keep(self, client_id: int, arrays: dict[str, np.ndarray]) -> None:
